@@ -1,0 +1,36 @@
+# Two commands for a fresh machine (see README.md):
+#   make quickstart   set up .venv, then run examples/quickstart.yaml on embedded defaults
+#   make test         set up .venv, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first: a plain `torch` dependency would pull a multi-GB CUDA build
+TORCH ?= torch==2.13.0
+
+.PHONY: setup test quickstart lint schema bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+quickstart: setup
+	cd examples && ../$(VENV)/bin/arpipe run quickstart.yaml
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+schema: setup
+	$(PY) -m schemas.export
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf examples/arpipe-runs examples/mlflow.db examples/mlruns

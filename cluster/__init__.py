@@ -1,0 +1,1 @@
+"""Where arpipe runs: the Ray connection, Ray Jobs submission and cluster configs."""

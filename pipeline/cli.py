@@ -1,0 +1,225 @@
+"""``arpipe``: validate | plan | run | status | submit | jobs | store | schema | ui.
+
+Errors print one line (where, what, how to fix) and exit 2 for user errors;
+``--debug`` shows the traceback. ``validate``, ``plan`` and a fully cached
+``run`` import neither torch nor ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+import time
+import traceback
+
+from pipeline.errors import ArpipeError
+
+#: subcommands that live with their domain: name -> (module exposing register(subparsers), help).
+#: The module is imported only when its command runs, so `arpipe plan` stays light.
+EXTERNAL_COMMANDS = {
+    "store": ("stages.store.cli", "inspect, verify and export token stores"),
+    "submit": ("cluster.jobs", "submit a pipeline to a Ray cluster as a Ray job"),
+    "jobs": ("cluster.jobs", "list, follow and stop submitted Ray jobs"),
+}
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser, selection: bool = False) -> None:
+    p.add_argument("pipeline", help="pipeline YAML file")
+    p.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a value, e.g. -s stages.train.steps=10 (repeatable)")
+    if selection:
+        p.add_argument("--only", action="append", default=[], metavar="STAGE",
+                       help="act on these stages only (repeatable or comma-separated)")
+        p.add_argument("--from", dest="from_", metavar="STAGE", help="this stage and everything downstream")
+        p.add_argument("--until", metavar="STAGE", help="this stage and everything upstream")
+        p.add_argument("--force", action="append", default=[], metavar="STAGE|all",
+                       help="rerun this stage (and its downstream) even if cached (repeatable)")
+
+
+def _split(values: list[str]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _load(args):
+    from pipeline.config import load_pipeline
+    from pipeline.dag import build_graph
+
+    loaded = load_pipeline(args.pipeline, args.overrides)
+    return loaded, build_graph(loaded)
+
+
+def _selection(graph, args):
+    from pipeline.dag import select
+
+    return select(graph, only=_split(args.only), from_=args.from_, until=args.until, force=_split(args.force))
+
+
+def cmd_validate(args) -> int:
+    loaded, graph = _load(args)
+    from pipeline.plan import Planner
+
+    planner = Planner(loaded, graph)
+    for name in graph.order:
+        planner.code_digest(name)
+    print(f"{loaded.path}: ok: {len(graph.order)} stage(s) in order {' -> '.join(graph.order)}")
+    return 0
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=False)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_plan(args) -> int:
+    loaded, graph = _load(args)
+    from pipeline.plan import Planner
+
+    plans = Planner(loaded, graph).plan(_selection(graph, args))
+    rows = [[p.name, p.kind, p.action, (p.fingerprint or "-")[:12], p.why] for p in plans]
+    print(_table(rows, ["stage", "kind", "action", "fingerprint", "why"]))
+    return 0
+
+
+def cmd_run(args) -> int:
+    loaded, graph = _load(args)
+    from pipeline.runner import Runner
+
+    runner = Runner(loaded, graph, _selection(graph, args), address=args.address, tracking=args.tracking_uri,
+                    echo=lambda line: print(line, flush=True), debug=args.debug)
+    try:
+        runner.run()
+    except KeyboardInterrupt:
+        print("arpipe: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_status(args) -> int:
+    loaded, graph = _load(args)
+    from pipeline.status import stage_status
+
+    rows = stage_status(loaded, graph)
+    print(_table([[r["stage"], r["state"], r["fingerprint"][:12], r["duration"], r["mlflow_run_id"],
+                   r["output"]] for r in rows],
+                 ["stage", "state", "fingerprint", "duration", "mlflow run", "output"]))
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from schemas.export import render
+
+    text = render()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from pipeline.lineage import tracking_uri
+
+    uri = tracking_uri(args.tracking_uri)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port)]
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    os.execv(sys.executable, command)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arpipe", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("validate", help="check a pipeline file without running anything")
+    _add_pipeline_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="say for each stage: run, cached or resume, and why")
+    _add_pipeline_args(p, selection=True)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="run a pipeline (cached stages are skipped, interrupted ones resume)")
+    _add_pipeline_args(p, selection=True)
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="table of stages: state, fingerprint, duration, MLflow run, output")
+    _add_pipeline_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("schema", help="print the pipeline file's JSON Schema")
+    p.add_argument("--out", help="write it to this file instead")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the tracking backend")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    for name, (module_name, help_text) in EXTERNAL_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_external(name, module_name))
+    return parser
+
+
+def _external(name: str, module_name: str):
+    def run(args) -> int:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and module_name.startswith(err.name):
+                print(f"arpipe: `{name}` is not available in this installation", file=sys.stderr)
+                return 2
+            raise
+        parser = argparse.ArgumentParser(prog="arpipe")
+        parser.add_argument("--debug", action="store_true", default=args.debug)
+        module.register(parser.add_subparsers(dest="command", required=True))
+        inner = parser.parse_args([name, *args.rest])
+        inner.debug = args.debug or inner.debug
+        return inner.func(inner)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    start = time.time()
+    try:
+        code = args.func(args)
+    except ArpipeError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"arpipe: error: {err}", file=sys.stderr)
+        code = err.exit_code
+    except KeyboardInterrupt:
+        print("arpipe: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as err:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"arpipe: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
+        code = 1
+    if args.debug:
+        print(f"arpipe: {args.command} took {time.time() - start:.2f} s", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Load a pipeline file: safe YAML, ``-s`` overrides, ``${env:...}``, validation.
+
+Every problem becomes one :class:`UserError` line naming ``file:line:col``,
+the dotted path, what was expected and how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from pipeline.errors import UserError
+from pipeline.yamlpos import Positions, dotted, load_yaml
+from schemas.pipeline import REF_PATTERN, PipelineSpec, stage_kinds
+
+ENV_PATTERN = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?:,([^}]*))?\}")
+SECRET_KEY = re.compile(r"secret|password|token|access_key|private", re.IGNORECASE)
+
+
+@dataclass
+class LoadedPipeline:
+    """A validated pipeline and what is needed to explain it."""
+
+    spec: PipelineSpec
+    path: Path
+    text: str
+    positions: Positions
+    #: raw stage configs after overrides and env interpolation, references still as "${a.b}" strings
+    raw_stages: dict[str, dict[str, Any]]
+    #: values read from secret-named environment variables, to scrub from anything logged
+    secret_values: set[str] = field(default_factory=set)
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+    def where(self, *path: str | int) -> str:
+        return self.positions.find(tuple(path))
+
+
+def suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> LoadedPipeline:
+    """Read, override, interpolate and validate a pipeline file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError("pipeline file not found", where=str(path),
+                        fix="check the path (run from the folder that holds it, or give its full path)") from None
+    except IsADirectoryError:
+        raise UserError("is a folder, not a pipeline file", where=str(path), fix="name the .yaml file") from None
+    data, positions = load_yaml(text, str(path))
+    if not isinstance(data, dict):
+        raise UserError("a pipeline file is a mapping with name, storage and stages", where=f"{path}:1:1",
+                        fix="see examples/ for the shape")
+    for override in overrides:
+        _apply_override(data, override, positions)
+    secrets: set[str] = set()
+    data = _interpolate_env(data, (), positions, secrets)
+    _check_kinds(data, positions)
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as err:
+        raise _explain(err, data, positions) from None
+    loaded = LoadedPipeline(spec=spec, path=path.resolve(), text=text, positions=positions,
+                            raw_stages=data["stages"], secret_values=secrets)
+    return loaded
+
+
+def _apply_override(data: dict, override: str, positions: Positions) -> None:
+    where = f"-s {override}"
+    key, sep, value_text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError("an override is PATH=VALUE", where=where, fix="write e.g. -s stages.train.steps=10")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        raise UserError(f"cannot parse the value {value_text!r}", where=where,
+                        fix="quote it, e.g. -s 'stages.a.config.name=\"x: y\"'") from None
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        here = tuple(parts[: depth + 1])
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                raise UserError(f"no item {part} in the list at {dotted(here[:-1])}", where=where)
+            node = node[part]
+            continue
+        if not isinstance(node, dict):
+            raise UserError(f"{dotted(here[:-1])} is a value, not a mapping", where=where)
+        if part not in node:
+            if depth == 1 and parts[0] == "stages":
+                hint = suggest(str(part), node)
+                raise UserError(f"no stage {part!r} in the pipeline", where=where,
+                                fix=hint or f"stages are: {', '.join(node)}")
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list) and isinstance(last, int) and last < len(node):
+        node[last] = value
+    elif isinstance(node, dict):
+        node[str(last)] = value
+    else:
+        raise UserError(f"cannot set {key}: its parent is not a mapping", where=where)
+    positions.values[tuple(str(p) if not isinstance(p, int) else p for p in parts)] = where
+
+
+def _interpolate_env(value: Any, path: tuple, positions: Positions, secrets: set[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate_env(v, path + (k,), positions, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate_env(v, path + (i,), positions, secrets) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${env:" not in value:
+        return value
+
+    def replace(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            resolved = os.environ[name]
+        elif default is not None:
+            resolved = default
+        else:
+            raise UserError(f"environment variable {name} is not set", where=positions.find(path),
+                            path=dotted(path), fix=f"export {name}=... or write ${{env:{name},default}}")
+        if SECRET_KEY.search(name) and resolved:
+            secrets.add(resolved)
+        return resolved
+
+    whole = ENV_PATTERN.fullmatch(value)
+    if whole:
+        text = replace(whole)
+        # a whole-value ${env:X} takes the YAML type of what it holds (numbers stay numbers)
+        try:
+            parsed = yaml.safe_load(text)
+            return parsed if isinstance(parsed, (int, float, bool)) else text
+        except yaml.YAMLError:
+            return text
+    return ENV_PATTERN.sub(replace, value)
+
+
+def _check_kinds(data: dict, positions: Positions) -> None:
+    stages = data.get("stages")
+    if not isinstance(stages, dict):
+        return
+    kinds = stage_kinds()
+    for name, stage in stages.items():
+        if not isinstance(stage, dict):
+            raise UserError("a stage is a mapping with a 'kind'", where=positions.find(("stages", name)),
+                            path=f"stages.{name}", fix=f"known kinds: {', '.join(kinds)}")
+        kind = stage.get("kind")
+        if kind is None:
+            raise UserError("missing required field 'kind'", where=positions.find(("stages", name), key=True),
+                            path=f"stages.{name}", fix=f"add kind: one of {', '.join(kinds)}")
+        if kind not in kinds:
+            hint = suggest(str(kind), kinds)
+            raise UserError(f"unknown stage kind {kind!r}", where=positions.find(("stages", name, "kind")),
+                            path=f"stages.{name}.kind",
+                            fix=(hint + " " if hint else "") + f"known kinds: {', '.join(kinds)}")
+
+
+def _model_at(loc: tuple, data: dict) -> tuple[type[BaseModel] | None, tuple]:
+    """Walk PipelineSpec along a pydantic error location; return the model there and the data path.
+
+    Discriminated unions insert the tag (``'python'``) into the location; it is not part of the YAML path.
+    """
+    model: type[BaseModel] | None = PipelineSpec
+    path: list = []
+    node: Any = data
+    kinds = stage_kinds()
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        if path[:1] == ["stages"] and len(path) == 2 and part in kinds and not (isinstance(node, dict) and part in node):
+            model = kinds[part]
+            i += 1
+            continue
+        path.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+        if path == ["stages"]:
+            model = None
+        elif len(path) == 2 and path[0] == "stages":
+            model = kinds.get(node.get("kind")) if isinstance(node, dict) else None
+        elif model is not None and isinstance(part, str) and part in model.model_fields:
+            ann = model.model_fields[part].annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        else:
+            model = None
+        i += 1
+    return model, tuple(path)
+
+
+def _explain(err: ValidationError, data: dict, positions: Positions) -> UserError:
+    first = err.errors()[0]
+    kind, loc, msg = first["type"], tuple(first["loc"]), first["msg"]
+    if kind == "extra_forbidden":
+        parent_model, parent = _model_at(loc[:-1], data)
+        field_name = str(loc[-1])
+        _, full = _model_at(loc, data)
+        hint = suggest(field_name, parent_model.model_fields) if parent_model else ""
+        allowed = ", ".join(f for f in parent_model.model_fields if f != "kind") if parent_model else ""
+        return UserError(f"unknown field {field_name!r}", where=positions.find(full, key=True), path=dotted(full),
+                         fix=hint or (f"allowed fields: {allowed}" if allowed else "remove it"))
+    model, path = _model_at(loc, data)
+    if kind == "missing":
+        return UserError(f"missing required field {str(path[-1])!r}", where=positions.find(path[:-1], key=True),
+                         path=dotted(path[:-1]), fix=f"add {path[-1]}: ...")
+    got = first.get("input")
+    shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+    return UserError(f"{msg[0].lower() + msg[1:]}, got {shown}", where=positions.find(path), path=dotted(path),
+                     fix="see `arpipe schema` for the expected shape")
+
+
+def find_refs(value: Any, path: tuple = ()) -> list[tuple[tuple, str, str, bool]]:
+    """Every ``${stage.output}`` in a stage config: (path, stage, output, is_whole_value)."""
+    found: list[tuple[tuple, str, str, bool]] = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found += find_refs(v, path + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found += find_refs(v, path + (i,))
+    elif isinstance(value, str) and "${" in value:
+        whole = REF_PATTERN.fullmatch(value.strip()) is not None
+        found += [(path, m.group(1), m.group(2), whole) for m in REF_PATTERN.finditer(value)]
+    return found
+
+
+def replace_refs(value: Any, resolve) -> Any:
+    """A copy of ``value`` with each whole-value ``${stage.output}`` replaced by ``resolve(stage, output)``."""
+    if isinstance(value, dict):
+        return {k: replace_refs(v, resolve) for k, v in value.items()}
+    if isinstance(value, list):
+        return [replace_refs(v, resolve) for v in value]
+    if isinstance(value, str):
+        match = REF_PATTERN.fullmatch(value.strip())
+        if match:
+            return resolve(match.group(1), match.group(2))
+    return value
+
+
+def redact(value: Any, secrets: set[str] = frozenset(), key: str = "") -> Any:
+    """A copy with secret-named keys' values and known secret values replaced by '***'."""
+    if key and SECRET_KEY.search(key):
+        return "***"
+    if isinstance(value, dict):
+        return {k: redact(v, secrets, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, secrets) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret and secret in value:
+                value = value.replace(secret, "***")
+    return value

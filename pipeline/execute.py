@@ -1,0 +1,55 @@
+"""Running one stage where it was placed (a Ray worker or a driver thread) and committing it."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import outputs as out
+from pipeline.registry import stage_class
+from pipeline.stage import StageContext
+from schemas.pipeline import stage_kinds
+
+#: environment a stage task needs from the driver (a shared Ray cluster may predate it)
+FORWARDED_ENV = ("AWS_", "MLFLOW_", "ARPIPE_")
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+
+
+def execute_stage(payload: dict[str, Any]) -> str:
+    """Run a stage into its folder and commit it. Returns the committed ``outputs.json`` text."""
+    saved = {k: os.environ.get(k) for k in payload["env"]}
+    os.environ.update(payload["env"])
+    try:
+        return _execute(payload)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _execute(payload: dict[str, Any]) -> str:
+    started = time.time()
+    kind = payload["kind"]
+    spec = stage_kinds()[kind].model_validate(payload["config"])
+    out_uri = payload["out_uri"]
+    work_dir = out.staging_dir(out_uri)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(
+        name=payload["name"], kind=kind, fingerprint=payload["fingerprint"], out_uri=out_uri, work_dir=work_dir,
+        pipeline_dir=Path(payload["pipeline_dir"]), inputs=payload["inputs"],
+        tracking_uri=payload.get("tracking_uri"), mlflow_run_id=payload.get("mlflow_run_id"),
+        code_digest=payload.get("code_digest"))
+    stage = stage_class(kind)(spec, ctx)
+    produced = stage.run()
+    record = out.commit(
+        stage=ctx.name, kind=kind, fingerprint=ctx.fingerprint, fingerprint_doc=payload["fingerprint_doc"],
+        out_uri=out_uri, work_dir=work_dir, outputs=produced, known_files=ctx.known_files, started=started,
+        mlflow_run_id=ctx.mlflow_run_id)
+    return record.model_dump_json(indent=1)

@@ -1,0 +1,47 @@
+"""The run ledger: the last run's state of every stage, for ``arpipe status``.
+
+``<storage>/.arpipe/ledger/<pipeline>.json``, rewritten atomically at each
+stage transition. Outputs themselves are trusted only through their
+``outputs.json``; the ledger adds what storage alone cannot tell (cache hit or
+ran, failed, running, when, which MLflow run).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from pipeline.storage import join, storage_for
+
+
+def ledger_uri(root: str, pipeline: str) -> str:
+    return join(root, ".arpipe", "ledger", f"{pipeline}.json")
+
+
+class Ledger:
+    def __init__(self, root: str, pipeline: str, run_id: str, parent_run_id: str | None):
+        self.uri = ledger_uri(root, pipeline)
+        self.data: dict[str, Any] = {"run_id": run_id, "mlflow_parent_run_id": parent_run_id,
+                                     "started": time.time(), "finished": None, "state": "running", "stages": {}}
+
+    def stage(self, name: str, **fields: Any) -> None:
+        entry = self.data["stages"].setdefault(name, {})
+        entry.update(fields)
+        self.save()
+
+    def finish(self, state: str) -> None:
+        self.data["state"] = state
+        self.data["finished"] = time.time()
+        self.save()
+
+    def save(self) -> None:
+        storage_for(self.uri).write_text(self.uri, json.dumps(self.data, indent=1))
+
+
+def read_ledger(root: str, pipeline: str) -> dict[str, Any] | None:
+    uri = ledger_uri(root, pipeline)
+    try:
+        return json.loads(storage_for(uri).read_text(uri))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,361 @@
+"""Running a pipeline: cached stages are skipped, the rest run on Ray, lineage goes to MLflow.
+
+Independent branches run concurrently and a failure stops only what depends
+on it. Each stage output is written by one run at a time (a lock), and only
+``outputs.json`` — written last — makes it trusted. Ctrl-C cancels running
+stages and leaves their work for the next run to resume.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import outputs as out
+from pipeline.config import LoadedPipeline, redact, replace_refs
+from pipeline.dag import Graph, Selection
+from pipeline.errors import ArpipeError, StageFailed, UserError
+from pipeline.execute import execute_stage, forwarded_env
+from pipeline.ledger import Ledger
+from pipeline.lineage import Lineage, git_commit, tracking_uri
+from pipeline.lock import Heartbeats, StageLock
+from pipeline.plan import Planner, StagePlan
+from pipeline.registry import stage_class
+from pipeline.storage import join, storage_for
+from schemas.outputs import OutputsRecord
+
+
+@dataclass
+class Running:
+    plan: StagePlan
+    lock: StageLock
+    mlflow_run_id: str | None
+    started: float
+    ref: Any = None                  # Ray ObjectRef for task stages
+
+
+@dataclass
+class RunResult:
+    states: dict[str, str]
+    records: dict[str, OutputsRecord]
+    errors: dict[str, str] = field(default_factory=dict)
+    mlflow_parent_run_id: str | None = None
+    run_id: str = ""
+    seconds: float = 0.0
+
+
+def _unwrap(err: BaseException) -> BaseException:
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
+def describe_error(err: BaseException) -> str:
+    err = _unwrap(err)
+    if isinstance(err, ArpipeError):
+        return str(err)
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1] if text else ''}".rstrip(": ")
+
+
+class Runner:
+    def __init__(self, loaded: LoadedPipeline, graph: Graph, selection: Selection, *,
+                 address: str | None = None, tracking: str | None = None,
+                 echo: Callable[[str], None] = print, debug: bool = False):
+        self.loaded, self.graph, self.selection = loaded, graph, selection
+        self.address = address
+        self.echo = echo
+        self.debug = debug
+        self.planner = Planner(loaded, graph)
+        self.root = self.planner.root
+        self.run_id = uuid.uuid4().hex[:12]
+        self.tracking = tracking_uri(tracking)
+        self._pool: cf.ThreadPoolExecutor | None = None
+        self._ray_started = False
+        self._heartbeats: Heartbeats | None = None
+        # MLflow takes ~1 s to import: start now, overlapping with planning and cache checks
+        self._lineage_box: dict[str, Any] = {}
+        self._lineage_thread = threading.Thread(target=self._open_lineage, daemon=True)
+        self._lineage_thread.start()
+
+    # -- lineage -----------------------------------------------------------
+    def _open_lineage(self) -> None:
+        try:
+            self._lineage_box["lineage"] = Lineage(self.tracking, self.loaded.spec.experiment_name,
+                                                   self.loaded.secret_values)
+        except BaseException as err:  # surfaced in the main thread
+            self._lineage_box["error"] = err
+
+    @property
+    def lineage(self) -> Lineage:
+        self._lineage_thread.join()
+        if "error" in self._lineage_box:
+            err = self._lineage_box["error"]
+            raise UserError(f"cannot open MLflow tracking at {self.tracking}: {describe_error(err)}",
+                            fix="check MLFLOW_TRACKING_URI (or --tracking-uri)") from err
+        return self._lineage_box["lineage"]
+
+    def _stage_tags(self, name: str, upstream_runs: list[str]) -> dict[str, str]:
+        tags = {"arpipe.run_id": self.run_id}
+        if self._git:
+            tags["mlflow.source.git.commit"] = self._git
+            tags["arpipe.git_commit"] = self._git
+        return tags
+
+    def _inputs_for(self, name: str, records: dict[str, OutputsRecord]) -> list[dict[str, str]]:
+        items = []
+        for _path, up, output in self.graph.refs[name]:
+            record = records[up]
+            items.append({"name": f"{up}.{output}",
+                          "uri": str(out.resolve(record, out.output_uri(self.root, up, record.fingerprint), output)),
+                          "digest": record.outputs[output].digest, "run_id": record.mlflow_run_id or ""})
+        return items
+
+    def _resolved_config(self, name: str, records: dict[str, OutputsRecord]) -> dict[str, Any]:
+        spec = self.loaded.spec.stages[name]
+
+        def resolve(stage: str, output: str) -> Any:
+            record = records[stage]
+            return out.resolve(record, out.output_uri(self.root, stage, record.fingerprint), output)
+
+        return replace_refs(spec.model_dump(mode="json"), resolve)
+
+    # -- execution ---------------------------------------------------------
+    def _submit(self, plan: StagePlan, payload: dict[str, Any]) -> tuple[cf.Future, Any]:
+        cls = stage_class(plan.kind)
+        if cls.placement == "driver":
+            if self._pool is None:
+                self._pool = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="arpipe-stage")
+            self._connect()
+            return self._pool.submit(execute_stage, payload), None
+        self._connect()
+        import ray
+
+        options = cls.ray_options(self.loaded.spec.stages[plan.name])
+        remote = ray.remote(execute_stage).options(name=f"arpipe:{plan.name}", **options)
+        ref = remote.remote(payload)
+        return ref.future(), ref
+
+    def _connect(self) -> None:
+        if not self._ray_started:
+            from cluster.connection import connect
+
+            where = connect(self.address)
+            self._ray_started = True
+            self.echo(f"  stages run on {where}")
+
+    def _clear_for_force(self, uri: str) -> None:
+        storage = storage_for(uri)
+        storage.delete(join(uri, out.OUTPUTS_FILE))
+        for entry in list(storage.list(uri)):
+            if not entry.relpath.startswith(out.CONTROL_DIR + "/"):
+                storage.delete(join(uri, entry.relpath))
+
+    def _line(self, name: str, state: str, detail: str = "") -> None:
+        width = max(len(n) for n in self.loaded.spec.stages)
+        self.echo(f"  {name:<{width}}  {state:<8} {detail}".rstrip())
+
+    def run(self) -> RunResult:
+        t0 = time.time()
+        spec = self.loaded.spec
+        self._git = git_commit(self.loaded.directory)
+        selected = set(self.selection.selected)
+        involved = [n for n in self.graph.order
+                    if n in selected or any(n in self.graph.ancestors(s) for s in selected)]
+        self.echo(f"arpipe run {self.run_id}: pipeline {spec.name!r}, {len(selected)} stage(s), "
+                  f"outputs under {self.root}")
+        lineage = self.lineage
+        resolved_yaml = json.dumps(redact({"name": spec.name, "storage": spec.storage, "stages": {
+            n: s.model_dump(mode="json") for n, s in spec.stages.items()}}, self.loaded.secret_values), indent=1)
+        parent = lineage.start_parent(spec.name, resolved_yaml, {"arpipe.run_id": self.run_id,
+                                                                 "arpipe.pipeline_file": str(self.loaded.path)})
+        self.echo(f"  MLflow run {parent} in experiment {spec.experiment_name!r} ({self.tracking})")
+        ledger = Ledger(self.root, spec.name, self.run_id, parent)
+        states: dict[str, str] = {n: "pending" for n in involved}
+        records: dict[str, OutputsRecord] = {}
+        errors: dict[str, str] = {}
+        running: dict[cf.Future, Running] = {}
+        waiting_noted: set[str] = set()
+        forced_done: set[str] = set()
+        result = RunResult(states, records, errors, parent, self.run_id)
+        try:
+            while any(s == "pending" for s in states.values()) or running:
+                lock_wait = False
+                for name in [n for n in involved if states[n] == "pending"]:
+                    ups = self.graph.upstream[name]
+                    bad = [u for u in ups if states.get(u) in ("failed", "skipped", "blocked")]
+                    if bad:
+                        states[name] = "skipped"
+                        self._line(name, "skipped", f"upstream {', '.join(sorted(bad))} did not finish")
+                        ledger.stage(name, state="skipped")
+                        continue
+                    if not all(u in records for u in ups):
+                        continue
+                    forced = name in self.selection.forced and name not in forced_done
+                    plan = self.planner.decide(name, records, forced=forced)
+                    if plan.action == "cached":
+                        self._cache_hit(plan, parent, records, ledger, states)
+                        continue
+                    if name not in selected:
+                        states[name] = "blocked"
+                        errors[name] = "not selected and has no output"
+                        self._line(name, "blocked", "needed upstream but not selected and not built: "
+                                   "include it or drop --only/--from")
+                        ledger.stage(name, state="blocked")
+                        continue
+                    lock = StageLock(plan.out_uri, self.run_id)
+                    holder = lock.try_acquire()
+                    if holder is not None:
+                        lock_wait = True
+                        if name not in waiting_noted:
+                            waiting_noted.add(name)
+                            self._line(name, "waiting", f"output is being written by {holder.describe()}")
+                        continue
+                    if not forced:
+                        verdict = out.inspect(plan.out_uri)   # another run may have committed meanwhile
+                        if verdict.state == "committed":
+                            lock.release()
+                            plan.action, plan.record = "cached", verdict.record
+                            plan.why = "outputs verified (committed by a concurrent run)"
+                            self._cache_hit(plan, parent, records, ledger, states)
+                            continue
+                    else:
+                        self._clear_for_force(plan.out_uri)
+                        forced_done.add(name)
+                    self._start(plan, lock, parent, records, ledger, states, running)
+                if not running:
+                    if lock_wait:
+                        time.sleep(0.5)
+                        continue
+                    break
+                done, _ = cf.wait(list(running), timeout=0.5 if lock_wait else None,
+                                  return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    self._finish(future, running.pop(future), records, ledger, states, errors)
+        except KeyboardInterrupt:
+            self._interrupt(running, ledger, parent, states)
+            raise
+        finally:
+            if self._heartbeats:
+                self._heartbeats.stop()
+            if self._pool:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+        failed = sorted(n for n, s in states.items() if s in ("failed", "blocked"))
+        lineage.finish_parent(parent, "FAILED" if failed else "FINISHED")
+        ledger.finish("failed" if failed else "done")
+        result.seconds = time.time() - t0
+        counts = {s: sum(1 for v in states.values() if v == s) for s in ("done", "cached", "failed", "skipped")}
+        self.echo(f"finished in {result.seconds:.1f} s: {counts['done']} ran, {counts['cached']} cached, "
+                  f"{counts['failed']} failed, {counts['skipped']} skipped")
+        if failed:
+            detail = "; ".join(f"{n}: {errors.get(n, states[n])}" for n in failed)
+            raise StageFailed(f"stage(s) failed: {detail}. Independent stages finished; fix and rerun to resume.")
+        return result
+
+    def _cache_hit(self, plan: StagePlan, parent: str, records: dict, ledger: Ledger, states: dict) -> None:
+        record = plan.record
+        records[plan.name] = record
+        states[plan.name] = "cached"
+        lineage = self.lineage
+        config = self._resolved_config(plan.name, records)
+        run_id = lineage.start_stage(parent, plan.name, plan.kind, plan.fingerprint, config,
+                                     self._inputs_for(plan.name, records),
+                                     {**self._stage_tags(plan.name, []), "arpipe.cache": "hit",
+                                      "arpipe.producer_run_id": record.mlflow_run_id or ""})
+        lineage.finish_stage(run_id, "FINISHED", record.model_dump_json(indent=1))
+        self._line(plan.name, "cached", plan.why)
+        ledger.stage(plan.name, state="cached", fingerprint=plan.fingerprint, out_uri=plan.out_uri,
+                     mlflow_run_id=run_id, producer_run_id=record.mlflow_run_id, duration_s=record.duration_s)
+
+    def _start(self, plan: StagePlan, lock: StageLock, parent: str, records: dict, ledger: Ledger,
+               states: dict, running: dict) -> None:
+        if self._heartbeats is None:
+            self._heartbeats = Heartbeats()
+        self._heartbeats.add(lock)
+        config = self._resolved_config(plan.name, records)
+        run_id = self.lineage.start_stage(parent, plan.name, plan.kind, plan.fingerprint, config,
+                                          self._inputs_for(plan.name, records),
+                                          {**self._stage_tags(plan.name, []), "arpipe.cache": "miss",
+                                           "arpipe.reason": plan.why[:500]})
+        payload = {
+            "name": plan.name, "kind": plan.kind, "config": config, "fingerprint": plan.fingerprint,
+            "fingerprint_doc": plan.doc, "out_uri": plan.out_uri, "pipeline_dir": str(self.loaded.directory),
+            "inputs": {f"{u}.{o}": out.resolve(records[u], out.output_uri(self.root, u, records[u].fingerprint), o)
+                       for _p, u, o in self.graph.refs[plan.name]},
+            "tracking_uri": self.tracking, "mlflow_run_id": run_id, "code_digest": plan.code_digest,
+            "env": forwarded_env(),
+        }
+        states[plan.name] = "running"
+        verb = "resuming" if plan.action == "resume" else "running"
+        self._line(plan.name, verb, plan.why)
+        ledger.stage(plan.name, state="running", fingerprint=plan.fingerprint, out_uri=plan.out_uri,
+                     mlflow_run_id=run_id, started=time.time())
+        try:
+            future, ref = self._submit(plan, payload)
+        except BaseException:
+            lock.release()
+            raise
+        running[future] = Running(plan, lock, run_id, time.time(), ref)
+
+    def _finish(self, future: cf.Future, item: Running, records: dict, ledger: Ledger, states: dict,
+                errors: dict) -> None:
+        name = item.plan.name
+        seconds = time.time() - item.started
+        try:
+            text = future.result()
+            record = OutputsRecord.model_validate_json(text)
+            records[name] = record
+            states[name] = "done"
+            self.lineage.finish_stage(item.mlflow_run_id, "FINISHED", text)
+            self._line(name, "done", f"{seconds:.1f} s")
+            ledger.stage(name, state="done", duration_s=seconds, finished=time.time())
+        except Exception as err:
+            cause = _unwrap(err)
+            message = describe_error(err)
+            errors[name] = message
+            states[name] = "failed"
+            trace = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
+            if "RayTaskError" in type(err).__name__ or hasattr(err, "traceback_str"):
+                trace = str(err)
+            storage_for(item.plan.out_uri).write_text(
+                join(item.plan.out_uri, out.CONTROL_DIR, "failed.json"),
+                json.dumps({"run_id": self.run_id, "error": message, "traceback": trace, "time": time.time()}))
+            self.lineage.finish_stage(item.mlflow_run_id, "FAILED", error=message)
+            self._line(name, "failed", message)
+            if self.debug:
+                print(trace, file=sys.stderr)
+            ledger.stage(name, state="failed", error=message, duration_s=seconds, finished=time.time())
+        finally:
+            item.lock.release()
+            if self._heartbeats:
+                self._heartbeats.remove(item.lock)
+
+    def _interrupt(self, running: dict, ledger: Ledger, parent: str, states: dict) -> None:
+        self.echo("interrupted: stopping running stages; their work stays for the next run to resume")
+        for item in running.values():
+            if item.ref is not None:
+                import ray
+
+                try:
+                    ray.cancel(item.ref, force=True)
+                except Exception:
+                    pass
+            try:
+                self.lineage.finish_stage(item.mlflow_run_id, "KILLED", error="interrupted (Ctrl-C)")
+            except Exception:
+                pass
+            item.lock.release()
+            states[item.plan.name] = "interrupted"
+            ledger.stage(item.plan.name, state="interrupted")
+        try:
+            self.lineage.finish_parent(parent, "KILLED")
+        except Exception:
+            pass
+        ledger.finish("interrupted")

@@ -1,0 +1,361 @@
+"""One interface over local folders and ``s3://`` object stores.
+
+Every path is a URI string: a local path (``/data/x``, ``./runs``) or
+``s3://bucket/key``. Writes are atomic on both backends: locally a temp file
+in the same folder is renamed over the target; on S3 a PUT (or a completed
+multipart upload) makes the object appear whole or not at all.
+
+S3 settings come from the standard AWS places (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``/``AWS_DEFAULT_REGION``,
+``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, ``~/.aws``). With a custom
+endpoint (an S3-compatible store) path-style addressing is used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with '/', for local paths and s3:// alike."""
+    out = base.rstrip("/") if base not in ("/", "") else base
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}" if out else part
+    return out
+
+
+def normalize(uri: str, base_dir: str | os.PathLike | None = None) -> str:
+    """Absolute form of a storage URI; relative local paths resolve against base_dir."""
+    if is_s3(uri):
+        return uri.rstrip("/")
+    path = Path(os.path.expanduser(uri))
+    if not path.is_absolute():
+        path = Path(base_dir or os.getcwd()) / path
+    return str(path.resolve())
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A file below a prefix: its path relative to the prefix and its size in bytes."""
+
+    relpath: str
+    size: int
+
+
+class Storage(ABC):
+    """Backend for one URI scheme. Get one with :func:`storage_for`."""
+
+    @abstractmethod
+    def exists(self, uri: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, uri: str) -> int | None:
+        """Size in bytes, or None when the object does not exist."""
+
+    @abstractmethod
+    def read_bytes(self, uri: str) -> bytes: ...
+
+    @abstractmethod
+    def read_range(self, uri: str, start: int, length: int) -> bytes:
+        """``length`` bytes from ``start`` (fewer only at the end of the object)."""
+
+    @abstractmethod
+    def open_read(self, uri: str) -> BinaryIO:
+        """A readable binary stream; close it when done."""
+
+    @abstractmethod
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Atomically create or replace ``uri`` with ``data``."""
+
+    @abstractmethod
+    def put_file(self, local_path: str | os.PathLike, uri: str) -> None:
+        """Atomically upload/copy a local file to ``uri``."""
+
+    @abstractmethod
+    def get_file(self, uri: str, local_path: str | os.PathLike) -> None:
+        """Download/copy ``uri`` to a local file (atomically)."""
+
+    @abstractmethod
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        """Create ``uri`` only if it does not exist; True when this call created it."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[Entry]:
+        """Every file below ``prefix`` (recursive), relative paths with '/'."""
+
+    @abstractmethod
+    def delete(self, uri: str) -> None:
+        """Remove one file; no error when it is already gone."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove everything below ``prefix``."""
+
+    def local_path(self, uri: str) -> Path | None:
+        """The local filesystem path of ``uri``, or None for remote storage."""
+        return None
+
+    def read_text(self, uri: str) -> str:
+        return self.read_bytes(uri).decode("utf-8")
+
+    def write_text(self, uri: str, text: str) -> None:
+        self.write_bytes(uri, text.encode("utf-8"))
+
+
+class LocalStorage(Storage):
+    def exists(self, uri: str) -> bool:
+        return os.path.exists(uri)
+
+    def size(self, uri: str) -> int | None:
+        try:
+            return os.stat(uri).st_size
+        except FileNotFoundError:
+            return None
+
+    def read_bytes(self, uri: str) -> bytes:
+        with open(uri, "rb") as f:
+            return f.read()
+
+    def read_range(self, uri: str, start: int, length: int) -> bytes:
+        with open(uri, "rb") as f:
+            f.seek(start)
+            return f.read(length)
+
+    def open_read(self, uri: str) -> BinaryIO:
+        return open(uri, "rb")
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        with atomic_local_file(uri) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def put_file(self, local_path: str | os.PathLike, uri: str) -> None:
+        if os.path.abspath(local_path) == os.path.abspath(uri):
+            return
+        with atomic_local_file(uri) as tmp:
+            shutil.copyfile(local_path, tmp)
+
+    def get_file(self, uri: str, local_path: str | os.PathLike) -> None:
+        self.put_file(uri, str(local_path))
+
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
+        try:
+            fd = os.open(uri, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
+    def list(self, prefix: str) -> Iterator[Entry]:
+        root = Path(prefix)
+        if not root.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                full = Path(dirpath) / name
+                try:
+                    size = full.stat().st_size
+                except FileNotFoundError:
+                    continue
+                yield Entry(full.relative_to(root).as_posix(), size)
+
+    def delete(self, uri: str) -> None:
+        try:
+            os.remove(uri)
+        except FileNotFoundError:
+            pass
+
+    def delete_prefix(self, prefix: str) -> None:
+        shutil.rmtree(prefix, ignore_errors=True)
+
+    def local_path(self, uri: str) -> Path | None:
+        return Path(uri)
+
+
+class atomic_local_file:
+    """Context manager yielding a temp path beside ``target``; renamed over it on success."""
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target)
+
+    def __enter__(self) -> str:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent)
+        os.close(fd)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.chmod(self.tmp, 0o666 & ~_umask())
+            os.replace(self.tmp, self.target)
+        else:
+            try:
+                os.remove(self.tmp)
+            except FileNotFoundError:
+                pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://") :]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r} names no bucket: write s3://BUCKET/prefix")
+    return bucket, key
+
+
+class S3Storage(Storage):
+    """S3 and S3-compatible stores through boto3."""
+
+    def __init__(self) -> None:
+        import boto3
+        from botocore.config import Config
+
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        config = Config(
+            s3={"addressing_style": "path" if endpoint else "auto"},
+            retries={"max_attempts": 8, "mode": "standard"},
+            max_pool_connections=32,
+        )
+        self.client = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+    def _missing(self, err: Exception) -> bool:
+        code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
+        return code in ("404", "NoSuchKey", "NotFound")
+
+    def exists(self, uri: str) -> bool:
+        return self.size(uri) is not None
+
+    def size(self, uri: str) -> int | None:
+        from botocore.exceptions import ClientError
+
+        bucket, key = _split_s3(uri)
+        try:
+            return int(self.client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except ClientError as err:
+            if self._missing(err):
+                return None
+            raise
+
+    def read_bytes(self, uri: str) -> bytes:
+        bucket, key = _split_s3(uri)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as err:
+            if self._missing(err):
+                raise FileNotFoundError(uri) from None
+            raise
+
+    def read_range(self, uri: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        bucket, key = _split_s3(uri)
+        rng = f"bytes={start}-{start + length - 1}"
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key, Range=rng)["Body"].read()
+        except Exception as err:
+            if self._missing(err):
+                raise FileNotFoundError(uri) from None
+            raise
+
+    def open_read(self, uri: str) -> BinaryIO:
+        bucket, key = _split_s3(uri)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"]
+        except Exception as err:
+            if self._missing(err):
+                raise FileNotFoundError(uri) from None
+            raise
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        bucket, key = _split_s3(uri)
+        self.client.put_object(Bucket=bucket, Key=key, Body=data)
+
+    def put_file(self, local_path: str | os.PathLike, uri: str) -> None:
+        bucket, key = _split_s3(uri)
+        self.client.upload_file(str(local_path), bucket, key)
+
+    def get_file(self, uri: str, local_path: str | os.PathLike) -> None:
+        bucket, key = _split_s3(uri)
+        with atomic_local_file(local_path) as tmp:
+            self.client.download_file(bucket, key, tmp)
+
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, key = _split_s3(uri)
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise
+
+    def list(self, prefix: str) -> Iterator[Entry]:
+        bucket, key = _split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=key):
+            for obj in page.get("Contents", []):
+                yield Entry(obj["Key"][len(key) :], int(obj["Size"]))
+
+    def delete(self, uri: str) -> None:
+        bucket, key = _split_s3(uri)
+        self.client.delete_object(Bucket=bucket, Key=key)
+
+    def delete_prefix(self, prefix: str) -> None:
+        bucket, key = _split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        batch: list[dict] = []
+        for entry in self.list(prefix):
+            batch.append({"Key": key + entry.relpath})
+            if len(batch) == 1000:
+                self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch})
+                batch = []
+        if batch:
+            self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch})
+
+
+_local = LocalStorage()
+_s3_clients: dict[tuple, S3Storage] = {}
+_s3_lock = threading.Lock()
+_S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
+           "AWS_ACCESS_KEY_ID", "AWS_PROFILE")
+
+
+def storage_for(uri: str) -> Storage:
+    """The backend for ``uri``. One S3 client per distinct AWS environment (clients are thread-safe)."""
+    if not is_s3(uri):
+        return _local
+    key = tuple(os.environ.get(name) for name in _S3_ENV)
+    with _s3_lock:
+        s3 = _s3_clients.get(key)
+        if s3 is None:
+            s3 = _s3_clients[key] = S3Storage()
+    return s3

@@ -1,0 +1,100 @@
+"""Stage kind ``python``: a user callable ``module:function(config, inputs, out_dir)``.
+
+This executes user code. The callable's source file is part of the
+fingerprint, so editing it reruns the stage (and a long-lived Ray worker
+that imported an older version reloads it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+from pipeline.stage import Output, Stage
+from schemas.pipeline import PythonStage as PythonSpec
+
+
+def _module_file(module_name: str, pipeline_dir: Path) -> Path | None:
+    if str(pipeline_dir) not in sys.path:
+        sys.path.insert(0, str(pipeline_dir))
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.has_location:
+        return None
+    return Path(spec.origin)
+
+
+class PythonStage(Stage):
+    kind = "python"
+    version = "1"
+
+    spec: PythonSpec
+
+    @classmethod
+    def code_digest(cls, spec: PythonSpec, pipeline_dir: Path) -> str | None:
+        module_name = spec.callable.partition(":")[0]
+        path = _module_file(module_name, pipeline_dir)
+        if path is None:
+            raise UserError(f"cannot find module {module_name!r} of callable {spec.callable!r}",
+                            fix=f"put {module_name.replace('.', '/')}.py beside the pipeline file or install it")
+        return f"{module_name}:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+    def _load(self):
+        module_name, _, func_name = self.spec.callable.partition(":")
+        folder = str(self.ctx.pipeline_dir)
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)
+        module = sys.modules.get(module_name)
+        expected = _module_file(module_name, self.ctx.pipeline_dir)
+        if module is not None:
+            # a long-lived Ray worker may hold another pipeline's module of that name, or an older version
+            current = getattr(module, "__file__", None)
+            stale = current is None or expected is None or Path(current).resolve() != expected.resolve()
+            if not stale and self.ctx.code_digest:
+                digest = hashlib.sha256(Path(current).read_bytes()).hexdigest()[:16]
+                stale = f"{module_name}:{digest}" != self.ctx.code_digest
+            if stale:
+                del sys.modules[module_name]
+                importlib.invalidate_caches()
+        module = importlib.import_module(module_name)
+        func = getattr(module, func_name, None)
+        if not callable(func):
+            raise UserError(f"module {module_name!r} has no function {func_name!r}",
+                            fix=f"define def {func_name}(config, inputs, out_dir) in {module.__file__}")
+        return func
+
+    def run(self) -> dict[str, Any]:
+        func = self._load()
+        inputs = dict(self.spec.inputs)
+        result = func(dict(self.spec.config), inputs, str(self.ctx.work_dir))
+        if result is None:
+            result = {}
+        if not isinstance(result, dict):
+            raise UserError(f"{self.spec.callable} returned {type(result).__name__}, not a dict of outputs",
+                            fix="return {name: value_or_path, ...}")
+        expected = self.spec.outputs
+        if expected is not None:
+            missing = [name for name in expected if name not in result]
+            if missing:
+                raise UserError(f"{self.spec.callable} did not return declared outputs {missing}",
+                                fix="return them or drop them from outputs:")
+        work = self.ctx.work_dir.resolve()
+        outputs: dict[str, Any] = {}
+        for name, value in result.items():
+            if isinstance(value, (str, Path)) and Path(value).is_absolute() and Path(value).exists():
+                try:
+                    rel = Path(value).resolve().relative_to(work)
+                    outputs[name] = Output(path=rel.as_posix())
+                    continue
+                except ValueError:
+                    pass
+            outputs[name] = Output(value=value)
+        return outputs

@@ -1,0 +1,56 @@
+"""Shared fixtures: one real S3 server and one Ray instance per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Ray 2.60 turns token auth on by default; the tests' own cluster runs without it
+# so that `arpipe run --address` subprocesses can join.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1 for the whole session."""
+    from s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The AWS variables pointing at the test server, set for this test (and its subprocesses)."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_server.env
+
+
+@pytest.fixture
+def s3_bucket(s3_server, s3_env) -> str:
+    """A fresh bucket URI (s3://...) on the test server."""
+    return s3_server.make_bucket(f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the session; yields its GCS address for subprocess drivers."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    address = ray.get_runtime_context().gcs_address
+    yield address
+    ray.shutdown()
