@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -52,4 +53,6 @@ def _execute(payload: dict[str, Any]) -> str:
         stage=ctx.name, kind=kind, fingerprint=ctx.fingerprint, fingerprint_doc=payload["fingerprint_doc"],
         out_uri=out_uri, work_dir=work_dir, outputs=produced, known_files=ctx.known_files, started=started,
         mlflow_run_id=ctx.mlflow_run_id)
+    if work_dir != Path(out_uri):
+        shutil.rmtree(work_dir, ignore_errors=True)   # S3 staging: everything is uploaded and committed
     return record.model_dump_json(indent=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import shutil
 import sys
 import threading
 import time
@@ -29,7 +30,7 @@ from pipeline.lineage import Lineage, git_commit, tracking_uri
 from pipeline.lock import Heartbeats, StageLock
 from pipeline.plan import Planner, StagePlan
 from pipeline.registry import stage_class
-from pipeline.storage import join, storage_for
+from pipeline.storage import is_s3, join, storage_for
 from schemas.outputs import OutputsRecord
 
 
@@ -152,6 +153,8 @@ class Runner:
             self.echo(f"  stages run on {where}")
 
     def _clear_for_force(self, uri: str) -> None:
+        if is_s3(uri):
+            shutil.rmtree(out.staging_dir(uri), ignore_errors=True)
         storage = storage_for(uri)
         storage.delete(join(uri, out.OUTPUTS_FILE))
         for entry in list(storage.list(uri)):
@@ -297,6 +300,7 @@ class Runner:
         self._line(plan.name, verb, plan.why)
         ledger.stage(plan.name, state="running", fingerprint=plan.fingerprint, out_uri=plan.out_uri,
                      mlflow_run_id=run_id, started=time.time())
+        storage_for(plan.out_uri).delete(join(plan.out_uri, out.CONTROL_DIR, "failed.json"))
         try:
             future, ref = self._submit(plan, payload)
         except BaseException:

@@ -58,6 +58,8 @@ def load_yaml(text: str, filename: str) -> tuple[Any, Positions]:
 
 def _build(node: yaml.Node, path: Path, positions: Positions, constructor: yaml.SafeLoader) -> Any:
     positions.values[path] = positions.mark(node.start_mark)
+    if not isinstance(node, yaml.ScalarNode) and node.tag not in _PLAIN_TAGS:
+        raise _tag_error(node, positions)
     if isinstance(node, yaml.MappingNode):
         constructor.flatten_mapping(node)
         out: dict[Any, Any] = {}
@@ -84,9 +86,16 @@ def _scalar(node: yaml.Node, positions: Positions, constructor: yaml.SafeLoader)
     try:
         return constructor.construct_object(node, deep=True)
     except yaml.constructor.ConstructorError:
-        raise UserError(f"YAML tag {node.tag!r} is not allowed (only plain data is loaded)",
-                        where=positions.mark(node.start_mark),
-                        fix="remove the tag; pipeline files never construct Python objects") from None
+        raise _tag_error(node, positions) from None
+
+
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap")
+
+
+def _tag_error(node: yaml.Node, positions: Positions) -> UserError:
+    return UserError(f"YAML tag {node.tag!r} is not allowed (only plain data is loaded)",
+                     where=positions.mark(node.start_mark),
+                     fix="remove the tag; pipeline files never construct Python objects")
 
 
 def _dotted(path: Path) -> str:

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.outputs import staging_dir
 from pipeline.stage import Output, Stage
+from pipeline.storage import is_s3, join, storage_for
 from schemas.pipeline import PythonStage as PythonSpec
 
 
@@ -71,9 +73,25 @@ class PythonStage(Stage):
                             fix=f"define def {func_name}(config, inputs, out_dir) in {module.__file__}")
         return func
 
+    def _localize(self, value: Any) -> Any:
+        """Upstream file/dir outputs on S3 are handed to the callable as local copies."""
+        if not (isinstance(value, str) and is_s3(value) and value in self.ctx.inputs.values()):
+            return value
+        target = staging_dir(value).parent / "inputs" / staging_dir(value).name / value.rsplit("/", 1)[-1]
+        storage = storage_for(value)
+        if storage.size(value) is not None:
+            if not target.exists():
+                storage.get_file(value, target)
+            return str(target)
+        for entry in storage.list(value):
+            local = target / entry.relpath
+            if not local.exists():
+                storage.get_file(join(value, entry.relpath), local)
+        return str(target)
+
     def run(self) -> dict[str, Any]:
         func = self._load()
-        inputs = dict(self.spec.inputs)
+        inputs = {name: self._localize(value) for name, value in self.spec.inputs.items()}
         result = func(dict(self.spec.config), inputs, str(self.ctx.work_dir))
         if result is None:
             result = {}

@@ -234,3 +234,32 @@ def test_two_concurrent_runs_never_write_the_same_output(project):
     assert states["b"][0] == "waiting" and states["b"][-1] == "done"
     b_dir = next(folder.glob("runs/b/*/partial.txt")).parent
     assert (b_dir / "partial.txt").read_text().count("started") == 2
+
+
+def test_ctrl_c_stops_cleanly_and_leaves_resumable_work(project):
+    folder, env = project
+    pause = folder / "pause-b"
+    pause.write_text("1")
+    env = {**env, "ARPIPE_TEST_PAUSE": str(pause)}
+    proc = spawn("run", "pipeline.yaml", cwd=folder, env=env)
+    deadline = time.time() + 120
+    while not list(folder.glob("runs/b/*/partial.txt")):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out and "Traceback" not in out
+    b_dir = next(folder.glob("runs/b/*/partial.txt")).parent
+    assert not (b_dir / "outputs.json").exists() and not (b_dir / ".arpipe" / "lock").exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("story").experiment_id])
+    b_run = next(r for r in runs if r.data.tags.get("arpipe.stage") == "b")
+    assert b_run.info.status == "KILLED"
+
+    pause.unlink()
+    rerun = arpipe("run", "pipeline.yaml", cwd=folder, env=env, check=True)
+    assert stage_lines(rerun.stdout)["b"] == ["resuming", "done"]

