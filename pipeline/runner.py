@@ -202,7 +202,13 @@ class Runner:
                     if not all(u in records for u in ups):
                         continue
                     forced = name in self.selection.forced and name not in forced_done
-                    plan = self.planner.decide(name, records, forced=forced)
+                    try:
+                        plan = self.planner.decide(name, records, forced=forced)
+                    except UserError as err:     # e.g. an upstream did not return a referenced output
+                        states[name], errors[name] = "failed", str(err)
+                        self._line(name, "failed", str(err))
+                        ledger.stage(name, state="failed", error=str(err))
+                        continue
                     if plan.action == "cached":
                         self._cache_hit(plan, parent, records, ledger, states)
                         continue
