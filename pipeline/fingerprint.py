@@ -2,7 +2,7 @@
 
 fingerprint = sha256(canonical JSON of {kind, config minus runtime-only fields,
 upstream outputs' content digests (never their paths), stage version, code
-digest, arpipe version}). The document itself is kept in ``outputs.json`` and
+digest, digest of raw source data read from outside the pipeline, arpipe version}). The document itself is kept in ``outputs.json`` and
 ``latest.json`` so that ``plan`` can say *what* changed.
 """
 
@@ -26,13 +26,15 @@ def sha256_json(obj: Any) -> str:
 
 def fingerprint_doc(kind: str, config: dict[str, Any], runtime_fields: frozenset[str],
                     upstream_digests: dict[tuple[str, str], str], stage_version: str,
-                    code_digest: str | None) -> dict[str, Any]:
+                    code_digest: str | None, source_digest: str | None = None) -> dict[str, Any]:
     """The document a fingerprint hashes. ``config`` still holds ``${a.b}`` strings."""
     kept = {k: v for k, v in config.items() if k not in runtime_fields and k != "kind"}
     kept = replace_refs(kept, lambda s, o: {"$ref": f"{s}.{o}", "digest": upstream_digests[(s, o)]})
     doc: dict[str, Any] = {"kind": kind, "config": kept, "stage_version": stage_version, "arpipe": __version__}
     if code_digest:
         doc["code"] = code_digest
+    if source_digest:
+        doc["sources"] = source_digest
     return doc
 
 
@@ -75,6 +77,8 @@ def explain_change(old: dict[str, Any], new: dict[str, Any]) -> str:
         reasons.append("config changed: " + "; ".join(config[:3]) + (" ..." if len(config) > 3 else ""))
     if old.get("code") != new.get("code"):
         reasons.append("code changed")
+    if old.get("sources") != new.get("sources"):
+        reasons.append("source data changed")
     if old.get("stage_version") != new.get("stage_version"):
         reasons.append(f"stage version {old.get('stage_version')} -> {new.get('stage_version')}")
     if old.get("arpipe") != new.get("arpipe"):

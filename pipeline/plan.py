@@ -67,8 +67,9 @@ class Planner:
                                 fix="reference one of its outputs")
             digests[(up, output)] = records[up].outputs[output].digest
         code = self.code_digest(name)
+        cls = stage_class(spec.kind)
         doc = fingerprint_doc(spec.kind, spec.model_dump(mode="json"), type(spec).runtime_fields, digests,
-                              stage_class(spec.kind).version, code)
+                              cls.version, code, cls.source_digest(spec, self.loaded.directory))
         fp = fingerprint(doc)
         uri = out.output_uri(self.root, name, fp)
         plan = StagePlan(name, spec.kind, "run", "", fp, doc, uri, code_digest=code)

@@ -102,6 +102,15 @@ class Stage(ABC):
         return None
 
     @classmethod
+    def source_digest(cls, spec: StageBase, pipeline_dir: Path) -> str | None:
+        """A digest of raw data the stage reads from outside the pipeline (a dataset folder or bucket).
+
+        Without it a cache would be keyed on the source's *path*: new files at the same place
+        would go unnoticed. Listing-based (names, sizes, modification times or ETags) keeps it cheap.
+        """
+        return None
+
+    @classmethod
     def ray_options(cls, spec: StageBase) -> dict[str, Any]:
         resources = getattr(spec, "resources", None)
         if resources is None:
