@@ -18,7 +18,8 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline.errors import UserError
 from pipeline.yamlpos import Positions, dotted, load_yaml
-from schemas.pipeline import REF_PATTERN, PipelineSpec, stage_kinds
+from schemas.base import REF_PATTERN
+from schemas.pipeline import PipelineSpec, stage_kinds
 
 ENV_PATTERN = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?:,([^}]*))?\}")
 SECRET_KEY = re.compile(r"secret|password|token|access_key|private", re.IGNORECASE)

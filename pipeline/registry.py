@@ -8,6 +8,8 @@ from pipeline.stage import Stage
 
 KINDS: dict[str, str] = {
     "python": "stages.python:PythonStage",
+    "tokenizer": "stages.tokenizer:TokenizerStage",
+    "tokenize": "stages.tokenize:TokenizeStage",
 }
 
 

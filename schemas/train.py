@@ -1,0 +1,101 @@
+"""Config of the ``train`` stage: data mixture, model, DeepSpeed, optimizer, budget."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from schemas.base import StageBase, Strict
+
+
+class DataSource(Strict):
+    store: str = Field(description="A token store URI, usually `${tokenize.store}`.")
+    weight: float = Field(1.0, gt=0, description="Share of this store in the mixture (normalized).")
+
+
+class ModelSpec(Strict):
+    preset: Literal["tiny", "small", "1b", "3b"] = Field("tiny", description="Model size preset.")
+    paradigm: Literal["next_token", "next_scale", "next_block"] = "next_token"
+    block_size: int = Field(16, ge=1, description="Tokens per block for next_block (NBP).")
+    dim: int | None = Field(None, ge=8, description="Width; overrides the preset.")
+    n_layers: int | None = Field(None, ge=1, description="Depth; overrides the preset.")
+    n_heads: int | None = Field(None, ge=1, description="Attention heads; overrides the preset.")
+    cond_dropout: float = Field(0.1, ge=0, le=1, description="Condition dropout for classifier-free guidance.")
+    activation_checkpointing: bool = False
+
+
+class DeepSpeedSpec(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage 0-3.")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer state offload to CPU (stage >= 1).")
+    offload_params: bool = Field(False, description="ZeRO parameter offload to CPU (stage 3).")
+    gradient_clipping: float = Field(1.0, ge=0)
+    config: dict[str, Any] = Field(default_factory=dict,
+                                   description="Merged over the generated DeepSpeed config (for experts).")
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> DeepSpeedSpec:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage: 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class OptimizerSpec(Strict):
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
+
+
+class TrainStage(StageBase):
+    """Trains an AR generator with DeepSpeed ZeRO under Ray Train; output ``model``."""
+
+    runtime_fields: ClassVar[frozenset[str]] = StageBase.runtime_fields | {
+        "use_gpu", "max_failures", "checkpoint_every", "eval_every", "log_every"}
+    output_names: ClassVar[tuple[str, ...]] = ("model",)
+
+    kind: Literal["train"]
+    data: list[DataSource] = Field(min_length=1)
+    heldout: str | None = Field(None, description="Token store for held-out loss (default: none).")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    global_batch: int = Field(32, ge=1, description="Sequences per optimizer step, over all workers.")
+    micro_batch: int | None = Field(None, ge=1, description="Sequences per worker per forward (default: "
+                                                               "global_batch / workers, no accumulation).")
+    seq_len: int | None = Field(None, ge=2, description="Packed sequence length (default: longest sample + 2).")
+    packing: bool = Field(False, description="Pack samples into seq_len with document masks.")
+    steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    tokens: int | None = Field(None, ge=1)
+    seed: int = 0
+    workers: int = Field(1, ge=1, description="Ray Train workers (processes).")
+    use_gpu: bool = False
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (and resumable units).")
+    eval_every: int = Field(100, ge=1)
+    log_every: int = Field(1, ge=1)
+    max_failures: int = Field(1, ge=0, description="Worker-group restarts from the last checkpoint.")
+
+    @model_validator(mode="after")
+    def _budget_and_batch(self) -> TrainStage:
+        given = [n for n in ("steps", "epochs", "tokens") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one budget: steps, epochs or tokens"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        micro = self.micro_batch or max(1, self.global_batch // self.workers)
+        if self.global_batch % (self.workers * micro):
+            raise ValueError(f"global_batch {self.global_batch} does not divide by workers x micro_batch "
+                             f"({self.workers} x {micro}); make it a multiple of {self.workers * micro}")
+        return self
+
+    @property
+    def micro(self) -> int:
+        return self.micro_batch or self.global_batch // self.workers
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch // (self.workers * self.micro)

@@ -1,0 +1,140 @@
+"""Stage kind ``tokenizer``: fit a tokenizer on a sample of a source.
+
+Output ``tokenizer``: an artifact folder (``weights.safetensors`` +
+``tokenizer.json``) whose digest downstream fingerprints depend on. Logged to
+MLflow: reconstruction metrics on held-out samples, codebook usage, the fit
+loss curve (vqvae) and a before/after picture.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+from pipeline.stage import Output, Stage
+from schemas.tokenize import TokenizerStage as TokenizerSpec
+from stages.sources import source_listing_digest
+
+
+def read_for_fit(source, limit: int) -> tuple[list, list[dict[str, str]]]:
+    """The first ``limit`` readable samples in source order, and the rejected ones with reasons."""
+    from stages.modalities import SampleError, open_reader
+
+    reader = open_reader(source.modality, source.uri, **source.reader_options())
+    samples, rejects = [], []
+    for unit in reader.units():
+        try:
+            for sample in reader.read(unit):
+                samples.append(sample)
+                if len(samples) >= limit:
+                    return samples, rejects
+        except SampleError as err:
+            rejects.append({"source": err.source, "reason": err.reason})
+    return samples, rejects
+
+
+def reconstruction_metrics(tok, modality: str, originals: list, recon: list, tokens: list) -> dict[str, float]:
+    import numpy as np
+    import torch
+
+    from stages.modalities import chamfer_distance, codebook_usage, psnr, ssim
+
+    metrics: dict[str, float] = {}
+    if tokens:
+        usage = codebook_usage(np.concatenate([np.asarray(t).reshape(-1) for t in tokens]), tok.vocab_size)
+        metrics.update({f"codebook_{k}": float(v) for k, v in usage.items()})
+    if not originals:
+        return metrics
+    if modality == "pointcloud":
+        metrics["chamfer"] = float(np.mean([chamfer_distance(a, b) for a, b in zip(originals, recon)]))
+        return metrics
+    x = torch.from_numpy(np.stack(originals)).float()
+    y = torch.from_numpy(np.stack(recon)).float().clamp(0, 1)
+    metrics["psnr"] = float(psnr(x, y).clamp(max=100).mean())
+    if modality == "video":  # SSIM per frame: fold time into the batch
+        x = x.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1], *x.shape[3:])
+        y = y.permute(0, 2, 1, 3, 4).reshape(-1, y.shape[1], *y.shape[3:])
+    window = min(11, *x.shape[2:]) | 1
+    metrics["ssim"] = float(ssim(x, y, window=window).mean())
+    return metrics
+
+
+class TokenizerStage(Stage):
+    kind = "tokenizer"
+    version = "1"
+    spec: TokenizerSpec
+
+    @classmethod
+    def source_digest(cls, spec: TokenizerSpec, pipeline_dir: Path) -> str | None:
+        return source_listing_digest(spec.source.uri, pipeline_dir)
+
+    @classmethod
+    def ray_options(cls, spec: TokenizerSpec) -> dict[str, Any]:
+        return {"num_cpus": 1}
+
+    def run(self) -> dict[str, Output]:
+        import numpy as np
+
+        from stages.modalities import make_tokenizer
+        from stages.previews import before_after
+
+        spec, ctx = self.spec, self.ctx
+        source = spec.source.model_copy(update={"uri": resolve_uri(spec.source.uri, ctx.pipeline_dir)})
+        started = time.time()
+        samples, rejects = read_for_fit(source, spec.fit.max_samples + spec.fit.heldout)
+        if len(samples) <= spec.fit.heldout:
+            raise UserError(f"only {len(samples)} readable samples, fewer than fit.heldout + 1", where=source.uri,
+                            fix="point source.uri at more data or lower fit.heldout")
+        # held-out samples spread evenly over what was read (sources are often sorted by class)
+        step = len(samples) / spec.fit.heldout if spec.fit.heldout else 0
+        held_idx = {int(k * step) for k in range(spec.fit.heldout)}
+        train = [s for i, s in enumerate(samples) if i not in held_idx]
+        heldout = [s for i, s in enumerate(samples) if i in held_idx]
+        args = spec.tokenizer.constructor_args(train[0].shape if source.modality != "pointcloud" else None)
+        if "modality" in _init_params(spec.tokenizer.type):
+            args["modality"] = source.modality
+        tok = make_tokenizer(spec.tokenizer.type, **args)
+        arrays = [s.data for s in train]
+        fit_options = spec.tokenizer.fit.model_dump() if spec.tokenizer.type == "vqvae" else {}
+        tok.fit(arrays, **fit_options)
+        digest = tok.save(str(ctx.work_dir / "tokenizer"))
+        held_arrays = [s.data for s in heldout]
+        tokens = tok.encode_arrays(held_arrays) if held_arrays else tok.encode_arrays(arrays[:64])
+        recon = tok.decode_arrays(tokens) if held_arrays else []
+        if source.modality == "pointcloud":
+            recon = [np.asarray(r) for r in recon]
+        metrics = reconstruction_metrics(tok, source.modality, held_arrays, recon, tokens)
+        metrics.update({"fit_samples": len(train), "heldout_samples": len(heldout), "rejects": len(rejects),
+                        "fit_seconds": time.time() - started})
+        ctx.log_metrics(metrics)
+        for step, loss in enumerate(getattr(tok, "fit_info", {}).get("loss_curve", []) or []):
+            value = loss[1] if isinstance(loss, (list, tuple)) else loss
+            ctx.log_metrics({"fit_loss": float(value)}, step=step)
+        report = {"metrics": metrics, "rejects": rejects, "digest": digest, "vocab_size": tok.vocab_size}
+        (ctx.work_dir / "fit_report.json").write_text(json.dumps(report, indent=1, default=float))
+        if held_arrays:
+            picture = ctx.work_dir / "before_after.png"
+            before_after(held_arrays, recon, source.modality).save(picture)
+            ctx.log_artifact(picture)
+        ctx.log_artifact(ctx.work_dir / "fit_report.json")
+        print(f"[{ctx.name}] fitted {spec.tokenizer.type} on {len(train)} samples: "
+              + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        return {"tokenizer": Output(path="tokenizer", digest=digest)}
+
+
+def _init_params(type_: str) -> set[str]:
+    import inspect
+
+    from stages.modalities import tokenizer_class
+
+    return set(inspect.signature(tokenizer_class(type_).__init__).parameters)
+
+
+def resolve_uri(uri: str, base: Path) -> str:
+    """Relative local source paths are relative to the pipeline file's folder."""
+    from pipeline.storage import normalize
+
+    return normalize(uri, base)
