@@ -197,7 +197,12 @@ def _external(name: str, module_name: str):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if args.command not in EXTERNAL_COMMANDS:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        # `arpipe store --help`: a leading option is not captured by REMAINDER; hand it on
+        args.rest = unknown + list(args.rest)
     start = time.time()
     try:
         code = args.func(args)
