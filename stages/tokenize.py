@@ -50,6 +50,8 @@ def unit_record_uri(store_uri: str, index: int) -> str:
 def encode_unit(store_uri: str, index: int, unit_json: dict, source_json: dict, tokenizer_uri: str,
                 samples_per_shard: int, stage: str) -> dict[str, Any]:
     """Read, encode and commit one unit; returns (and writes last) its record."""
+    import numpy as np
+
     from stages.modalities import TokenizerError, Unit, open_reader
     from stages.store import ShardWriter
 
@@ -57,6 +59,9 @@ def encode_unit(store_uri: str, index: int, unit_json: dict, source_json: dict, 
     reader = open_reader(spec_source.modality, spec_source.uri, **spec_source.reader_options())
     tok = _tokenizer(tokenizer_uri)
     unit = Unit.from_json(unit_json)
+    layout = tok.layout()
+    # single-grid tokenizers (patch_vq, vqvae) store tokens in their grid shape; scales/octree stay flat
+    grid = tuple(layout["grid"]) if "grid" in layout and "scales" not in layout else None
     shards: list[str] = []
     rejects: list[dict[str, Any]] = []
     state = {"writer": None, "count": 0}
@@ -91,6 +96,8 @@ def encode_unit(store_uri: str, index: int, unit_json: dict, source_json: dict, 
                     reject(f"{sample.source_uri}#{sample.key}", f"encode failed: {err}")
         for sample, idx in pairs:
             condition = sample.label if sample.label is None or isinstance(sample.label, (int, str)) else str(sample.label)
+            if grid is not None and int(np.prod(grid)) == idx.size:
+                idx = idx.reshape(grid)
             writer().append(idx, key=sample.key, modality=sample.modality, condition=condition,
                             source_uri=sample.source_uri, source_digest=sample.source_digest)
             state["count"] += 1

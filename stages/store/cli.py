@@ -57,8 +57,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     uri = normalize(args.uri)
     m = read_manifest(uri)
+    summary = _summary(uri)
     if args.json:
-        print(m.model_dump_json(indent=2))
+        print(json.dumps({**json.loads(m.model_dump_json()), **summary}, indent=2))
         return 0
     t = m.totals
     tok = f"{m.tokenizer.id} ({m.tokenizer.digest})" if m.tokenizer else "none recorded"
@@ -69,11 +70,34 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("shards", str(t.shards)), ("samples", str(t.samples)), ("tokens", str(t.tokens)),
         ("bytes", f"{_size(t.bytes)} tokens + {_size(t.index_bytes)} index"),
     ]
+    rows.append(("shapes", ", ".join(f"{shape} x{n}" for shape, n in summary["shape_counts"])))
+    rows.append(("modalities", ", ".join(f"{mod} x{n}" for mod, n in summary["modality_counts"])))
     if m.metadata:
         rows.append(("metadata", json.dumps(m.metadata, sort_keys=True)))
     for label, value in rows:
         print(f"{label:<10} {value}")
     return 0
+
+
+def _summary(uri: str) -> dict:
+    """Sample count, distinct token shapes and modalities, read off the shard indexes (not the tokens)."""
+    from collections import Counter
+
+    from .reader import TokenStore
+
+    store = TokenStore.open(uri)
+    shapes: Counter = Counter()
+    modalities: Counter = Counter()
+    for shard in store._shards:
+        shard.load()
+        modalities.update(shard.table.column("modality").to_pylist())
+        if shard.uniform_shape is not None:
+            shapes[tuple(shard.uniform_shape)] += shard.table.num_rows
+        else:
+            shapes.update(tuple(s) for s in shard.table.column("shape").to_pylist())
+    return {"samples": len(store), "shapes": sorted(list(s) for s in shapes),
+            "shape_counts": sorted(([list(s), n] for s, n in shapes.items()), key=lambda x: -x[1]),
+            "modality_counts": sorted(([m, n] for m, n in modalities.items()), key=lambda x: -x[1])}
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
