@@ -21,18 +21,24 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
 
 
-def execute_stage(payload: dict[str, Any]) -> str:
-    """Run a stage into its folder and commit it. Returns the committed ``outputs.json`` text."""
-    saved = {k: os.environ.get(k) for k in payload["env"]}
-    os.environ.update(payload["env"])
+def with_env(env: dict[str, str], func: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``func`` with ``env`` set: how a stage's Ray tasks see the driver's AWS/MLflow settings
+    on a worker that a shared, longer-lived cluster started before them."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
-        return _execute(payload)
+        return func(*args, **kwargs)
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def execute_stage(payload: dict[str, Any]) -> str:
+    """Run a stage into its folder and commit it. Returns the committed ``outputs.json`` text."""
+    return with_env(payload["env"], _execute, payload)
 
 
 def _execute(payload: dict[str, Any]) -> str:

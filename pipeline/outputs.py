@@ -51,7 +51,7 @@ def _sha256_stream(stream, chunk: int = 1 << 20) -> str:
     while True:
         block = stream.read(chunk)
         if not block:
-            return h.hexdigest()
+            return "sha256:" + h.hexdigest()
         h.update(block)
 
 
@@ -73,16 +73,16 @@ def collect_files(out_uri: str, work_dir: Path, known: dict[str, tuple[int, str]
                 with open(local, "rb") as f:
                     digest = _sha256_stream(f)
                 storage.put_file(local, join(out_uri, rel))
-                files[rel] = FileRecord(bytes=local.stat().st_size, sha256=digest)
+                files[rel] = FileRecord(bytes=local.stat().st_size, digest=digest)
     for entry in storage.list(out_uri):
         rel = entry.relpath
         if _is_control(rel) or rel in files or (rel.rsplit("/", 1)[-1].startswith(".") and rel.endswith(".tmp")):
             continue
         if rel in known and known[rel][0] == entry.size:
-            files[rel] = FileRecord(bytes=entry.size, sha256=known[rel][1])
+            files[rel] = FileRecord(bytes=entry.size, digest=known[rel][1])
             continue
         with storage.open_read(join(out_uri, rel)) as stream:
-            files[rel] = FileRecord(bytes=entry.size, sha256=_sha256_stream(stream))
+            files[rel] = FileRecord(bytes=entry.size, digest=_sha256_stream(stream))
     return dict(sorted(files.items()))
 
 
@@ -96,8 +96,8 @@ def _output_value(name: str, out: Output, files: dict[str, FileRecord]) -> Outpu
         return OutputValue(type="value", value=out.value, digest=out.digest or sha256_json(out.value))
     rel = out.path.strip("/")
     if rel in files:
-        return OutputValue(type="file", path=rel, digest=out.digest or files[rel].sha256)
-    inside = {k: v.sha256 for k, v in files.items() if k.startswith(rel + "/") or rel in ("", ".")}
+        return OutputValue(type="file", path=rel, digest=out.digest or files[rel].digest)
+    inside = {k: v.digest for k, v in files.items() if k.startswith(rel + "/") or rel in ("", ".")}
     if not inside and rel not in ("", "."):
         raise FileNotFoundError(f"output {name!r} names {rel!r}, which the stage did not write")
     return OutputValue(type="dir", path=rel, digest=out.digest or sha256_json(inside))

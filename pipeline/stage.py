@@ -51,7 +51,8 @@ class StageContext:
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     code_digest: str | None = None
-    #: files the stage wrote straight to storage with digests it already knows: relpath -> (bytes, sha256)
+    #: files the stage wrote straight to storage with digests it already knows:
+    #: relpath -> (bytes, '<algorithm>:<hex>'); they are not downloaded again to be hashed
     known_files: dict[str, tuple[int, str]] = field(default_factory=dict)
     _client: Any = field(default=None, repr=False)
 

@@ -16,7 +16,8 @@ OUTPUTS_FORMAT = 1
 class FileRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     bytes: int
-    sha256: str
+    digest: str = Field(description="'<algorithm>:<hex>': sha256 by default; a stage that wrote a file "
+                                    "straight to storage may record the checksum it computed (e.g. xxh3_128).")
 
 
 class OutputValue(BaseModel):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.execute import forwarded_env, with_env
 from pipeline.stage import Output, Stage
 from pipeline.storage import join, storage_for
 from schemas.tokenize import TokenizeStage as TokenizeSpec
@@ -204,7 +205,8 @@ class TokenizeStage(Stage):
         todo = [i for i in range(len(units)) if i not in records]
         print(f"[{ctx.name}] {len(units)} units from {source.uri}: {reused} reused, {len(todo)} to encode "
               f"with {spec.workers} worker(s)", flush=True)
-        task = ray.remote(encode_unit).options(num_cpus=1, max_retries=2, name=f"arpipe:{ctx.name}:unit")
+        task = ray.remote(with_env).options(num_cpus=1, max_retries=2, name=f"arpipe:{ctx.name}:unit")
+        env = forwarded_env()
         source_json = source.model_dump(mode="json")
         in_flight: dict[Any, int] = {}
         started = time.time()
@@ -214,7 +216,7 @@ class TokenizeStage(Stage):
         while pending or in_flight:
             while pending and len(in_flight) < 2 * spec.workers:
                 i = pending.pop(0)
-                ref = task.remote(store_uri, i, units[i].to_json(), source_json, spec.tokenizer,
+                ref = task.remote(env, encode_unit, store_uri, i, units[i].to_json(), source_json, spec.tokenizer,
                                   spec.shards.samples_per_shard, ctx.name)
                 in_flight[ref] = i
             done, _ = ray.wait(list(in_flight), num_returns=1)
@@ -255,6 +257,10 @@ class TokenizeStage(Stage):
                       "tokenizer_uri": spec.tokenizer, "tokenizer_layout": tok_doc.get("layout"),
                       "tokens_per_sample": tok_doc.get("tokens_per_sample"),
                       "rejects": len(rejects), "units": len(units)})
+        for info in infos:   # the commit need not download and rehash what the writers checksummed
+            algo = info.checksum_algorithm
+            ctx.known_files[f"store/shard-{info.name}.bin"] = (info.bytes, f"{algo}:{info.checksum}")
+            ctx.known_files[f"store/shard-{info.name}.idx.arrow"] = (info.index_bytes, f"{algo}:{info.index_checksum}")
         print(f"[{ctx.name}] store {store_uri}: {samples} samples, {tokens} tokens, {len(rejects)} rejected, "
               f"{reused} of {len(units)} units reused", flush=True)
         return {"store": Output(path="store", digest=manifest.digest)}

@@ -185,3 +185,40 @@ def test_tokenizer_config_refits_but_workers_do_not(tmp_path, ray_cluster):
     run = arpipe("run", "pipeline.yaml", "-s", "stages.tok.tokenizer.codebook_size=16", cwd=folder, env=env,
                  check=True)
     assert stage_lines(run.stdout) == {"tok": ["running", "done"], "tokenize": ["running", "done"]}
+
+
+def test_source_and_store_on_s3(tmp_path, ray_cluster, s3_bucket):
+    from pipeline.storage import storage_for
+
+    local = digits_folder(tmp_path / "digits", count=40)
+    storage = storage_for(s3_bucket)
+    for png in local.rglob("*.png"):
+        storage.put_file(png, f"{s3_bucket}/data/digits/{png.relative_to(local).as_posix()}")
+    write(tmp_path, {"pipeline.yaml": f"""
+        name: s3digits
+        storage: {s3_bucket}/runs
+        stages:
+          tok:
+            kind: tokenizer
+            source: {{modality: image, uri: {s3_bucket}/data/digits, channels: 1, size: 8}}
+            tokenizer: {{type: msvq, scales: [1, 2, 4], codebook_size: 16}}
+            fit: {{max_samples: 30, heldout: 4}}
+          tokenize:
+            kind: tokenize
+            source: {{modality: image, uri: {s3_bucket}/data/digits, channels: 1, size: 8}}
+            tokenizer: ${{tok.tokenizer}}
+        """})
+    env = {"RAY_ADDRESS": ray_cluster, "ARPIPE_STAGING": str(tmp_path / "staging")}
+    arpipe("run", "pipeline.yaml", cwd=tmp_path, env=env, check=True)
+    manifests = [e.relpath for e in storage.list(f"{s3_bucket}/runs/tokenize") if e.relpath.endswith("manifest.json")]
+    [manifest] = manifests
+    store = f"{s3_bucket}/runs/tokenize/{manifest.rsplit('/', 1)[0]}"
+    info = json.loads(arpipe("store", "info", "--json", store, cwd=tmp_path, check=True).stdout)
+    assert info["samples"] == 40 and info["shapes"] == [[21]]
+    record = json.loads(storage.read_text(f"{store.rsplit('/', 1)[0]}/outputs.json"))
+    bins = {k: v for k, v in record["files"].items() if k.endswith(".bin")}
+    assert bins and all(v["digest"].startswith("xxh3_128:") for v in bins.values())
+    verify = arpipe("store", "verify", store, cwd=tmp_path)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    again = arpipe("run", "pipeline.yaml", cwd=tmp_path, env=env, check=True)
+    assert stage_lines(again.stdout) == {"tok": ["cached"], "tokenize": ["cached"]}
