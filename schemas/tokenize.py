@@ -25,7 +25,7 @@ class _Source(Strict):
 
 class ImageSource(_Source):
     modality: Literal["image"]
-    format: Literal["auto", "folder", "webdataset", "npy", "npz"] = "auto"
+    format: Literal["auto", "folder", "webdataset", "array", "npy", "npz"] = "auto"
     size: Size | None = Field(None, description="Output size (square int or [h, w]).")
     resize: Literal["resize_crop", "resize", "center_crop", "none"] = "resize_crop"
     channels: Literal[1, 3] = 3

@@ -208,6 +208,8 @@ class TokenizeStage(Stage):
         task = ray.remote(with_env).options(num_cpus=1, max_retries=2, name=f"arpipe:{ctx.name}:unit")
         env = forwarded_env()
         source_json = source.model_dump(mode="json")
+        if "format" in source_json and getattr(reader, "format", None):
+            source_json["format"] = reader.format   # inferred once here, not by listing the source per unit
         in_flight: dict[Any, int] = {}
         started = time.time()
         last_print = 0.0
