@@ -110,9 +110,8 @@ class TokenizerStage(Stage):
         metrics.update({"fit_samples": len(train), "heldout_samples": len(heldout), "rejects": len(rejects),
                         "fit_seconds": time.time() - started})
         ctx.log_metrics(metrics)
-        for step, loss in enumerate(getattr(tok, "fit_info", {}).get("loss_curve", []) or []):
-            value = loss[1] if isinstance(loss, (list, tuple)) else loss
-            ctx.log_metrics({"fit_loss": float(value)}, step=step)
+        for point in getattr(tok, "fit_info", {}).get("curve", []):   # vqvae: {step, recon, commitment}
+            ctx.log_metrics({f"fit_{k}": float(v) for k, v in point.items() if k != "step"}, step=int(point["step"]))
         report = {"metrics": metrics, "rejects": rejects, "digest": digest, "vocab_size": tok.vocab_size}
         (ctx.work_dir / "fit_report.json").write_text(json.dumps(report, indent=1, default=float))
         if held_arrays:

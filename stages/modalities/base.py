@@ -1,0 +1,381 @@
+"""Contracts shared by every reader and tokenizer: samples, units, errors, artifacts.
+
+A tokenize stage partitions a source into :class:`Unit` s (cheap to list, small
+to pickle, JSON-able for the run ledger), reads each unit in a Ray task with a
+:class:`Reader` and encodes the :class:`Sample` s it yields. Bad input raises
+:class:`SampleError`, which the stage quarantines instead of skipping silently.
+
+A tokenizer is saved as a folder holding ``weights.safetensors`` and
+``tokenizer.json``; its digest (sha256 of the canonical JSON, which itself
+records the sha256 of the weights) is what downstream fingerprints depend on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+from pipeline.storage import join, storage_for
+
+ARTIFACT_FORMAT = 1
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "tokenizer.json"
+
+
+# --------------------------------------------------------------------- errors
+
+
+class SampleError(UserError):
+    """One sample (or one source file) cannot be used; the stage quarantines it.
+
+    The message is one line: the source, what is wrong, how to fix it.
+    """
+
+    def __init__(self, source: str, reason: str, fix: str | None = None):
+        self.source, self.reason = source, reason
+        super().__init__(reason, where=source, fix=fix)
+
+    def __reduce__(self):
+        # Ray and multiprocessing pickle exceptions; keep the constructor arguments.
+        return (type(self), (self.source, self.reason, self.fix))
+
+
+class TokenizerError(UserError):
+    """A tokenizer artifact or a tokenizer call is unusable (bad artifact, wrong input shape)."""
+
+    def __init__(self, what: str, *, where: str | None = None, fix: str | None = None):
+        super().__init__(what, where=where, fix=fix)
+
+    def __reduce__(self):
+        return (_rebuild_tokenizer_error, (self.what, self.where, self.fix))
+
+
+def _rebuild_tokenizer_error(what: str, where: str | None, fix: str | None) -> TokenizerError:
+    return TokenizerError(what, where=where, fix=fix)
+
+
+# -------------------------------------------------------------------- digests
+
+
+def sha256_bytes(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_array(a: np.ndarray) -> str:
+    """Digest of an array's dtype, shape and values: a crop or a row is named by what it holds."""
+    h = hashlib.sha256(f"{a.dtype.str}|{tuple(a.shape)}|".encode())
+    h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# ------------------------------------------------------------ units, samples
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independently readable part of a source: the stage's work item.
+
+    ``kind`` is ``file`` (one file, or ``members`` files below ``uri``), ``tar``
+    (one WebDataset shard), ``rows`` (rows ``start[0]:stop[0]`` of an array file),
+    ``crops`` (the crops whose windows lie inside the region ``start``..``stop``
+    of a volume) or ``clips`` (clips ``start[0]:stop[0]`` of a video, or all
+    clips when ``stop`` is empty). ``size`` is a byte estimate for balancing.
+    """
+
+    uri: str
+    kind: str
+    key: str
+    members: tuple[str, ...] = ()
+    start: tuple[int, ...] = ()
+    stop: tuple[int, ...] = ()
+    size: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Unit:
+        return cls(uri=d["uri"], kind=d["kind"], key=d["key"], members=tuple(d.get("members", ())),
+                   start=tuple(d.get("start", ())), stop=tuple(d.get("stop", ())), size=int(d.get("size", 0)))
+
+
+@dataclass
+class Sample:
+    """One item to tokenize.
+
+    ``key`` is unique within a source: the file's relative path (with its
+    extension), followed by ``/<member>`` for samples inside a file (tar
+    member, array row, clip, crop).
+    ``data`` layouts (float32): image ``x_CHW`` and video ``x_CTHW`` in [0, 1],
+    volume ``x_CDHW`` (C = 1) scaled by the reader's intensity rule, point
+    cloud ``xyz_N3`` normalized as ``meta['center']``/``meta['scale']`` say.
+    ``source_digest`` is the sha256 of the bytes the sample came from: the
+    file for whole-file samples and video clips, the raw array region
+    (dtype, shape, values) for rows of an array file and volume crops.
+    """
+
+    key: str
+    data: np.ndarray
+    modality: str
+    source_uri: str
+    source_digest: str
+    label: str | int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+
+class Reader(ABC):
+    """Streams samples of one modality from a URI, unit by unit, in bounded memory."""
+
+    modality: ClassVar[str]
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    @abstractmethod
+    def units(self) -> list[Unit]:
+        """The source's partition units, listed from metadata only (no pixel is decoded)."""
+
+    @abstractmethod
+    def read(self, unit: Unit) -> Iterator[Sample]:
+        """The samples of one unit; memory stays bounded by the unit, not the source."""
+
+    def __iter__(self) -> Iterator[Sample]:
+        for unit in self.units():
+            yield from self.read(unit)
+
+
+# ------------------------------------------------------------------ tokenizers
+
+#: type -> "module:Class", imported on first use so that loading one tokenizer imports only it
+TOKENIZER_TYPES: dict[str, str] = {
+    "patch_vq": "stages.modalities.patch_vq:PatchVQ",
+    "msvq": "stages.modalities.msvq:MultiScaleVQ",
+    "vqvae": "stages.modalities.vqvae:VQVAE",
+    "octree": "stages.modalities.octree:OctreeTokenizer",
+}
+
+
+def tokenizer_class(type_: str) -> type[Tokenizer]:
+    try:
+        module, _, name = TOKENIZER_TYPES[type_].partition(":")
+    except KeyError:
+        raise TokenizerError(f"unknown tokenizer type {type_!r}",
+                             fix=f"use one of {', '.join(sorted(TOKENIZER_TYPES))}") from None
+    return getattr(importlib.import_module(module), name)
+
+
+class Tokenizer(ABC):
+    """Maps samples to integer tokens and back.
+
+    Subclasses set ``type`` and implement the encode/decode pair on batched
+    tensors, :meth:`config` (constructor keyword arguments, JSON-able) and
+    :meth:`state_tensors`/:meth:`load_state_tensors` for what was learned.
+    ``layout()`` describes token positions for the AR model: ``axes`` names
+    the columns of :meth:`positions` (grid coordinates of every token).
+    """
+
+    type: ClassVar[str]
+    #: constructor arguments that change where it runs, not what it computes (kept out of config())
+    runtime_options: ClassVar[tuple[str, ...]] = ()
+    #: what the tokenizer learned besides its weights (fit statistics); saved in tokenizer.json
+    fit_info: dict[str, Any]
+    #: how the fit ran (seconds, device): saved in tokenizer.json but outside the digest, so an
+    #: identical refit on other hardware or a busier machine keeps the same digest
+    provenance: dict[str, Any]
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def tokens_per_sample(self) -> int | None:
+        """Token count of every sample, or None when it varies (octree)."""
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """Constructor keyword arguments, JSON-able: ``cls(**config())`` rebuilds an unfitted twin."""
+
+    @abstractmethod
+    def layout(self) -> dict[str, Any]:
+        """Token layout metadata: ``axes``, grid sizes, scale or level boundaries."""
+
+    @abstractmethod
+    def positions(self, idx_L: torch.Tensor | None = None) -> torch.Tensor:
+        """``pos_LK`` integer coordinates of each token (K = len(layout()['axes']))."""
+
+    @abstractmethod
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    #: whether :meth:`fit` learns anything (a stage can skip reading data when not)
+    learned: ClassVar[bool] = True
+
+    def fit(self, samples: Sequence[np.ndarray] | torch.Tensor, **options: Any) -> Tokenizer:
+        """Learn from sample arrays; tokenizers with nothing to learn (octree) keep this one."""
+        return self
+
+    @abstractmethod
+    def encode_arrays(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Stage entry point: sample arrays (``Sample.data``) -> int64 token arrays."""
+
+    @abstractmethod
+    def decode_arrays(self, tokens: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Inverse of :meth:`encode_arrays` (up to quantization)."""
+
+    # ------------------------------------------------------------- artifact
+
+    def describe(self) -> dict[str, Any]:
+        """The content of tokenizer.json without the weights' digest."""
+        return {
+            "format": ARTIFACT_FORMAT,
+            "type": self.type,
+            "config": self.config(),
+            "vocab_size": self.vocab_size,
+            "tokens_per_sample": self.tokens_per_sample,
+            "layout": self.layout(),
+            "fit": getattr(self, "fit_info", {}),
+        }
+
+    def artifact(self) -> tuple[bytes, dict[str, Any]]:
+        """(weights bytes, tokenizer.json document with its digest)."""
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
+        weights = save(tensors)
+        doc = self.describe()
+        doc["weights_sha256"] = sha256_bytes(weights)
+        doc["digest"] = sha256_bytes(canonical_json(doc))
+        doc["provenance"] = getattr(self, "provenance", {})
+        return weights, doc
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the artifact's canonical JSON (which names the weights' sha256), provenance left out."""
+        return self.artifact()[1]["digest"]
+
+    def save(self, uri: str) -> str:
+        """Write the artifact folder (local or s3://); tokenizer.json goes last. Returns the digest."""
+        weights, doc = self.artifact()
+        store = storage_for(uri)
+        store.write_bytes(join(uri, WEIGHTS_FILE), weights)
+        store.write_text(join(uri, CONFIG_FILE), json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return doc["digest"]
+
+
+def read_artifact(uri: str) -> tuple[dict[str, Any], bytes]:
+    """tokenizer.json and the weights of an artifact folder, both checked against their digests."""
+    store = storage_for(uri)
+    cfg_uri = join(uri, CONFIG_FILE)
+    try:
+        doc = json.loads(store.read_text(cfg_uri))
+        weights = store.read_bytes(join(uri, WEIGHTS_FILE))
+    except FileNotFoundError as err:
+        raise TokenizerError(f"tokenizer artifact incomplete: {err.filename or err} is missing", where=uri,
+                             fix="point to a folder written by a tokenizer stage or Tokenizer.save") from None
+    except json.JSONDecodeError as err:
+        raise TokenizerError(f"tokenizer.json is not valid JSON ({err.msg} at line {err.lineno})",
+                             where=cfg_uri, fix="re-create the artifact with Tokenizer.save") from None
+    if doc.get("format") != ARTIFACT_FORMAT:
+        raise TokenizerError(f"unsupported tokenizer artifact format {doc.get('format')!r}", where=cfg_uri,
+                             fix=f"re-create it with this arpipe (format {ARTIFACT_FORMAT})")
+    body = {k: v for k, v in doc.items() if k not in ("digest", "provenance")}
+    if sha256_bytes(canonical_json(body)) != doc.get("digest"):
+        raise TokenizerError("tokenizer.json does not match its digest (edited by hand?)", where=cfg_uri,
+                             fix="re-create the artifact with Tokenizer.save instead of editing it")
+    if sha256_bytes(weights) != doc.get("weights_sha256"):
+        raise TokenizerError("weights.safetensors does not match the sha256 in tokenizer.json", where=uri,
+                             fix="the artifact is corrupt or mixed from two runs: re-create it")
+    return doc, weights
+
+
+def load_tokenizer(uri: str, device: str | None = None) -> Tokenizer:
+    """Load an artifact folder; dispatches on tokenizer.json's ``type`` and verifies both digests."""
+    from safetensors.torch import load
+
+    doc, weights = read_artifact(uri)
+    cls = tokenizer_class(doc["type"])
+    config = dict(doc["config"])
+    if device is not None and "device" in cls.runtime_options:
+        config["device"] = device
+    tok = cls(**config)
+    tok.load_state_tensors(load(weights))
+    tok.fit_info = dict(doc.get("fit", {}))
+    tok.provenance = dict(doc.get("provenance", {}))
+    return tok
+
+
+def as_batch(arrays: Sequence[np.ndarray] | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Stack sample arrays into one float32 tensor (no copy for a tensor already batched)."""
+    if isinstance(arrays, torch.Tensor):
+        return arrays.float()
+    if isinstance(arrays, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(arrays, dtype=np.float32))
+    return torch.from_numpy(np.stack([np.asarray(a, dtype=np.float32) for a in arrays]))
+
+
+def check_input_shape(x: torch.Tensor, expected: Sequence[int], tokenizer: str) -> None:
+    """Fixed-grid tokenizers accept one shape; say which reader option fixes a mismatch."""
+    if tuple(x.shape[1:]) != tuple(expected):
+        raise TokenizerError(
+            f"{tokenizer} tokenizer expects samples of shape {tuple(expected)}, got {tuple(x.shape[1:])}",
+            fix="set the reader's size/crop (and channels) to match the tokenizer's input_shape")
+
+
+class FixedLengthTokenizer(Tokenizer):
+    """A tokenizer whose samples all have one shape and one token count (patch_vq, msvq, vqvae).
+
+    Subclasses implement ``encode(x_B...) -> idx_BL`` and ``decode(idx_BL) -> x_B...``.
+    """
+
+    #: samples per encode call in :meth:`encode_arrays` (bounds the memory of a stage task)
+    batch_size: int = 256
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def decode(self, idx_BL: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_arrays(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        for s in range(0, len(arrays), self.batch_size):
+            idx_BL = self.encode(as_batch(arrays[s:s + self.batch_size]))
+            out.extend(idx_BL.cpu().numpy())
+        return out
+
+    def decode_arrays(self, tokens: Sequence[np.ndarray]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        for s in range(0, len(tokens), self.batch_size):
+            idx_BL = torch.from_numpy(np.stack([np.asarray(t, dtype=np.int64) for t in tokens[s:s + self.batch_size]]))
+            out.extend(self.decode(idx_BL).cpu().numpy())
+        return out
+
+
+def check_tokens(idx_BL: torch.Tensor, length: int | None, vocab_size: int, tokenizer: str) -> None:
+    """Decoding garbage would return garbage quietly: reject wrong lengths and out-of-range ids."""
+    if length is not None and (idx_BL.dim() != 2 or idx_BL.shape[1] != length):
+        raise TokenizerError(f"{tokenizer} decodes {length} tokens per sample, got shape {tuple(idx_BL.shape)}",
+                             fix="pass token sequences produced by this tokenizer")
+    if idx_BL.numel() and (int(idx_BL.min()) < 0 or int(idx_BL.max()) >= vocab_size):
+        raise TokenizerError(f"{tokenizer} token ids must lie in [0, {vocab_size})",
+                             fix="pass token sequences produced by this tokenizer")
