@@ -1,0 +1,281 @@
+"""Decoding: KV cache, temperature / top-k / top-p, classifier-free guidance, per-sample seeds.
+
+:func:`generate` draws one *group* per forward pass, following the same
+:class:`~stages.models.sequence.Plan` as training: one forward per token
+(``next_token``), per block (``next_block``) or per scale (``next_scale``).
+With ``use_cache`` each forward runs only the new group's positions against
+the KV cache; without it each forward reruns the whole prefix. Both give the
+same tokens for the same seed.
+
+Reproducibility: sample ``i`` draws every random number from its own
+``torch.Generator`` seeded from ``(seed, i)``, so its tokens do not depend on
+which other samples share its batch (up to floating-point reduction order,
+exact in float64). Classifier-free guidance runs the conditional and the
+unconditional context as two halves of one batch and mixes
+``u + s * (c - u)``; ``s`` is constant or ramps linearly from 1 at the first
+group to ``cfg_scale`` at the last (VAR's schedule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .sequence import Plan
+from .transformer import KVCache, Transformer
+from .vocab import BOS, PAD, VocabLayout
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How logits become a distribution; ``temperature=0`` is greedy, ``top_k=0`` and ``top_p=1`` are off."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 1.0
+    cfg_schedule: Literal["constant", "linear"] = "constant"
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.cfg_schedule not in ("constant", "linear"):
+            raise ValueError(f"cfg_schedule {self.cfg_schedule!r} is unknown; use 'constant' or 'linear'")
+
+    def guidance(self, position: float, last: float) -> float:
+        """Guidance scale at group (or token) ``position`` of ``0..last``."""
+        if self.cfg_schedule == "constant" or last <= 0:
+            return self.cfg_scale
+        return 1.0 + (self.cfg_scale - 1.0) * position / last
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0
+
+
+@dataclass
+class Prompt:
+    """What to condition on, per sample: context ids, the CFG context, an optional target prefix.
+
+    ``allowed`` is the ``[start, stop)`` id range sampling may emit (the
+    modality's codes); ``prefix_BM`` holds the first ``M`` target tokens
+    (global ids), continued rather than generated; ``M`` must end a group.
+    """
+
+    context_BP: torch.Tensor
+    uncond_BP: torch.Tensor | None = None
+    prefix_BM: torch.Tensor | None = None
+    allowed: tuple[int, int] | None = None
+    bos_id: int = BOS
+
+    @classmethod
+    def from_vocab(cls, vocab: VocabLayout, modality: str, labels: Sequence[Any],
+                   prefix_local_BM: torch.Tensor | None = None) -> Prompt:
+        """One sample per label (``None`` = unconditional), restricted to ``modality``'s codes."""
+        context = torch.tensor([vocab.context(modality, label) for label in labels], dtype=torch.long)
+        prefix = vocab.to_global(modality, prefix_local_BM) if prefix_local_BM is not None else None
+        return cls(context, vocab.unconditional(context), prefix, vocab.code_range(modality))
+
+    @property
+    def batch(self) -> int:
+        return int(self.context_BP.shape[0])
+
+
+@dataclass
+class Generation:
+    """Sampled target tokens (global ids), the log-probability each was drawn with, and the cost."""
+
+    tokens: torch.Tensor    # (B, N) long
+    logprobs: torch.Tensor  # (B, N) float64; 0 on prefix tokens
+    forward_passes: int     # passes over the whole batch
+    sample_passes: torch.Tensor  # (B,) long: passes each sample took part in until it was complete
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of sample ``index`` under base ``seed``: a well-mixed function of both."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device="cpu").manual_seed(int(state) & ((1 << 63) - 1))
+
+
+def process_logits(logits_BQV: torch.Tensor, options: SamplingOptions,
+                   allowed: tuple[int, int] | None = None) -> torch.Tensor:
+    """Logits -> probabilities (float64): allowed range, temperature, top-k, then top-p."""
+    logits = logits_BQV.double()
+    V = logits.shape[-1]
+    if allowed is not None:
+        keep_V = torch.zeros(V, dtype=torch.bool, device=logits.device)
+        keep_V[allowed[0]:allowed[1]] = True
+        logits = logits.masked_fill(~keep_V, float("-inf"))
+    if options.temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), V).double()
+    logits = logits / options.temperature
+    if options.top_k and options.top_k < V:
+        kth = torch.topk(logits, options.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if options.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass strictly above each token
+        sorted_p = sorted_p.masked_fill(before >= options.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def inverse_cdf(probs_QV: torch.Tensor, u_Q: torch.Tensor) -> torch.Tensor:
+    """The token whose CDF interval holds ``u`` (uniform in [0, 1)), per row; never a zero-probability token."""
+    cdf_QV = probs_QV.cumsum(-1)
+    idx_Q = torch.searchsorted(cdf_QV, (u_Q.to(cdf_QV) * cdf_QV[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    last_Q = probs_QV.shape[-1] - 1 - (probs_QV > 0).flip(-1).int().argmax(-1)
+    return torch.minimum(idx_Q, last_Q)
+
+
+def draw(probs_QV: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from ``generator`` (one uniform per row).
+
+    Inverse CDF (rather than ``torch.multinomial``) consumes exactly one number
+    per token, so cached and uncached decoding stay in lockstep.
+    """
+    u_Q = torch.rand(probs_QV.shape[0], generator=generator, dtype=torch.float64)
+    return inverse_cdf(probs_QV, u_Q.to(probs_QV.device))
+
+
+class Session:
+    """Buffers shared by the decoders: the laid-out rows (conditional, then unconditional), KV cache, runs.
+
+    Rows are ``[context | N target positions | extra]``; ``extra`` slack
+    positions let a decoder that runs fixed-size windows (SJD) run past the end.
+    """
+
+    def __init__(self, model: Transformer, plan: Plan, prompt: Prompt, options: SamplingOptions, *,
+                 extra: int = 0):
+        self.model, self.plan, self.prompt, self.options = model, plan, prompt, options
+        config = model.config
+        if plan.paradigm != config.paradigm or (plan.paradigm == "next_block"
+                                                and max(plan.group_sizes) != config.block_size):
+            raise ValueError(f"the model was trained as {config.paradigm} (block_size {config.block_size}) but the "
+                             f"plan is {plan.paradigm} with groups of {max(plan.group_sizes)}; build the plan with "
+                             "plan_for(model.config, ...)")
+        if prompt.context_BP.shape[1] + plan.n_tokens > config.max_seq_len:
+            raise ValueError(f"{prompt.context_BP.shape[1]} context + {plan.n_tokens} target tokens exceed the "
+                             f"model's max_seq_len {config.max_seq_len}")
+        dev = next(model.parameters()).device
+        self.device = dev
+        B, N = prompt.batch, plan.n_tokens
+        context = prompt.context_BP.long()
+        if options.guided:
+            if prompt.uncond_BP is None:
+                raise ValueError("cfg_scale != 1 needs an unconditional context (Prompt.uncond_BP); "
+                                 "Prompt.from_vocab builds it")
+            context = torch.cat([context, prompt.uncond_BP.long()])
+        self.B, self.N, self.P, self.R = B, N, context.shape[1], context.shape[0]
+        self.T = self.P + N + extra
+        self.input_RT = torch.full((self.R, self.T), PAD, dtype=torch.long, device=dev)
+        self.input_RT[:, :self.P] = context.to(dev)
+        A = plan.coords_NA.shape[1]
+        self.coords_TA = torch.zeros(self.T, A, device=dev)
+        self.coords_TA[self.P:self.P + N] = plan.coords_NA.to(dev)
+        self.group_T = torch.full((self.T,), plan.n_groups + 1, dtype=torch.long, device=dev)
+        self.group_T[:self.P] = 0
+        self.group_T[self.P:self.P + N] = plan.group_N.to(dev) + 1
+        # drafts may run past the end (SJD): the token buffer has the same slack as the rows
+        self.tokens_BN = torch.full((B, N + extra), PAD, dtype=torch.long, device=dev)
+        self.sample_passes_B = torch.zeros(B, dtype=torch.long, device=dev)
+        self.logprobs_BN = torch.zeros(B, N, dtype=torch.float64, device=dev)
+        self.known = 0
+        if prompt.prefix_BM is not None:
+            M = prompt.prefix_BM.shape[1]
+            if prompt.prefix_BM.shape[0] != B or M > N:
+                raise ValueError(f"prefix of shape {tuple(prompt.prefix_BM.shape)} does not fit {B} samples "
+                                 f"of {N} tokens")
+            self.tokens_BN[:, :M] = prompt.prefix_BM.long().to(dev)
+            self.known = M
+        self.cache: KVCache | None = model.new_cache(self.R, self.T) if options.use_cache else None
+        self.forward_passes = 0
+
+    def generators(self, seed: int, sample_indices: Sequence[int] | None) -> list[torch.Generator]:
+        indices = list(range(self.B)) if sample_indices is None else list(sample_indices)
+        if len(indices) != self.B:
+            raise ValueError(f"{len(indices)} sample indices for {self.B} samples")
+        return [sample_generator(seed, i) for i in indices]
+
+    def refresh_inputs(self) -> None:
+        """Target positions' inputs from the current tokens (unknown sources read PAD, never attended)."""
+        inputs_BN = self.plan.inputs(self.tokens_BN[:, :self.N], self.prompt.bos_id)
+        self.input_RT[:, self.P:self.P + self.N] = inputs_BN.repeat(self.R // self.B, 1)
+
+    @torch.no_grad()
+    def run(self, begin: int | torch.Tensor, length: int) -> torch.Tensor:
+        """Logits ``(R, length, V)`` of positions ``[begin, begin + length)`` (per row when a tensor)."""
+        self.forward_passes += 1
+        if isinstance(begin, int):
+            if self.cache is not None:  # every row at the same offset: plain slices
+                end = begin + length
+                logits, _ = self.model(self.input_RT[:, begin:end], self.coords_TA[begin:end].expand(self.R, -1, -1),
+                                       self.group_T[begin:end].expand(self.R, -1), cache=self.cache, start=begin)
+                return logits
+            begin = torch.full((self.R,), begin, dtype=torch.long, device=self.device)
+        pos_RQ = begin[:, None] + torch.arange(length, device=self.device)
+        if self.cache is not None:
+            ids_RQ = torch.gather(self.input_RT, 1, pos_RQ)
+            logits, _ = self.model(ids_RQ, self.coords_TA[pos_RQ], self.group_T[pos_RQ], cache=self.cache,
+                                   start=begin)
+            return logits
+        end = int(pos_RQ.max()) + 1
+        logits, _ = self.model(self.input_RT[:, :end], self.coords_TA[:end].expand(self.R, -1, -1),
+                               self.group_T[:end].expand(self.R, -1))
+        return torch.gather(logits, 1, pos_RQ[:, :, None].expand(-1, -1, logits.shape[-1]))
+
+    def probs(self, logits_RQV: torch.Tensor, scale_BQ: torch.Tensor | None) -> torch.Tensor:
+        """Guided, processed distributions ``(B, Q, V)`` float64."""
+        logits = logits_RQV.double()
+        if self.options.guided:
+            cond, uncond = logits[:self.B], logits[self.B:]
+            logits = uncond + scale_BQ[:, :, None].to(logits) * (cond - uncond)
+        return process_logits(logits, self.options, self.prompt.allowed)
+
+    def scales(self, position_BQ: torch.Tensor, last: int) -> torch.Tensor:
+        return torch.tensor([[self.options.guidance(float(p), last) for p in row] for row in position_BQ.tolist()],
+                            dtype=torch.float64, device=self.device)
+
+    def result(self) -> Generation:
+        return Generation(self.tokens_BN[:, :self.N].clone(), self.logprobs_BN, self.forward_passes,
+                          self.sample_passes_B)
+
+
+@torch.no_grad()
+def generate(model: Transformer, plan: Plan, prompt: Prompt, options: SamplingOptions = SamplingOptions(), *,
+             seed: int = 0, sample_indices: Sequence[int] | None = None) -> Generation:
+    """Sample ``plan.n_tokens`` tokens per prompt row, one forward pass per group.
+
+    ``sample_indices`` name the rows' samples (default ``0..B-1``): the row of
+    sample ``i`` is the same whatever batch it is drawn in.
+    """
+    s = Session(model, plan, prompt, options)
+    gens = s.generators(seed, sample_indices)
+    bounds = plan.group_bounds
+    done = 0
+    for g in range(plan.group_at(s.known), plan.n_groups):
+        lo, hi = bounds[g], bounds[g + 1]
+        s.refresh_inputs()
+        end = s.P + hi
+        begin = done if s.cache is not None else 0
+        logits_RQV = s.run(begin, end - begin)[:, -(hi - lo):]
+        s.sample_passes_B += 1
+        scale_BQ = torch.full((s.B, hi - lo), options.guidance(g, plan.n_groups - 1), dtype=torch.float64)
+        probs_BQV = s.probs(logits_RQV, scale_BQ)
+        for b, gen in enumerate(gens):
+            tok_Q = draw(probs_BQV[b], gen)
+            s.tokens_BN[b, lo:hi] = tok_Q
+            s.logprobs_BN[b, lo:hi] = probs_BQV[b].gather(-1, tok_Q[:, None]).squeeze(-1).log()
+        done = end
+    return s.result()
