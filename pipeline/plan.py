@@ -45,6 +45,14 @@ class Planner:
         self.graph = graph
         self.root = storage_root(loaded)
         self._code: dict[str, str | None] = {}
+        self.check()
+
+    def check(self) -> None:
+        """Each stage kind's own checks (e.g. a model shape that cannot work), before anything runs."""
+        for name, spec in self.loaded.spec.stages.items():
+            problem = stage_class(spec.kind).check(spec)
+            if problem:
+                raise UserError(problem, where=self.loaded.where("stages", name), path=f"stages.{name}")
 
     def code_digest(self, name: str) -> str | None:
         if name not in self._code:

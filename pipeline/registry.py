@@ -10,6 +10,7 @@ KINDS: dict[str, str] = {
     "python": "stages.python:PythonStage",
     "tokenizer": "stages.tokenizer:TokenizerStage",
     "tokenize": "stages.tokenize:TokenizeStage",
+    "train": "stages.train:TrainStage",
 }
 
 

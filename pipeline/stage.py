@@ -103,6 +103,14 @@ class Stage(ABC):
         return None
 
     @classmethod
+    def check(cls, spec: StageBase) -> str | None:
+        """Checks beyond the config model's, run by `validate`, `plan` and `run` before Ray starts.
+
+        Returns a problem as one sentence with its fix (None when fine). Must stay cheap: no torch.
+        """
+        return None
+
+    @classmethod
     def source_digest(cls, spec: StageBase, pipeline_dir: Path) -> str | None:
         """A digest of raw data the stage reads from outside the pipeline (a dataset folder or bucket).
 

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 
 from schemas.base import STAGE_NAME, Resources, StageBase, Strict
 from schemas.tokenize import TokenizerStage, TokenizeStage
+from schemas.train import TrainStage
 
 
 class PythonStage(StageBase):
@@ -34,7 +35,7 @@ class PythonStage(StageBase):
     resources: Resources = Field(default_factory=Resources)
 
 
-StageSpec = Annotated[Union[PythonStage, TokenizerStage, TokenizeStage],  # noqa: UP007
+StageSpec = Annotated[Union[PythonStage, TokenizerStage, TokenizeStage, TrainStage],  # noqa: UP007
                       Field(discriminator="kind")]
 
 

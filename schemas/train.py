@@ -18,9 +18,11 @@ class ModelSpec(Strict):
     preset: Literal["tiny", "small", "1b", "3b"] = Field("tiny", description="Model size preset.")
     paradigm: Literal["next_token", "next_scale", "next_block"] = "next_token"
     block_size: int = Field(16, ge=1, description="Tokens per block for next_block (NBP).")
-    dim: int | None = Field(None, ge=8, description="Width; overrides the preset.")
-    n_layers: int | None = Field(None, ge=1, description="Depth; overrides the preset.")
-    n_heads: int | None = Field(None, ge=1, description="Attention heads; overrides the preset.")
+    n_embd: int | None = Field(None, ge=8, description="Width; overrides the preset.")
+    n_layer: int | None = Field(None, ge=1, description="Depth; overrides the preset.")
+    n_head: int | None = Field(None, ge=1, description="Attention heads; overrides the preset.")
+    vocab_size: int | None = Field(None, ge=1, description="Vocabulary size (default: exactly what the stores "
+                                                            "need; larger leaves room for later modalities).")
     cond_dropout: float = Field(0.1, ge=0, le=1, description="Condition dropout for classifier-free guidance.")
     activation_checkpointing: bool = False
 

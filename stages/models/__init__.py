@@ -20,24 +20,61 @@ Sampling::
 Save / load: ``save_model(dir, model, vocab=vocab)``, ``load_model(dir)``, ``load_vocab(dir)``.
 """
 
-from .config import PARADIGMS, PRESET_SIZES, PRESETS, ModelConfig, Paradigm, count_parameters, preset
-from .io import load_config, load_model, load_vocab, save_model
-from .masks import attention_mask, cached_attention_mask
-from .rope import apply_rope, rope_angles, rope_sections
-from .sampling import Generation, Prompt, SamplingOptions, draw, generate, process_logits, sample_generator
-from .sequence import (
-    IGNORE_INDEX,
-    ModelInputs,
-    Plan,
-    batch_inputs,
-    make_plan,
-    pack_documents,
-    plan_for,
-    plan_from_layout,
-)
-from .sjd import generate_sjd
-from .transformer import KVCache, Transformer
-from .vocab import BOS, EOS, NULL, PAD, VocabLayout, drop_conditions
+# Lazy: `stages.models.config` (plain data, no torch) must import without torch for `arpipe validate`.
+_EXPORTS: dict[str, str] = {
+    "PARADIGMS": "config",
+    "PRESET_SIZES": "config",
+    "PRESETS": "config",
+    "ModelConfig": "config",
+    "Paradigm": "config",
+    "count_parameters": "config",
+    "preset": "config",
+    "load_config": "io",
+    "load_model": "io",
+    "load_vocab": "io",
+    "save_model": "io",
+    "attention_mask": "masks",
+    "cached_attention_mask": "masks",
+    "apply_rope": "rope",
+    "rope_angles": "rope",
+    "rope_sections": "rope",
+    "Generation": "sampling",
+    "Prompt": "sampling",
+    "SamplingOptions": "sampling",
+    "draw": "sampling",
+    "generate": "sampling",
+    "process_logits": "sampling",
+    "sample_generator": "sampling",
+    "IGNORE_INDEX": "sequence",
+    "ModelInputs": "sequence",
+    "Plan": "sequence",
+    "batch_inputs": "sequence",
+    "make_plan": "sequence",
+    "pack_documents": "sequence",
+    "plan_for": "sequence",
+    "plan_from_layout": "sequence",
+    "generate_sjd": "sjd",
+    "KVCache": "transformer",
+    "Transformer": "transformer",
+    "BOS": "vocab",
+    "EOS": "vocab",
+    "NULL": "vocab",
+    "PAD": "vocab",
+    "VocabLayout": "vocab",
+    "drop_conditions": "vocab",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stages.models' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BOS", "EOS", "IGNORE_INDEX", "NULL", "PAD", "PARADIGMS", "PRESETS", "PRESET_SIZES", "Generation", "KVCache",

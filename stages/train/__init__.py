@@ -1,0 +1,155 @@
+"""Stage kind ``train``: an AR generator trained with DeepSpeed ZeRO under Ray Train; output ``model``.
+
+Split by concern (as torchtitan does): ``data`` (stores -> vocabulary, plans,
+rows), ``ds_config`` (the generated DeepSpeed config), ``loop`` (what each Ray
+Train worker runs), and this module (checks, the trainer, the output). The
+model itself (``stages.models``) imports none of it.
+
+Resumable unit: a checkpoint every ``checkpoint_every`` steps, kept in the
+stage folder's ``.arpipe/ray`` (Ray Train's storage, named ``train``); a
+rerun of the same fingerprint continues from the latest one, data position
+included. The output ``model/`` holds consolidated fp32 weights
+(``model.safetensors``), ``config.json`` (model_args), ``vocab.json`` and
+``tokenizers.json`` (which tokenizer made each vocabulary range).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+from pipeline.stage import Output, Stage
+from pipeline.storage import is_s3, join
+from schemas.train import TrainStage as TrainSpec
+
+
+def model_overrides(spec: TrainSpec, vocab_size: int, seq_len: int) -> dict[str, Any]:
+    m = spec.model
+    args: dict[str, Any] = {"vocab_size": m.vocab_size or vocab_size, "paradigm": m.paradigm,
+                            "block_size": m.block_size if m.paradigm == "next_block" else 1,
+                            "cond_dropout": m.cond_dropout, "checkpointing": m.activation_checkpointing,
+                            "max_seq_len": seq_len}
+    args.update({k: v for k, v in (("n_embd", m.n_embd), ("n_layer", m.n_layer), ("n_head", m.n_head)) if v})
+    return args
+
+
+def total_steps(spec: TrainSpec, samples: int, seq_len: int) -> int:
+    if spec.steps:
+        return spec.steps
+    if spec.epochs:
+        return max(1, math.ceil(spec.epochs * samples / spec.global_batch))
+    return max(1, math.ceil(spec.tokens / (spec.global_batch * seq_len)))
+
+
+def _ray_storage(out_uri: str) -> tuple[str, Any]:
+    """Where Ray Train keeps checkpoints: the stage folder's control area (never part of the output)."""
+    if not is_s3(out_uri):
+        return str(Path(out_uri) / ".arpipe" / "ray"), None
+    import pyarrow.fs as pafs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    fs = pafs.S3FileSystem(endpoint_override=endpoint, region=os.environ.get("AWS_REGION", "us-east-1"),
+                           access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+                           secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                           scheme="http" if endpoint and endpoint.startswith("http://") else "https")
+    return join(out_uri, ".arpipe", "ray")[len("s3://"):], fs
+
+
+class TrainStage(Stage):
+    kind = "train"
+    version = "1"
+    placement = "driver"   # it starts a Ray Train worker group
+    spec: TrainSpec
+
+    @classmethod
+    def check(cls, spec: TrainSpec) -> str | None:
+        """The model shape, checked before Ray starts (the vocabulary is known only from the stores)."""
+        from stages.models.config import preset
+
+        try:
+            overrides = model_overrides(spec, vocab_size=spec.model.vocab_size or 1 << 16, seq_len=spec.seq_len or 2)
+            overrides.pop("max_seq_len")
+            preset(spec.model.preset, **overrides).validate(seq_len=spec.seq_len)
+        except ValueError as err:
+            return f"model: {err}"
+        return None
+
+    def run(self) -> dict[str, Output]:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from pipeline.execute import forwarded_env
+        from stages.models import count_parameters, preset
+        from stages.train.data import build_vocab, default_seq_len, summarize_store
+        from stages.train.ds_config import build_ds_config
+        from stages.train.loop import train_loop
+
+        spec, ctx = self.spec, self.ctx
+        summaries = [summarize_store(d.store) for d in spec.data]
+        vocab, names = build_vocab(summaries)
+        seq_len = spec.seq_len or default_seq_len(summaries)
+        try:
+            config = preset(spec.model.preset, **model_overrides(spec, vocab.vocab_size, seq_len)).validate(
+                max_token=vocab.vocab_size - 1, seq_len=seq_len)
+        except ValueError as err:
+            raise UserError(f"model config: {err}", where=f"stages.{ctx.name}.model",
+                            fix="adjust the model block of this stage") from None
+        steps = total_steps(spec, sum(s.samples for s in summaries), seq_len)
+        heldout = None
+        if spec.heldout:
+            held = summarize_store(spec.heldout)
+            heldout = held.__dict__
+        storage_path, filesystem = _ray_storage(ctx.out_uri)
+        cfg = {
+            "env": forwarded_env(), "seed": spec.seed, "vocab": vocab.to_dict(), "model_args": config.to_dict(),
+            "summaries": [s.__dict__ for s in summaries], "names": names, "uris": [s.uri for s in summaries],
+            "weights": [d.weight for d in spec.data], "seq_len": seq_len, "packing": spec.packing,
+            "ds_config": build_ds_config(spec, steps), "total_steps": steps, "grad_accum": spec.grad_accum,
+            "micro_batch": spec.micro, "log_every": spec.log_every, "eval_every": spec.eval_every,
+            "checkpoint_every": spec.checkpoint_every, "tracking_uri": ctx.tracking_uri,
+            "mlflow_run_id": ctx.mlflow_run_id, "heldout": heldout, "heldout_name": names[0],
+            "heldout_samples": 256, "n_params": count_parameters(config),
+        }
+        print(f"[{ctx.name}] {config.paradigm} model, {count_parameters(config) / 1e6:.2f}M parameters, vocab "
+              f"{config.vocab_size}, seq_len {seq_len}; {steps} steps of {spec.global_batch} sequences on "
+              f"{spec.workers} worker(s), ZeRO-{spec.deepspeed.zero_stage} {spec.deepspeed.precision}", flush=True)
+        ctx.log_metrics({"parameters": count_parameters(config), "total_steps": steps})
+        trainer = TorchTrainer(
+            train_loop, train_loop_config=cfg,
+            scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
+                                         resources_per_worker={"CPU": 1, **({"GPU": 1} if spec.use_gpu else {})}),
+            torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+            run_config=RunConfig(storage_path=storage_path, storage_filesystem=filesystem, name="train",
+                                 failure_config=FailureConfig(max_failures=spec.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        model_dir = ctx.work_dir / "model"
+        shutil.rmtree(model_dir, ignore_errors=True)
+        with result.checkpoint.as_directory() as folder:
+            shutil.copytree(Path(folder) / "model", model_dir)
+        tokenizers = {name: {"modality": s.modality, "tokenizer_uri": s.tokenizer_uri,
+                             "tokenizer_digest": s.tokenizer_digest, "layout": s.layout, "store": s.uri}
+                      for name, s in zip(names, summaries)}
+        (model_dir / "tokenizers.json").write_text(json.dumps(tokenizers, indent=1, sort_keys=True))
+        self._log_model(model_dir, config)
+        return {"model": Output(path="model")}
+
+    def _log_model(self, model_dir: Path, config) -> None:
+        """The trained generator as an MLflow logged model, linked to this stage's run."""
+        client = self.ctx.mlflow()
+        if client is None:
+            return
+        run = client.get_run(self.ctx.mlflow_run_id)
+        model = client.create_logged_model(
+            run.info.experiment_id, name=self.ctx.name, source_run_id=self.ctx.mlflow_run_id,
+            params={k: str(v) for k, v in config.to_dict().items()},
+            tags={"arpipe.stage": self.ctx.name, "arpipe.fingerprint": self.ctx.fingerprint}, model_type="arpipe-ar")
+        client.log_model_artifacts(model.model_id, str(model_dir))
+        client.finalize_logged_model(model.model_id, "READY")

@@ -1,0 +1,155 @@
+"""From token stores to model inputs: one vocabulary over all stores, plans per token layout, rows per step.
+
+A *document* is one sample laid out as ``[modality tag, class] + targets`` (see
+``stages.models.sequence``); a *row* holds one document padded to ``seq_len``
+or, with packing, several documents with document ids so attention never
+crosses them. The sampler deals rows (not samples) to ranks, so a step
+consumes one contiguous run of the global order whatever the world size, and
+its ``state_dict`` after a step is the exact data position of a checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+CONTEXT_TOKENS = 2   # [modality tag, class or NULL]
+
+
+@dataclass
+class StoreSummary:
+    """What the trainer needs to know about one store, read from its manifest and index."""
+
+    uri: str
+    modality: str
+    vocab_size: int
+    layout: dict[str, Any]
+    tokenizer_digest: str | None
+    tokenizer_uri: str | None
+    samples: int
+    max_tokens: int
+    labels: list[str]
+
+    @property
+    def variable_length(self) -> bool:
+        return not (self.layout.get("scales") or self.layout.get("grid"))
+
+
+def summarize_store(uri: str) -> StoreSummary:
+    from stages.store import TokenStore
+
+    store = TokenStore.open(uri)
+    meta = store.manifest.metadata or {}
+    labels = sorted({str(c) for c in store.conditions(np.arange(len(store))) if c is not None})
+    return StoreSummary(
+        uri=uri, modality=str(meta.get("modality", "tokens")), vocab_size=store.manifest.vocab.vocab_size,
+        layout=dict(meta.get("tokenizer_layout") or {}),
+        tokenizer_digest=store.manifest.tokenizer.digest if store.manifest.tokenizer else None,
+        tokenizer_uri=meta.get("tokenizer_uri"), samples=len(store), max_tokens=int(store.lengths().max()),
+        labels=labels)
+
+
+def modality_names(summaries: list[StoreSummary]) -> list[str]:
+    """One vocabulary range per tokenizer: stores sharing a tokenizer share codes; others get their own."""
+    names: list[str] = []
+    seen: dict[tuple[str, str | None], str] = {}
+    for s in summaries:
+        key = (s.modality, s.tokenizer_digest)
+        if key not in seen:
+            taken = sum(1 for k in seen if k[0] == s.modality)
+            seen[key] = s.modality if taken == 0 else f"{s.modality}{taken + 1}"
+        names.append(seen[key])
+    return names
+
+
+def build_vocab(summaries: list[StoreSummary]):
+    from stages.models import VocabLayout
+
+    names = modality_names(summaries)
+    sizes: dict[str, int] = {}
+    for name, s in zip(names, summaries):
+        sizes[name] = max(sizes.get(name, 0), s.vocab_size)
+    classes = sorted({label for s in summaries for label in s.labels})
+    return VocabLayout.build(list(sizes.items()), classes=classes), names
+
+
+def default_seq_len(summaries: list[StoreSummary]) -> int:
+    return CONTEXT_TOKENS + max(s.max_tokens for s in summaries)
+
+
+class Documents:
+    """Turns sample ids of a store (or mixture) into model inputs for one paradigm."""
+
+    def __init__(self, source: Any, summaries: list[StoreSummary], names: list[str], vocab, *, paradigm: str,
+                 block_size: int, n_axes: int, seq_len: int):
+        from stages.models import make_plan, plan_from_layout
+
+        self.source, self.summaries, self.names, self.vocab = source, summaries, names, vocab
+        self.paradigm, self.block_size, self.n_axes, self.seq_len = paradigm, block_size, n_axes, seq_len
+        self._make_plan = make_plan
+        self.plans: list[Any] = []
+        for s in summaries:
+            if s.variable_length:
+                if paradigm == "next_scale":
+                    raise UserError(f"paradigm next_scale needs a multi-scale token layout; store {s.uri} "
+                                    f"({s.modality}) has variable-length tokens", where=s.uri,
+                                    fix="use paradigm next_token or next_block for this store")
+                self.plans.append(None)
+                continue
+            try:
+                self.plans.append(plan_from_layout(paradigm, s.layout, block_size=block_size, n_axes=n_axes))
+            except ValueError as err:
+                raise UserError(f"cannot lay out {s.modality} tokens for {paradigm}: {err}", where=s.uri,
+                                fix="pick a paradigm that fits the tokenizer (next_scale needs msvq)") from None
+        self._variable: dict[int, Any] = {}
+
+    def _where(self, i: int) -> tuple[int, int]:
+        if hasattr(self.source, "store_of"):
+            return self.source.store_of(int(i))
+        return 0, int(i)
+
+    def plan(self, store: int, n_tokens: int):
+        plan = self.plans[store]
+        if plan is None:
+            if n_tokens not in self._variable:
+                self._variable[n_tokens] = self._make_plan(self.paradigm, n_tokens=n_tokens,
+                                                           block_size=self.block_size if self.paradigm ==
+                                                           "next_block" else 1, n_axes=self.n_axes)
+            plan = self._variable[n_tokens]
+        return plan
+
+    def document(self, i: int):
+        import torch
+
+        k, _local = self._where(i)
+        sample = self.source[int(i)]
+        tokens = torch.from_numpy(np.asarray(sample.tokens).reshape(-1).astype(np.int64))
+        targets = self.vocab.to_global(self.names[k], tokens)
+        label = sample.condition if self.vocab.classes else None
+        context = torch.tensor(self.vocab.context(self.names[k], label), dtype=torch.long)
+        return self.plan(k, int(tokens.numel())), targets, context
+
+    def lengths(self) -> np.ndarray:
+        """Positions each sample occupies (context + tokens), for packing."""
+        return np.asarray(self.source.lengths(), dtype=np.int64) + CONTEXT_TOKENS
+
+    def rows(self, units: list) -> Any:
+        """Model inputs for a micro-batch of units (a sample id, or a list of ids with packing)."""
+        from stages.models import pack_documents
+
+        rows = [[self.document(i) for i in (u if isinstance(u, list) else [u])] for u in units]
+        return pack_documents(rows, self.seq_len)
+
+
+def open_source(uris: list[str], weights: list[float]):
+    """A store, or a weighted mixture of stores, for the sampler."""
+    from stages.store import StoreMixture, TokenStore
+
+    stores = [TokenStore.open(u) for u in uris]
+    if len(stores) == 1:
+        return stores[0]
+    return StoreMixture(stores, weights)

@@ -1,0 +1,221 @@
+"""The per-worker training loop Ray Train runs: DeepSpeed engine, data position, checkpoints, metrics.
+
+Every rank builds the same model (same seed), wraps it in a DeepSpeed engine
+on the process group Ray Train set up, and resumes from the latest checkpoint
+if there is one — weights, optimizer, LR schedule *and* the sampler's
+position, which rides in DeepSpeed's ``client_state``. A checkpoint is every
+rank's ``save_checkpoint`` reported to Ray Train together; it counts once
+every rank's part is in. The last checkpoint also holds the consolidated
+weights (``model/``), gathered across ranks for ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+#: dense bf16 peak FLOP/s by GPU name, for MFU (None on CPU or unknown GPUs)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def _peak_flops(torch) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class MetricsLog:
+    """Rank 0's MLflow metrics, batched to keep the tracking store's writes few."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool):
+        self.client = None
+        if enabled and run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.pending: list = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        if len(self.pending) >= 200:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.client is not None and self.pending:
+            for i in range(0, len(self.pending), 1000):
+                self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000])
+            self.pending = []
+
+
+def _units(sampler):
+    """An endless stream of this rank's units; the sampler moves itself to the next epoch."""
+    while True:
+        produced = False
+        for unit in sampler:
+            produced = True
+            yield unit
+        if not produced:
+            raise RuntimeError("the sampler gave this rank no data: fewer samples than workers x micro_batch")
+
+
+def train_loop(cfg: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from stages.models import ModelConfig, Transformer, VocabLayout, drop_conditions, save_model
+    from stages.store import DistributedSampler
+    from stages.train.data import Documents, StoreSummary, open_source
+
+    os.environ.update(cfg["env"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg["seed"])
+    vocab = VocabLayout.from_dict(cfg["vocab"])
+    model_config = ModelConfig.from_dict(cfg["model_args"])
+    summaries = [StoreSummary(**s) for s in cfg["summaries"]]
+    source = open_source([s.uri for s in summaries], cfg["weights"])
+    docs = Documents(source, summaries, cfg["names"], vocab, paradigm=model_config.paradigm,
+                     block_size=model_config.block_size, n_axes=model_config.rope_axes, seq_len=cfg["seq_len"])
+    sampler = DistributedSampler(source, rank=rank, world_size=world, seed=cfg["seed"], tail="wrap",
+                                 seq_len=cfg["seq_len"] if cfg["packing"] else None,
+                                 lengths=docs.lengths() if cfg["packing"] else None)
+    model = Transformer(model_config)
+    engine, _opt, _loader, _sched = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                         config=cfg["ds_config"])
+    step, restarts = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            tag = (Path(folder) / "latest").read_text().strip()
+            _path, client = engine.load_checkpoint(folder, tag=tag)
+        step, restarts = int(client["step"]), int(client.get("restarts", 0)) + 1
+        sampler.load_state_dict(client["sampler"])
+    metrics = MetricsLog(cfg["tracking_uri"], cfg["mlflow_run_id"], enabled=rank == 0)
+    if checkpoint is not None:
+        metrics.log({"resumed_at_step": step, "restarts": restarts}, step)
+        if rank == 0:
+            print(f"[train] resumed at step {step} (restart {restarts}) with the data position of that "
+                  "checkpoint", flush=True)
+    heldout = _heldout(cfg, vocab, model_config, rank, world)
+    units = _units(sampler)
+    n_params = sum(p.numel() for p in model.parameters()) if cfg["ds_config"]["zero_optimization"]["stage"] < 3 \
+        else cfg["n_params"]
+    peak = _peak_flops(torch)
+    total, accum, micro = cfg["total_steps"], cfg["grad_accum"], cfg["micro_batch"]
+    while step < total:
+        started = time.perf_counter()
+        loss_sum, target_tokens = torch.zeros((), dtype=torch.float64), 0
+        for m in range(accum):
+            batch = docs.rows([next(units) for _ in range(micro)])
+            gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step * 1009 + m * 101 + rank)
+            batch.input_ids = drop_conditions(batch.input_ids, vocab, model_config.cond_dropout,
+                                              doc_ids_BL=batch.doc_ids, generator=gen)
+            batch = batch.to(engine.device)
+            _logits, loss = engine(**batch.as_kwargs())
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().double().cpu()
+            target_tokens += int((batch.target_ids != -100).sum())
+        step += 1
+        stats = torch.tensor([float(loss_sum) / accum, float(target_tokens)], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(stats)
+        seconds = time.perf_counter() - started
+        tokens_per_s = float(stats[1]) / seconds
+        if step % cfg["log_every"] == 0 or step == total:
+            grad_norm = engine.get_global_grad_norm()
+            row = {"loss": float(stats[0]) / world, "lr": engine.get_lr()[0], "tokens_per_s": tokens_per_s,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None}
+            if peak:
+                row["mfu"] = 6 * n_params * tokens_per_s / (peak * world)
+            metrics.log(row, step)
+        if heldout is not None and (step % cfg["eval_every"] == 0 or step == total):
+            metrics.log({"heldout_loss": _evaluate(engine, heldout, world)}, step)
+        if step % cfg["checkpoint_every"] == 0 or step == total:
+            metrics.flush()
+            with tempfile.TemporaryDirectory() as folder:
+                engine.save_checkpoint(folder, tag=f"step{step:08d}",
+                                       client_state={"step": step, "sampler": sampler.state_dict(),
+                                                     "restarts": restarts})
+                if step == total:
+                    _save_consolidated(engine, model_config, vocab, Path(folder) / "model", rank, save_model)
+                ray.train.report({"step": step, "loss": float(stats[0]) / world}, checkpoint=Checkpoint.from_directory(folder))
+    metrics.flush()
+
+
+def _save_consolidated(engine, model_config, vocab, folder: Path, rank: int, save_model) -> None:
+    """Full fp32 weights on rank 0 (ZeRO-3 partitions are gathered first, on every rank)."""
+    import deepspeed
+    import torch
+
+    from stages.models import Transformer
+
+    module = engine.module
+    params = list(module.parameters())
+    gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None) \
+        if engine.zero_optimization_stage() == 3 else _nullcontext()
+    with gathered:
+        if rank == 0:
+            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+            full = Transformer(model_config)
+            full.load_state_dict(state, strict=True)
+            save_model(folder, full.to(torch.float32), vocab=vocab)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _heldout(cfg: dict, vocab, model_config, rank: int, world: int):
+    """A fixed list of held-out micro-batches for this rank (the first samples of the held-out store)."""
+    if not cfg.get("heldout"):
+        return None
+    from stages.store import TokenStore
+    from stages.train.data import Documents, StoreSummary
+
+    summary = StoreSummary(**cfg["heldout"])
+    store = TokenStore.open(summary.uri)
+    names = [cfg["names"][cfg["uris"].index(summary.uri)]] if summary.uri in cfg["uris"] else \
+        [cfg["heldout_name"]]
+    docs = Documents(store, [summary], names, vocab, paradigm=model_config.paradigm,
+                     block_size=model_config.block_size, n_axes=model_config.rope_axes, seq_len=cfg["seq_len"])
+    # the same number of batches on every rank: ZeRO-3 forwards gather parameters collectively
+    usable = (min(len(store), cfg["heldout_samples"]) // world) * world
+    ids = list(range(usable))[rank::world]
+    micro = cfg["micro_batch"]
+    return [docs.rows(ids[i:i + micro]) for i in range(0, len(ids), micro)]
+
+
+def _evaluate(engine, batches: list, world: int) -> float:
+    import torch
+    import torch.distributed as dist
+
+    total = torch.zeros(2, dtype=torch.float64)
+    engine.eval()
+    with torch.no_grad():
+        for batch in batches:
+            batch = batch.to(engine.device)
+            _logits, loss = engine(**batch.as_kwargs())
+            n = int((batch.target_ids != -100).sum())
+            total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+    engine.train()
+    if world > 1:
+        dist.all_reduce(total)
+    return float(total[0] / total[1].clamp_min(1))
