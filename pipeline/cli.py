@@ -39,6 +39,13 @@ def _add_pipeline_args(p: argparse.ArgumentParser, selection: bool = False) -> N
                        help="rerun this stage (and its downstream) even if cached (repeatable)")
 
 
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--allow-local-storage", action="store_true",
+                   help="allow local storage / SQLite MLflow on a remote cluster (every node mounts the same paths)")
+
+
 def _split(values: list[str]) -> list[str]:
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
@@ -59,6 +66,7 @@ def _selection(graph, args):
 
 def cmd_validate(args) -> int:
     loaded, graph = _load(args)
+    _check_cluster(loaded, args)
     from pipeline.plan import Planner
 
     planner = Planner(loaded, graph)
@@ -87,6 +95,7 @@ def cmd_plan(args) -> int:
 
 def cmd_run(args) -> int:
     loaded, graph = _load(args)
+    _check_cluster(loaded, args)
     from pipeline.runner import Runner
 
     runner = Runner(loaded, graph, _selection(graph, args), address=args.address, tracking=args.tracking_uri,
@@ -142,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a pipeline file without running anything")
     _add_pipeline_args(p)
+    _add_cluster_args(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="say for each stage: run, cached or resume, and why")
@@ -150,8 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a pipeline (cached stages are skipped, interrupted ones resume)")
     _add_pipeline_args(p, selection=True)
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    _add_cluster_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="table of stages: state, fingerprint, duration, MLflow run, output")
@@ -194,15 +203,33 @@ def _external(name: str, module_name: str):
     return run
 
 
+def _split_external(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``arpipe [--debug] submit|jobs|store REST...``: REST goes untouched to the command's own parser
+    (argparse cannot hand on a remainder that starts with an option, such as ``--help``)."""
+    for i, token in enumerate(argv):
+        if token in EXTERNAL_COMMANDS:
+            return argv[: i + 1], argv[i + 1:]
+        if not token.startswith("-"):
+            break
+    return argv, None
+
+
+def _check_cluster(loaded, args) -> None:
+    """A remote cluster cannot see local storage or a SQLite MLflow: say so before anything runs."""
+    from cluster.sanity import check_cluster_ready, env_allows_local_storage
+    from pipeline.lineage import tracking_uri
+
+    check_cluster_ready(loaded, args.address or os.environ.get("RAY_ADDRESS"), tracking_uri(args.tracking_uri),
+                        args.allow_local_storage or env_allows_local_storage())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        if args.command not in EXTERNAL_COMMANDS:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        # `arpipe store --help`: a leading option is not captured by REMAINDER; hand it on
-        args.rest = unknown + list(args.rest)
+    head, rest = _split_external(argv)
+    args = parser.parse_args(head)
+    if rest is not None:
+        args.rest = rest
     start = time.time()
     try:
         code = args.func(args)

@@ -32,6 +32,8 @@ def tracking_uri(explicit: str | None = None) -> str:
 
 
 def git_commit(folder: Path) -> str | None:
+    if os.environ.get("ARPIPE_GIT_COMMIT"):   # set by `arpipe submit`: .git is not uploaded to the cluster
+        return os.environ["ARPIPE_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5)

@@ -1,0 +1,202 @@
+"""Before anything reaches a cluster: can its nodes see the storage and MLflow, which token, what gets sent.
+
+No cluster is started here: these are the checks `arpipe submit` makes on the
+user's machine, on real pipeline files. Remote hosts are `.invalid` names and
+documentation addresses (203.0.113.0/24), which nothing here ever contacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+
+import pytest
+from helpers import write
+
+from cluster import jobs
+from cluster.sanity import address_host, check_cluster_ready, is_local_address
+from pipeline.config import load_pipeline
+from pipeline.errors import UserError
+
+PIPELINE = """
+name: sanity
+storage: {storage}
+stages:
+  a:
+    kind: python
+    callable: steps:make
+    config: {{n: 3}}
+"""
+STEPS = """
+def make(config, inputs, out_dir):
+    return {"n": config["n"]}
+"""
+REMOTE = "http://ray-head.invalid:8265"
+SERVER = "http://mlflow.invalid:5000"
+
+
+def project(folder, storage="./runs", extra: dict[str, str] | None = None):
+    write(folder, {"pipeline.yaml": PIPELINE.format(storage=storage), "steps.py": STEPS, **(extra or {})})
+    return folder / "pipeline.yaml"
+
+
+@pytest.mark.parametrize("address", [None, "local", "auto", "127.0.0.1:6379", "http://localhost:8265",
+                                     "[::1]:6379", "ray://127.0.0.1:10001", "http://127.0.0.1:8265/"])
+def test_a_local_cluster_may_use_local_storage_and_sqlite(tmp_path, address):
+    loaded = load_pipeline(project(tmp_path))
+    assert is_local_address(address)
+    check_cluster_ready(loaded, address, f"sqlite:///{tmp_path}/mlflow.db", allow_local_storage=False)
+
+
+def test_an_address_of_this_machine_is_local():
+    import psutil
+
+    ips = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+           if a.family.name == "AF_INET" and not a.address.startswith("127.")]
+    for ip in ips:
+        assert is_local_address(f"{ip}:6379"), ip
+    assert not is_local_address("203.0.113.7:6379")
+    assert not is_local_address(REMOTE)
+    assert address_host("http://[::1]:8265") == "::1"
+
+
+def test_a_remote_cluster_with_local_storage_and_sqlite_is_one_line_naming_both(tmp_path):
+    loaded = load_pipeline(project(tmp_path))
+    with pytest.raises(UserError) as err:
+        check_cluster_ready(loaded, REMOTE, f"sqlite:///{tmp_path}/mlflow.db", allow_local_storage=False)
+    text = str(err.value)
+    assert "\n" not in text
+    assert text.startswith(f"{tmp_path / 'pipeline.yaml'}:2:10: storage ./runs is a folder on this machine")
+    assert "MLflow tracking sqlite:///" in text and "ray-head.invalid" in text
+    assert "s3://" in text and "MLFLOW_TRACKING_URI=http://" in text and "--allow-local-storage" in text
+    check_cluster_ready(loaded, REMOTE, f"sqlite:///{tmp_path}/mlflow.db", allow_local_storage=True)
+
+
+@pytest.mark.parametrize("tracking, bad", [
+    (SERVER, False), ("https://mlflow.example.org", False), ("postgresql://db.invalid/mlflow", False),
+    ("databricks", False), ("sqlite:///mlflow.db", True), ("file:///tmp/mlruns", True), ("mlruns", True),
+    ("http://127.0.0.1:5000", True), ("http://localhost:5000", True)])
+def test_s3_storage_needs_a_tracking_server_the_cluster_can_reach(tmp_path, tracking, bad):
+    loaded = load_pipeline(project(tmp_path, storage="s3://bucket/runs"))
+    if not bad:
+        check_cluster_ready(loaded, "203.0.113.7:6379", tracking, allow_local_storage=False)
+        return
+    with pytest.raises(UserError) as err:
+        check_cluster_ready(loaded, "203.0.113.7:6379", tracking, allow_local_storage=False)
+    assert str(err.value).startswith(f"{tmp_path / 'pipeline.yaml'}: MLflow tracking {tracking}")
+    assert "is a folder on this machine" not in str(err.value)
+
+
+def test_a_port_forwarded_cluster_is_judged_by_its_nodes(tmp_path):
+    loaded = load_pipeline(project(tmp_path))
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(UserError) as err:
+        check_cluster_ready(loaded, "http://127.0.0.1:8265", tracking, False, node_ips=["127.0.0.1", "203.0.113.7"])
+    assert "behind 127.0.0.1 (nodes at 203.0.113.7)" in str(err.value)
+    check_cluster_ready(loaded, "http://127.0.0.1:8265", tracking, False, node_ips=["127.0.0.1"])
+
+
+def test_an_override_of_storage_is_what_the_error_points_at(tmp_path):
+    loaded = load_pipeline(project(tmp_path, storage="s3://bucket/runs"), ["storage=/mnt/runs"])
+    with pytest.raises(UserError) as err:
+        check_cluster_ready(loaded, REMOTE, SERVER, allow_local_storage=False)
+    assert str(err.value).startswith("-s storage=/mnt/runs: storage /mnt/runs is a folder on this machine")
+
+
+def test_the_token_is_read_where_ray_reads_it(tmp_path):
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    assert jobs.read_auth_token({"HOME": str(home)}) is None
+    (home / ".ray" / "auth_token").write_text("from-home\n")
+    file = tmp_path / "token"
+    file.write_text(" from-path \n")
+    env = {"HOME": str(home)}
+    assert jobs.read_auth_token(env) == jobs.Token("from-home", str(home / ".ray" / "auth_token"))
+    env["RAY_AUTH_TOKEN_PATH"] = str(file)
+    assert jobs.read_auth_token(env) == jobs.Token("from-path", f"RAY_AUTH_TOKEN_PATH={file}")
+    env["RAY_AUTH_TOKEN"] = "from-env"
+    assert jobs.read_auth_token(env) == jobs.Token("from-env", "RAY_AUTH_TOKEN")
+    with pytest.raises(UserError, match="cannot read the Ray token file"):
+        jobs.read_auth_token({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(UserError, match="the Ray token file is empty"):
+        jobs.read_auth_token({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "empty")})
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("http://10.0.0.5:8265", "http://10.0.0.5:8265"), ("head:8265", "http://head:8265"), ("head", "http://head:8265"),
+    ("https://ray.example.org", "https://ray.example.org"), ("http://head:8265/", "http://head:8265"),
+    ("https://gw.example.org:443/ray", "https://gw.example.org:443/ray"), ("http://[::1]:8265", "http://[::1]:8265"),
+    ("[::1]", "http://[::1]:8265")])
+def test_dashboard_addresses(given, expected):
+    assert jobs.dashboard_address(given) == expected
+
+
+@pytest.mark.parametrize("given, message", [
+    ("ray://head:10001", "Ray Client address"), ("grpc://head:6379", "scheme must be http or https"),
+    ("http://head:99999", "bad address"), ("http://:8265", "bad address"), ("head:port", "bad address")])
+def test_bad_dashboard_addresses(given, message):
+    with pytest.raises(UserError, match=message):
+        jobs.dashboard_address(given)
+
+
+def test_the_mlflow_run_is_read_off_arpipe_runs_output():
+    logs = ("arpipe run 5703c2eabd67: pipeline 'p', 2 stage(s), outputs under /x\n"
+            "  MLflow run 16c00b9abad445e3b84d3bf17f958294 in experiment 'p' (sqlite:////tmp/m.db)\n"
+            "  a  running  never run\n"
+            "  MLflow run aaaabbbbccccddddeeeeffff00001111 in experiment \"it's\" (http://mlflow:5000)\n")
+    assert jobs.parse_mlflow_run(logs) == {"run_id": "aaaabbbbccccddddeeeeffff00001111", "experiment": "it's",
+                                           "tracking_uri": "http://mlflow:5000"}
+    assert jobs.parse_mlflow_run("no such line") is None
+
+
+def submit_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="arpipe")
+    jobs.register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["submit", *argv])
+
+
+def test_what_submit_sends(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pipeline = project(tmp_path / "proj", extra={"requirements.txt": "einops==0.8.0  # why\n\nrich\n"})
+    git = ["git", "-C", str(tmp_path / "proj"), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "project"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.invalid")
+    args = submit_args(str(pipeline), "--address", "http://127.0.0.1:8265", "-s", "stages.a.config.n=4",
+                       "--only", "a", "--force", "a", "--env", "AWS_*", "--env", "EXTRA=1",
+                       "--pip", "proj/requirements.txt", "--pip", "tqdm>=4", "--exclude", "*.ckpt",
+                       "--tracking-uri", "sqlite:///mlflow.db")
+    prepared = jobs.prepare(args, jobs.dashboard_address(args.address))
+    runs = tmp_path / "proj" / "runs"
+    assert shlex.split(prepared.entrypoint) == ["arpipe", "run", "pipeline.yaml", "-s", "stages.a.config.n=4",
+                                                "-s", f"storage={runs}", "--only", "a", "--force", "a"]
+    env = prepared.runtime_env
+    assert env["working_dir"] == str(tmp_path / "proj")
+    assert {".git/", ".venv/", "mlflow.db", "mlruns/", "/data/", "/runs/", "*.ckpt"} <= set(env["excludes"])
+    assert env["env_vars"]["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert env["env_vars"]["AWS_REGION"] == "eu-west-1" and env["env_vars"]["EXTRA"] == "1"
+    assert env["pip"]["packages"] == ["einops==0.8.0", "rich", "tqdm>=4"]
+    assert prepared.metadata["arpipe.pipeline"] == "sanity"
+    # .git/ is not uploaded: the commit goes along for the lineage tags
+    assert env["env_vars"]["ARPIPE_GIT_COMMIT"] == head == prepared.metadata["arpipe.git_commit"]
+    assert prepared.base_id.startswith("arpipe-sanity-")
+
+
+def test_submit_refuses_what_it_cannot_send(tmp_path, monkeypatch):
+    pipeline = project(tmp_path / "proj", storage="s3://bucket/runs")
+    outside = submit_args(str(pipeline), "--address", REMOTE, "--working-dir", str(tmp_path / "elsewhere"),
+                          "--tracking-uri", SERVER)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(UserError, match="outside the uploaded project folder"):
+        jobs.prepare(outside, REMOTE)
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    unset = submit_args(str(pipeline), "--address", REMOTE, "--env", "NOT_SET_ANYWHERE", "--tracking-uri", SERVER)
+    with pytest.raises(UserError, match="NOT_SET_ANYWHERE is not set in this shell"):
+        jobs.prepare(unset, REMOTE)
+    remote = submit_args(str(pipeline), "--address", REMOTE, "--tracking-uri", SERVER)
+    assert "-s storage=" not in jobs.prepare(remote, REMOTE).entrypoint
