@@ -141,7 +141,10 @@ def inspect(out_uri: str) -> Verdict:
     try:
         text = storage.read_text(join(out_uri, OUTPUTS_FILE))
     except FileNotFoundError:
-        present = [e for e in storage.list(out_uri) if not _is_control(e.relpath)]
+        # work an interrupted run left: outputs in progress, or resumable state such as checkpoints
+        # under .arpipe/ (a lock or a failure note alone is not work)
+        present = [e for e in storage.list(out_uri)
+                   if e.relpath not in (f"{CONTROL_DIR}/lock", f"{CONTROL_DIR}/failed.json")]
         return Verdict("partial" if present else "missing")
     try:
         record = OutputsRecord.model_validate_json(text)
