@@ -54,3 +54,14 @@ def ray_cluster():
     address = ray.get_runtime_context().gcs_address
     yield address
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny models run faster on one thread than two on a shared two-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,14 +21,7 @@ from stages.models import (
     rope_sections,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run faster on one thread than two on a shared two-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 VOCAB = VocabLayout.build({"image": 12}, classes=range(3))
 P = 2  # context tokens per document: tag, class

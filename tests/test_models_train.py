@@ -16,14 +16,7 @@ from stages.models import (
     preset,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run faster on one thread than two on a shared two-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_tiny_next_scale_model_overfits_a_small_batch():

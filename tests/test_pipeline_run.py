@@ -65,6 +65,19 @@ stages:
 """
 
 
+def start_with_b_paused(folder, env):
+    """`arpipe run` in the background, returned once stage b has started (b then sleeps)."""
+    pause = folder / "pause-b"
+    pause.write_text("1")
+    env = {**env, "ARPIPE_TEST_PAUSE": str(pause)}
+    proc = spawn("run", "pipeline.yaml", cwd=folder, env=env)
+    deadline = time.time() + 120
+    while not list(folder.glob("runs/b/*/partial.txt")):
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    return proc, pause, env
+
+
 @pytest.fixture
 def project(tmp_path, ray_cluster):
     write(tmp_path, {"steps.py": STEPS, "summary.py": SUMMARY, "pipeline.yaml": PIPELINE})
@@ -160,14 +173,7 @@ def test_lineage_in_mlflow(project):
 
 def test_kill_9_while_b_runs_then_resume(project):
     folder, env = project
-    pause = folder / "pause-b"
-    pause.write_text("1")
-    env = {**env, "ARPIPE_TEST_PAUSE": str(pause)}
-    proc = spawn("run", "pipeline.yaml", cwd=folder, env=env)
-    deadline = time.time() + 120
-    while not list(folder.glob("runs/b/*/partial.txt")):
-        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
-        time.sleep(0.2)
+    proc, pause, env = start_with_b_paused(folder, env)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     b_dir = next(folder.glob("runs/b/*/partial.txt")).parent
@@ -208,14 +214,7 @@ def test_failed_stage_does_not_stop_independent_branch(project):
 
 def test_two_concurrent_runs_never_write_the_same_output(project):
     folder, env = project
-    pause = folder / "pause-b"
-    pause.write_text("1")
-    env = {**env, "ARPIPE_TEST_PAUSE": str(pause)}
-    first = spawn("run", "pipeline.yaml", cwd=folder, env=env)
-    deadline = time.time() + 120
-    while not list(folder.glob("runs/b/*/partial.txt")):
-        assert time.time() < deadline and first.poll() is None
-        time.sleep(0.2)
+    first, pause, env = start_with_b_paused(folder, env)
     second = spawn("run", "pipeline.yaml", cwd=folder, env=env)
     deadline = time.time() + 60
     seen = ""
@@ -238,14 +237,7 @@ def test_two_concurrent_runs_never_write_the_same_output(project):
 
 def test_ctrl_c_stops_cleanly_and_leaves_resumable_work(project):
     folder, env = project
-    pause = folder / "pause-b"
-    pause.write_text("1")
-    env = {**env, "ARPIPE_TEST_PAUSE": str(pause)}
-    proc = spawn("run", "pipeline.yaml", cwd=folder, env=env)
-    deadline = time.time() + 120
-    while not list(folder.glob("runs/b/*/partial.txt")):
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.2)
+    proc, pause, env = start_with_b_paused(folder, env)
     os.kill(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
