@@ -160,15 +160,18 @@ class FitSpec(Strict):
 class TokenizerStage(StageBase):
     """Fits a tokenizer on a sample of a source; output ``tokenizer`` (an artifact folder)."""
 
-    runtime_fields: ClassVar[frozenset[str]] = StageBase.runtime_fields
+    # a data-parallel vqvae fit depends on the worker count (sharding, batch split): it is not runtime-only
+    runtime_fields: ClassVar[frozenset[str]] = StageBase.runtime_fields - {"workers"}
     output_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
     kind: Literal["tokenizer"]
     source: Source
     tokenizer: TokenizerConfig
     fit: FitSpec = Field(default_factory=FitSpec)
-    resources: Resources = Field(default_factory=Resources, description="Ray resources of the fit task "
-                                                                       "(num_gpus: 1 fits a vqvae on a GPU).")
+    workers: int = Field(1, ge=1, description="Ray Train workers that fit a vqvae data-parallel "
+                                              "(one CPU each; one GPU each when resources.num_gpus > 0).")
+    resources: Resources = Field(default_factory=Resources, description="Ray resources of the fit task; "
+                                 "for a vqvae, num_gpus > 0 gives each Ray Train worker one GPU.")
 
 
 class ShardSpec(Strict):

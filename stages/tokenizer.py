@@ -73,6 +73,8 @@ class TokenizerStage(Stage):
 
     @classmethod
     def ray_options(cls, spec: TokenizerSpec) -> dict[str, Any]:
+        if spec.tokenizer.type == "vqvae":  # the fit runs on Ray Train workers: they take the CPUs and GPUs
+            return {"num_cpus": 0}
         return {"num_cpus": 1}
 
     def run(self) -> dict[str, Output]:
@@ -99,7 +101,15 @@ class TokenizerStage(Stage):
         tok = make_tokenizer(spec.tokenizer.type, **args)
         arrays = [s.data for s in train]
         fit_options = spec.tokenizer.fit.model_dump() if spec.tokenizer.type == "vqvae" else {}
-        tok.fit(arrays, **fit_options)
+        if spec.tokenizer.type == "vqvae":
+            from pipeline.storage import join
+            from stages.vqvae_train import fit_vqvae_on_ray
+
+            tok = fit_vqvae_on_ray(args, arrays, fit_options, workers=spec.workers,
+                                   use_gpu=spec.resources.num_gpus > 0,
+                                   storage_dir=join(ctx.out_uri, ".arpipe", "fit"))
+        else:
+            tok.fit(arrays, **fit_options)
         digest = tok.save(str(ctx.work_dir / "tokenizer"))
         held_arrays = [s.data for s in heldout]
         tokens = tok.encode_arrays(held_arrays) if held_arrays else tok.encode_arrays(arrays[:64])

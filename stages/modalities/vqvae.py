@@ -12,7 +12,12 @@ Code usage is tracked as a moving average: codes whose usage falls below
 batch, which keeps the whole codebook in use.
 
 Trains on CPU here and on a GPU when one is present: ``device="auto"`` picks
-CUDA when available.
+CUDA when available. Inside an initialized ``torch.distributed`` group of more
+than one process (gloo on CPU, NCCL on GPU; ``stages.vqvae_train`` starts one
+with Ray Train) :meth:`VQVAE.fit` trains data-parallel: each rank draws its part
+of the global batch from its own shard of the samples, gradients and codebook
+statistics are summed over ranks, and rank 0 picks dead-code replacements, so
+every rank keeps identical weights and codebook.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -40,6 +46,28 @@ def resolve_device(device: str) -> torch.device:
         raise TokenizerError(f"device {device!r} requested but CUDA is not available",
                              fix="use device: auto or cpu")
     return torch.device(device)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the initialized process group; (0, 1) when training alone."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_batch_size(batch_size: int, rank: int, world_size: int) -> int:
+    """This rank's part of the global batch: the remainder goes to the first ranks."""
+    return batch_size // world_size + (rank < batch_size % world_size)
+
+
+def check_data_parallel(samples: int, batch_size: int, world_size: int) -> None:
+    """Every rank needs at least one sample of its own and one row of every global batch."""
+    if samples < world_size:
+        raise TokenizerError(f"vqvae fit on {world_size} workers needs at least {world_size} samples, got {samples}",
+                             fix="fit on more samples or use fewer workers")
+    if batch_size < world_size:
+        raise TokenizerError(f"vqvae fit batch_size {batch_size} is smaller than the {world_size} workers that "
+                             "split it", fix="raise fit.batch_size or lower workers")
 
 
 def lr_factor(progress: float, warmup: float = 0.05, floor: float = 0.02) -> float:
@@ -186,24 +214,39 @@ class VQVAE(FixedLengthTokenizer):
         return idx_N.view(b, -1), q_BDS, commitment
 
     @torch.no_grad()
-    def _update_codebook(self, idx_BL: torch.Tensor, z_ND: torch.Tensor, g: torch.Generator) -> int:
+    def _update_codebook(self, idx_BL: torch.Tensor, z_ND: torch.Tensor, g: torch.Generator,
+                         world_size: int = 1) -> int:
         """EMA codebook step and usage tracking; restarts codes whose usage fell below
-        ``dead_threshold`` of uniform on random encoder outputs of this batch. Returns restarts."""
+        ``dead_threshold`` of uniform on random encoder outputs of this batch. Returns restarts.
+
+        With ``world_size`` > 1 the code hits and sums are summed over ranks, and rank 0's
+        replacements are broadcast, so that every rank ends the step with the same codebook."""
         net, k, decay = self.net, self.codebook_size, self.ema_decay
         idx_N = idx_BL.reshape(-1)
         hits_K = torch.bincount(idx_N, minlength=k).float()
         sums_KD = torch.zeros_like(net.ema_sum_KD).index_add_(0, idx_N, z_ND)
+        if world_size > 1:
+            stats = torch.cat([hits_K[:, None], sums_KD], 1)
+            dist.all_reduce(stats)
+            hits_K, sums_KD = stats[:, 0], stats[:, 1:]
         net.ema_count_K.mul_(decay).add_(hits_K, alpha=1 - decay)
         net.ema_sum_KD.mul_(decay).add_(sums_KD, alpha=1 - decay)
         n = net.ema_count_K.sum()
         count_K = (net.ema_count_K + 1e-5) / (n + k * 1e-5) * n  # Laplace smoothing: no division by zero
         net.codebook_KD.copy_(net.ema_sum_KD / count_K[:, None])
         net.usage_K.mul_(self.usage_decay).add_(hits_K / hits_K.sum(), alpha=1 - self.usage_decay)
+        # usage_K is the same on every rank, so every rank finds the same dead codes
         dead = (net.usage_K < self.dead_threshold / k).nonzero().flatten()
         if dead.numel():
-            picks = torch.randint(z_ND.shape[0], (dead.numel(),), generator=g).to(z_ND.device)
-            net.codebook_KD[dead] = z_ND[picks]
-            net.ema_sum_KD[dead] = z_ND[picks]
+            if world_size > 1:
+                fresh_RD = torch.empty(dead.numel(), z_ND.shape[1], dtype=z_ND.dtype, device=z_ND.device)
+                if dist.get_rank() == 0:
+                    fresh_RD.copy_(z_ND[torch.randint(z_ND.shape[0], (dead.numel(),), generator=g).to(z_ND.device)])
+                dist.broadcast(fresh_RD, src=0)
+            else:
+                fresh_RD = z_ND[torch.randint(z_ND.shape[0], (dead.numel(),), generator=g).to(z_ND.device)]
+            net.codebook_KD[dead] = fresh_RD
+            net.ema_sum_KD[dead] = fresh_RD
             net.ema_count_K[dead] = 1.0
             net.usage_K[dead] = 1.0 / k
         return int(dead.numel())
@@ -212,49 +255,105 @@ class VQVAE(FixedLengthTokenizer):
 
     def fit(self, samples: Sequence[np.ndarray] | torch.Tensor, *, steps: int = 2000, batch_size: int = 64,
             lr: float = 2e-3, log_every: int = 50, time_limit_s: float | None = None) -> VQVAE:
-        """Train on ``samples`` for ``steps`` (or until ``time_limit_s``); records the loss curve in fit_info."""
+        """Train on ``samples`` for ``steps`` (or until ``time_limit_s``); records the loss curve in fit_info.
+
+        In a process group of several ranks every rank passes all samples and trains on its shard
+        ``samples[rank::world_size]``; ``batch_size`` stays the global batch, split over the ranks,
+        so the same options give the same optimization at any worker count."""
+        rank, world_size = world()
+        if world_size > 1:
+            check_data_parallel(len(samples), batch_size, world_size)
+            samples = samples[rank::world_size]
         x = as_batch(samples)
         check_input_shape(x, self.input_shape, self.type)
         dims = [0] + list(range(2, x.dim()))
-        self.mean_C, self.std_C = x.mean(dims), x.std(dims).clamp_min(1e-6)
+        if world_size > 1:
+            self.mean_C, self.std_C = self._global_moments(x, dims)
+        else:
+            self.mean_C, self.std_C = x.mean(dims), x.std(dims).clamp_min(1e-6)
         data = self._normalize(x)
-        g = torch.Generator().manual_seed(self.seed)
+        g = torch.Generator().manual_seed(self.seed + rank)
         net = self.net.train()
         with torch.no_grad():  # codes start on encoder outputs, not noise, so few die at the first step
-            first = data[torch.randperm(data.shape[0], generator=g)[:batch_size]]
-            e_ND = from_grid(net.encoder(first)).reshape(-1, self.code_dim).cpu()
-            net.codebook_KD.copy_(kmeans_pp_init(e_ND, self.codebook_size, g).to(self.device))
-            net.ema_sum_KD.copy_(net.codebook_KD)
-            net.ema_count_K.fill_(1.0)
+            if rank == 0:
+                first = data[torch.randperm(data.shape[0], generator=g)[:batch_size]]
+                e_ND = from_grid(net.encoder(first)).reshape(-1, self.code_dim).cpu()
+                net.codebook_KD.copy_(kmeans_pp_init(e_ND, self.codebook_size, g).to(self.device))
+                net.ema_sum_KD.copy_(net.codebook_KD)
+                net.ema_count_K.fill_(1.0)
+            if world_size > 1:  # every rank starts from rank 0's weights and codebook
+                for tensor in [*net.parameters(), *net.buffers()]:
+                    dist.broadcast(tensor, src=0)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+        rank_batch = rank_batch_size(batch_size, rank, world_size)
         curve, restarts, start = [], 0, time.perf_counter()
         step, progress = 0, 0.0
         while progress < 1.0:
             step += 1
             for group in opt.param_groups:
                 group["lr"] = lr * lr_factor(progress)
-            batch = data[torch.randint(data.shape[0], (batch_size,), generator=g).to(self.device)]
+            batch = data[torch.randint(data.shape[0], (rank_batch,), generator=g).to(self.device)]
             e_BDS = net.encoder(batch)
             idx_BL, q_BDS, commitment = self._quantize(e_BDS)
             recon = F.mse_loss(net.decoder(q_BDS), batch)
             loss = recon + self.beta * commitment
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if world_size > 1:
+                # each rank's mean weighted by its share of the global batch: summed over ranks,
+                # the gradients are those of the global batch's mean loss
+                (loss * (rank_batch / batch_size)).backward()
+                self._sum_gradients()
+            else:
+                loss.backward()
             opt.step()
-            restarts += self._update_codebook(idx_BL, from_grid(e_BDS.detach()).reshape(-1, self.code_dim), g)
+            restarts += self._update_codebook(idx_BL, from_grid(e_BDS.detach()).reshape(-1, self.code_dim), g,
+                                              world_size)
             # progress runs on steps, or on the clock when that ends first, so a time-limited run
             # still warms up, peaks and anneals instead of stopping early in its warm-up
             progress = step / steps
             if time_limit_s is not None:
                 progress = max(progress, (time.perf_counter() - start) / time_limit_s)
+                if world_size > 1:  # clocks differ: the furthest-along reading decides for all ranks
+                    progress = self._max_over_ranks(progress)
             if step % log_every == 0 or progress >= 1.0:
-                curve.append({"step": step, "recon": round(float(recon.detach()), 6),
-                              "commitment": round(float(commitment.detach()), 6)})
+                losses = torch.stack([recon.detach(), commitment.detach()])
+                if world_size > 1:
+                    losses *= rank_batch / batch_size
+                    dist.all_reduce(losses)
+                curve.append({"step": step, "recon": round(float(losses[0]), 6),
+                              "commitment": round(float(losses[1]), 6)})
         net.eval()
         self.fit_info = {"steps": step, "batch_size": batch_size, "lr": lr, "dead_code_restarts": restarts,
                          "curve": curve}
-        self.provenance = {"device": str(self.device), "seconds": round(time.perf_counter() - start, 2)}
+        self.provenance = {"device": str(self.device), "seconds": round(time.perf_counter() - start, 2),
+                           "workers": world_size}
         return self
+
+    def _global_moments(self, x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std over the samples of all ranks (each rank holds its shard ``x``)."""
+        x64 = x.double()
+        count_C = torch.full((self.channels,), x64.numel() / self.channels, dtype=torch.float64)
+        stats_3C = torch.stack([count_C, x64.sum(dims), x64.pow(2).sum(dims)]).to(self.device)
+        dist.all_reduce(stats_3C)
+        n_C, sum_C, sq_C = stats_3C.cpu()
+        mean_C = sum_C / n_C
+        var_C = (sq_C - n_C * mean_C.pow(2)).clamp_min(0) / (n_C - 1).clamp_min(1)
+        return mean_C.float(), var_C.sqrt().float().clamp_min(1e-6)
+
+    def _sum_gradients(self) -> None:
+        """All-reduce (sum) the gradients of every parameter in one flat buffer."""
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+    def _max_over_ranks(self, value: float) -> float:
+        reading = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(reading, op=dist.ReduceOp.MAX)
+        return float(reading)
 
     # ------------------------------------------------------ encode / decode
 
