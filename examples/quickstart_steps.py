@@ -8,38 +8,20 @@ import numpy as np
 from PIL import Image
 
 
-def load_digits(config, inputs, out_dir):
-    """The 8x8 digits as uint8 images with their labels, plus a contact sheet a person can look at."""
+def export_digits(config, inputs, out_dir):
+    """The digits as PNG files in one folder per class: what an image dataset looks like on disk."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
-    path = os.path.join(out_dir, "digits.npz")
-    np.savez_compressed(path, images=images, labels=digits.target.astype(np.int64))
-    sheet = _contact_sheet(images[: config.get("sheet", 100)], scale=4)
+    root = os.path.join(out_dir, "images")
+    for i, (image, label) in enumerate(zip(images, digits.target)):
+        folder = os.path.join(root, str(label))
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(image).save(os.path.join(folder, f"{i:04d}.png"))
     sheet_path = os.path.join(out_dir, "digits.png")
-    sheet.save(sheet_path)
-    return {"digits": path, "sheet": sheet_path, "count": int(len(images))}
-
-
-def class_means(config, inputs, out_dir):
-    data = np.load(inputs["digits"])
-    images, labels = data["images"].astype(np.float64), data["labels"]
-    means = np.stack([images[labels == k].mean(axis=0) for k in range(10)])
-    path = os.path.join(out_dir, "means.npy")
-    np.save(path, means)
-    _contact_sheet(means.astype(np.uint8), scale=8, columns=10).save(os.path.join(out_dir, "means.png"))
-    return {"means": path}
-
-
-def evaluate(config, inputs, out_dir):
-    """Nearest-class-mean accuracy: a baseline the AR models of later stages are compared with."""
-    data = np.load(inputs["digits"])
-    means = np.load(inputs["means"]).reshape(10, -1)
-    flat = data["images"].reshape(len(data["images"]), -1).astype(np.float64)
-    predicted = np.argmin(((flat[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
-    accuracy = float((predicted == data["labels"]).mean())
-    return {"accuracy": accuracy}
+    _contact_sheet(images[: config.get("sheet", 100)], scale=4).save(sheet_path)
+    return {"images": root, "sheet": sheet_path, "count": int(len(images))}
 
 
 def _contact_sheet(images: np.ndarray, scale: int, columns: int = 10) -> Image.Image:

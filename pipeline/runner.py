@@ -263,6 +263,9 @@ class Runner:
         counts = {s: sum(1 for v in states.values() if v == s) for s in ("done", "cached", "failed", "skipped")}
         self.echo(f"finished in {result.seconds:.1f} s: {counts['done']} ran, {counts['cached']} cached, "
                   f"{counts['failed']} failed, {counts['skipped']} skipped")
+        self.echo(f"outputs: {self.root}; lineage: MLflow run {parent} (browse with `arpipe ui`"
+                  + (f" --tracking-uri {self.tracking}" if not self.tracking.startswith("sqlite:///") else "")
+                  + f"); status: `arpipe status {self.loaded.path.name}`")
         if failed:
             detail = "; ".join(f"{n}: {errors.get(n, states[n])}" for n in failed)
             raise StageFailed(f"stage(s) failed: {detail}. Independent stages finished; fix and rerun to resume.")
