@@ -80,8 +80,11 @@ class Lineage:
 
     def start_stage(self, parent_id: str, name: str, kind: str, fingerprint: str, config: dict[str, Any],
                     inputs: list[dict[str, str]], tags: dict[str, str]) -> str:
-        from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag, Param
 
+        upstream_runs = sorted({i["run_id"] for i in inputs if i.get("run_id")})
+        if upstream_runs:
+            tags = {**tags, "arpipe.upstream_run_ids": ",".join(upstream_runs)}
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             "mlflow.parentRunId": parent_id, "arpipe.stage": name, "arpipe.kind": kind,
             "arpipe.fingerprint": fingerprint, "arpipe.version": __version__, **tags})
@@ -97,10 +100,6 @@ class Lineage:
                 profile=json.dumps({"digest": item["digest"], "producer_run_id": item.get("run_id")})),
                 tags=[InputTag("mlflow.data.context", "input")]) for item in inputs]
             self.client.log_inputs(run.info.run_id, datasets=datasets)
-            upstream_runs = sorted({i["run_id"] for i in inputs if i.get("run_id")})
-            if upstream_runs:
-                self.client.log_batch(run.info.run_id, tags=[
-                    RunTag("arpipe.upstream_run_ids", ",".join(upstream_runs))])
         return run.info.run_id
 
     def finish_stage(self, run_id: str, status: str, outputs_json: str | None = None,

@@ -281,7 +281,7 @@ class Runner:
                                      self._inputs_for(plan.name, records),
                                      {**self._stage_tags(plan.name, []), "arpipe.cache": "hit",
                                       "arpipe.producer_run_id": record.mlflow_run_id or ""})
-        lineage.finish_stage(run_id, "FINISHED", record.model_dump_json(indent=1))
+        lineage.finish_stage(run_id, "FINISHED")   # outputs.json is an artifact of the producing run
         self._line(plan.name, "cached", plan.why)
         ledger.stage(plan.name, state="cached", fingerprint=plan.fingerprint, out_uri=plan.out_uri,
                      mlflow_run_id=run_id, producer_run_id=record.mlflow_run_id, duration_s=record.duration_s)
