@@ -4,7 +4,7 @@ The source's reader lists partition units (files, tar shards, volume crop
 regions, clip windows); each unit is one Ray task that reads, encodes and
 commits its shard(s), then a small ``units/<n>.json`` record. A rerun
 reuses every unit whose record and shards are in place, so a crash costs at
-most the units in flight. At most ``2 x workers`` tasks are in flight
+most the units in flight. At most ``workers`` tasks (one CPU each) are in flight
 (backpressure: memory stays bounded however large the source).
 
 A sample that fails to read or encode is quarantined in ``rejects.arrow``
@@ -216,7 +216,7 @@ class TokenizeStage(Stage):
         encoded_samples = 0
         pending = list(todo)
         while pending or in_flight:
-            while pending and len(in_flight) < 2 * spec.workers:
+            while pending and len(in_flight) < spec.workers:   # one CPU each: `workers` run at once
                 i = pending.pop(0)
                 ref = task.remote(env, encode_unit, store_uri, i, units[i].to_json(), source_json, spec.tokenizer,
                                   spec.shards.samples_per_shard, ctx.name)
