@@ -36,7 +36,7 @@ class Ledger:
         self.save()
 
     def save(self) -> None:
-        storage_for(self.uri).write_text(self.uri, json.dumps(self.data, indent=1))
+        storage_for(self.uri).write_text(self.uri, json.dumps(self.data, indent=1), durable=False)
 
 
 def read_ledger(root: str, pipeline: str) -> dict[str, Any] | None:

@@ -80,7 +80,7 @@ class StageLock:
 
     def heartbeat(self) -> None:
         self.info.heartbeat = time.time()
-        storage_for(self.uri).write_text(self.uri, json.dumps(self.info.__dict__))
+        storage_for(self.uri).write_text(self.uri, json.dumps(self.info.__dict__), durable=False)
 
     def release(self) -> None:
         holder = read_lock(self.out_uri)

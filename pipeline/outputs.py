@@ -122,7 +122,7 @@ def commit(*, stage: str, kind: str, fingerprint: str, fingerprint_doc: dict, ou
     storage = storage_for(out_uri)
     storage.write_text(join(out_uri, OUTPUTS_FILE), record.model_dump_json(indent=1))
     storage.write_text(join(out_uri.rsplit("/", 1)[0], "latest.json"),
-                       json.dumps({"fingerprint": fingerprint, "fingerprint_doc": fingerprint_doc}))
+                       json.dumps({"fingerprint": fingerprint, "fingerprint_doc": fingerprint_doc}), durable=False)
     return record
 
 

@@ -78,8 +78,12 @@ class Storage(ABC):
         """A readable binary stream; close it when done."""
 
     @abstractmethod
-    def write_bytes(self, uri: str, data: bytes) -> None:
-        """Atomically create or replace ``uri`` with ``data``."""
+    def write_bytes(self, uri: str, data: bytes, *, durable: bool = True) -> None:
+        """Atomically create or replace ``uri`` with ``data``.
+
+        ``durable=False`` skips the fsync: still atomic (never half-written), but a power cut may
+        lose it. For bookkeeping that can be rebuilt (ledger, latest pointer), not for commits.
+        """
 
     @abstractmethod
     def put_file(self, local_path: str | os.PathLike, uri: str) -> None:
@@ -112,8 +116,8 @@ class Storage(ABC):
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")
 
-    def write_text(self, uri: str, text: str) -> None:
-        self.write_bytes(uri, text.encode("utf-8"))
+    def write_text(self, uri: str, text: str, *, durable: bool = True) -> None:
+        self.write_bytes(uri, text.encode("utf-8"), durable=durable)
 
 
 class LocalStorage(Storage):
@@ -138,12 +142,13 @@ class LocalStorage(Storage):
     def open_read(self, uri: str) -> BinaryIO:
         return open(uri, "rb")
 
-    def write_bytes(self, uri: str, data: bytes) -> None:
+    def write_bytes(self, uri: str, data: bytes, *, durable: bool = True) -> None:
         with atomic_local_file(uri) as tmp:
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
 
     def put_file(self, local_path: str | os.PathLike, uri: str) -> None:
         if os.path.abspath(local_path) == os.path.abspath(uri):
@@ -291,7 +296,7 @@ class S3Storage(Storage):
                 raise FileNotFoundError(uri) from None
             raise
 
-    def write_bytes(self, uri: str, data: bytes) -> None:
+    def write_bytes(self, uri: str, data: bytes, *, durable: bool = True) -> None:
         bucket, key = _split_s3(uri)
         self.client.put_object(Bucket=bucket, Key=key, Body=data)
 
