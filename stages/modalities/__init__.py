@@ -6,7 +6,7 @@ one unit at a time in bounded memory::
     reader = open_reader("image", "./data/digits", size=32, channels=1)
     for unit in reader.units():          # a stage fans these out to Ray tasks
         for sample in reader.read(unit): # Sample(key, data, source_uri, source_digest, label, meta)
-            ...
+            tokens = tokenizer.encode_arrays([sample.data])
 
 Tokenizers (patch_vq, msvq, vqvae, octree) ``fit``/``encode``/``decode`` and
 save as a folder (``weights.safetensors`` + ``tokenizer.json``) whose digest
