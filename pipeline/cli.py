@@ -104,7 +104,11 @@ def cmd_run(args) -> int:
         runner.run()
     except KeyboardInterrupt:
         print("arpipe: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # a stage running in a driver thread (a trainer) cannot be cancelled from here, and Python
+        # would wait for it at exit: leave now; locks are released and the work stays resumable
+        os._exit(130)
     return 0
 
 
