@@ -349,6 +349,11 @@ class FixedLengthTokenizer(Tokenizer):
 
     #: samples per encode call in :meth:`encode_arrays` (bounds the memory of a stage task)
     batch_size: int = 256
+    codebook_size: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.codebook_size
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor: ...

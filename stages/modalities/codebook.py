@@ -88,3 +88,20 @@ def kmeans(x_ND: torch.Tensor, k: int, *, iters: int = 50, batch_size: int = 409
         codebook_KD = sums_KD / hits_K[:, None]
     return codebook_KD
 
+
+
+class CodebookState:
+    """The learned state of a k-means VQ (patch_vq, msvq): codebook plus per-channel statistics."""
+
+    codebook_KD: torch.Tensor
+    code_sq_K: torch.Tensor
+    mean_C: torch.Tensor
+    std_C: torch.Tensor
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"codebook": self.codebook_KD, "mean": self.mean_C, "std": self.std_C}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.codebook_KD = tensors["codebook"].float()
+        self.code_sq_K = self.codebook_KD.pow(2).sum(1)   # cached |c|^2 for nearest_code
+        self.mean_C, self.std_C = tensors["mean"].float(), tensors["std"].float()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import FixedLengthTokenizer, TokenizerError, as_batch, check_input_shape, check_tokens
-from .codebook import kmeans, nearest_code
+from .codebook import CodebookState, kmeans, nearest_code
 from .patches import axes_for, grid_of, patchify, unpatchify
 
 
@@ -37,7 +37,7 @@ def _kron(mats: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-class MultiScaleVQ(FixedLengthTokenizer):
+class MultiScaleVQ(CodebookState, FixedLengthTokenizer):
     """Multi-scale residual VQ with a shared codebook.
 
     ``scales`` are grid sides per scale (an int for a cube/square, or one side
@@ -80,10 +80,6 @@ class MultiScaleVQ(FixedLengthTokenizer):
     # ------------------------------------------------------------ properties
 
     @property
-    def vocab_size(self) -> int:
-        return self.codebook_size
-
-    @property
     def boundaries(self) -> list[int]:
         """Token offset where each scale starts, plus the total at the end."""
         out = [0]
@@ -113,14 +109,6 @@ class MultiScaleVQ(FixedLengthTokenizer):
             cells = torch.stack([a.reshape(-1) for a in axes], dim=1)
             rows.append(torch.cat([torch.full((cells.shape[0], 1), k), cells], dim=1))
         return torch.cat(rows)
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"codebook": self.codebook_KD, "mean": self.mean_C, "std": self.std_C}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.codebook_KD = tensors["codebook"].float()
-        self.code_sq_K = self.codebook_KD.pow(2).sum(1)
-        self.mean_C, self.std_C = tensors["mean"].float(), tensors["std"].float()
 
     # ------------------------------------------------------------ internals
     #

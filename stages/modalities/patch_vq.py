@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from .base import FixedLengthTokenizer, as_batch, check_input_shape, check_tokens
-from .codebook import kmeans, nearest_code
+from .codebook import CodebookState, kmeans, nearest_code
 from .patches import axes_for, grid_of, grid_positions, patchify, unpatchify
 
 
-class PatchVQ(FixedLengthTokenizer):
+class PatchVQ(CodebookState, FixedLengthTokenizer):
     """One token per patch: the nearest of ``codebook_size`` k-means centroids.
 
     ``input_shape`` is the sample shape without batch: ``(C, H, W)`` for images,
@@ -51,10 +51,6 @@ class PatchVQ(FixedLengthTokenizer):
     # ------------------------------------------------------------ properties
 
     @property
-    def vocab_size(self) -> int:
-        return self.codebook_size
-
-    @property
     def tokens_per_sample(self) -> int:
         return math.prod(self.grid)
 
@@ -69,14 +65,6 @@ class PatchVQ(FixedLengthTokenizer):
 
     def positions(self, idx_L: torch.Tensor | None = None) -> torch.Tensor:
         return grid_positions(self.grid)
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"codebook": self.codebook_KD, "mean": self.mean_C, "std": self.std_C}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.codebook_KD = tensors["codebook"].float()
-        self.code_sq_K = self.codebook_KD.pow(2).sum(1)
-        self.mean_C, self.std_C = tensors["mean"].float(), tensors["std"].float()
 
     # --------------------------------------------------------------- fitting
 

@@ -162,10 +162,6 @@ class VQVAE(FixedLengthTokenizer):
     # ------------------------------------------------------------ properties
 
     @property
-    def vocab_size(self) -> int:
-        return self.codebook_size
-
-    @property
     def tokens_per_sample(self) -> int:
         return math.prod(self.grid)
 
