@@ -31,11 +31,11 @@ ENCODE_BATCH = 64
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def _tokenizer(uri: str):
-    """One loaded tokenizer per worker process and artifact (workers are reused across tasks)."""
-    from stages.modalities import read_artifact
+def _tokenizer(uri: str, digest: str):
+    """One loaded tokenizer per worker process and artifact (workers are reused across tasks).
 
-    digest = read_artifact(uri)[0]["digest"]
+    The driver read the artifact's digest once; a worker verifies and loads it only on a miss.
+    """
     key = f"{uri}@{digest}"
     if key not in _TOKENIZERS:
         from stages.modalities import load_tokenizer
@@ -49,7 +49,7 @@ def unit_record_uri(store_uri: str, index: int) -> str:
 
 
 def encode_unit(store_uri: str, index: int, unit_json: dict, source_json: dict, tokenizer_uri: str,
-                samples_per_shard: int, stage: str) -> dict[str, Any]:
+                tokenizer_digest: str, samples_per_shard: int, stage: str) -> dict[str, Any]:
     """Read, encode and commit one unit; returns (and writes last) its record."""
     import numpy as np
 
@@ -58,7 +58,7 @@ def encode_unit(store_uri: str, index: int, unit_json: dict, source_json: dict, 
 
     spec_source = _source_model(source_json)
     reader = open_reader(spec_source.modality, spec_source.uri, **spec_source.reader_options())
-    tok = _tokenizer(tokenizer_uri)
+    tok = _tokenizer(tokenizer_uri, tokenizer_digest)
     unit = Unit.from_json(unit_json)
     layout = tok.layout()
     # single-grid tokenizers (patch_vq, vqvae) store tokens in their grid shape; scales/octree stay flat
@@ -219,7 +219,7 @@ class TokenizeStage(Stage):
             while pending and len(in_flight) < spec.workers:   # one CPU each: `workers` run at once
                 i = pending.pop(0)
                 ref = task.remote(env, encode_unit, store_uri, i, units[i].to_json(), source_json, spec.tokenizer,
-                                  spec.shards.samples_per_shard, ctx.name)
+                                  tok_doc["digest"], spec.shards.samples_per_shard, ctx.name)
                 in_flight[ref] = i
             done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:
