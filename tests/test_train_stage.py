@@ -105,6 +105,16 @@ def committed_checkpoints(folder: Path, stage: str) -> int:
         return 0
 
 
+def run_until_checkpoints(folder: Path, pipeline: str, stage: str, count: int, env: dict):
+    """`arpipe run` in the background, returned once Ray Train committed `count` checkpoints of `stage`."""
+    proc = spawn("run", pipeline, cwd=folder, env=env)
+    deadline = time.time() + 300
+    while committed_checkpoints(folder, stage) < count:
+        assert proc.poll() is None and time.time() < deadline, "training ended before the checkpoints"
+        time.sleep(0.1)
+    return proc
+
+
 def _weights(model_dir: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
@@ -116,11 +126,7 @@ def test_kill_9_then_rerun_resumes_exactly(digits_project, ray_cluster):
     write(folder, {"resume.yaml": DATA.format(name="resume") + train_block("train", steps=120, every=20)})
     env = {"RAY_ADDRESS": ray_cluster}
     arpipe("run", "resume.yaml", "--until", "digits", cwd=folder, env=env, check=True)
-    proc = spawn("run", "resume.yaml", cwd=folder, env=env)
-    deadline = time.time() + 300
-    while committed_checkpoints(folder, "train") < 2:
-        assert proc.poll() is None and time.time() < deadline, "training ended before the kill"
-        time.sleep(0.1)
+    proc = run_until_checkpoints(folder, "resume.yaml", "train", 2, env)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not list(folder.glob("runs/train/*/outputs.json"))
@@ -149,11 +155,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(digits_project, ray_c
     write(folder, {"worker.yaml": DATA.format(name="worker") + train_block("train_w", steps=120, every=20)})
     env = {"RAY_ADDRESS": ray_cluster}
     arpipe("run", "worker.yaml", "--until", "heldout", cwd=folder, env=env, check=True)
-    proc = spawn("run", "worker.yaml", cwd=folder, env=env)
-    deadline = time.time() + 300
-    while committed_checkpoints(folder, "train_w") < 1:
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.1)
+    proc = run_until_checkpoints(folder, "worker.yaml", "train_w", 1, env)
     workers = [p for p in psutil.process_iter(["cmdline"])
                if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
     assert workers, "no Ray Train worker process found"
