@@ -1,0 +1,49 @@
+"""Evaluation metrics for generators: plain numpy/scipy/torch, no Ray, no MLflow.
+
+Images and video are compared in the feature space of a user-provided TorchScript
+network (Inception for FID/KID/precision-recall, I3D for FVD)::
+
+    extractor = FeatureExtractor.load("./inception.pt", kind="image", input_size=299)
+    real_ND, fake_MD = extractor.features(real_NCHW), extractor.features(fake_NCHW)
+    fid = frechet_from_features(real_ND, fake_MD)
+    kid_mean, kid_std = kernel_inception_distance(real_ND, fake_MD)
+    precision, recall = precision_recall(real_ND, fake_MD, k=3)
+
+Point-cloud sets are compared cloud to cloud with Chamfer or Earth Mover's distance
+(``mmd``, ``coverage``, ``one_nn_accuracy``); :func:`score_distributions` draws
+per-sample scores for a report.
+"""
+
+from __future__ import annotations
+
+from .features import FeatureExtractor
+from .metrics import (
+    chamfer_distance,
+    coverage,
+    earth_movers_distance,
+    frechet_distance,
+    frechet_from_features,
+    gaussian_stats,
+    kernel_inception_distance,
+    mmd,
+    one_nn_accuracy,
+    pairwise_distances,
+    precision_recall,
+)
+from .plots import score_distributions
+
+__all__ = [
+    "FeatureExtractor",
+    "chamfer_distance",
+    "coverage",
+    "earth_movers_distance",
+    "frechet_distance",
+    "frechet_from_features",
+    "gaussian_stats",
+    "kernel_inception_distance",
+    "mmd",
+    "one_nn_accuracy",
+    "pairwise_distances",
+    "precision_recall",
+    "score_distributions",
+]
