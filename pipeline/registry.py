@@ -11,6 +11,8 @@ KINDS: dict[str, str] = {
     "tokenizer": "stages.tokenizer:TokenizerStage",
     "tokenize": "stages.tokenize:TokenizeStage",
     "train": "stages.train:TrainStage",
+    "sample": "stages.sample:SampleStage",
+    "evaluate": "stages.evaluate:EvaluateStage",
 }
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, field_validator
 
 from schemas.base import STAGE_NAME, Resources, StageBase, Strict
+from schemas.sample import EvaluateStage, SampleStage
 from schemas.tokenize import TokenizerStage, TokenizeStage
 from schemas.train import TrainStage
 
@@ -35,7 +36,8 @@ class PythonStage(StageBase):
     resources: Resources = Field(default_factory=Resources)
 
 
-StageSpec = Annotated[Union[PythonStage, TokenizerStage, TokenizeStage, TrainStage],  # noqa: UP007
+StageSpec = Annotated[Union[PythonStage, TokenizerStage, TokenizeStage, TrainStage, SampleStage,  # noqa: UP007
+                            EvaluateStage],
                       Field(discriminator="kind")]
 
 

@@ -237,7 +237,7 @@ class TokenizeStage(Stage):
         samples = sum(r["samples"] for r in ordered)
         tokens = sum(r["tokens"] for r in ordered)
         rejects = [rej for r in ordered for rej in r["rejects"]]
-        self._write_rejects(rejects)
+        write_rejects(join(ctx.out_uri, "rejects.arrow"), rejects)
         ctx.log_metrics({"samples": samples, "tokens": tokens, "rejects": len(rejects), "units": len(units),
                          "units_reused": reused,
                          "samples_per_s": encoded_samples / max(seconds, 1e-9),
@@ -267,18 +267,19 @@ class TokenizeStage(Stage):
               f"{reused} of {len(units)} units reused", flush=True)
         return {"store": Output(path="store", digest=manifest.digest)}
 
-    def _write_rejects(self, rejects: list[dict[str, Any]]) -> None:
-        import pyarrow as pa
-        import pyarrow.ipc as ipc
 
-        table = pa.table({
-            "source": pa.array([r["source"] for r in rejects], pa.string()),
-            "reason": pa.array([r["reason"] for r in rejects], pa.string()),
-            "stage": pa.array([r["stage"] for r in rejects], pa.string()),
-            "time": pa.array([r["time"] for r in rejects], pa.float64()),
-        })
-        sink = pa.BufferOutputStream()
-        with ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        uri = join(self.ctx.out_uri, "rejects.arrow")
-        storage_for(uri).write_bytes(uri, sink.getvalue().to_pybytes())
+def write_rejects(uri: str, rejects: list[dict[str, Any]]) -> None:
+    """Quarantined samples as an Arrow IPC file: source, reason, stage, time (an empty file when none)."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    table = pa.table({
+        "source": pa.array([r["source"] for r in rejects], pa.string()),
+        "reason": pa.array([r["reason"] for r in rejects], pa.string()),
+        "stage": pa.array([r["stage"] for r in rejects], pa.string()),
+        "time": pa.array([r["time"] for r in rejects], pa.float64()),
+    })
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    storage_for(uri).write_bytes(uri, sink.getvalue().to_pybytes())

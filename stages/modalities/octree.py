@@ -145,6 +145,26 @@ class OctreeTokenizer(Tokenizer):
         q = morton_decode(leaves, self.depth)
         return ((q + 0.5) * self.voxel_size - self.half_extent).astype(np.float32)
 
+    def trim(self, idx_L: np.ndarray) -> np.ndarray:
+        """The complete tree at the start of a generated sequence (a sampler emits a fixed length).
+
+        Raises :class:`TokenizerError` when the sequence ends before the leaves or holds a token
+        that is not a child mask.
+        """
+        idx = np.asarray(idx_L, dtype=np.int64).reshape(-1)
+        nodes, offset = 1, 0
+        for level in range(self.depth):
+            masks = idx[offset:offset + nodes]
+            if masks.size != nodes:
+                raise TokenizerError(f"octree sequence ends at level {level} of {self.depth}: {idx.size} tokens "
+                                     f"hold no complete tree", fix="sample more tokens (raise `length`)")
+            if masks.min() < 1 or masks.max() > 255:
+                raise TokenizerError(f"octree token {int(masks.min() if masks.min() < 1 else masks.max())} at "
+                                     f"level {level} is not a child mask in [1, 255]")
+            offset += nodes
+            nodes = int(np.unpackbits(masks.astype(np.uint8)).sum())
+        return idx[:offset]
+
     def level_boundaries(self, idx_L: np.ndarray) -> list[int]:
         """Token offset where each level starts, plus the total: ``depth + 1`` numbers."""
         out = [0, 1]

@@ -1,0 +1,133 @@
+"""Config of the ``sample`` and ``evaluate`` stages."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from schemas.base import Resources, StageBase, Strict
+from schemas.tokenize import Source
+
+MEDIA_FORMATS = {"image": ("png",), "video": ("gif", "mp4"), "volume": ("tiff", "mrc"), "pointcloud": ("ply",)}
+
+
+class PrefixSpec(Strict):
+    """Continue samples of a token store (image/video continuation, volume in-painting from the first tokens)."""
+
+    store: str = Field(description="Token store whose samples give the prefixes, e.g. `${tokenize_val.store}`.")
+    tokens: int = Field(ge=1, description="Target tokens kept from each store sample; must end a group "
+                                          "(a scale for next_scale, a block for next_block).")
+    samples: int | None = Field(None, ge=1, description="How many store samples to continue (default: "
+                                                        "num_samples, cycling through the store).")
+
+
+class SampleStage(StageBase):
+    """Draws samples from a trained model on a Ray actor pool; outputs ``samples`` (a token store) and ``media``."""
+
+    runtime_fields: ClassVar[frozenset[str]] = StageBase.runtime_fields | {
+        "actors", "cpus_per_actor", "gpus_per_actor"}
+    output_names: ClassVar[tuple[str, ...]] = ("samples", "media")
+
+    kind: Literal["sample"]
+    model: str = Field(description="A model folder, usually `${train.model}`.")
+    modalities: list[str] | None = Field(None, description="Vocabulary modalities to sample (default: all of the "
+                                                           "model's), e.g. `[image]`.")
+    num_samples: int = Field(64, ge=1, description="Samples per modality (when `classes` is not given).")
+    classes: dict[str, int] | Literal["all", "none"] | None = Field(
+        None, description="Class label -> sample count; `all`: num_samples over every class in turn; `none`: "
+                          "unconditional (default: `all` when the model has classes, else `none`).")
+    prefix: PrefixSpec | None = None
+    length: int | None = Field(None, ge=1, description="Tokens per sample for variable-length tokenizers "
+                                                       "(octree; default: the longest sample the model saw).")
+    temperature: float = Field(1.0, ge=0, description="0 is greedy.")
+    top_k: int = Field(0, ge=0, description="0 is off.")
+    top_p: float = Field(1.0, gt=0, le=1, description="1 is off.")
+    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale; 1 is off.")
+    cfg_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="`linear` ramps the scale from 1 at the first group to cfg_scale (VAR).")
+    decoder: Literal["plain", "sjd"] = Field("plain", description="`sjd`: speculative Jacobi decoding "
+                                                                  "(next_token models; same distribution).")
+    sjd_window: int = Field(16, ge=1, description="Draft tokens per SJD window.")
+    use_cache: bool = Field(True, description="KV cache (same tokens as without, far fewer FLOPs).")
+    seed: int = Field(0, description="Sample i draws from a generator seeded by (seed, i).")
+    batch_size: int = Field(16, ge=1, description="Samples decoded together by one actor.")
+    samples_per_shard: int = Field(32, ge=1, description="Samples per shard: the resumable unit.")
+    media: dict[str, list[Literal["png", "gif", "mp4", "tiff", "mrc", "ply"]]] | None = Field(
+        None, description="Media formats per modality (default: image png, video gif+mp4, volume tiff+mrc, "
+                          "pointcloud ply); `{}` writes none.")
+    actors: int = Field(1, ge=1, description="Actors in the pool; each holds one model replica.")
+    cpus_per_actor: float = Field(1.0, ge=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Model dtype on GPU (CPU runs fp32).")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _media_formats(self) -> SampleStage:
+        for modality, formats in (self.media or {}).items():
+            allowed = MEDIA_FORMATS.get(modality)
+            if allowed is None:
+                raise ValueError(f"media: unknown modality {modality!r}; use one of {', '.join(MEDIA_FORMATS)}")
+            bad = [f for f in formats if f not in allowed]
+            if bad:
+                raise ValueError(f"media.{modality}: {', '.join(bad)} cannot hold {modality}; use "
+                                 f"{' or '.join(allowed)}")
+        if self.prefix is not None and self.classes is not None:
+            raise ValueError("give classes or prefix, not both: a prefix sample brings its own class")
+        return self
+
+    def media_formats(self, modality: str) -> tuple[str, ...]:
+        if self.media is None:
+            return MEDIA_FORMATS.get(modality, ())
+        return tuple(self.media.get(modality, ()))
+
+
+class FeaturesSpec(Strict):
+    """TorchScript feature networks for distribution metrics; no package ships their weights offline."""
+
+    image: str | None = Field(None, description="Image network (e.g. Inception-v3 pool features) saved with "
+                                                "torch.jit.save: enables FID, KID, precision and recall.")
+    image_size: int | None = Field(299, ge=8, description="Input side the image network expects.")
+    video: str | None = Field(None, description="Video network (e.g. I3D) saved with torch.jit.save: enables FVD.")
+    video_size: int | None = Field(224, ge=8)
+
+
+class ReconstructionSpec(Strict):
+    """Tokenizer round-trip quality on real data."""
+
+    tokenizer: str = Field(description="A tokenizer artifact, usually `${tokenizer.tokenizer}`.")
+    source: Source = Field(description="Real data, read as the tokenize stage reads it (held-out data is best).")
+    max_samples: int = Field(64, ge=1)
+
+
+class EvaluateStage(StageBase):
+    """Scores a model and its samples; output ``metrics`` (summary JSON, per-sample Parquet, plot)."""
+
+    runtime_fields: ClassVar[frozenset[str]] = StageBase.runtime_fields | {"batch_size"}
+    output_names: ClassVar[tuple[str, ...]] = ("metrics",)
+
+    kind: Literal["evaluate"]
+    samples: str | None = Field(None, description="Generated samples, usually `${sample.samples}`.")
+    reference: str | None = Field(None, description="Token store of real data the samples are compared with "
+                                                    "(decoded through its tokenizer).")
+    model: str | None = Field(None, description="A model folder, for held-out NLL (`${train.model}`).")
+    heldout: str | None = Field(None, description="Token store for NLL and bits per token (default: reference).")
+    reconstruction: ReconstructionSpec | None = None
+    features: FeaturesSpec = Field(default_factory=FeaturesSpec)
+    max_samples: int = Field(256, ge=2, description="Samples per set used by every metric.")
+    knn: int = Field(3, ge=1, description="k of the k-NN manifolds for precision and recall.")
+    batch_size: int = Field(32, ge=1)
+    seed: int = Field(0, description="Seeds the point subsampling of point-cloud metrics.")
+    resources: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> EvaluateStage:
+        if not (self.samples or self.model or self.reconstruction):
+            raise ValueError("nothing to evaluate: give samples (with reference), model (with heldout or "
+                             "reference) or reconstruction")
+        if self.samples and not self.reference:
+            raise ValueError("samples need a reference store to be compared with, e.g. reference: "
+                             "${tokenize.store}")
+        if self.model and not (self.heldout or self.reference):
+            raise ValueError("model needs a heldout (or reference) token store to score")
+        return self

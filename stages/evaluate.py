@@ -1,0 +1,316 @@
+"""Stage kind ``evaluate``: score a model and its samples; output ``metrics``.
+
+Three independent parts, each run when its inputs are given:
+
+- **likelihood** (``model`` + ``heldout``): per-sample negative log-likelihood
+  of a token store under the model, summarized as mean NLL per token and bits
+  per token;
+- **reconstruction** (``reconstruction``): the tokenizer's round trip on real
+  data: PSNR and SSIM (images, video, volumes), Chamfer distance (point clouds);
+- **samples** (``samples`` + ``reference``): generated samples against the
+  reference store, both decoded through their tokenizers. Images: FID, KID,
+  precision and recall in the feature space of ``features.image``; video: FVD
+  with ``features.video``; point clouds: MMD, COV and 1-NNA under Chamfer and
+  EMD. Without a feature network the stage says which metrics it skipped and
+  why, and computes the rest. Intensity mean and spread of every decoded
+  sample (both sets) are always scored: they need no network.
+
+``metrics/`` holds ``metrics.json`` (the summary, also logged to MLflow with
+``/`` in names, e.g. ``image/fid``), ``scores.parquet`` (one row per sample
+and score: set, key, modality, metric, value) and ``scores.png`` (their
+distributions).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+from pipeline.stage import Output, Stage
+from schemas.sample import EvaluateStage as EvaluateSpec
+
+CLOUD_POINTS = 512
+
+
+class Scores:
+    """Per-sample rows and summary values, accumulated by the parts."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str, float]] = []
+        self.summary: dict[str, float] = {}
+        self.skipped: dict[str, str] = {}
+
+    def add(self, set_: str, keys: list[str], modality: str, metric: str, values) -> None:
+        self.rows += [(set_, k, modality, metric, float(v)) for k, v in zip(keys, values, strict=True)]
+
+    def table(self):
+        import pyarrow as pa
+
+        cols = list(zip(*self.rows)) if self.rows else [[], [], [], [], []]
+        return pa.table({"set": pa.array(cols[0], pa.string()), "key": pa.array(cols[1], pa.string()),
+                         "modality": pa.array(cols[2], pa.string()), "metric": pa.array(cols[3], pa.string()),
+                         "value": pa.array(cols[4], pa.float64())})
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+class EvaluateStage(Stage):
+    kind = "evaluate"
+    version = "1"
+    spec: EvaluateSpec
+
+    # ------------------------------------------------------------------ likelihood
+
+    def likelihood(self, scores: Scores) -> None:
+        import numpy as np
+        import torch
+
+        from stages.models import batch_inputs, load_model
+        from stages.sample import fetch_model, model_info, plan_for_modality
+        from stages.store import TokenStore
+
+        spec = self.spec
+        uri = spec.heldout or spec.reference
+        folder = fetch_model(spec.model)
+        config, vocab, tokenizers = model_info(folder)
+        model = load_model(folder)
+        store = TokenStore.open(uri)
+        digest = store.manifest.tokenizer.digest if store.manifest.tokenizer else None
+        names = [n for n, t in tokenizers.items() if t.get("tokenizer_digest") == digest]
+        if not names:
+            raise UserError("this token store was made by a tokenizer the model was not trained on", where=uri,
+                            fix="score a held-out store tokenized like the training data")
+        name, info = names[0], tokenizers[names[0]]
+        n = min(len(store), spec.max_samples)
+        keys, nll, counts = [], [], []
+        plans: dict[int, Any] = {}
+        with torch.no_grad():
+            for lo in range(0, n, spec.batch_size):
+                samples = [store[i] for i in range(lo, min(n, lo + spec.batch_size))]
+                for length in sorted({int(s.tokens.size) for s in samples}):
+                    group = [s for s in samples if int(s.tokens.size) == length]
+                    if length not in plans:
+                        plans[length] = plan_for_modality(config, dict(info.get("layout") or {}), length)
+                    targets = torch.stack([vocab.to_global(name, torch.from_numpy(
+                        s.tokens.reshape(-1).astype(np.int64))) for s in group])
+                    labels = [s.condition if vocab.classes else None for s in group]
+                    context = torch.tensor([vocab.context(name, lab) for lab in labels], dtype=torch.long)
+                    inputs = batch_inputs(plans[length], targets, context)
+                    logits, _ = model(inputs.input_ids, inputs.coords, inputs.group_ids)
+                    ce = torch.nn.functional.cross_entropy(logits.double().transpose(1, 2), inputs.target_ids,
+                                                           ignore_index=-100, reduction="none")
+                    nll += ce.sum(1).tolist()
+                    counts += [length] * len(group)
+                    keys += [s.key for s in group]
+        nll_arr, counts_arr = np.asarray(nll), np.asarray(counts)
+        scores.add("heldout", keys, info["modality"], "nll", nll_arr)
+        scores.add("heldout", keys, info["modality"], "bits_per_token", nll_arr / counts_arr / math.log(2))
+        per_token = float(nll_arr.sum() / counts_arr.sum())
+        scores.summary.update({"heldout/nll_per_token": per_token, "heldout/bits_per_token": per_token / math.log(2),
+                               "heldout/samples": float(len(keys))})
+        print(f"[{self.ctx.name}] held-out NLL {per_token:.4f} nats/token = {per_token / math.log(2):.4f} "
+              f"bits/token over {len(keys)} samples of {uri}", flush=True)
+
+    # ------------------------------------------------------------------ reconstruction
+
+    def reconstruction(self, scores: Scores) -> None:
+        import itertools
+
+        import numpy as np
+        import torch
+
+        from stages.modalities import chamfer_distance, load_tokenizer, open_reader, psnr, ssim
+        from stages.tokenizer import resolve_uri
+
+        rec = self.spec.reconstruction
+        tok = load_tokenizer(rec.tokenizer)
+        source = rec.source
+        reader = open_reader(source.modality, resolve_uri(source.uri, self.ctx.pipeline_dir), **source.reader_options())
+        samples = list(itertools.islice(iter(reader), rec.max_samples))
+        if not samples:
+            raise UserError("the reconstruction source has no samples", where=source.uri, fix="check its uri")
+        keys = [s.key for s in samples]
+        modality = source.modality
+        decoded = tok.decode_arrays(tok.encode_arrays([s.data for s in samples]))
+        if modality == "pointcloud":
+            cd = [chamfer_distance(s.data, d) for s, d in zip(samples, decoded)]
+            scores.add("reconstruction", keys, modality, "chamfer", cd)
+            scores.summary["reconstruction/chamfer"] = float(np.mean(cd))
+            return
+        x = torch.from_numpy(np.stack([s.data for s in samples]).astype(np.float32))
+        y = torch.from_numpy(np.stack(decoded).astype(np.float32))
+        p = psnr(x, y).clamp(max=100.0).tolist()
+        scores.add("reconstruction", keys, modality, "psnr", p)
+        scores.summary["reconstruction/psnr"] = float(np.mean(p))
+        if x.ndim in (4, 5) and min(x.shape[2:]) >= 7:
+            s = ssim(x, y, window=min(11, min(x.shape[2:]) // 2 * 2 - 1)).tolist()
+            scores.add("reconstruction", keys, modality, "ssim", s)
+            scores.summary["reconstruction/ssim"] = float(np.mean(s))
+        print(f"[{self.ctx.name}] tokenizer round trip on {len(keys)} {modality} samples: PSNR "
+              f"{scores.summary['reconstruction/psnr']:.2f} dB", flush=True)
+
+    # ------------------------------------------------------------------ samples
+
+    def _decoded(self, uri: str, limit: int) -> dict[str, tuple[list[str], list[Any]]]:
+        """modality -> (keys, decoded arrays) of the first ``limit`` samples of each modality of a store."""
+        from stages.modalities import load_tokenizer
+        from stages.store import TokenStore
+
+        store = TokenStore.open(uri)
+        meta = store.manifest.metadata or {}
+        tokenizers = meta.get("tokenizers") or {meta.get("modality"): {"tokenizer_uri": meta.get("tokenizer_uri"),
+                                                                       "modality": meta.get("modality")}}
+        loaded: dict[str, Any] = {}
+        tokens: dict[str, tuple[list[str], list[tuple[str, Any]]]] = {}
+        for sample in store:
+            name = sample.key.rsplit("-", 1)[0] if "tokenizers" in meta else meta.get("modality")
+            info = tokenizers.get(name)
+            if info is None or not info.get("tokenizer_uri"):
+                raise UserError(f"sample {sample.key!r}: the store does not name the tokenizer that decodes it",
+                                where=uri, fix="evaluate stores written by tokenize or sample stages")
+            keys, toks = tokens.setdefault(info["modality"], ([], []))
+            if len(keys) < limit:
+                keys.append(sample.key)
+                toks.append((name, sample.tokens.reshape(-1)))
+        out: dict[str, tuple[list[str], list[Any]]] = {}
+        for modality, (keys, toks) in tokens.items():
+            arrays = []
+            for name, t in toks:
+                if name not in loaded:
+                    loaded[name] = load_tokenizer(tokenizers[name]["tokenizer_uri"])
+                arrays += loaded[name].decode_arrays([t])
+            out[modality] = (keys, arrays)
+        return out
+
+    def samples(self, scores: Scores) -> None:
+        import numpy as np
+
+        spec = self.spec
+        generated = self._decoded(spec.samples, spec.max_samples)
+        reference = self._decoded(spec.reference, spec.max_samples)
+        for modality, (keys, arrays) in generated.items():
+            if modality not in reference:
+                scores.skipped[f"{modality}/*"] = f"the reference store has no {modality} samples"
+                continue
+            ref_keys, ref_arrays = reference[modality]
+            if modality != "pointcloud":
+                for set_, k, arrs in (("samples", keys, arrays), ("reference", ref_keys, ref_arrays)):
+                    scores.add(set_, k, modality, "intensity_mean", [float(np.mean(a)) for a in arrs])
+                    scores.add(set_, k, modality, "intensity_std", [float(np.std(a)) for a in arrs])
+                means = [np.mean([np.mean(a) for a in arrs]) for arrs in (arrays, ref_arrays)]
+                scores.summary[f"{modality}/intensity_mean_gap"] = float(abs(means[0] - means[1]))
+            if modality == "image":
+                self._feature_metrics(scores, modality, arrays, ref_arrays, kind="image")
+            elif modality == "video":
+                self._feature_metrics(scores, modality, arrays, ref_arrays, kind="video")
+            elif modality == "pointcloud":
+                self._cloud_metrics(scores, keys, arrays, ref_arrays)
+            else:
+                scores.skipped[f"{modality}/fid"] = ("no feature network for 3-D volumes; intensity statistics "
+                                                     "and reconstruction PSNR/SSIM are computed")
+
+    def _feature_metrics(self, scores: Scores, modality: str, arrays: list, ref_arrays: list, *, kind: str) -> None:
+        import numpy as np
+
+        from stages.evaluation import (
+            FeatureExtractor,
+            frechet_from_features,
+            kernel_inception_distance,
+            precision_recall,
+        )
+
+        f = self.spec.features
+        weights, size = (f.image, f.image_size) if kind == "image" else (f.video, f.video_size)
+        names = ["fid", "kid", "precision", "recall"] if kind == "image" else ["fvd"]
+        if weights is None:
+            field = "features.image" if kind == "image" else "features.video"
+            net = "an Inception-v3" if kind == "image" else "an I3D"
+            for name in names:
+                scores.skipped[f"{modality}/{name}"] = (f"no {field}: export {net} network with torch.jit.save "
+                                                        f"and set {field} to its path")
+            return
+        extractor = FeatureExtractor.load(weights, kind=kind, input_size=size)
+        fake = extractor.features(np.stack(arrays).astype(np.float32))
+        real = extractor.features(np.stack(ref_arrays).astype(np.float32))
+        if kind == "video":
+            scores.summary[f"{modality}/fvd"] = float(frechet_from_features(real, fake))
+            return
+        scores.summary[f"{modality}/fid"] = float(frechet_from_features(real, fake))
+        subset = min(len(fake), len(real), 1000)
+        kid_mean, kid_std = kernel_inception_distance(real, fake, subsets=10, subset_size=subset, seed=self.spec.seed)
+        scores.summary[f"{modality}/kid"], scores.summary[f"{modality}/kid_std"] = float(kid_mean), float(kid_std)
+        k = min(self.spec.knn, len(real) - 1, len(fake) - 1)
+        precision, recall = precision_recall(real, fake, k=k)
+        scores.summary[f"{modality}/precision"], scores.summary[f"{modality}/recall"] = float(precision), float(recall)
+
+    def _cloud_metrics(self, scores: Scores, keys: list[str], clouds: list, ref_clouds: list) -> None:
+        import numpy as np
+
+        from stages.evaluation import coverage, mmd, one_nn_accuracy, pairwise_distances
+
+        rng = np.random.default_rng(self.spec.seed)
+        n = min(CLOUD_POINTS, *(len(c) for c in clouds + ref_clouds))
+
+        def sub(c):
+            c = np.asarray(c, dtype=np.float64)
+            return c[np.sort(rng.choice(len(c), n, replace=False))] if len(c) > n else c
+
+        a, b = [sub(c) for c in clouds], [sub(c) for c in ref_clouds]
+        for metric in ("cd", "emd"):
+            scores.summary[f"pointcloud/mmd_{metric}"] = float(mmd(a, b, metric))
+            scores.summary[f"pointcloud/cov_{metric}"] = float(coverage(a, b, metric))
+            scores.summary[f"pointcloud/1nna_{metric}"] = float(one_nn_accuracy(a, b, metric))
+        nearest = pairwise_distances(a, b, "cd").min(axis=1)
+        scores.add("samples", keys, "pointcloud", "nearest_reference_cd", nearest)
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> dict[str, Output]:
+        import pyarrow.parquet as pq
+
+        from stages.evaluation import score_distributions
+
+        spec, ctx = self.spec, self.ctx
+        scores = Scores()
+        if spec.model:
+            self.likelihood(scores)
+        if spec.reconstruction:
+            self.reconstruction(scores)
+        if spec.samples:
+            self.samples(scores)
+        folder = ctx.work_dir / "metrics"
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(scores.table(), folder / "scores.parquet")
+        by_metric: dict[str, list[float]] = {}
+        for set_, _key, modality, metric, value in scores.rows:
+            by_metric.setdefault(f"{modality} {metric} ({set_})", []).append(value)
+        import numpy as np
+
+        score_distributions({k: np.asarray(v) for k, v in by_metric.items()}, folder / "scores.png",
+                            title=f"{ctx.name}: per-sample scores")
+        summary = {k: _finite(v) for k, v in sorted(scores.summary.items())}
+        (folder / "metrics.json").write_text(json.dumps({"metrics": summary, "skipped": scores.skipped},
+                                                        indent=1, sort_keys=True))
+        ctx.log_metrics({k: v for k, v in summary.items() if v is not None})
+        client = ctx.mlflow()
+        if client is not None:
+            if scores.skipped:
+                client.set_tag(ctx.mlflow_run_id, "arpipe.skipped_metrics",
+                               "; ".join(f"{k}: {v}" for k, v in sorted(scores.skipped.items()))[:5000])
+            ctx.log_artifact(folder / "scores.png", "metrics")
+            ctx.log_artifact(folder / "metrics.json", "metrics")
+        for name, reason in sorted(scores.skipped.items()):
+            print(f"[{ctx.name}] skipped {name}: {reason}", flush=True)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if v is not None)
+        print(f"[{ctx.name}] {shown}", flush=True)
+        return {"metrics": Output(path="metrics")}
+
+
+def read_metrics(folder: str | Path) -> dict[str, Any]:
+    """``metrics.json`` of an evaluate output folder."""
+    return json.loads((Path(folder) / "metrics.json").read_text())
