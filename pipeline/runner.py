@@ -80,6 +80,7 @@ class Runner:
         self.tracking = tracking_uri(tracking)
         self._pool: cf.ThreadPoolExecutor | None = None
         self._ray_started = False
+        self._user_failed: set[str] = set()   # stages that failed on a UserError (exit 2 if only those)
         self._heartbeats: Heartbeats | None = None
         # MLflow takes ~1 s to import: start now, overlapping with planning and cache checks
         self._lineage_box: dict[str, Any] = {}
@@ -268,7 +269,10 @@ class Runner:
                   + f"); status: `arpipe status {self.loaded.path.name}`")
         if failed:
             detail = "; ".join(f"{n}: {errors.get(n, states[n])}" for n in failed)
-            raise StageFailed(f"stage(s) failed: {detail}. Independent stages finished; fix and rerun to resume.")
+            error = StageFailed(f"stage(s) failed: {detail}. Independent stages finished; fix and rerun to resume.")
+            if all(n in self._user_failed for n in failed if states[n] == "failed"):
+                error.exit_code = 2   # bad config or data, found at run time: still the user's to fix
+            raise error
         return result
 
     def _cache_hit(self, plan: StagePlan, parent: str, records: dict, ledger: Ledger, states: dict) -> None:
@@ -334,6 +338,8 @@ class Runner:
             message = describe_error(err)
             errors[name] = message
             states[name] = "failed"
+            if isinstance(cause, UserError):
+                self._user_failed.add(name)
             trace = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
             if "RayTaskError" in type(err).__name__ or hasattr(err, "traceback_str"):
                 trace = str(err)

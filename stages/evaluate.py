@@ -23,6 +23,7 @@ distributions).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -63,6 +64,18 @@ class EvaluateStage(Stage):
     kind = "evaluate"
     version = "1"
     spec: EvaluateSpec
+
+    @classmethod
+    def source_digest(cls, spec: EvaluateSpec, pipeline_dir: Path) -> str | None:
+        """Feature networks and the reconstruction source are read from outside the pipeline."""
+        from stages.sources import source_listing_digest
+
+        uris = [u for u in (spec.features.image, spec.features.video) if u]
+        if spec.reconstruction:
+            uris.append(spec.reconstruction.source.uri)
+        if not uris:
+            return None
+        return hashlib.sha256("\n".join(source_listing_digest(u, pipeline_dir) for u in uris).encode()).hexdigest()
 
     # ------------------------------------------------------------------ likelihood
 
@@ -158,6 +171,8 @@ class EvaluateStage(Stage):
 
     def _decoded(self, uri: str, limit: int) -> dict[str, tuple[list[str], list[Any]]]:
         """modality -> (keys, decoded arrays) of the first ``limit`` samples of each modality of a store."""
+        import numpy as np
+
         from stages.modalities import load_tokenizer
         from stages.store import TokenStore
 
@@ -184,6 +199,8 @@ class EvaluateStage(Stage):
                 if name not in loaded:
                     loaded[name] = load_tokenizer(tokenizers[name]["tokenizer_uri"])
                 arrays += loaded[name].decode_arrays([t])
+            if modality != "pointcloud":   # what the media files show: intensities in [0, 1]
+                arrays = [np.clip(a, 0.0, 1.0) for a in arrays]
             out[modality] = (keys, arrays)
         return out
 
@@ -234,7 +251,9 @@ class EvaluateStage(Stage):
                 scores.skipped[f"{modality}/{name}"] = (f"no {field}: export {net} network with torch.jit.save "
                                                         f"and set {field} to its path")
             return
-        extractor = FeatureExtractor.load(weights, kind=kind, input_size=size)
+        from stages.tokenizer import resolve_uri
+
+        extractor = FeatureExtractor.load(resolve_uri(weights, self.ctx.pipeline_dir), kind=kind, input_size=size)
         fake = extractor.features(np.stack(arrays).astype(np.float32))
         real = extractor.features(np.stack(ref_arrays).astype(np.float32))
         if kind == "video":

@@ -1,0 +1,240 @@
+"""Sampling and evaluating through `arpipe run`: a model trained on digits draws digits, by resumable shard,
+into a token store, media files and a contact sheet in MLflow; the evaluate stage scores it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import arpipe, stage_lines, write
+from PIL import Image
+from realdata import digits_folder
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+
+PIPELINE = """
+name: digits
+storage: ./runs
+stages:
+  tok:
+    kind: tokenizer
+    source: {modality: image, uri: ./data/digits, channels: 1, size: 8}
+    tokenizer: {type: msvq, scales: [1, 2, 4, 8], codebook_size: 64}
+    fit: {max_samples: 800, heldout: 32}
+  digits:
+    kind: tokenize
+    source: {modality: image, uri: ./data/digits, channels: 1, size: 8}
+    tokenizer: ${tok.tokenizer}
+  heldout:
+    kind: tokenize
+    source: {modality: image, uri: ./data/heldout, channels: 1, size: 8}
+    tokenizer: ${tok.tokenizer}
+  train:
+    kind: train
+    data: [{store: "${digits.store}"}]
+    model: {preset: tiny, paradigm: next_scale, n_layer: 2, n_embd: 96, n_head: 4}
+    optimizer: {lr: 0.003, warmup_steps: 20}
+    global_batch: 32
+    steps: 300
+    checkpoint_every: 300
+    eval_every: 300
+  sample:
+    kind: sample
+    model: ${train.model}
+    num_samples: 40
+    samples_per_shard: 16
+    cfg_scale: 2.0
+    cfg_schedule: linear
+    actors: 2
+  evaluate:
+    kind: evaluate
+    samples: ${sample.samples}
+    reference: ${heldout.store}
+    model: ${train.model}
+    reconstruction:
+      tokenizer: ${tok.tokenizer}
+      source: {modality: image, uri: ./data/heldout, channels: 1, size: 8}
+    features: {image: ./features.pt, image_size: 16}
+  evaluate_plain:
+    kind: evaluate
+    samples: ${sample.samples}
+    reference: ${heldout.store}
+"""
+
+
+class TinyFeatures(torch.nn.Module):
+    """A small conv net standing in for Inception (its weights are not shipped offline)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean(dim=(2, 3))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, ray_cluster):
+    root = tmp_path_factory.mktemp("sample")
+    digits_folder(root / "data" / "digits", count=1200)
+    digits_folder(root / "data" / "heldout", count=200, start=1500)
+    torch.jit.save(torch.jit.script(TinyFeatures()), str(root / "features.pt"))
+    write(root, {"digits.yaml": PIPELINE})
+    run = arpipe("run", "digits.yaml", cwd=root, env={"RAY_ADDRESS": ray_cluster}, timeout=900, check=True)
+    assert all(states[-1] == "done" for states in stage_lines(run.stdout).values()), run.stdout
+    return root
+
+
+def out(root: Path, stage: str) -> Path:
+    return next(p.parent for p in root.glob(f"runs/{stage}/*/outputs.json"))
+
+
+def mlflow_run(root: Path, stage: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("digits")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`arpipe.stage` = '{stage}'")
+    return client, runs[0]
+
+
+def pngs(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p).convert("L"), dtype=np.float64) / 255
+                     for p in sorted(folder.glob("*.png"))])
+
+
+def test_the_contact_sheet_in_mlflow_shows_digits(project):
+    client, run = mlflow_run(project, "sample")
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "contact_sheets")] == \
+        ["contact_sheets/contact_image.png"]
+    sheet = Image.open(client.download_artifacts(run.info.run_id, "contact_sheets/contact_image.png"))
+    assert sheet.width > 200 and sheet.height > 100
+
+    samples = pngs(out(project, "sample") / "media" / "image")
+    data = pngs(project / "data" / "heldout" / "0")   # any real digits
+    data = np.concatenate([data] + [pngs(project / "data" / "heldout" / str(c)) for c in range(1, 10)])
+    assert samples.shape == (40, 8, 8)
+    # the samples differ from each other...
+    flat = samples.reshape(40, -1)
+    assert len({row.tobytes() for row in flat}) == 40
+    assert np.mean(np.std(flat, axis=0)) > 0.15
+    # ...and look like the data, not like noise: the average sample has the digits' average layout
+    # (ink in the middle columns, blank borders) and their brightness
+    noise = np.random.default_rng(0).random(samples.shape)
+    layout = np.corrcoef(samples.mean(0).ravel(), data.mean(0).ravel())[0, 1]
+    assert layout > 0.8, layout
+    assert np.corrcoef(noise.mean(0).ravel(), data.mean(0).ravel())[0, 1] < 0.5
+    assert abs(samples.mean() - data.mean()) < 0.08 < abs(noise.mean() - data.mean())
+
+
+def test_samples_are_a_token_store_with_their_classes_and_sampling_config(project):
+    from stages.store import TokenStore
+
+    store = TokenStore.open(str(out(project, "sample") / "samples"))
+    assert len(store) == 40
+    assert [s.condition for s in store] == [str(i % 10) for i in range(40)]   # every class in turn
+    assert store.manifest.metadata["sampling"]["cfg_scale"] == 2.0
+    assert store.manifest.metadata["modality"] == "image"
+    assert sorted(store.shard_names) == ["image-0000", "image-0001", "image-0002"]
+    assert all(s.tokens.size == 1 + 4 + 16 + 64 for s in store)
+
+
+def test_a_crashed_sample_stage_redoes_only_its_missing_shard(project, ray_cluster):
+    """A crash leaves no outputs.json; a rerun reuses the committed shards and reproduces the rest exactly."""
+    folder = out(project, "sample")
+    before = json.loads((folder / "outputs.json").read_text())
+    (folder / "outputs.json").unlink()
+    (folder / ".arpipe" / "units" / "image-0001.json").unlink()
+    for path in (folder / "samples").glob("shard-image-0001*"):
+        path.unlink()
+    shutil.rmtree(folder / "media")   # media files of reused shards are checked: these are redone too
+    rerun = arpipe("run", "digits.yaml", "--until", "sample", cwd=project, env={"RAY_ADDRESS": ray_cluster},
+                   check=True)
+    assert stage_lines(rerun.stdout)["sample"] == ["resuming", "done"]
+    assert "(0 reused)" in rerun.stdout   # every shard lost media, so all were redone
+    after = json.loads((folder / "outputs.json").read_text())
+    assert after["files"] == before["files"]   # the same tokens and media, byte for byte
+
+    (folder / "outputs.json").unlink()
+    (folder / ".arpipe" / "units" / "image-0002.json").unlink()
+    rerun = arpipe("run", "digits.yaml", "--until", "sample", cwd=project, env={"RAY_ADDRESS": ray_cluster},
+                   check=True)
+    assert "3 shards (2 reused)" in rerun.stdout
+    assert json.loads((folder / "outputs.json").read_text())["files"] == before["files"]
+
+
+def test_evaluate_scores_likelihood_reconstruction_and_distributions(project):
+    metrics = json.loads((out(project, "evaluate") / "metrics" / "metrics.json").read_text())
+    m = metrics["metrics"]
+    assert 0 < m["heldout/bits_per_token"] < np.log2(64)   # better than a uniform guess over 64 codes
+    assert m["reconstruction/psnr"] > 15 and 0 < m["reconstruction/ssim"] <= 1
+    assert m["image/fid"] > 0 and np.isfinite(m["image/kid"])
+    assert 0 <= m["image/precision"] <= 1 and 0 <= m["image/recall"] <= 1
+    assert metrics["skipped"] == {}
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out(project, "evaluate") / "metrics" / "scores.parquet").to_pylist()
+    heldout = [r for r in table if r["set"] == "heldout" and r["metric"] == "bits_per_token"]
+    assert len(heldout) == 200 and all(r["value"] > 0 for r in heldout)
+    assert {r["set"] for r in table} == {"heldout", "reconstruction", "samples", "reference"}
+    client, run = mlflow_run(project, "evaluate")
+    assert run.data.metrics["heldout/bits_per_token"] == pytest.approx(m["heldout/bits_per_token"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "metrics")} == \
+        {"metrics/metrics.json", "metrics/scores.png"}
+
+
+def test_without_a_feature_network_evaluate_says_what_it_skipped(project):
+    metrics = json.loads((out(project, "evaluate_plain") / "metrics" / "metrics.json").read_text())
+    assert set(metrics["skipped"]) == {"image/fid", "image/kid", "image/precision", "image/recall"}
+    assert "features.image" in metrics["skipped"]["image/fid"]
+    assert "image/intensity_mean_gap" in metrics["metrics"]
+    _client, run = mlflow_run(project, "evaluate_plain")
+    assert "image/fid: no features.image" in run.data.tags["arpipe.skipped_metrics"]
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ("decoder: sjd", "decoder sjd applies to next_token models; this model is next_scale"),
+    ("classes: {'11': 4}", "class '11' is not one the model knows"),
+    ("prefix: {store: '${digits.store}', tokens: 3}", "prefix of 3 tokens does not end a next_scale group"),
+    ("modalities: [video]", "modality 'video' is not in the model's vocabulary (image)"),
+])
+def test_bad_sampling_settings_fail_with_one_clear_line(project, ray_cluster, settings, message):
+    text = (project / "digits.yaml").read_text() + f"""
+  bad:
+    kind: sample
+    model: ${{train.model}}
+    num_samples: 4
+    {settings}
+"""
+    write(project, {"bad.yaml": text})
+    run = arpipe("run", "bad.yaml", "--only", "bad", cwd=project, env={"RAY_ADDRESS": ray_cluster})
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert message in run.stdout + run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+
+
+def test_continuing_real_digits_keeps_their_coarse_scales(project, ray_cluster):
+    text = (project / "digits.yaml").read_text() + """
+  continue:
+    kind: sample
+    model: ${train.model}
+    prefix: {store: '${heldout.store}', tokens: 5, samples: 8}
+    media: {}
+"""
+    write(project, {"continue.yaml": text})
+    arpipe("run", "continue.yaml", "--only", "continue", cwd=project, env={"RAY_ADDRESS": ray_cluster}, check=True)
+    from stages.store import TokenStore
+
+    heldout = TokenStore.open(str(out(project, "heldout") / "store"))
+    continued = TokenStore.open(str(out(project, "continue") / "samples"))
+    assert len(continued) == 8 and not (out(project, "continue") / "media" / "image").exists()
+    for i, sample in enumerate(continued):
+        assert np.array_equal(sample.tokens.reshape(-1)[:5], heldout[i].tokens.reshape(-1)[:5])
+        assert sample.condition == heldout[i].condition
