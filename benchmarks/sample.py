@@ -8,6 +8,9 @@
    few hundred steps on sklearn's digits (8x8, 4 grey levels, 64 tokens):
    forward passes (goal <= 0.67 of plain) and wall time, for 48 samples in one
    batch and for one sample alone (the latency case SJD is for).
+3. The sample stage's actor pool: 256 samples (8 shards of 32, PNG media) of a digits
+   model (a real patch_vq tokenizer) with 1 actor and with 2 actors of one CPU each, on
+   a local Ray of 2 CPUs, actor start and model load included (report the ratio).
 Each timing is the best of 3, alternating the compared variants, on one torch thread
 (``ARPIPE_BENCH_THREADS`` to change). Prints a table, then the ratios; writes
 benchmarks/results/sample.json.
@@ -17,6 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +43,7 @@ from stages.models import (
 )
 
 REPEATS = 3
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # real data helpers
 
 
 def best_of(fns: dict[str, callable]) -> dict[str, tuple[float, object]]:
@@ -123,6 +130,40 @@ def sjd_benchmark(rows: list[dict]) -> dict[str, float]:
     return ratios
 
 
+def actors_benchmark(rows: list[dict]) -> dict[str, float]:
+    import ray
+    from realdata import digits_model_folder
+
+    from pipeline.stage import StageContext
+    from schemas.sample import SampleStage as SampleSpec
+    from stages.sample import SampleStage
+
+    root = Path(tempfile.mkdtemp(prefix="arpipe-bench-"))
+    try:
+        model = digits_model_folder(root, steps=100)
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+        best: dict[int, float] = {}
+        for _ in range(2):
+            for actors in (1, 2):
+                out = root / f"out{actors}"
+                shutil.rmtree(out, ignore_errors=True)
+                spec = SampleSpec(kind="sample", model=str(model), num_samples=256, samples_per_shard=32,
+                                  batch_size=32, actors=actors, progress=False)
+                ctx = StageContext(name="sample", kind="sample", fingerprint="bench", out_uri=str(out), work_dir=out,
+                                   pipeline_dir=root)
+                start = time.perf_counter()
+                SampleStage(spec, ctx).run()
+                best[actors] = min(best.get(actors, 1e9), time.perf_counter() - start)
+        for actors, wall in best.items():
+            rows.append({"case": f"sample stage, {actors} actor(s)", "samples": 256, "tokens": 64, "passes": 0,
+                         "wall_s": wall, "tokens_per_s": 256 * 64 / wall})
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    return {"actors_2_vs_1_throughput": best[1] / best[2]}
+
+
 def main() -> None:
     # One thread by default: on a shared two-core machine two OpenMP threads spin against other
     # processes and a variant's time depends on the neighbours' load more than on the variant.
@@ -130,6 +171,7 @@ def main() -> None:
     rows: list[dict] = []
     ratios = kv_cache_benchmark(rows)
     ratios.update(sjd_benchmark(rows))
+    ratios.update(actors_benchmark(rows))
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(exist_ok=True)
     context = {"torch_threads": torch.get_num_threads(), "load_average_1m": os.getloadavg()[0]}
@@ -145,6 +187,7 @@ def main() -> None:
         print(f"SJD / plain, {n} sample(s): forward passes {ratios[f'sjd_passes_ratio_per_sample_b{n}']:.2f} per "
               f"sample, {ratios[f'sjd_passes_ratio_batch_b{n}']:.2f} for the batch (goal <= 0.67); "
               f"wall time {ratios[f'sjd_wall_ratio_b{n}']:.2f}")
+    print(f"sample stage, 2 actors / 1 actor throughput: {ratios['actors_2_vs_1_throughput']:.2f}x (report)")
 
 
 if __name__ == "__main__":

@@ -60,3 +60,49 @@ def brain_clouds(folder: Path, count: int = 4, points: int = 2048, seed: int = 0
         vertex = np.array([tuple(p) for p in picked], dtype=[("x", "f4"), ("y", "f4"), ("z", "f4")])
         PlyData([PlyElement.describe(vertex, "vertex")], text=False).write(str(folder / f"brain{k}.ply"))
     return folder
+
+
+def digits_model_folder(root: Path, *, paradigm: str = "next_token", steps: int = 300, levels: int = 4) -> Path:
+    """A model folder as a train stage writes it, trained here in-process on scikit-learn's digits.
+
+    The tokenizer is a real ``patch_vq`` artifact (1x1 patches, ``levels`` grey levels, an 8x8 grid);
+    the model is a 2-layer transformer conditioned on the digit class. Returns ``root/model``.
+    """
+    import json
+
+    import torch
+    from sklearn.datasets import load_digits
+
+    from stages.modalities import make_tokenizer
+    from stages.models import ModelConfig, Transformer, VocabLayout, batch_inputs, drop_conditions, make_plan
+    from stages.models.io import save_model
+
+    digits = load_digits()
+    images = (digits.images[:, None] / 16).astype(np.float32)
+    tok = make_tokenizer("patch_vq", input_shape=[1, 8, 8], patch=[1, 1], codebook_size=levels).fit(images)
+    tok_uri = str(root / "tokenizer")
+    digest = tok.save(tok_uri)
+    codes = torch.from_numpy(np.stack(tok.encode_arrays(list(images))).reshape(len(images), -1))
+    vocab = VocabLayout.build({"image": levels}, classes=range(10))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=vocab.vocab_size, n_layer=2, n_head=4, n_embd=64, rope_axes=3,
+                                    paradigm=paradigm, block_size=8 if paradigm == "next_block" else 1,
+                                    max_seq_len=66))
+    plan = make_plan(paradigm, grid=(8, 8), n_axes=3, block_size=8 if paradigm == "next_block" else 1)
+    context = torch.tensor([vocab.context("image", str(y)) for y in digits.target])
+    targets = vocab.to_global("image", codes)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(codes), (32,), generator=g)
+        batch = batch_inputs(plan, targets[idx], context[idx])
+        batch.input_ids = drop_conditions(batch.input_ids, vocab, 0.1, generator=g)
+        _, loss = model(**batch.as_kwargs())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    folder = save_model(root / "model", model.eval(), vocab=vocab)
+    (folder / "tokenizers.json").write_text(json.dumps({"image": {
+        "modality": "image", "tokenizer_uri": tok_uri, "tokenizer_digest": digest, "layout": tok.layout(),
+        "store": None}}))
+    return folder

@@ -238,3 +238,39 @@ def test_continuing_real_digits_keeps_their_coarse_scales(project, ray_cluster):
     for i, sample in enumerate(continued):
         assert np.array_equal(sample.tokens.reshape(-1)[:5], heldout[i].tokens.reshape(-1)[:5])
         assert sample.condition == heldout[i].condition
+
+
+@pytest.fixture(scope="module")
+def next_token_model(tmp_path_factory, single_torch_thread):
+    from realdata import digits_model_folder
+
+    return digits_model_folder(tmp_path_factory.mktemp("next_token"), paradigm="next_token", steps=200)
+
+
+def test_speculative_jacobi_sampling_matches_plain_in_fewer_passes(next_token_model, tmp_path, ray_cluster):
+    from scipy.stats import chi2_contingency
+
+    from stages.store import TokenStore
+
+    write(tmp_path, {"sjd.yaml": f"""
+        name: sjd
+        storage: ./runs
+        stages:
+          plain: {{kind: sample, model: {next_token_model}, num_samples: 64, batch_size: 32, media: {{}}}}
+          sjd: {{kind: sample, model: {next_token_model}, num_samples: 64, batch_size: 32, media: {{}},
+                decoder: sjd, sjd_window: 16, seed: 1}}
+        """})
+    arpipe("run", "sjd.yaml", cwd=tmp_path, env={"RAY_ADDRESS": ray_cluster}, check=True)
+    tokens = {s: np.stack([x.tokens.reshape(-1) for x in TokenStore.open(str(out(tmp_path, s) / "samples"))])
+              for s in ("plain", "sjd")}
+    assert tokens["plain"].shape == tokens["sjd"].shape == (64, 64)
+    table = np.stack([np.bincount(tokens[s].ravel(), minlength=4) for s in ("plain", "sjd")])
+    assert chi2_contingency(table[:, table.sum(0) > 0]).pvalue > 0.01
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sjd")
+    passes = {r.data.tags["arpipe.stage"]: r.data.metrics["forward_passes"]
+              for r in client.search_runs([exp.experiment_id], filter_string="tags.`arpipe.kind` = 'sample'")}
+    assert passes["plain"] == 2 * 64   # two batches, one pass per token
+    assert passes["sjd"] < 0.67 * passes["plain"], passes
