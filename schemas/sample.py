@@ -108,10 +108,12 @@ class EvaluateStage(StageBase):
 
     kind: Literal["evaluate"]
     samples: str | None = Field(None, description="Generated samples, usually `${sample.samples}`.")
-    reference: str | None = Field(None, description="Token store of real data the samples are compared with "
-                                                    "(decoded through its tokenizer).")
+    reference: str | list[str] | None = Field(
+        None, description="Token store(s) of real data the samples are compared with, per modality (decoded "
+                          "through their tokenizers).")
     model: str | None = Field(None, description="A model folder, for held-out NLL (`${train.model}`).")
-    heldout: str | None = Field(None, description="Token store for NLL and bits per token (default: reference).")
+    heldout: str | list[str] | None = Field(None, description="Token store(s) for NLL and bits per token "
+                                                              "(default: reference).")
     reconstruction: ReconstructionSpec | None = None
     features: FeaturesSpec = Field(default_factory=FeaturesSpec)
     max_samples: int = Field(256, ge=2, description="Samples per set used by every metric.")
@@ -125,6 +127,9 @@ class EvaluateStage(StageBase):
         if not (self.samples or self.model or self.reconstruction):
             raise ValueError("nothing to evaluate: give samples (with reference), model (with heldout or "
                              "reference) or reconstruction")
+        for name in ("reference", "heldout"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
         if self.samples and not self.reference:
             raise ValueError("samples need a reference store to be compared with, e.g. reference: "
                              "${tokenize.store}")

@@ -80,18 +80,40 @@ class EvaluateStage(Stage):
     # ------------------------------------------------------------------ likelihood
 
     def likelihood(self, scores: Scores) -> None:
-        import numpy as np
         import torch
 
-        from stages.models import batch_inputs, load_model
-        from stages.sample import fetch_model, model_info, plan_for_modality
-        from stages.store import TokenStore
+        from stages.models import load_model
+        from stages.sample import fetch_model, model_info
 
         spec = self.spec
-        uri = spec.heldout or spec.reference
         folder = fetch_model(spec.model)
         config, vocab, tokenizers = model_info(folder)
         model = load_model(folder)
+        nll_all, count_all = 0.0, 0
+        with torch.no_grad():
+            for uri in spec.heldout or spec.reference:
+                name, keys, nll, counts = self._store_nll(model, config, vocab, tokenizers, uri)
+                modality = tokenizers[name]["modality"]
+                scores.add("heldout", keys, modality, "nll", nll)
+                scores.add("heldout", keys, modality, "bits_per_token", nll / counts / math.log(2))
+                per_token = float(nll.sum() / counts.sum())
+                scores.summary[f"heldout/{name}/bits_per_token"] = per_token / math.log(2)
+                nll_all, count_all = nll_all + float(nll.sum()), count_all + int(counts.sum())
+                print(f"[{self.ctx.name}] held-out {name}: {per_token:.4f} nats/token = "
+                      f"{per_token / math.log(2):.4f} bits/token over {len(keys)} samples of {uri}", flush=True)
+        per_token = nll_all / count_all
+        scores.summary.update({"heldout/nll_per_token": per_token, "heldout/bits_per_token": per_token / math.log(2),
+                               "heldout/tokens": float(count_all)})
+
+    def _store_nll(self, model, config, vocab, tokenizers, uri: str):
+        """Per-sample summed NLL (nats) of the first ``max_samples`` samples of a store, and their token counts."""
+        import numpy as np
+        import torch
+
+        from stages.models import batch_inputs
+        from stages.sample import plan_for_modality
+        from stages.store import TokenStore
+
         store = TokenStore.open(uri)
         digest = store.manifest.tokenizer.digest if store.manifest.tokenizer else None
         names = [n for n, t in tokenizers.items() if t.get("tokenizer_digest") == digest]
@@ -99,35 +121,27 @@ class EvaluateStage(Stage):
             raise UserError("this token store was made by a tokenizer the model was not trained on", where=uri,
                             fix="score a held-out store tokenized like the training data")
         name, info = names[0], tokenizers[names[0]]
-        n = min(len(store), spec.max_samples)
+        n = min(len(store), self.spec.max_samples)
         keys, nll, counts = [], [], []
         plans: dict[int, Any] = {}
-        with torch.no_grad():
-            for lo in range(0, n, spec.batch_size):
-                samples = [store[i] for i in range(lo, min(n, lo + spec.batch_size))]
-                for length in sorted({int(s.tokens.size) for s in samples}):
-                    group = [s for s in samples if int(s.tokens.size) == length]
-                    if length not in plans:
-                        plans[length] = plan_for_modality(config, dict(info.get("layout") or {}), length)
-                    targets = torch.stack([vocab.to_global(name, torch.from_numpy(
-                        s.tokens.reshape(-1).astype(np.int64))) for s in group])
-                    labels = [s.condition if vocab.classes else None for s in group]
-                    context = torch.tensor([vocab.context(name, lab) for lab in labels], dtype=torch.long)
-                    inputs = batch_inputs(plans[length], targets, context)
-                    logits, _ = model(inputs.input_ids, inputs.coords, inputs.group_ids)
-                    ce = torch.nn.functional.cross_entropy(logits.double().transpose(1, 2), inputs.target_ids,
-                                                           ignore_index=-100, reduction="none")
-                    nll += ce.sum(1).tolist()
-                    counts += [length] * len(group)
-                    keys += [s.key for s in group]
-        nll_arr, counts_arr = np.asarray(nll), np.asarray(counts)
-        scores.add("heldout", keys, info["modality"], "nll", nll_arr)
-        scores.add("heldout", keys, info["modality"], "bits_per_token", nll_arr / counts_arr / math.log(2))
-        per_token = float(nll_arr.sum() / counts_arr.sum())
-        scores.summary.update({"heldout/nll_per_token": per_token, "heldout/bits_per_token": per_token / math.log(2),
-                               "heldout/samples": float(len(keys))})
-        print(f"[{self.ctx.name}] held-out NLL {per_token:.4f} nats/token = {per_token / math.log(2):.4f} "
-              f"bits/token over {len(keys)} samples of {uri}", flush=True)
+        for lo in range(0, n, self.spec.batch_size):
+            samples = [store[i] for i in range(lo, min(n, lo + self.spec.batch_size))]
+            for length in sorted({int(s.tokens.size) for s in samples}):
+                group = [s for s in samples if int(s.tokens.size) == length]
+                if length not in plans:
+                    plans[length] = plan_for_modality(config, dict(info.get("layout") or {}), length)
+                targets = torch.stack([vocab.to_global(name, torch.from_numpy(
+                    s.tokens.reshape(-1).astype(np.int64))) for s in group])
+                labels = [s.condition if vocab.classes else None for s in group]
+                context = torch.tensor([vocab.context(name, lab) for lab in labels], dtype=torch.long)
+                inputs = batch_inputs(plans[length], targets, context)
+                logits, _ = model(inputs.input_ids, inputs.coords, inputs.group_ids)
+                ce = torch.nn.functional.cross_entropy(logits.double().transpose(1, 2), inputs.target_ids,
+                                                       ignore_index=-100, reduction="none")
+                nll += ce.sum(1).tolist()
+                counts += [length] * len(group)
+                keys += [s.key for s in group]
+        return name, keys, np.asarray(nll), np.asarray(counts)
 
     # ------------------------------------------------------------------ reconstruction
 
@@ -209,7 +223,13 @@ class EvaluateStage(Stage):
 
         spec = self.spec
         generated = self._decoded(spec.samples, spec.max_samples)
-        reference = self._decoded(spec.reference, spec.max_samples)
+        reference: dict[str, tuple[list[str], list[Any]]] = {}
+        for uri in spec.reference:
+            for modality, (keys, arrays) in self._decoded(uri, spec.max_samples).items():
+                have = reference.setdefault(modality, ([], []))
+                room = spec.max_samples - len(have[0])
+                have[0].extend(keys[:room])
+                have[1].extend(arrays[:room])
         for modality, (keys, arrays) in generated.items():
             if modality not in reference:
                 scores.skipped[f"{modality}/*"] = f"the reference store has no {modality} samples"

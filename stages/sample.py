@@ -190,24 +190,24 @@ class SampleStage(Stage):
     placement = "driver"   # it runs its own actor pool
     spec: SampleSpec
 
-    def _labels(self, vocab, n: int) -> list[Any]:
-        spec = self.spec
+    def _labels(self, vocab, trained: list[str] | None, n: int, name: str) -> list[Any]:
+        """One label per sample; ``trained`` are the classes this modality's data had (None: unknown)."""
+        spec, where = self.spec, f"stages.{self.ctx.name}.classes"
+        known = list(vocab.classes) if trained is None else list(trained)
         if isinstance(spec.classes, dict):
             labels = []
             for label, count in spec.classes.items():
-                if not vocab.classes:
-                    raise UserError(f"class {label!r} asked for, but the model was trained without classes",
-                                    where=f"stages.{self.ctx.name}.classes", fix="remove `classes`")
-                if str(label) not in vocab.classes:
-                    raise UserError(f"class {label!r} is not one the model knows ({', '.join(vocab.classes[:12])})",
-                                    where=f"stages.{self.ctx.name}.classes", fix="use a class of the training data")
+                if str(label) not in known:
+                    raise UserError(f"class {label!r} is not one the model knows for {name} "
+                                    f"({', '.join(known[:12]) or 'none'})", where=where,
+                                    fix="use a class of the training data (and `modalities` to pick the modality)")
                 labels += [str(label)] * count
             return labels
-        if vocab.classes and spec.classes != "none":
-            return [vocab.classes[i % len(vocab.classes)] for i in range(n)]
-        if spec.classes == "all":
-            raise UserError("classes: all, but the model was trained without classes",
-                            where=f"stages.{self.ctx.name}.classes", fix="remove `classes`")
+        if spec.classes == "all" and not known:
+            raise UserError("classes: all, but the model was trained without classes", where=where,
+                            fix="remove `classes`")
+        if known and spec.classes != "none":
+            return [known[i % len(known)] for i in range(n)]
         return [None] * n
 
     def _jobs(self, config, vocab, tokenizers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -255,7 +255,7 @@ class SampleStage(Stage):
                                     f"(groups end at {plan.group_bounds[1:8]}...)", where=f"{where}.prefix.tokens",
                                     fix="keep a whole number of scales/blocks")
             else:
-                labels = self._labels(vocab, spec.num_samples)
+                labels = self._labels(vocab, info.get("classes"), spec.num_samples, name)
                 ids = []
             S = spec.samples_per_shard
             for k, lo in enumerate(range(0, len(labels), S)):

@@ -135,7 +135,8 @@ class TrainStage(Stage):
         with result.checkpoint.as_directory() as folder:
             shutil.copytree(Path(folder) / "model", model_dir)
         tokenizers = {name: {"modality": s.modality, "tokenizer_uri": s.tokenizer_uri,
-                             "tokenizer_digest": s.tokenizer_digest, "layout": s.layout, "store": s.uri}
+                             "tokenizer_digest": s.tokenizer_digest, "layout": s.layout, "store": s.uri,
+                             "classes": s.labels}
                       for name, s in zip(names, summaries)}
         (model_dir / "tokenizers.json").write_text(json.dumps(tokenizers, indent=1, sort_keys=True))
         self._log_model(model_dir, config)
