@@ -386,6 +386,9 @@ class SampleStage(Stage):
                          "tokens_per_s": sum(r["tokens"] for r in new) / max(seconds, 1e-9)})
         print(f"[{ctx.name}] {samples} samples in {store_uri}, {len(rejects)} rejected; media in "
               f"{join(ctx.out_uri, 'media')}", flush=True)
+        for name in names:
+            print(f"[{ctx.name}] contact sheet: {join(ctx.out_uri, 'media', f'contact_{name}.png')} (also in "
+                  "MLflow under contact_sheets/)", flush=True)
         return {"samples": Output(path="samples", digest=manifest.digest), "media": Output(path="media")}
 
     def _contact_sheets(self, store_uri: str, names: list[str], tokenizers: dict[str, dict[str, Any]]) -> None:

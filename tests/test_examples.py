@@ -1,7 +1,9 @@
-"""The README's quickstart pipeline runs as written (tiny training budget here)."""
+"""The README's quickstart pipeline runs as written (tiny training budget here): four modalities of real data
+to tokens, one model, samples of each modality and their metrics, all in MLflow."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,11 +15,28 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def test_quickstart_runs_end_to_end(tmp_path, ray_cluster):
     folder = tmp_path / "examples"
     shutil.copytree(EXAMPLES, folder, ignore=shutil.ignore_patterns("arpipe-runs", "mlflow.db", "mlruns"))
-    run = arpipe("run", "quickstart.yaml", "-s", "stages.train.steps=4", cwd=folder,
-                 env={"RAY_ADDRESS": ray_cluster}, timeout=600, check=True)
-    assert {s: states[-1] for s, states in stage_lines(run.stdout).items()} == {
-        "digits": "done", "tokenizer": "done", "tokenize": "done", "train": "done"}
-    assert "arpipe ui" in run.stdout
-    model = next(folder.glob("arpipe-runs/train/*/model"))
-    assert (model / "model.safetensors").stat().st_size > 0
-    assert len(list(folder.glob("arpipe-runs/digits/*/images/*/*.png"))) == 1797
+    run = arpipe("run", "quickstart.yaml", "-s", "stages.train.steps=4", "-s", "stages.sample.num_samples=6",
+                 cwd=folder, env={"RAY_ADDRESS": ray_cluster}, timeout=900, check=True)
+    states = {s: st[-1] for s, st in stage_lines(run.stdout).items()}
+    assert set(states.values()) == {"done"} and len(states) == 13, states
+    assert "arpipe ui" in run.stdout and "contact sheet:" in run.stdout
+    assert len(list(folder.glob("arpipe-runs/data/*/images/*/*.png"))) + \
+        len(list(folder.glob("arpipe-runs/data/*/heldout/*/*.png"))) == 1797
+
+    media = next(folder.glob("arpipe-runs/sample/*/media"))
+    assert {p.name for p in media.glob("contact_*.png")} == {
+        "contact_image.png", "contact_video.png", "contact_volume.png", "contact_pointcloud.png"}
+    assert {p.suffix for p in media.glob("*/*")} >= {".png", ".gif", ".mp4", ".tif", ".mrc"}
+    metrics = json.loads(next(folder.glob("arpipe-runs/evaluate/*/metrics/metrics.json")).read_text())
+    assert {"heldout/bits_per_token", "reconstruction/psnr", "image/intensity_mean_gap"} <= set(metrics["metrics"])
+    assert "image/fid" in metrics["skipped"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("quickstart")
+    runs = {r.data.tags["arpipe.stage"]: r for r in client.search_runs([exp.experiment_id])
+            if "arpipe.stage" in r.data.tags}
+    assert {"images", "train", "sample", "evaluate"} <= set(runs)
+    sheets = {a.path for a in client.list_artifacts(runs["sample"].info.run_id, "contact_sheets")}
+    assert len(sheets) == 4
