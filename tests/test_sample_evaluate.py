@@ -274,3 +274,30 @@ def test_speculative_jacobi_sampling_matches_plain_in_fewer_passes(next_token_mo
               for r in client.search_runs([exp.experiment_id], filter_string="tags.`arpipe.kind` = 'sample'")}
     assert passes["plain"] == 2 * 64   # two batches, one pass per token
     assert passes["sjd"] < 0.67 * passes["plain"], passes
+
+
+def test_sampling_a_model_on_s3_into_s3_storage(next_token_model, tmp_path, ray_cluster, s3_bucket):
+    from pipeline.storage import join, storage_for
+    from stages.store import TokenStore
+
+    storage = storage_for(s3_bucket)
+    model_uri = join(s3_bucket, "models", "digits")
+    for path in next_token_model.iterdir():
+        storage.put_file(path, join(model_uri, path.name))
+    write(tmp_path, {"s3.yaml": f"""
+        name: s3sample
+        storage: {s3_bucket}/runs
+        stages:
+          sample: {{kind: sample, model: {model_uri}, num_samples: 12, samples_per_shard: 8, batch_size: 8}}
+        """})
+    env = {"RAY_ADDRESS": ray_cluster, "ARPIPE_STAGING": str(tmp_path / "staging")}
+    arpipe("run", "s3.yaml", cwd=tmp_path, env=env, check=True)
+    [record] = [e.relpath for e in storage.list(join(s3_bucket, "runs")) if e.relpath.endswith("outputs.json")]
+    out_uri = join(s3_bucket, "runs", record.rsplit("/", 1)[0])
+    files = json.loads(storage.read_text(join(out_uri, "outputs.json")))["files"]
+    assert len([f for f in files if f.startswith("media/image/") and f.endswith(".png")]) == 12
+    assert "media/contact_image.png" in files
+    store = TokenStore.open(join(out_uri, "samples"))
+    assert len(store) == 12 and [s.condition for s in store] == [str(i % 10) for i in range(12)]
+    again = arpipe("run", "s3.yaml", cwd=tmp_path, env=env, check=True)
+    assert stage_lines(again.stdout) == {"sample": ["cached"]}
