@@ -93,11 +93,9 @@ def test_run_rerun_change_and_force(project):
     outputs = sorted(folder.glob("runs/b/*/scaled.json"))
     assert len(outputs) == 1 and json.loads(outputs[0].read_text()) == [0, 2, 4, 6, 8]
 
-    start = time.time()
     again = arpipe("run", "pipeline.yaml", cwd=folder, env=env, check=True)
-    wall = time.time() - start
     assert stage_lines(again.stdout) == {"a": ["cached"], "b": ["cached"], "c": ["cached"]}
-    assert wall < 3.0, f"a fully cached rerun took {wall:.2f} s"
+    assert "stages run on Ray" not in again.stdout   # nothing to run: Ray is not even started
 
     plan = arpipe("plan", "pipeline.yaml", "-s", "stages.b.config.factor=3", cwd=folder, check=True)
     rows = {line.split()[0]: line for line in plan.stdout.splitlines()[1:]}
