@@ -3,7 +3,8 @@
 
     benchmarks/run_all                    # all of them: tens of minutes on 2 cores
     benchmarks/run_all --only sample      # a subset (repeatable or comma-separated)
-    benchmarks/run_all --quick            # smoke settings where a script has them (not comparable)
+    benchmarks/run_all --quick            # smoke settings where a script has them: not comparable, and
+                                          # they replace that benchmark's result file (marked quick)
     benchmarks/run_all --report           # run nothing: rebuild the table from the results on disk
 
 Each benchmark script writes ``benchmarks/results/<name>.json``; this script
@@ -336,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run these benchmarks only (repeatable or comma-separated): "
                          + ", ".join(b.name for b in BENCHMARKS))
     ap.add_argument("--report", action="store_true", help="run nothing; rebuild the table, all.json and the docs")
-    ap.add_argument("--quick", action="store_true", help="smoke settings where a script has them")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke settings where a script has them; overwrites its result file (marked quick)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the result files")
     ap.add_argument("--docs", type=Path, default=DOCS, help="page to regenerate (default: docs/benchmarks.md)")
     ap.add_argument("--no-docs", action="store_true", help="do not regenerate the page")
