@@ -33,7 +33,7 @@ class PythonStage(StageBase):
                                    description="Named inputs, usually `${stage.output}` references.")
     config: dict[str, Any] = Field(default_factory=dict, description="Passed as the `config` argument.")
     outputs: list[str] | None = Field(None, description="Output names the callable returns (checked).")
-    resources: Resources = Field(default_factory=Resources)
+    resources: Resources = Field(default_factory=Resources, description="Ray resources of the callable's task.")
 
 
 StageSpec = Annotated[Union[PythonStage, TokenizerStage, TokenizeStage, TrainStage, SampleStage,  # noqa: UP007

@@ -37,7 +37,8 @@ class SampleStage(StageBase):
     classes: dict[str, int] | Literal["all", "none"] | None = Field(
         None, description="Class label -> sample count; `all`: num_samples over every class in turn; `none`: "
                           "unconditional (default: `all` when the model has classes, else `none`).")
-    prefix: PrefixSpec | None = None
+    prefix: PrefixSpec | None = Field(None, description="Continue samples of a token store instead of starting "
+                                                        "from nothing (not with `classes`).")
     length: int | None = Field(None, ge=1, description="Tokens per sample for variable-length tokenizers "
                                                        "(octree; default: the longest sample the model saw).")
     temperature: float = Field(1.0, ge=0, description="0 is greedy.")
@@ -57,10 +58,11 @@ class SampleStage(StageBase):
         None, description="Media formats per modality (default: image png, video gif+mp4, volume tiff+mrc, "
                           "pointcloud ply); `{}` writes none.")
     actors: int = Field(1, ge=1, description="Actors in the pool; each holds one model replica.")
-    cpus_per_actor: float = Field(1.0, ge=0)
-    gpus_per_actor: float = Field(0.0, ge=0)
+    cpus_per_actor: float = Field(1.0, ge=0, description="CPUs reserved per actor; also its torch thread count.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs reserved per actor; above 0 the model runs on "
+                                                         "CUDA.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Model dtype on GPU (CPU runs fp32).")
-    progress: bool = True
+    progress: bool = Field(True, description="Print a line per finished shard.")
 
     @model_validator(mode="after")
     def _media_formats(self) -> SampleStage:
@@ -89,7 +91,7 @@ class FeaturesSpec(Strict):
                                                 "torch.jit.save: enables FID, KID, precision and recall.")
     image_size: int | None = Field(299, ge=8, description="Input side the image network expects.")
     video: str | None = Field(None, description="Video network (e.g. I3D) saved with torch.jit.save: enables FVD.")
-    video_size: int | None = Field(224, ge=8)
+    video_size: int | None = Field(224, ge=8, description="Frame side the video network expects.")
 
 
 class ReconstructionSpec(Strict):
@@ -97,7 +99,7 @@ class ReconstructionSpec(Strict):
 
     tokenizer: str = Field(description="A tokenizer artifact, usually `${tokenizer.tokenizer}`.")
     source: Source = Field(description="Real data, read as the tokenize stage reads it (held-out data is best).")
-    max_samples: int = Field(64, ge=1)
+    max_samples: int = Field(64, ge=1, description="Samples round-tripped: the first ones the source yields.")
 
 
 class EvaluateStage(StageBase):
@@ -114,13 +116,15 @@ class EvaluateStage(StageBase):
     model: str | None = Field(None, description="A model folder, for held-out NLL (`${train.model}`).")
     heldout: str | list[str] | None = Field(None, description="Token store(s) for NLL and bits per token "
                                                               "(default: reference).")
-    reconstruction: ReconstructionSpec | None = None
-    features: FeaturesSpec = Field(default_factory=FeaturesSpec)
+    reconstruction: ReconstructionSpec | None = Field(
+        None, description="Score a tokenizer's round trip on real data (PSNR and SSIM; Chamfer for point clouds).")
+    features: FeaturesSpec = Field(default_factory=FeaturesSpec,
+                                   description="Feature networks for FID, KID, precision, recall and FVD.")
     max_samples: int = Field(256, ge=2, description="Samples per set used by every metric.")
     knn: int = Field(3, ge=1, description="k of the k-NN manifolds for precision and recall.")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="Samples per model forward when scoring held-out NLL.")
     seed: int = Field(0, description="Seeds the point subsampling of point-cloud metrics.")
-    resources: Resources = Field(default_factory=Resources)
+    resources: Resources = Field(default_factory=Resources, description="Ray resources of the evaluate task.")
 
     @model_validator(mode="after")
     def _something_to_do(self) -> EvaluateStage:

@@ -25,49 +25,79 @@ class _Source(Strict):
 
 class ImageSource(_Source):
     modality: Literal["image"]
-    format: Literal["auto", "folder", "webdataset", "array", "npy", "npz"] = "auto"
+    format: Literal["auto", "folder", "webdataset", "array", "npy", "npz"] = Field(
+        "auto", description="How `uri` is read: `auto` goes by suffix (a folder holding .tar files is "
+                            "WebDataset), else `folder`, `webdataset` or `array` (also spelt `npy`/`npz`).")
     size: Size | None = Field(None, description="Output size (square int or [h, w]).")
-    resize: Literal["resize_crop", "resize", "center_crop", "none"] = "resize_crop"
-    channels: Literal[1, 3] = 3
+    resize: Literal["resize_crop", "resize", "center_crop", "none"] = Field(
+        "resize_crop", description="How images reach `size`: `resize_crop` scales the shorter side to fit then "
+                                   "crops the centre (no distortion), `resize` stretches, `center_crop` only "
+                                   "crops, `none` keeps the source size.")
+    channels: Literal[1, 3] = Field(3, description="Output channels: 3 (RGB; gray is repeated, alpha dropped) "
+                                                   "or 1 (luma).")
     labels: str | None = Field("auto", description="'auto', 'folder', a sidecar CSV/JSON path, or null.")
     value_range: list[float] | None = Field(None, description="[lo, hi] of raw values in array files.")
     max_pixels: int = Field(1 << 26, ge=1, description="Reject images with more pixels (quarantined).")
-    files_per_unit: int = Field(64, ge=1)
-    rows_per_unit: int = Field(1024, ge=1)
+    files_per_unit: int = Field(64, ge=1, description="Image files per work unit (one Ray task) when reading a "
+                                                      "folder.")
+    rows_per_unit: int = Field(1024, ge=1, description="Rows per work unit when reading an .npy array (read by "
+                                                       "byte range; an .npz is always one unit).")
 
 
 class VideoSource(_Source):
     modality: Literal["video"]
-    clip_len: int = Field(16, ge=1)
-    stride: int | None = Field(None, ge=1)
-    fps: float | None = Field(None, gt=0)
-    size: Size | None = None
-    resize: Literal["resize_crop", "resize", "center_crop", "none"] = "resize_crop"
-    channels: Literal[1, 3] = 3
-    labels: str | None = "folder"
-    max_pixels: int = Field(1 << 24, ge=1)
-    max_frames: int | None = Field(None, ge=1)
-    clips_per_unit: int | None = Field(None, ge=1)
+    clip_len: int = Field(16, ge=1, description="Frames per clip, counted at the output frame rate.")
+    stride: int | None = Field(None, ge=1, description="Frames between the starts of consecutive clips "
+                                                      "(default: clip_len, clips that do not overlap).")
+    fps: float | None = Field(None, gt=0, description="Frame rate the video is resampled to before cutting "
+                                                      "clips (default: the video's native rate).")
+    size: Size | None = Field(None, description="Frame size (square int or [h, w]; default: the source size).")
+    resize: Literal["resize_crop", "resize", "center_crop", "none"] = Field(
+        "resize_crop", description="How frames reach `size`: `resize_crop` scales the shorter side to fit then "
+                                   "crops the centre (no distortion), `resize` stretches, `center_crop` only "
+                                   "crops, `none` keeps the source size.")
+    channels: Literal[1, 3] = Field(3, description="Output channels: 3 (RGB) or 1 (gray).")
+    labels: str | None = Field("folder", description="`folder`: a clip's class label is its file's sub-folder "
+                                                     "name; null: clips are unlabelled.")
+    max_pixels: int = Field(1 << 24, ge=1, description="Reject videos whose frames have more pixels "
+                                                       "(height x width) than this (quarantined).")
+    max_frames: int | None = Field(None, ge=1, description="Reject videos with more decoded frames than this "
+                                                           "(quarantined; default: no limit).")
+    clips_per_unit: int | None = Field(None, ge=1, description="Clips per work unit, so one long video is read "
+                                                               "by several tasks (default: one unit per file).")
 
 
 class VolumeSource(_Source):
     modality: Literal["volume"]
-    format: Literal["auto", "tiff", "tiff_folder", "hdf5", "zarr", "mrc", "npy"] = "auto"
+    format: Literal["auto", "tiff", "tiff_folder", "hdf5", "zarr", "mrc", "npy"] = Field(
+        "auto", description="File format (default: inferred from the suffix; a folder of .tif slices is "
+                            "`tiff_folder`).")
     dataset: str | None = Field(None, description="Array inside an HDF5 file or Zarr group.")
     crop: Size = Field(64, description="Crop size (int or [z, y, x]).")
-    stride: Size | None = None
-    cover: bool = True
-    intensity_range: list[float] | None = None
-    voxel_size: list[float] | None = None
-    max_unit_bytes: int = Field(256 << 20, ge=1)
-    max_voxels: int | None = Field(None, ge=1)
+    stride: Size | None = Field(None, description="Voxels between crop origins (int or [z, y, x]; default: "
+                                                  "crop, crops that do not overlap).")
+    cover: bool = Field(True, description="Add a last crop flush with the far edge of each axis, so no voxel "
+                                          "is left out.")
+    intensity_range: list[float] | None = Field(
+        None, description="[lo, hi] of raw values mapped to 0..1, clipped (default: integers scaled by their "
+                          "dtype's range, floats kept as they are).")
+    voxel_size: list[float] | None = Field(None, description="Voxel spacing [z, y, x] recorded with each "
+                                                             "sample (default: what the file says, if anything).")
+    max_unit_bytes: int = Field(256 << 20, ge=1, description="Bytes of the region one work unit reads at most; "
+                                                             "neighbouring crops are grouped up to it.")
+    max_voxels: int | None = Field(None, ge=1, description="Reject volumes with more voxels than this (default: "
+                                                           "no limit).")
 
 
 class PointCloudSource(_Source):
     modality: Literal["pointcloud"]
-    normalize: Literal["unit_sphere", "none"] = "unit_sphere"
-    max_points: int = Field(1 << 22, ge=1)
-    labels: str | None = "folder"
+    normalize: Literal["unit_sphere", "none"] = Field(
+        "unit_sphere", description="`unit_sphere` centres each cloud on its bounding-box centre and scales its "
+                                   "farthest point onto the unit sphere (centre and scale are kept to undo it); "
+                                   "`none` keeps the coordinates.")
+    max_points: int = Field(1 << 22, ge=1, description="Reject clouds with more points than this (quarantined).")
+    labels: str | None = Field("folder", description="`folder`: a cloud's class label is its file's sub-folder "
+                                                     "name; null: clouds are unlabelled.")
 
 
 Source = Annotated[Union[ImageSource, VideoSource, VolumeSource, PointCloudSource],  # noqa: UP007
@@ -90,21 +120,26 @@ class _Tokenizer(Strict):
 class PatchVQConfig(_Tokenizer):
     type: Literal["patch_vq"]
     patch: list[int] = Field(description="Patch size per spatial axis ([p, p] or [t, p, p]).")
-    codebook_size: int = Field(512, ge=2)
-    seed: int = 0
-    fit_vectors: int = Field(200_000, ge=1)
-    fit_iters: int = Field(100, ge=1)
+    codebook_size: int = Field(512, ge=2, description="Codes (k-means centroids): the tokenizer's vocabulary "
+                                                      "size.")
+    seed: int = Field(0, description="Seeds the subsampling of fit vectors and the k-means initialization.")
+    fit_vectors: int = Field(200_000, ge=1, description="Most patch vectors k-means fits on (a random subset "
+                                                        "when the fit samples hold more).")
+    fit_iters: int = Field(100, ge=1, description="Mini-batch k-means iterations (4096 vectors each).")
 
 
 class MSVQConfig(_Tokenizer):
     type: Literal["msvq"]
     scales: list[Size] = Field(min_length=1, description="Token grid per scale, coarse to fine.")
     patch: list[int] | None = Field(None, description="Pixels per finest-scale token (default: size / last scale).")
-    codebook_size: int = Field(512, ge=2)
-    seed: int = 0
-    fit_vectors: int = Field(200_000, ge=1)
-    fit_iters: int = Field(100, ge=1)
-    fit_rounds: int = Field(3, ge=1)
+    codebook_size: int = Field(512, ge=2, description="Codes in the one codebook all scales share: the "
+                                                      "tokenizer's vocabulary size.")
+    seed: int = Field(0, description="Seeds the subsampling of fit vectors and the k-means initialization.")
+    fit_vectors: int = Field(200_000, ge=1, description="Most residual vectors each k-means round fits on (a "
+                                                        "random subset when there are more).")
+    fit_iters: int = Field(100, ge=1, description="Mini-batch k-means iterations per round (4096 vectors each).")
+    fit_rounds: int = Field(3, ge=1, description="Rounds of k-means, each on the residuals the previous round's "
+                                                 "codebook leaves at every scale.")
 
     def constructor_args(self, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
         args = super().constructor_args(input_shape)
@@ -117,32 +152,46 @@ class MSVQConfig(_Tokenizer):
 
 
 class VQVAEFit(Strict):
-    steps: int = Field(2000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    time_limit_s: float | None = Field(None, gt=0)
+    steps: int = Field(2000, ge=1, description="Training steps; the learning-rate schedule spans them.")
+    batch_size: int = Field(64, ge=1, description="Samples per step over all workers (split between them).")
+    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate (linear warm-up over the first 5%, "
+                                              "then cosine decay to 2% of it).")
+    time_limit_s: float | None = Field(None, gt=0, description="Seconds after which training ends even if "
+                                                               "steps remain; the schedule then runs on the "
+                                                               "clock (default: no limit).")
 
 
 class VQVAEConfig(_Tokenizer):
     type: Literal["vqvae"]
-    downsample: Size = 4
-    codebook_size: int = Field(512, ge=2)
-    hidden: int = Field(64, ge=1)
-    code_dim: int = Field(16, ge=1)
-    beta: float = Field(0.25, ge=0)
-    dead_threshold: float = Field(0.03, ge=0)
-    ema_decay: float = Field(0.9, ge=0, le=1)
-    usage_decay: float = Field(0.99, ge=0, le=1)
+    downsample: Size = Field(4, description="Input cells per token: a power of two for every axis, or one per "
+                                            "spatial axis (e.g. [1, 4, 4] for per-frame video tokens).")
+    codebook_size: int = Field(512, ge=2, description="Codes in the codebook: the tokenizer's vocabulary size.")
+    hidden: int = Field(64, ge=1, description="Channels of the convolutional encoder and decoder.")
+    code_dim: int = Field(16, ge=1, description="Length of each code vector (the encoder's output channels).")
+    beta: float = Field(0.25, ge=0, description="Weight of the commitment loss that keeps encoder outputs near "
+                                                "their codes.")
+    dead_threshold: float = Field(0.03, ge=0, description="A code whose usage falls below this fraction of "
+                                                          "uniform (1 / codebook_size) is restarted on an "
+                                                          "encoder output.")
+    ema_decay: float = Field(0.9, ge=0, le=1, description="Decay of the moving averages the codebook follows "
+                                                          "(online k-means); higher moves codes more slowly.")
+    usage_decay: float = Field(0.99, ge=0, le=1, description="Decay of each code's moving-average usage, which "
+                                                             "dead_threshold is compared with.")
     device: str = Field("auto", description="auto (GPU when present), cpu or cuda.")
-    seed: int = 0
-    fit: VQVAEFit = Field(default_factory=VQVAEFit)
+    seed: int = Field(0, description="Seeds weight initialization, batch sampling and dead-code restarts.")
+    fit: VQVAEFit = Field(default_factory=VQVAEFit, description="Training schedule of the fit.")
 
 
 class OctreeConfig(_Tokenizer):
     type: Literal["octree"]
-    depth: int = Field(8, ge=1, le=20)
-    half_extent: float = Field(1.0, gt=0)
-    tolerance: float = Field(1e-4, ge=0)
+    depth: int = Field(8, ge=1, le=20, description="Octree levels: points are quantized to a 2^depth voxel "
+                                                   "grid per side, the resolution decoding is lossless at.")
+    half_extent: float = Field(1.0, gt=0, description="Half side of the cube [-half_extent, half_extent]^3 "
+                                                      "points must lie in (1 fits the reader's unit_sphere "
+                                                      "normalization).")
+    tolerance: float = Field(1e-4, ge=0, description="Relative slack: coordinates up to half_extent * (1 + "
+                                                     "tolerance) in magnitude are accepted and clipped into "
+                                                     "the cube.")
 
     def constructor_args(self, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
         return self.model_dump(exclude={"type", "input_shape"})
@@ -165,9 +214,9 @@ class TokenizerStage(StageBase):
     output_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
     kind: Literal["tokenizer"]
-    source: Source
-    tokenizer: TokenizerConfig
-    fit: FitSpec = Field(default_factory=FitSpec)
+    source: Source = Field(description="Data to fit on; `modality` picks the reader.")
+    tokenizer: TokenizerConfig = Field(description="Tokenizer to fit; `type` picks it.")
+    fit: FitSpec = Field(default_factory=FitSpec, description="How many samples to fit on and to hold out.")
     workers: int = Field(1, ge=1, description="Ray Train workers that fit a vqvae data-parallel "
                                               "(one CPU each; one GPU each when resources.num_gpus > 0).")
     resources: Resources = Field(default_factory=Resources, description="Ray resources of the fit task; "
@@ -175,7 +224,8 @@ class TokenizerStage(StageBase):
 
 
 class ShardSpec(Strict):
-    samples_per_shard: int = Field(4096, ge=1)
+    samples_per_shard: int = Field(4096, ge=1, description="Most samples per store shard; each work unit "
+                                                           "fills shards of this size, its last may be smaller.")
 
 
 class TokenizeStage(StageBase):
@@ -185,10 +235,12 @@ class TokenizeStage(StageBase):
     output_names: ClassVar[tuple[str, ...]] = ("store",)
 
     kind: Literal["tokenize"]
-    source: Source
+    source: Source = Field(description="Data to tokenize; `modality` picks the reader.")
     tokenizer: str = Field(description="Tokenizer artifact, usually `${fit_tok.tokenizer}`.")
-    shards: ShardSpec = Field(default_factory=ShardSpec)
+    shards: ShardSpec = Field(default_factory=ShardSpec, description="How encoded samples are cut into "
+                                                                     "store shards.")
     workers: int = Field(2, ge=1, description="Concurrent Ray tasks (one CPU each).")
     max_reject_fraction: float = Field(0.01, ge=0, le=1,
                                        description="Fail when more than this share of samples is rejected.")
-    progress: bool = True
+    progress: bool = Field(True, description="Print units done, samples encoded and samples/s every few "
+                                             "seconds.")

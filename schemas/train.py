@@ -16,7 +16,10 @@ class DataSource(Strict):
 
 class ModelSpec(Strict):
     preset: Literal["tiny", "small", "1b", "3b"] = Field("tiny", description="Model size preset.")
-    paradigm: Literal["next_token", "next_scale", "next_block"] = "next_token"
+    paradigm: Literal["next_token", "next_scale", "next_block"] = Field(
+        "next_token", description="What the model predicts at once: `next_token` the next token, `next_scale` "
+                                  "the next whole scale (VAR; needs msvq stores), `next_block` the next "
+                                  "block_size tokens (NBP).")
     block_size: int = Field(16, ge=1, description="Tokens per block for next_block (NBP).")
     n_embd: int | None = Field(None, ge=8, description="Width; overrides the preset.")
     n_layer: int | None = Field(None, ge=1, description="Depth; overrides the preset.")
@@ -24,15 +27,17 @@ class ModelSpec(Strict):
     vocab_size: int | None = Field(None, ge=1, description="Vocabulary size (default: exactly what the stores "
                                                             "need; larger leaves room for later modalities).")
     cond_dropout: float = Field(0.1, ge=0, le=1, description="Condition dropout for classifier-free guidance.")
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: "
+                                                              "less memory for more compute.")
 
 
 class DeepSpeedSpec(Strict):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage 0-3.")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training dtype; fp16 uses dynamic "
+                                                                          "loss scaling.")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer state offload to CPU (stage >= 1).")
     offload_params: bool = Field(False, description="ZeRO parameter offload to CPU (stage 3).")
-    gradient_clipping: float = Field(1.0, ge=0)
+    gradient_clipping: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 is off.")
     config: dict[str, Any] = Field(default_factory=dict,
                                    description="Merged over the generated DeepSpeed config (for experts).")
 
@@ -46,10 +51,11 @@ class DeepSpeedSpec(Strict):
 
 
 class OptimizerSpec(Strict):
-    lr: float = Field(3e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_steps: int = Field(100, ge=0)
+    lr: float = Field(3e-4, gt=0, description="Peak AdamW learning rate, reached after warmup_steps.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW's [beta1, beta2].")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW's decoupled weight decay.")
+    warmup_steps: int = Field(100, ge=0, description="Steps that warm the learning rate up from 0 to lr before "
+                                                     "the cosine decay.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
 
 
@@ -61,25 +67,32 @@ class TrainStage(StageBase):
     output_names: ClassVar[tuple[str, ...]] = ("model",)
 
     kind: Literal["train"]
-    data: list[DataSource] = Field(min_length=1)
+    data: list[DataSource] = Field(min_length=1, description="Token stores to train on, mixed by weight.")
     heldout: str | None = Field(None, description="Token store for held-out loss (default: none).")
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
-    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Model size and training paradigm.")
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec,
+                                     description="ZeRO stage, offload, precision and gradient clipping.")
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec,
+                                     description="AdamW and its warm-up + cosine learning-rate schedule.")
     global_batch: int = Field(32, ge=1, description="Sequences per optimizer step, over all workers.")
     micro_batch: int | None = Field(None, ge=1, description="Sequences per worker per forward (default: "
                                                                "global_batch / workers, no accumulation).")
     seq_len: int | None = Field(None, ge=2, description="Packed sequence length (default: longest sample + 2).")
     packing: bool = Field(False, description="Pack samples into seq_len with document masks.")
-    steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0)
-    tokens: int | None = Field(None, ge=1)
-    seed: int = 0
+    steps: int | None = Field(None, ge=1, description="Budget in optimizer steps (give one of steps, epochs, "
+                                                     "tokens).")
+    epochs: float | None = Field(None, gt=0, description="Budget in passes over the training samples, rounded "
+                                                         "up to whole steps.")
+    tokens: int | None = Field(None, ge=1, description="Budget in tokens, counted as global_batch x seq_len per "
+                                                       "step and rounded up to whole steps.")
+    seed: int = Field(0, description="Seeds model initialization, data order and condition dropout.")
     workers: int = Field(1, ge=1, description="Ray Train workers (processes).")
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="One GPU per worker, with NCCL; false trains on CPU with gloo.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (and resumable units).")
-    eval_every: int = Field(100, ge=1)
-    log_every: int = Field(1, ge=1)
+    eval_every: int = Field(100, ge=1, description="Steps between held-out loss evaluations (when heldout is "
+                                                   "given).")
+    log_every: int = Field(1, ge=1, description="Steps between metric rows (loss, lr, tokens/s, grad norm, "
+                                                "MFU on GPU) logged to MLflow.")
     max_failures: int = Field(1, ge=0, description="Worker-group restarts from the last checkpoint.")
 
     @model_validator(mode="after")
