@@ -123,7 +123,7 @@ class EvaluateStage(StageBase):
     max_samples: int = Field(256, ge=2, description="Samples per set used by every metric.")
     knn: int = Field(3, ge=1, description="k of the k-NN manifolds for precision and recall.")
     batch_size: int = Field(32, ge=1, description="Samples per model forward when scoring held-out NLL.")
-    seed: int = Field(0, description="Seeds the point subsampling of point-cloud metrics.")
+    seed: int = Field(0, description="Seeds the point subsampling of point-cloud metrics and the KID subsets.")
     resources: Resources = Field(default_factory=Resources, description="Ray resources of the evaluate task.")
 
     @model_validator(mode="after")

@@ -203,7 +203,7 @@ TokenizerConfig = Annotated[Union[PatchVQConfig, MSVQConfig, VQVAEConfig, Octree
 
 class FitSpec(Strict):
     max_samples: int = Field(4096, ge=1, description="Samples read to fit (the first ones, in source order).")
-    heldout: int = Field(64, ge=0, description="Samples after those, kept for reconstruction metrics.")
+    heldout: int = Field(64, ge=0, description="Samples held out of the fit (picked evenly among the max_samples + heldout read) for reconstruction metrics.")
 
 
 class TokenizerStage(StageBase):
