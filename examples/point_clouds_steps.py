@@ -24,7 +24,7 @@ def export_clouds(config, inputs, out_dir):
     points = int(config.get("points", 1024))
     rng = np.random.default_rng(int(config.get("seed", 0)))
     folders = {}
-    for split, count in (("train", int(config.get("clouds", 60))), ("heldout", int(config.get("heldout", 10)))):
+    for split, count in (("train", int(config.get("clouds", 200))), ("heldout", int(config.get("heldout", 20)))):
         folders[split] = os.path.join(out_dir, split)
         os.makedirs(folders[split], exist_ok=True)
         for k in range(count):
