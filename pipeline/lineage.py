@@ -7,12 +7,19 @@ secrets redacted; inputs are the upstream outputs with their content digests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:   # Windows: no advisory locks; concurrent first runs there are on their own
+    fcntl = None
 
 from pipeline import __version__
 from pipeline.config import redact
@@ -54,6 +61,26 @@ def flatten_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def _first_open_lock(uri: str) -> Iterator[None]:
+    """One process at a time opens a SQLite tracking file.
+
+    The first open creates its tables by migrations; two runs starting together on a fresh file
+    both migrate, and the loser's half-done migration leaves the file unusable for every later run.
+    """
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if not path or path.startswith(":memory:") or fcntl is None:
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class Lineage:
     """Writes runs through MlflowClient with explicit run ids (no global active run)."""
 
@@ -61,10 +88,11 @@ class Lineage:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(uri)
         self.secrets = set(secrets)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        with _first_open_lock(uri):
+            self.client = MlflowClient(uri)
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
 
     def start_parent(self, pipeline: str, resolved_yaml: str, tags: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=pipeline, tags={

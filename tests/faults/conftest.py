@@ -1,0 +1,173 @@
+"""Fixtures of the fault and bad-input suite, and its one-line summary at the end of the session.
+
+The kill campaigns run on their own local Ray instance (``fault_ray``), started in a
+subprocess with more logical CPUs than cores, so that four campaigns (one per stage
+kind) can each keep a stage running while the others are killed and restarted; its
+worker processes are the only ones the suite ever kills.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from faults.tally import TALLY
+
+RAY_HEAD = textwrap.dedent("""
+    import sys
+    import ray
+
+    ray.init(num_cpus=int(sys.argv[1]), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    print(ray.get_runtime_context().gcs_address, flush=True)
+    print(ray._private.worker._global_node.get_session_dir_path(), flush=True)
+    sys.stdin.read()   # held until the test session closes this pipe
+    ray.shutdown()
+""")
+
+
+@dataclass
+class FaultRay:
+    """A Ray instance of the suite's own: its GCS address, session folder and the process that owns it."""
+
+    address: str
+    session: Path
+    head: subprocess.Popen
+
+    def job_of(self, driver_pid: int, timeout: float = 0.0) -> str | None:
+        """The Ray job id of a driver process, read off the log file Ray names after it."""
+        deadline = time.time() + timeout
+        while True:
+            logs = list((self.session / "logs").glob(f"python-core-driver-*_{driver_pid}.log"))
+            if logs:
+                return logs[0].name[len("python-core-driver-"):][:8]
+            if time.time() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def processes(self, marker: str = "", job: str | None = None) -> list[psutil.Process]:
+        """This instance's processes whose command line holds ``marker`` (Ray titles workers ``ray::<task>``),
+        of Ray job ``job`` when given."""
+        found = []
+        try:
+            children = psutil.Process(self.head.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+        for proc in children:
+            try:
+                if marker not in " ".join(proc.cmdline()):
+                    continue
+                if job is not None and proc.environ().get("RAY_JOB_ID") != job:
+                    continue
+                found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
+
+@pytest.fixture(scope="session")
+def fault_ray(tmp_path_factory) -> FaultRay:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    log = open(tmp_path_factory.mktemp("fault-ray") / "head.log", "w")
+    head = subprocess.Popen([sys.executable, "-c", RAY_HEAD, "6"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=log, text=True, env=env)
+    address = head.stdout.readline().strip()
+    session = head.stdout.readline().strip()
+    if not address or not session:
+        head.kill()
+        pytest.fail(f"the suite's Ray instance did not start; see {log.name}")
+    yield FaultRay(address, Path(session), head)
+    head.stdin.close()
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        head.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """240 of scikit-learn's digits as 8x8 PNGs, one folder per label."""
+    from realdata import digits_folder
+
+    return digits_folder(tmp_path_factory.mktemp("digits") / "digits", count=240)
+
+
+class Assets:
+    """The digits, a tokenizer artifact and a token store made from them, prepared in the background."""
+
+    def __init__(self, ray: FaultRay, folder: Path, digits: Path):
+        self.digits, self.value, self.error = digits, {}, None
+        self._thread = threading.Thread(target=self._make, args=(ray, folder), name="assets", daemon=True)
+        self._thread.start()
+
+    def _make(self, ray: FaultRay, folder: Path) -> None:
+        from faults.kinds import prepare
+
+        try:
+            self.value = {"digits": str(self.digits), **prepare(folder, ray.address, self.digits)}
+        except Exception as err:
+            self.error = f"{type(err).__name__}: {err}"
+
+    def get(self) -> dict[str, str]:
+        self._thread.join()
+        if self.error:
+            raise AssertionError(f"preparing the suite's tokenizer and store failed: {self.error}")
+        return self.value
+
+
+@pytest.fixture(scope="session")
+def assets(fault_ray, digits, tmp_path_factory) -> Assets:
+    return Assets(fault_ray, tmp_path_factory.mktemp("prep") / "prep", digits)
+
+
+@pytest.fixture(scope="session")
+def prepared(assets) -> dict[str, str]:
+    """``digits``, ``tokenizer`` (an artifact folder) and ``store`` (a token store of the digits)."""
+    return assets.get()
+
+
+KILL_TEST = "test_kill_9_at_random_moments_then_a_killed_worker"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kill_campaigns(request, tmp_path_factory):
+    """The kill campaigns of the selected stage kinds, started in the background by the suite's first test.
+
+    They take minutes of mostly waiting (process and Ray Train start-up); the bad-input, outage
+    and security tests run meanwhile, and ``test_stage_kills.py`` (collected last) reads the results.
+    """
+    selected = {item.callspec.params["kind"] for item in request.session.items
+                if getattr(item, "originalname", "") == KILL_TEST}
+    if not selected:
+        yield {}
+        return
+    from faults.harness import start_campaigns
+    from faults.kinds import GROUPS, SEED
+
+    ray = request.getfixturevalue("fault_ray")
+    ready = request.getfixturevalue("assets")
+    groups = [[k for k in group if k.kind in selected] for group in GROUPS]
+    handles = start_campaigns([g for g in groups if g], tmp_path_factory.mktemp("kills"), ray, SEED, ready.get)
+    yield handles
+    for handle in handles.values():
+        handle.thread.join(timeout=600)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if not TALLY.used:
+        return
+    terminalreporter.write_sep("-", "fault and bad-input suite")
+    if TALLY.by_fault and config.option.verbose > 0:
+        detail = ", ".join(f"{what}: {n}" for what, n in sorted(TALLY.by_fault.items()))
+        terminalreporter.write_line(f"faults by class: {detail}")
+    terminalreporter.write_line(TALLY.line())
