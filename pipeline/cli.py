@@ -245,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("arpipe: interrupted", file=sys.stderr)
         code = 130
+    except OSError as err:   # the machine, not arpipe: a full disk, a permission, a vanished folder
+        if args.debug:
+            traceback.print_exc()
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"arpipe: error: {where}{err.strerror or err}; fix that and rerun (a run resumes where it stopped)",
+              file=sys.stderr)
+        code = 1
     except Exception as err:
         if args.debug:
             traceback.print_exc()

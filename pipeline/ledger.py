@@ -36,7 +36,10 @@ class Ledger:
         self.save()
 
     def save(self) -> None:
-        storage_for(self.uri).write_text(self.uri, json.dumps(self.data, indent=1), durable=False)
+        try:
+            storage_for(self.uri).write_text(self.uri, json.dumps(self.data, indent=1), durable=False)
+        except OSError:
+            pass   # bookkeeping only: a full or failing storage must not stop the run it describes
 
 
 def read_ledger(root: str, pipeline: str) -> dict[str, Any] | None:

@@ -343,9 +343,12 @@ class Runner:
             trace = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
             if "RayTaskError" in type(err).__name__ or hasattr(err, "traceback_str"):
                 trace = str(err)
-            storage_for(item.plan.out_uri).write_text(
-                join(item.plan.out_uri, out.CONTROL_DIR, "failed.json"),
-                json.dumps({"run_id": self.run_id, "error": message, "traceback": trace, "time": time.time()}))
+            try:
+                storage_for(item.plan.out_uri).write_text(
+                    join(item.plan.out_uri, out.CONTROL_DIR, "failed.json"),
+                    json.dumps({"run_id": self.run_id, "error": message, "traceback": trace, "time": time.time()}))
+            except OSError:
+                pass   # the storage that failed the stage (full, gone) may refuse the note too; the run goes on
             self.lineage.finish_stage(item.mlflow_run_id, "FAILED", error=message)
             self._line(name, "failed", message)
             if self.debug:
