@@ -61,6 +61,9 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
                         fix="check the path (run from the folder that holds it, or give its full path)") from None
     except IsADirectoryError:
         raise UserError("is a folder, not a pipeline file", where=str(path), fix="name the .yaml file") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"not UTF-8 text (byte {err.start} cannot be decoded)", where=str(path),
+                        fix="save the pipeline file as UTF-8 text") from None
     data, positions = load_yaml(text, str(path))
     if not isinstance(data, dict):
         raise UserError("a pipeline file is a mapping with name, storage and stages", where=f"{path}:1:1",

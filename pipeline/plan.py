@@ -57,7 +57,13 @@ class Planner:
     def code_digest(self, name: str) -> str | None:
         if name not in self._code:
             spec = self.loaded.spec.stages[name]
-            self._code[name] = stage_class(spec.kind).code_digest(spec, self.loaded.directory)
+            try:
+                self._code[name] = stage_class(spec.kind).code_digest(spec, self.loaded.directory)
+            except UserError as err:
+                if err.where:
+                    raise
+                raise UserError(err.what, where=self.loaded.where("stages", name), path=f"stages.{name}",
+                                fix=err.fix) from None
         return self._code[name]
 
     def decide(self, name: str, records: dict[str, OutputsRecord], forced: bool = False) -> StagePlan:

@@ -39,25 +39,35 @@ class Positions:
             path = path[:-1]
 
 
+#: values a pipeline file may hold once its aliases are expanded: a few lines of nested aliases
+#: (a "billion laughs") would otherwise expand to billions and hang the loader
+MAX_VALUES = 100_000
+
+
 def load_yaml(text: str, filename: str) -> tuple[Any, Positions]:
     """Parse YAML text into plain Python data plus the position of every value."""
     positions = Positions(filename)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is None:
+            return {}, positions
+        return _build(node, (), positions, yaml.SafeLoader("")), positions
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = positions.mark(mark) if mark else filename
         what = (err.problem or err.context or "invalid YAML").strip()
         raise UserError(f"YAML syntax error: {what}", where=where,
                         fix="fix the indentation or quoting at that spot") from None
-    if node is None:
-        return {}, positions
-    constructor = yaml.SafeLoader("")
-    return _build(node, (), positions, constructor), positions
+    except RecursionError:
+        raise UserError("YAML nested too deeply to read", where=filename,
+                        fix="flatten the structure (a pipeline file needs a few levels)") from None
 
 
 def _build(node: yaml.Node, path: Path, positions: Positions, constructor: yaml.SafeLoader) -> Any:
     positions.values[path] = positions.mark(node.start_mark)
+    if len(positions.values) > MAX_VALUES:
+        raise UserError(f"the file expands to more than {MAX_VALUES} values", where=positions.mark(node.start_mark),
+                        fix="YAML aliases repeat whole blocks: write the values out or use fewer aliases")
     if not isinstance(node, yaml.ScalarNode) and node.tag not in _PLAIN_TAGS:
         raise _tag_error(node, positions)
     if isinstance(node, yaml.MappingNode):

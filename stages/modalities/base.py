@@ -295,6 +295,9 @@ def read_artifact(uri: str) -> tuple[dict[str, Any], bytes]:
     except json.JSONDecodeError as err:
         raise TokenizerError(f"tokenizer.json is not valid JSON ({err.msg} at line {err.lineno})",
                              where=cfg_uri, fix="re-create the artifact with Tokenizer.save") from None
+    if not isinstance(doc, dict):
+        raise TokenizerError(f"tokenizer.json holds a JSON {type(doc).__name__}, not an object", where=cfg_uri,
+                             fix="re-create the artifact with Tokenizer.save")
     if doc.get("format") != ARTIFACT_FORMAT:
         raise TokenizerError(f"unsupported tokenizer artifact format {doc.get('format')!r}", where=cfg_uri,
                              fix=f"re-create it with this arpipe (format {ARTIFACT_FORMAT})")
@@ -305,6 +308,9 @@ def read_artifact(uri: str) -> tuple[dict[str, Any], bytes]:
     if sha256_bytes(weights) != doc.get("weights_sha256"):
         raise TokenizerError("weights.safetensors does not match the sha256 in tokenizer.json", where=uri,
                              fix="the artifact is corrupt or mixed from two runs: re-create it")
+    if doc.get("type") not in TOKENIZER_TYPES:
+        raise TokenizerError(f"unknown tokenizer type {doc.get('type')!r}", where=cfg_uri,
+                             fix=f"an artifact of this arpipe has one of {', '.join(sorted(TOKENIZER_TYPES))}")
     return doc, weights
 
 

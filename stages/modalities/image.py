@@ -330,9 +330,14 @@ class ImageReader(Reader):
         stream = _CountingReader(storage_for(unit.uri).open_read(unit.uri))
         group: dict[str, bytes] = {}
         current: str | None = None
+        refused: list[str] = []
         try:
             with tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for member in tar:
+                    why = _unsafe_member(member)
+                    if why:
+                        refused.append(f"{member.name!r} ({why})")
+                        continue
                     if not member.isreg():
                         continue
                     prefix, suffix = base_plus_ext(member.name)
@@ -356,6 +361,10 @@ class ImageReader(Reader):
             stream.close()
         if group:
             yield self._tar_sample(unit, current, group)
+        if refused:   # after the shard's good samples: they are kept, the refusal is quarantined
+            raise SampleError(unit.uri, f"refused {len(refused)} member(s) that would leave the shard: "
+                              f"{', '.join(refused[:3])}", fix="re-create the shard with relative member names "
+                              "and no links pointing out of it")
 
     def _tar_sample(self, unit: Unit, key: str, group: dict[str, bytes]) -> Sample:
         source = f"{unit.uri}#{key}"
@@ -439,6 +448,30 @@ class ImageReader(Reader):
                               fix="store images as (N, H, W), (N, H, W, C) or (N, C, H, W) with C in 1, 3, 4")
         _check_pixels(x_HWC.shape[:2], source, self.max_pixels)
         return self._sample(np.array(x_HWC), key, source, sha256_array(row), label)
+
+
+def _unsafe_member(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member's path (or link target) would leave the shard, or None.
+
+    Members are read into memory, never extracted, but their names become sample keys (and links
+    would point readers elsewhere): a shard that names files outside itself is refused.
+    """
+    path = PurePosixPath(member.name)
+    if path.is_absolute():
+        return "absolute path"
+    if ".." in path.parts:
+        return "'..' in its path"
+    if member.issym() or member.islnk():
+        target = PurePosixPath(member.linkname)
+        base = path.parent if member.issym() else PurePosixPath()
+        depth = 0
+        for part in (base / target).parts:
+            depth += -1 if part == ".." else (0 if part in (".", "") else 1)
+            if depth < 0:
+                break
+        if target.is_absolute() or depth < 0:
+            return f"link to {member.linkname!r} outside the shard"
+    return None
 
 
 class _CountingReader:

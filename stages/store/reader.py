@@ -54,12 +54,19 @@ def read_manifest(uri: str) -> StoreManifest:
         raise StoreError(f"manifest format version {version} is newer than this arpipe reads ({FORMAT_VERSION})",
                          where=path, fix="upgrade arpipe to read this store")
     try:
-        return StoreManifest.model_validate(data)
+        manifest = StoreManifest.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         raise StoreError(f"invalid manifest at {loc or 'top level'}: {first['msg']}", where=path,
                          fix="rewrite the store with this arpipe version") from None
+    # the digest covers vocabulary, dtype, tokenizer and every shard's checksum: a manifest edited by
+    # hand (a vocabulary shrunk below the tokens it holds) is refused before anything trains on it
+    if store_digest(dtype=manifest.dtype, vocab=manifest.vocab, tokenizer=manifest.tokenizer,
+                    shards=manifest.shards) != manifest.digest:
+        raise StoreError("manifest.json does not match its digest (edited by hand, or mixed from two stores)",
+                         where=path, fix="rewrite the store: rerun the stage that wrote it")
+    return manifest
 
 
 @dataclass(frozen=True)
