@@ -141,6 +141,7 @@ def actors_benchmark(rows: list[dict]) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="arpipe-bench-"))
     try:
         model = digits_model_folder(root, steps=100)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # a private local instance, as in the tests
         ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
         best: dict[int, float] = {}
         for _ in range(2):
