@@ -328,6 +328,8 @@ class S3Storage(Storage):
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=key):
             for obj in page.get("Contents", []):
+                if obj["Key"].endswith("/"):
+                    continue   # a "folder" marker (pyarrow's S3FileSystem, consoles): not a file
                 yield Entry(obj["Key"][len(key) :], int(obj["Size"]))
 
     def delete(self, uri: str) -> None:

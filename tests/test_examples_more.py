@@ -159,19 +159,10 @@ def committed_stages(env: dict[str, str], uri: str) -> dict[str, int]:
 
 S3_STAGES = ["data", "digits", "tokenizer", "train"]
 
-# Product bug, reported: Ray Train checkpoints to S3 through pyarrow's S3FileSystem, which writes zero-byte
-# "directory" objects (keys ending in "/"), one of them the stage folder itself; S3Storage.list
-# (pipeline/storage.py) lists them as files, the one for the folder with relpath "", and
-# collect_files (pipeline/outputs.py) then opens the folder as a file: every train stage on s3:// storage
-# fails at its commit with "FileNotFoundError: s3://.../train/<fingerprint>".
-S3_TRAIN_BUG = ("train on s3:// storage fails at commit: S3Storage.list yields pyarrow's directory-marker "
-                "objects (the stage folder itself as relpath ''), collect_files opens it as a file")
-
-
 @pytest.fixture(scope="module")
 def s3_example(tmp_path_factory, ray_cluster, s3_server):
     """A copy of examples/, ARPIPE_STORAGE on a fresh bucket and the AWS_* as the user exports them, and
-    the example run once on this machine up to its token store (training on S3: see S3_TRAIN_BUG)."""
+    the example run once on this machine up to its token store."""
     import uuid
 
     tmp = tmp_path_factory.mktemp("s3_example")
@@ -196,7 +187,6 @@ def test_s3_storage(s3_example):
     assert stage_lines(again.stdout) == {s: ["cached"] for s in ("data", "tokenizer", "digits")}
 
 
-@pytest.mark.xfail(strict=True, reason=S3_TRAIN_BUG)
 def test_s3_storage_train(s3_example):
     folder, storage, env, _ = s3_example
     run = arpipe("run", "s3_storage.yaml", "-s", "stages.train.steps=2", cwd=folder, env=env, timeout=600,
@@ -223,7 +213,7 @@ def test_cluster_submit(s3_example, ray_head, tmp_path):
     like a real one, has none of this shell's AWS_* or ARPIPE_* variables: --env hands them over).
 
     What this machine made is a cache hit on the cluster (same bucket, same code); the token store is
-    forced to be made again there. (Up to the token store: training on S3 waits on S3_TRAIN_BUG.)
+    forced to be made again there.
     """
     folder, storage, env, _ = s3_example
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
