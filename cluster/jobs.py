@@ -402,7 +402,8 @@ def prepare(args: argparse.Namespace, url: str) -> Prepared:
     except ValueError:
         raise UserError("the pipeline file is outside the uploaded project folder", where=str(loaded.path),
                         fix=f"pass --working-dir with a folder that contains it (now {project})") from None
-    storage_override = None
+    # the storage this machine resolved and checked (a `${env:...}` in it included) is the one the job uses
+    storage_override = loaded.spec.storage if is_s3(loaded.spec.storage) else None
     storage_dir = None
     if not is_s3(loaded.spec.storage):
         absolute = normalize(loaded.spec.storage, loaded.directory)

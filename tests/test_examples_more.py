@@ -210,7 +210,7 @@ def ray_head():
 
 def test_cluster_submit(s3_example, ray_head, tmp_path):
     """examples/cluster_submit.md as written: the S3 example submitted to a Ray cluster (a local head that,
-    like a real one, has none of this shell's AWS_* or ARPIPE_* variables: --env hands them over).
+    like a real one, has none of this shell's AWS_* variables: --env hands them over; the storage travels resolved).
 
     What this machine made is a cache hit on the cluster (same bucket, same code); the token store is
     forced to be made again there.
@@ -219,7 +219,7 @@ def test_cluster_submit(s3_example, ray_head, tmp_path):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     submit = arpipe("submit", "s3_storage.yaml", "--address", ray_head.address, "--tracking-uri", tracking,
-                    "--env", "ARPIPE_STORAGE", "--env", "AWS_*", "--until", "digits", "--force", "digits",
+                    "--env", "AWS_*", "--until", "digits", "--force", "digits",
                     "--follow", cwd=folder, env=client_env, timeout=600, check=True)
     job = next(line.split()[1] for line in submit.stdout.splitlines() if line.startswith("submitted "))
     assert job.startswith("arpipe-s3-storage-") and f"{job} SUCCEEDED" in submit.stdout
