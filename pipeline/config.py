@@ -22,7 +22,15 @@ from schemas.base import REF_PATTERN
 from schemas.pipeline import PipelineSpec, stage_kinds
 
 ENV_PATTERN = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?:,([^}]*))?\}")
-SECRET_KEY = re.compile(r"secret|password|token|access_key|private", re.IGNORECASE)
+#: names (config keys, environment variables) whose values are credentials: a name *segment* such as
+#: token, secret or password (api_token, AWS_SECRET_ACCESS_KEY, DB_PASSWORD) -- not a word that merely
+#: contains one (tokenizer, max_tokens), whose value must stay visible and in the fingerprint
+SECRET_KEY = re.compile(r"(?:^|[_\-.])(?:secrets?|passwords?|passwd|token|credentials?|api_?key|access_?key"
+                        r"|private_?key|session_?key)(?:$|[_\-.])", re.IGNORECASE)
+#: secret values shorter than this are redacted where their key says so, but not scrubbed from free text
+MIN_SCRUBBED = 4
+#: nor are values of secret-named environment variables the pipeline does not reference, below this
+MIN_ENV_SCRUBBED = 8
 
 
 @dataclass
@@ -72,6 +80,8 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
         _apply_override(data, override, positions)
     secrets: set[str] = set()
     data = _interpolate_env(data, (), positions, secrets)
+    secrets |= {v for v in _secret_literals(data) if len(v) >= MIN_SCRUBBED}
+    secrets |= {v for k, v in os.environ.items() if SECRET_KEY.search(k) and len(v) >= MIN_ENV_SCRUBBED}
     _check_kinds(data, positions)
     try:
         spec = PipelineSpec.model_validate(data)
@@ -152,6 +162,17 @@ def _interpolate_env(value: Any, path: tuple, positions: Positions, secrets: set
         except yaml.YAMLError:
             return text
     return ENV_PATTERN.sub(replace, value)
+
+
+def _secret_literals(value: Any, secret: bool = False) -> set[str]:
+    """String values under secret-named keys (``api_token: abc``), to scrub from text arpipe writes."""
+    if isinstance(value, dict):
+        return {v for k, item in value.items() for v in _secret_literals(item, secret or bool(SECRET_KEY.search(str(k))))}
+    if isinstance(value, list):
+        return {v for item in value for v in _secret_literals(item, secret)}
+    if secret and isinstance(value, (str, int)) and not isinstance(value, bool) and "${" not in str(value):
+        return {str(value)}
+    return set()
 
 
 def _check_kinds(data: dict, positions: Positions) -> None:
@@ -268,7 +289,13 @@ def redact(value: Any, secrets: set[str] = frozenset(), key: str = "") -> Any:
     if isinstance(value, list):
         return [redact(v, secrets) for v in value]
     if isinstance(value, str):
-        for secret in secrets:
-            if secret and secret in value:
-                value = value.replace(secret, "***")
+        value = scrub(value, secrets)
     return value
+
+
+def scrub(text: str, secrets: set[str] | frozenset[str]) -> str:
+    """``text`` with every known secret value replaced by '***' (longest first: one may hold another)."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret and secret in text:
+            text = text.replace(secret, "***")
+    return text

@@ -22,7 +22,7 @@ except ImportError:   # Windows: no advisory locks; concurrent first runs there 
     fcntl = None
 
 from pipeline import __version__
-from pipeline.config import redact
+from pipeline.config import redact, scrub
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 #: MLflow stores dataset digests in 36 characters; the full digest goes into the dataset profile
@@ -101,10 +101,7 @@ class Lineage:
         return run.info.run_id
 
     def scrub(self, text: str) -> str:
-        for secret in self.secrets:
-            if secret:
-                text = text.replace(secret, "***")
-        return text
+        return scrub(text, self.secrets)
 
     def start_stage(self, parent_id: str, name: str, kind: str, fingerprint: str, config: dict[str, Any],
                     inputs: list[dict[str, str]], tags: dict[str, str]) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import outputs as out
-from pipeline.config import LoadedPipeline
+from pipeline.config import LoadedPipeline, redact
 from pipeline.dag import Graph, Selection
 from pipeline.errors import UserError
 from pipeline.fingerprint import explain_change, fingerprint, fingerprint_doc
@@ -82,7 +82,10 @@ class Planner:
             digests[(up, output)] = records[up].outputs[output].digest
         code = self.code_digest(name)
         cls = stage_class(spec.kind)
-        doc = fingerprint_doc(spec.kind, spec.model_dump(mode="json"), type(spec).runtime_fields, digests,
+        # secrets are how a stage reaches its data, not what it computes: they stay out of the fingerprint,
+        # and so out of the document kept in outputs.json and latest.json (and out of `plan`'s reasons)
+        doc = fingerprint_doc(spec.kind, redact(spec.model_dump(mode="json"), self.loaded.secret_values),
+                              type(spec).runtime_fields, digests,
                               cls.version, code, cls.source_digest(spec, self.loaded.directory))
         fp = fingerprint(doc)
         uri = out.output_uri(self.root, name, fp)

@@ -335,7 +335,7 @@ class Runner:
             ledger.stage(name, state="done", duration_s=seconds, finished=time.time())
         except Exception as err:
             cause = _unwrap(err)
-            message = describe_error(err)
+            message = self.lineage.scrub(describe_error(err))   # a stage's error may quote its credentials
             errors[name] = message
             states[name] = "failed"
             if isinstance(cause, UserError):
@@ -343,6 +343,7 @@ class Runner:
             trace = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
             if "RayTaskError" in type(err).__name__ or hasattr(err, "traceback_str"):
                 trace = str(err)
+            trace = self.lineage.scrub(trace)
             try:
                 storage_for(item.plan.out_uri).write_text(
                     join(item.plan.out_uri, out.CONTROL_DIR, "failed.json"),

@@ -1,18 +1,20 @@
 """Kill campaigns: `arpipe run` is SIGKILLed at seeded random moments, rerun, and held to its promises.
 
-A campaign runs one stage kind (a :class:`Kind`) in its own folder:
+A campaign runs a group of stage kinds (:class:`Kind`), one independent stage each, in a
+pipeline and folder of its own:
 
-1. an undisturbed reference run (storage ``./ref``);
+1. an undisturbed reference run (storage ``./ref``), beside the attempts;
 2. attempts on storage ``./runs``, each started as a user would and SIGKILLed (its whole
-   process group) at a seeded moment: once the stage has started, after ``m`` more
+   process group) at a seeded moment: once a stage has started, after ``m`` more of its
    resumable units are committed (``m`` drawn from ``Kind.wait_units``), plus a random
-   delay. After each kill: ``arpipe plan`` trusts no output that is not committed and whole
-   (every file re-hashed), committed units are still there byte for byte, the attempt
-   resumed from exactly what was committed, and at most one unit was cut off;
-3. a final run in which one Ray worker of the stage is SIGKILLed mid-work; it must finish
+   delay. After each kill, for every stage: ``arpipe plan`` trusts no output that is not
+   committed and whole (every file re-hashed), committed units are still there byte for
+   byte, the attempt resumed from exactly what was committed, at most one unit was cut off;
+3. a final run in which one Ray worker of each stage is SIGKILLed mid-work; it must finish
    on its own;
-4. the final outputs equal the reference run's (digests), and the kind's own check holds
-   (a store: no sample duplicated or lost).
+4. the final outputs equal the reference run's (digests), each kind's own check holds
+   (a store: no sample duplicated or lost), and no credential from the environment is in
+   any file or line the campaign left.
 
 Problems are collected, not raised, so that campaigns can run in threads side by side.
 """
@@ -191,6 +193,21 @@ def compare_outputs(ref_dir: Path, run_dir: Path, volatile: tuple[str, ...]) -> 
     return problems
 
 
+def leaks(secrets: dict[str, str], texts: dict[str, str], roots: list[Path], skip: set[str] = frozenset()) -> list[str]:
+    """Where any secret appears (as is, or JSON-escaped): in ``texts`` or any file below ``roots``."""
+    forms = {name: {value, json.dumps(value)[1:-1]} for name, value in secrets.items()}
+    found = [f"{name} in {where}" for where, text in texts.items() for name, values in forms.items()
+             if any(v in text for v in values)]
+    for root in roots:
+        for path in root.rglob("*"):
+            if not path.is_file() or path.name in skip:
+                continue
+            data = path.read_bytes()
+            found += [f"{name} in {path.relative_to(root)}" for name, values in forms.items()
+                      if any(v.encode() in data for v in values)]
+    return found
+
+
 # ------------------------------------------------------------------------------ stage kinds
 
 
@@ -226,6 +243,10 @@ class Kind:
     kills: int = 10
 
 
+CAMPAIGN_SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAKILLCAMPAIGN0042",
+                    "AWS_SECRET_ACCESS_KEY": "kIlLcAmPaIgN/sEcReT+0042/wJalrXUtnFEMI"}
+
+
 @dataclass
 class Hit:
     """What one attempt did to one kind's stage."""
@@ -254,6 +275,7 @@ class CampaignResult:
     worker_killed: dict[str, bool] = field(default_factory=dict)
     final_problems: dict[str, list[str]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)    # CAMPAIGN_SECRETS found in files or output
     seconds: float = 0.0
 
     def kills(self, kind: str) -> int:
@@ -292,7 +314,9 @@ class Campaign:
     def __init__(self, kinds: list[Kind], folder: Path, ray, seed: int, assets: dict[str, str]):
         self.kinds, self.folder, self.ray = kinds, folder, ray
         self.rng = random.Random(f"{seed}:{'+'.join(k.kind for k in kinds)}")
-        self.env = {"RAY_ADDRESS": ray.address, "ARPIPE_FAULT_LOG": str(folder / "work.log")}
+        # credentials in the environment, as on a cloud machine: no file or line the campaign leaves may hold them
+        self.env = {"RAY_ADDRESS": ray.address, "ARPIPE_FAULT_LOG": str(folder / "work.log"), **CAMPAIGN_SECRETS}
+        self.outputs: dict[str, str] = {}
         folder.mkdir(parents=True, exist_ok=True)
         blocks = "".join(kind.block.format(**assets) for kind in kinds)
         (folder / self.PIPELINE).write_text(f"name: fault-{'-'.join(k.kind for k in kinds)}\nstorage: ./runs\n"
@@ -337,6 +361,7 @@ class Campaign:
         """The undisturbed run, on its own storage; it runs beside the attempts (it only has to end first)."""
         env = {**self.env, "ARPIPE_FAULT_LOG": str(self.folder / "ref.log")}
         proc = arpipe("run", self.PIPELINE, "-s", "storage=./ref", cwd=self.folder, env=env, timeout=600)
+        self.outputs["reference run"] = proc.stdout + proc.stderr
         if proc.returncode != 0:
             self.result.problems.append(f"reference run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
 
@@ -356,6 +381,7 @@ class Campaign:
                 time.sleep(delay)
             sent = run.kill()
         code = run.finish()
+        self.outputs[f"attempt {number}"] = run.output
         self.quiet(self.ray.job_of(run.proc.pid, timeout=0.5))   # its log outlives the driver
         hits = {}
         trusted = trust_problems(self.folder, self.PIPELINE, "runs", [k.stage for k in self.kinds])
@@ -417,6 +443,7 @@ class Campaign:
                     del pending[name]
             time.sleep(0.05)
         code = run.finish(timeout=600)
+        self.outputs["final run"] = run.output
         for kind in self.kinds:
             problems = self.result.final_problems.setdefault(kind.kind, [])
             if code != 0 or run.states(kind.stage)[-1:] != ["done"]:
@@ -452,6 +479,7 @@ class Campaign:
             reference.join()
             if not self.result.problems:
                 self.final()
+            self.result.leaks = leaks(CAMPAIGN_SECRETS, self.outputs, [self.folder])
         except Exception as err:  # surfaced by the tests that read the result
             self.result.problems.append(f"{type(err).__name__}: {err}")
         self.result.seconds = time.time() - started

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 from helpers import arpipe, write
+from s3server import ACCESS_KEY, SECRET_KEY
 
-from faults.harness import LiveRun, committed, plan_rows
+from faults.harness import LiveRun, committed, leaks, plan_rows
 from faults.tally import TALLY
 
 PIPELINE = """
@@ -56,6 +57,9 @@ def one_clear_line(proc_output: str, stderr: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- S3
+
+
+S3_SECRETS = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
 
 
 def s3_keys(server, bucket: str, prefix: str) -> list[str]:
@@ -109,6 +113,13 @@ def test_s3_server_stopped_mid_write_then_started_again(tmp_path, fault_ray, pre
         verify = arpipe("store", "verify", f"s3://{bucket}/{manifest_key.rsplit('/', 1)[0]}", cwd=folder)
         if verify.returncode != 0:
             problems.append(f"store verify: {verify.stdout[-1000:]} {verify.stderr}")
+        # the S3 credentials the run used are in no object it wrote (outputs.json, manifests, ledger,
+        # unit records, lock) nor in MLflow or its output
+        written = {key: client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+                   for key in s3_keys(s3_server, bucket, "") if key.endswith(".json")}
+        found = leaks(S3_SECRETS, {**written, "output": output}, [folder])
+        TALLY.leaks(len(found))
+        problems += [f"credential leaked: {where}" for where in found]
     for fault in faults:
         TALLY.fault(fault, survived=not problems)
     assert not problems, problems

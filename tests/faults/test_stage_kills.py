@@ -31,6 +31,8 @@ def test_kill_9_at_random_moments_then_a_killed_worker(kill_campaigns, kind):
             TALLY.fault(f"kill -9 driver ({kind})", survived=final_ok and not hit.problems)
     if result.worker_killed.get(kind):
         TALLY.fault(f"kill -9 Ray worker ({kind})", survived=final_ok)
+    if kind == result.kinds[0]:   # once per campaign: its kinds share the folder and the output
+        TALLY.leaks(len(result.leaks))
     report = result.report(kind)
     print(report)
     assert not handle.thread.is_alive(), f"the {kind} campaign did not finish\n{report}"
@@ -39,3 +41,4 @@ def test_kill_9_at_random_moments_then_a_killed_worker(kill_campaigns, kind):
     assert not result.attempt_problems(kind), report
     assert result.worker_killed.get(kind), report
     assert not result.final_problems.get(kind), report
+    assert not result.leaks, f"credentials from the environment leaked: {result.leaks}"

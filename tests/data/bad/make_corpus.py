@@ -59,7 +59,7 @@ PIPELINES = {
     "unknown_kind.yaml": GOOD_PIPELINE.replace("kind: python\n    callable: steps:make\n    config",
                                                "kind: tokenise\n    callable: steps:make\n    config"),
     "bad_reference.yaml": GOOD_PIPELINE.replace("${a.out}", "${nope.store}"),
-    "python_tag.yaml": GOOD_PIPELINE.replace("{n: 1}", "!!python/object/apply:os.system ['touch pwned']"),
+    "python_tag.yaml": GOOD_PIPELINE.replace("{n: 1}", "!!python/object/apply:os.system ['touch /tmp/arpipe-corpus-pwned']"),
     "python_name_tag.yaml": GOOD_PIPELINE.replace("config: {n: 1}", "config: !!python/name:os.system"),
     "not_a_mapping.yaml": "- name: bad\n- stages: {}\n",
     "empty.yaml": "",
@@ -327,7 +327,7 @@ def models() -> None:
     (copy("config_not_json") / "config.json").write_text("{format: 1, model_args: ")
     pickled = copy("pickle_weights")
     (pickled / "model.safetensors").unlink()
-    (pickled / "model.pt").write_bytes(b"\x80\x04\x95" + b"cos\nsystem\n(S'touch pwned'\ntR." )
+    (pickled / "model.pt").write_bytes(b"cos\nsystem\n(S'touch /tmp/arpipe-corpus-pwned'\ntR.")   # os.system(...)
     shutil.rmtree(good)
 
 
