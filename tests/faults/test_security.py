@@ -85,6 +85,19 @@ stages:
 """
 
 
+def test_secret_names_are_matched_by_segment():
+    from pipeline.config import SECRET_KEY, redact
+
+    secret = ["api_token", "token", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "password",
+              "DB_PASSWORD", "client_secret", "private_key", "apiKey", "credentials", "hf-token"]
+    plain = ["tokenizer", "max_tokens", "tokens", "tokens_per_sample", "private", "keyframes", "passes"]
+    assert [k for k in secret if not SECRET_KEY.search(k)] == []
+    assert [k for k in plain if SECRET_KEY.search(k)] == []
+    config = {"tokenizer": "${tok.tokenizer}", "tokens": 10, "api_token": "abc", "uri": "s3://k:hunter2@h/x"}
+    assert redact(config, {"hunter2"}) == {"tokenizer": "${tok.tokenizer}", "tokens": 10, "api_token": "***",
+                                           "uri": "s3://k:***@h/x"}
+
+
 def test_secrets_never_reach_mlflow_storage_or_logs(tmp_path, fault_ray):
     write(tmp_path, {"steps.py": STEPS, "pipeline.yaml": PIPELINE})
     env = {**ENV_SECRETS, "RAY_ADDRESS": fault_ray.address}
