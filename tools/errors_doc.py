@@ -259,6 +259,8 @@ def _error_call(node: ast.Call, name: str, path: str, patterns: Patterns,
     params = {a.arg for a in func.args.args + func.args.kwonlyargs} if isinstance(func, ast.FunctionDef) else set()
     if isinstance(message_node, ast.Name) and message_node.id in params:
         return None  # a wrapper that passes a message through (e.g. rebuilding a pickled error)
+    if isinstance(message_node, ast.Attribute) and message_node.attr == "what":
+        return None  # a caught error re-raised with a location added: its own site is listed
     return ErrorSite(area_of(path, name), patterns.text(message_node), patterns.text(fix_node))
 
 
