@@ -65,17 +65,39 @@ def fetch_model(uri: str) -> Path:
 
 
 def model_info(folder: Path) -> tuple[Any, Any, dict[str, dict[str, Any]]]:
-    """``(ModelConfig, VocabLayout, tokenizers)`` of a model folder, without loading weights."""
-    from stages.models import load_vocab
-    from stages.models.io import load_config
+    """``(ModelConfig, VocabLayout, tokenizers)`` of a model folder, checked: every file parses, weights included."""
+    from safetensors import safe_open
 
-    config = load_config(folder)
-    vocab = load_vocab(folder)
+    from stages.models import load_vocab
+    from stages.models.io import WEIGHTS_FILE, load_config
+
+    fix = "point `model` at a folder a train stage wrote (model.safetensors, config.json, vocab.json)"
+    for name, load in (("config.json", load_config), ("vocab.json", load_vocab)):
+        try:
+            loaded = load(folder)
+        except (ValueError, KeyError, TypeError) as err:   # json.JSONDecodeError is a ValueError
+            raise UserError(f"{name} does not hold a model {name[:-5]} ({err})", where=str(folder / name),
+                            fix=fix) from None
+        if name == "config.json":
+            config = loaded
+        else:
+            vocab = loaded
     if vocab is None:
         raise UserError("the model has no vocab.json", where=str(folder),
                         fix="sample models written by a train stage (they carry their vocabulary)")
+    weights = folder / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights), "pt") as f:   # reads the header and checks it against the file size
+            for key in f.keys():
+                f.get_slice(key)
+    except Exception as err:   # safetensors raises its own SafetensorError, OSError or ValueError
+        raise UserError(f"{WEIGHTS_FILE} is not a complete safetensors file ({err})", where=str(weights),
+                        fix=fix + "; weights are never read from pickles") from None
     path = folder / "tokenizers.json"
-    tokenizers = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        tokenizers = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError as err:
+        raise UserError(f"tokenizers.json does not parse ({err})", where=str(path), fix=fix) from None
     return config, vocab, tokenizers
 
 

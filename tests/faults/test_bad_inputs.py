@@ -162,9 +162,6 @@ MODELS = {
     "smp_config_not_json": ("models/config_not_json", r"config_not_json.*config\.json"),
     "smp_pickle_weights": ("models/pickle_weights", r"pickle_weights.*model\.safetensors"),
 }
-#: the sample stage and the model loader (stages/sample.py, stages/models/io.py) are outside this suite's
-#: change; today they let these through as raw exceptions (ValueError, JSONDecodeError, ActorDiedError)
-MODELS_NOT_YET_WORDED = "stages/sample.py lets the model loader's exception through unworded"
 
 MEDIA_STAGES = {"images": "img", "tars": "tars", "videos": "vid", "clouds": "pts"}
 
@@ -333,7 +330,6 @@ def test_a_bad_volume_artifact_or_store_fails_its_stage_with_one_line(corpus_run
     record(bad, failure_result(proc.stdout, stage, bad, pattern))
 
 
-@pytest.mark.xfail(reason=MODELS_NOT_YET_WORDED, strict=True)
 @pytest.mark.parametrize("stage", sorted(MODELS))
 def test_a_broken_model_folder_fails_its_sample_stage_with_one_line(model_run, stage):
     folder, proc = model_run
