@@ -78,8 +78,9 @@ class FaultRay:
 def fault_ray(tmp_path_factory) -> FaultRay:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     log = open(tmp_path_factory.mktemp("fault-ray") / "head.log", "w")
+    # a session of its own: nothing Ray does to its process group can reach the test session's
     head = subprocess.Popen([sys.executable, "-c", RAY_HEAD, "6"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=log, text=True, env=env)
+                            stderr=log, text=True, env=env, start_new_session=True)
     address = head.stdout.readline().strip()
     session = head.stdout.readline().strip()
     if not address or not session:
