@@ -270,7 +270,8 @@ class Runner:
         if failed:
             detail = "; ".join(f"{n}: {errors.get(n, states[n])}" for n in failed)
             error = StageFailed(f"stage(s) failed: {detail}. Independent stages finished; fix and rerun to resume.")
-            if all(n in self._user_failed for n in failed if states[n] == "failed"):
+            ran = [n for n in failed if states[n] == "failed"]
+            if ran and all(n in self._user_failed for n in ran):
                 error.exit_code = 2   # bad config or data, found at run time: still the user's to fix
             raise error
         return result
