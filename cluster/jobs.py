@@ -402,8 +402,9 @@ def prepare(args: argparse.Namespace, url: str) -> Prepared:
     except ValueError:
         raise UserError("the pipeline file is outside the uploaded project folder", where=str(loaded.path),
                         fix=f"pass --working-dir with a folder that contains it (now {project})") from None
-    # the storage this machine resolved and checked (a `${env:...}` in it included) is the one the job uses
-    storage_override = loaded.spec.storage if is_s3(loaded.spec.storage) else None
+    # a storage from `${env:...}` travels resolved: the job writes where this machine checked, whatever its env
+    env_storage = re.search(r"^storage:.*\$\{env:", loaded.path.read_text(), re.M) is not None
+    storage_override = loaded.spec.storage if is_s3(loaded.spec.storage) and env_storage else None
     storage_dir = None
     if not is_s3(loaded.spec.storage):
         absolute = normalize(loaded.spec.storage, loaded.directory)
