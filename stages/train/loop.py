@@ -68,6 +68,40 @@ def _units(sampler):
             raise RuntimeError("the sampler gave this rank no data: fewer samples than workers x micro_batch")
 
 
+def load_jit_ops() -> None:
+    """Load DeepSpeed's JIT-compiled CPU communication op under a lock that dies with its holder.
+
+    torch guards a JIT build with a plain ``lock`` file in the op's build folder; a worker killed
+    while building (kill -9, a preempted node) leaves it behind, and every later load on that
+    machine waits for it forever: training hangs before its first step. arpipe workers load the op
+    holding an flock in the extensions folder, so a ``lock`` file found meanwhile belongs to no
+    live arpipe worker: it is removed, then the op is built or loaded (DeepSpeed keeps it loaded).
+    """
+    try:
+        import fcntl
+
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        from torch.utils.cpp_extension import _get_build_directory
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            return
+        folder = Path(_get_build_directory(builder.name, verbose=False))
+    except Exception:   # another DeepSpeed or torch layout: load as DeepSpeed itself would
+        return
+    with open(folder.parent / "arpipe-jit.lock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            stale = folder / "lock"
+            if stale.exists():
+                print(f"[train] removing {stale}, left by a process killed while building", flush=True)
+                stale.unlink(missing_ok=True)
+            builder.load(verbose=False)
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+
+
 def train_loop(cfg: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
@@ -93,6 +127,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
                                  seq_len=cfg["seq_len"] if cfg["packing"] else None,
                                  lengths=docs.lengths() if cfg["packing"] else None)
     model = Transformer(model_config)
+    load_jit_ops()
     engine, _opt, _loader, _sched = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                          config=cfg["ds_config"])
     step, restarts = 0, 0

@@ -74,9 +74,33 @@ class FaultRay:
         return found
 
 
+def extensions_with_a_stale_lock(folder: Path) -> Path:
+    """A torch extensions folder of the suite's own (seeded from the user's, so nothing is rebuilt
+    when it matches), holding the ``lock`` file a worker killed while JIT-building DeepSpeed's op
+    leaves behind: the train stage must not wait for it forever (it did)."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    saved = os.environ.get("TORCH_EXTENSIONS_DIR")
+    user = Path(cpp_extension._get_build_directory("deepspeed_shm_comm", verbose=False))
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
+    try:
+        ours = Path(cpp_extension._get_build_directory("deepspeed_shm_comm", verbose=False))
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_EXTENSIONS_DIR")
+        else:
+            os.environ["TORCH_EXTENSIONS_DIR"] = saved
+    shutil.copytree(user, ours, dirs_exist_ok=True, ignore=shutil.ignore_patterns("lock"))
+    (ours / "lock").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def fault_ray(tmp_path_factory) -> FaultRay:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    extensions = extensions_with_a_stale_lock(tmp_path_factory.mktemp("torch_extensions"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TORCH_EXTENSIONS_DIR": str(extensions)}
     log = open(tmp_path_factory.mktemp("fault-ray") / "head.log", "w")
     # a session of its own: nothing Ray does to its process group can reach the test session's
     head = subprocess.Popen([sys.executable, "-c", RAY_HEAD, "6"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
