@@ -447,7 +447,8 @@ class Campaign:
         for kind in self.kinds:
             problems = self.result.final_problems.setdefault(kind.kind, [])
             if code != 0 or run.states(kind.stage)[-1:] != ["done"]:
-                problems.append(f"final run exited {code}: {run.output[-3000:]}")
+                problems.append(f"final run exited {code}, {kind.stage} went {run.states(kind.stage)}: "
+                                f"{run.output[-3000:]}")
                 continue
             resumed = kind.resumed(run.output, before[kind.kind])
             if resumed:
@@ -477,6 +478,12 @@ class Campaign:
                             self.result.restarts_from_scratch.get(kind.kind, 0) + 1
                         shutil.rmtree(out)
             reference.join()
+            for kind in self.kinds:
+                out = self.out_dir(kind)
+                if out is not None and committed(out) is None:
+                    # it finished in a later attempt, once it had its kills: the final run must still
+                    # find it at work to kill one of its Ray workers, so it starts over
+                    shutil.rmtree(out)
             if not self.result.problems:
                 self.final()
             self.result.leaks = leaks(CAMPAIGN_SECRETS, self.outputs, [self.folder])
