@@ -35,8 +35,6 @@ from stages.models import (
     SamplingOptions,
     Transformer,
     VocabLayout,
-    batch_inputs,
-    drop_conditions,
     generate,
     generate_sjd,
     make_plan,
@@ -87,6 +85,7 @@ def kv_cache_benchmark(rows: list[dict]) -> dict[str, float]:
 
 
 def train_digits(steps: int = 300) -> tuple[Transformer, VocabLayout, float]:
+    from realdata import fit_digits
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -98,17 +97,8 @@ def train_digits(steps: int = 300) -> tuple[Transformer, VocabLayout, float]:
     plan = make_plan("next_token", grid=(8, 8), n_axes=3)
     context = torch.tensor([vocab.context("image", int(y)) for y in digits.target])
     targets = vocab.to_global("image", codes)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, len(codes), (32,), generator=g)
-        batch = batch_inputs(plan, targets[idx], context[idx])
-        batch.input_ids = drop_conditions(batch.input_ids, vocab, 0.1, generator=g)
-        _, loss = model(**batch.as_kwargs())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), vocab, loss.item()
+    losses = fit_digits(model, plan, targets, context, vocab, steps)
+    return model.eval(), vocab, losses[-1]
 
 
 def sjd_benchmark(rows: list[dict]) -> dict[str, float]:

@@ -62,6 +62,28 @@ def brain_clouds(folder: Path, count: int = 4, points: int = 2048, seed: int = 0
     return folder
 
 
+def fit_digits(model, plan, targets_BN, context_BP, vocab, steps: int, *, batch: int = 32, lr: float = 3e-3,
+               cond_dropout: float = 0.1) -> list[float]:
+    """Train ``model`` in-process on laid-out digits (AdamW, seeded batches, CFG condition dropout); the losses."""
+    import torch
+
+    from stages.models import batch_inputs, drop_conditions
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(targets_BN), (batch,), generator=g)
+        inputs = batch_inputs(plan, targets_BN[idx], context_BP[idx])
+        inputs.input_ids = drop_conditions(inputs.input_ids, vocab, cond_dropout, generator=g)
+        _, loss = model(**inputs.as_kwargs())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def digits_model_folder(root: Path, *, paradigm: str = "next_token", steps: int = 300, levels: int = 4) -> Path:
     """A model folder as a train stage writes it, trained here in-process on scikit-learn's digits.
 
@@ -74,7 +96,7 @@ def digits_model_folder(root: Path, *, paradigm: str = "next_token", steps: int 
     from sklearn.datasets import load_digits
 
     from stages.modalities import make_tokenizer
-    from stages.models import ModelConfig, Transformer, VocabLayout, batch_inputs, drop_conditions, make_plan
+    from stages.models import ModelConfig, Transformer, VocabLayout, make_plan
     from stages.models.io import save_model
 
     digits = load_digits()
@@ -91,16 +113,7 @@ def digits_model_folder(root: Path, *, paradigm: str = "next_token", steps: int 
     plan = make_plan(paradigm, grid=(8, 8), n_axes=3, block_size=8 if paradigm == "next_block" else 1)
     context = torch.tensor([vocab.context("image", str(y)) for y in digits.target])
     targets = vocab.to_global("image", codes)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, len(codes), (32,), generator=g)
-        batch = batch_inputs(plan, targets[idx], context[idx])
-        batch.input_ids = drop_conditions(batch.input_ids, vocab, 0.1, generator=g)
-        _, loss = model(**batch.as_kwargs())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_digits(model, plan, targets, context, vocab, steps)
     folder = save_model(root / "model", model.eval(), vocab=vocab)
     (folder / "tokenizers.json").write_text(json.dumps({"image": {
         "modality": "image", "tokenizer_uri": tok_uri, "tokenizer_digest": digest, "layout": tok.layout(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from realdata import fit_digits
 from scipy.stats import chi2_contingency
 from sklearn.datasets import load_digits
 
@@ -14,8 +15,6 @@ from stages.models import (
     Prompt,
     Transformer,
     VocabLayout,
-    batch_inputs,
-    drop_conditions,
     generate,
     generate_sjd,
     make_plan,
@@ -35,18 +34,7 @@ def train_digits_model(steps: int = 150) -> tuple[Transformer, VocabLayout]:
     plan = make_plan("next_token", grid=(8, 8), n_axes=3)
     context = torch.tensor([vocab.context("image", int(y)) for y in digits.target])
     targets = vocab.to_global("image", codes)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, len(codes), (32,), generator=g)
-        batch = batch_inputs(plan, targets[idx], context[idx])
-        batch.input_ids = drop_conditions(batch.input_ids, vocab, 0.1, generator=g)
-        _, loss = model(**batch.as_kwargs())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_digits(model, plan, targets, context, vocab, steps)
     assert np.mean(losses[-20:]) < 0.8 < losses[0], "the model did not learn the digits"
     return model.eval(), vocab
 
