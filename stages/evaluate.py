@@ -112,16 +112,12 @@ class EvaluateStage(Stage):
         import torch
 
         from stages.models import batch_inputs
-        from stages.sample import plan_for_modality
+        from stages.sample import plan_for_modality, vocab_name_of_store
         from stages.store import TokenStore
 
         store = TokenStore.open(uri)
-        digest = store.manifest.tokenizer.digest if store.manifest.tokenizer else None
-        names = [n for n, t in tokenizers.items() if t.get("tokenizer_digest") == digest]
-        if not names:
-            raise UserError("this token store was made by a tokenizer the model was not trained on", where=uri,
-                            fix="score a held-out store tokenized like the training data")
-        name, info = names[0], tokenizers[names[0]]
+        name = vocab_name_of_store(tokenizers, store, uri)
+        info = tokenizers[name]
         n = min(len(store), self.spec.max_samples)
         keys, nll, counts = [], [], []
         plans: dict[int, Any] = {}
@@ -213,11 +209,13 @@ class EvaluateStage(Stage):
                 toks.append((name, sample.tokens.reshape(-1)))
         out: dict[str, tuple[list[str], list[Any]]] = {}
         for modality, (keys, toks) in tokens.items():
-            arrays = []
-            for name, t in toks:
+            arrays: list[Any] = [None] * len(toks)
+            for name in dict.fromkeys(n for n, _ in toks):   # one decode call per tokenizer, order kept
                 if name not in loaded:
                     loaded[name] = load_tokenizer(tokenizers[name]["tokenizer_uri"])
-                arrays += loaded[name].decode_arrays([t])
+                at = [k for k, (n, _) in enumerate(toks) if n == name]
+                for k, array in zip(at, loaded[name].decode_arrays([toks[k][1] for k in at])):
+                    arrays[k] = array
             if modality != "pointcloud":   # what the media files show: intensities in [0, 1]
                 arrays = [np.clip(a, 0.0, 1.0) for a in arrays]
             out[modality] = (keys, arrays)

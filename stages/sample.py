@@ -64,8 +64,9 @@ def fetch_model(uri: str) -> Path:
     return local
 
 
-def model_info(folder: Path) -> tuple[Any, Any, dict[str, dict[str, Any]]]:
-    """``(ModelConfig, VocabLayout, tokenizers)`` of a model folder, checked: every file parses, weights included."""
+def model_info(folder: Path, *, check_weights: bool = True) -> tuple[Any, Any, dict[str, dict[str, Any]]]:
+    """``(ModelConfig, VocabLayout, tokenizers)`` of a model folder, checked: every file parses (the weights'
+    header too, unless ``check_weights`` is off because the caller loads them next)."""
     from safetensors import safe_open
 
     from stages.models import load_vocab
@@ -86,19 +87,30 @@ def model_info(folder: Path) -> tuple[Any, Any, dict[str, dict[str, Any]]]:
         raise UserError("the model has no vocab.json", where=str(folder),
                         fix="sample models written by a train stage (they carry their vocabulary)")
     weights = folder / WEIGHTS_FILE
-    try:
-        with safe_open(str(weights), "pt") as f:   # reads the header and checks it against the file size
-            for key in f.keys():
-                f.get_slice(key)
-    except Exception as err:   # safetensors raises its own SafetensorError, OSError or ValueError
-        raise UserError(f"{WEIGHTS_FILE} is not a complete safetensors file ({err})", where=str(weights),
-                        fix=fix + "; weights are never read from pickles") from None
+    if check_weights:
+        try:
+            with safe_open(str(weights), "pt") as f:   # reads the header and checks it against the file size
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception as err:   # safetensors raises its own SafetensorError, OSError or ValueError
+            raise UserError(f"{WEIGHTS_FILE} is not a complete safetensors file ({err})", where=str(weights),
+                            fix=fix + "; weights are never read from pickles") from None
     path = folder / "tokenizers.json"
     try:
         tokenizers = json.loads(path.read_text()) if path.exists() else {}
     except ValueError as err:
         raise UserError(f"tokenizers.json does not parse ({err})", where=str(path), fix=fix) from None
     return config, vocab, tokenizers
+
+
+def vocab_name_of_store(tokenizers: dict[str, dict[str, Any]], store, uri: str) -> str:
+    """The model's vocabulary name for a token store: the range its tokenizer's codes were trained in."""
+    digest = store.manifest.tokenizer.digest if store.manifest.tokenizer else None
+    names = [n for n, t in tokenizers.items() if t.get("tokenizer_digest") == digest]
+    if not names:
+        raise UserError("this token store was made by a tokenizer the model was not trained on", where=uri,
+                        fix="use a store tokenized like the model's training data")
+    return names[0]
 
 
 def plan_for_modality(config, layout: dict[str, Any], length: int | None):
@@ -127,7 +139,7 @@ class SampleWorker:
         os.environ.update(env)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.folder = fetch_model(model_uri)
-        self.config, self.vocab, self.tokenizers = model_info(self.folder)
+        self.config, self.vocab, self.tokenizers = model_info(self.folder, check_weights=False)  # driver checked
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if device != "cpu" else None
         self.model = load_model(self.folder, device=device, dtype=dtype)
         self._loaded: dict[str, Any] = {}
@@ -298,17 +310,12 @@ class SampleStage(Stage):
         return jobs
 
     def _prefix(self, config, vocab, tokenizers) -> dict[str, Any]:
+        import numpy as np
+
         from stages.store import TokenStore
 
         store = TokenStore.open(self.spec.prefix.store)
-        digest = store.manifest.tokenizer.digest if store.manifest.tokenizer else None
-        names = [n for n, t in tokenizers.items() if t.get("tokenizer_digest") == digest]
-        if not names:
-            raise UserError("the prefix store was made by a tokenizer the model was not trained on",
-                            where=self.spec.prefix.store, fix="use a store tokenized like the training data")
-        import numpy as np
-
-        return {"name": names[0], "size": len(store),
+        return {"name": vocab_name_of_store(tokenizers, store, self.spec.prefix.store), "size": len(store),
                 "labels": [None if c is None else str(c) for c in store.conditions(np.arange(len(store)))]}
 
     def _longest(self, store_uri: str | None, name: str) -> int:
@@ -423,7 +430,10 @@ class SampleStage(Stage):
 
         store = TokenStore.open(store_uri)
         by_name: dict[str, list] = {n: [] for n in names}
-        for sample in store:
+        for i in range(len(store)):
+            if all(len(t) >= CONTACT_SAMPLES for t in by_name.values()):
+                break   # enough for every sheet: do not read the rest of the store
+            sample = store[i]
             name = sample.key.rsplit("-", 1)[0]
             if len(by_name[name]) < CONTACT_SAMPLES:
                 by_name[name].append(sample.tokens.reshape(-1))
