@@ -387,7 +387,7 @@ class SampleStage(Stage):
         write_rejects(join(ctx.out_uri, "rejects.arrow"), rejects)
         if not sum(r["samples"] for r in ordered):
             raise UserError(f"all {total} samples were rejected ({rejects[0]['reason']})",
-                            where=join(ctx.out_uri, "rejects.arrow"), fix="see rejects.arrow; raise `length`?")
+                            where=join(ctx.out_uri, "rejects.arrow"), fix="see rejects.arrow for the reasons; for octree (variable-length) models raise `length`")
         manifest = write_manifest(
             store_uri, infos, vocab=jobs[0]["store_vocab"],
             tokenizer=(TokenizerRef(id=f"sampled:{single['tokenizer_digest'][:12]}", digest=single["tokenizer_digest"])
