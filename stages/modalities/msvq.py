@@ -216,6 +216,27 @@ class MultiScaleVQ(CodebookState, FixedLengthTokenizer):
         return torch.cat(tokens, dim=1)
 
     @torch.no_grad()
+    def next_scale_input_mix(self) -> torch.Tensor:
+        """``mix_NN``: VAR's next-scale input as a linear map of the code vectors of every token.
+
+        VAR feeds scale ``k`` the accumulated reconstruction of scales ``< k``
+        (``f_hat``, each scale's codes upsampled to the full grid and summed)
+        area-downsampled to scale ``k``'s grid. That is linear in the code
+        vectors, so ``input_ND = mix_NN @ codebook_KD[idx_N]``: the block of
+        rows of scale ``k`` and columns of scale ``j < k`` is ``down_k @ up_j``;
+        scale 0's rows are zero (its input is the start token). Built with this
+        tokenizer's own resamplers, so it matches ``encode`` exactly.
+        """
+        bounds, N = self.boundaries, self.tokens_per_sample
+        mix_NN = torch.zeros(N, N)
+        for j, sj in enumerate(self.scales[:-1]):
+            n_j = math.prod(sj)
+            up_1Lj = self._up(torch.eye(n_j).unsqueeze(0), sj)   # every code of scale j on the full grid
+            for k in range(j + 1, len(self.scales)):
+                mix_NN[bounds[k]:bounds[k + 1], bounds[j]:bounds[j + 1]] = self._down(up_1Lj, self.scales[k])[0]
+        return mix_NN
+
+    @torch.no_grad()
     def decode(self, idx_BL: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         """``idx_BL`` -> ``x_BC<spatial>``; ``upto=k`` reconstructs from the first k scales only."""
         check_tokens(idx_BL, self.tokens_per_sample, self.codebook_size, self.type)

@@ -29,8 +29,11 @@ _EXPORTS: dict[str, str] = {
     "Paradigm": "config",
     "count_parameters": "config",
     "preset": "config",
+    "segment_names": "diagnostics",
+    "segment_scores": "diagnostics",
     "load_config": "io",
     "load_model": "io",
+    "load_scale_inputs": "io",
     "load_vocab": "io",
     "save_model": "io",
     "attention_mask": "masks",
@@ -48,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "IGNORE_INDEX": "sequence",
     "ModelInputs": "sequence",
     "Plan": "sequence",
+    "ScaleInput": "sequence",
     "batch_inputs": "sequence",
     "make_plan": "sequence",
     "pack_documents": "sequence",
@@ -78,9 +82,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "BOS", "EOS", "IGNORE_INDEX", "NULL", "PAD", "PARADIGMS", "PRESETS", "PRESET_SIZES", "Generation", "KVCache",
-    "ModelConfig", "ModelInputs", "Paradigm", "Plan", "Prompt", "SamplingOptions", "Transformer", "VocabLayout",
+    "ModelConfig", "ModelInputs", "Paradigm", "Plan", "Prompt", "SamplingOptions", "ScaleInput", "Transformer", "VocabLayout",
     "apply_rope", "attention_mask", "batch_inputs", "cached_attention_mask", "count_parameters", "draw",
-    "drop_conditions", "generate", "generate_sjd", "load_config", "load_model", "load_vocab", "make_plan",
+    "drop_conditions", "generate", "generate_sjd", "load_config", "load_model", "load_scale_inputs", "load_vocab", "make_plan",
     "pack_documents", "plan_for", "plan_from_layout", "preset", "process_logits", "rope_angles", "rope_sections",
-    "sample_generator", "save_model",
+    "sample_generator", "save_model", "segment_names", "segment_scores",
 ]

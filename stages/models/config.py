@@ -46,6 +46,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     cond_dropout: float = 0.1
     checkpointing: bool = False
+    feature_dim: int = 0
 
     # ------------------------------------------------------------ derived
 
@@ -87,6 +88,11 @@ class ModelConfig:
             problems.append(f"paradigm {self.paradigm!r} is unknown; use one of {', '.join(PARADIGMS)}")
         if self.paradigm != "next_block" and self.block_size != 1:
             problems.append(f"block_size {self.block_size} applies to next_block only; set it to 1 for {self.paradigm}")
+        if self.feature_dim < 0:
+            problems.append(f"feature_dim must be >= 0 (0 = token inputs only), got {self.feature_dim}")
+        elif self.feature_dim and self.paradigm != "next_scale":
+            problems.append(f"feature_dim {self.feature_dim} (VAR's accumulated input) applies to next_scale only; "
+                            f"set it to 0 for {self.paradigm}")
         if self.mlp_hidden < 0:
             problems.append(f"mlp_hidden must be >= 0 (0 derives it), got {self.mlp_hidden}")
         if not 0.0 <= self.cond_dropout < 1.0:
@@ -153,4 +159,5 @@ def count_parameters(config: ModelConfig) -> int:
     """Parameter count from the shape alone (agrees with ``sum(p.numel())`` of the built model)."""
     d, h, L, V = config.n_embd, config.hidden_dim, config.n_layer, config.vocab_size
     per_layer = 4 * d * d + 3 * d * h + 2 * d
-    return V * d * (1 if config.tie_embeddings else 2) + L * per_layer + d
+    features = (config.feature_dim + 1) * d if config.feature_dim else 0
+    return V * d * (1 if config.tie_embeddings else 2) + L * per_layer + d + features

@@ -3,7 +3,10 @@
 A model folder holds ``model.safetensors`` (weights), ``config.json``
 (``{"format", "model_args"}``, enough to rebuild the module) and, when given,
 ``vocab.json`` (the :class:`~stages.models.vocab.VocabLayout` that maps the
-model's ids to modalities). Every file is written to a temporary name and
+model's ids to modalities) and, for a next-scale model fed VAR's accumulated
+input, ``scale_inputs.safetensors`` (each tokenizer's codebook and input mix,
+:class:`~stages.models.sequence.ScaleInput`, so sampling needs no tokenizer
+to lay out its inputs). Every file is written to a temporary name and
 renamed, so a crash never leaves a half-written model that loads.
 """
 
@@ -18,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .sequence import ScaleInput
 from .transformer import Transformer
 from .vocab import VocabLayout
 
@@ -25,6 +29,7 @@ MODEL_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
+SCALE_INPUTS_FILE = "scale_inputs.safetensors"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -47,8 +52,12 @@ def _write_text(path: Path, text: str) -> None:
     _atomic_write(path, write)
 
 
-def save_model(directory: str | Path, model: Transformer, *, vocab: VocabLayout | None = None) -> Path:
-    """Write the model folder; tied weights are stored once and re-tied on load."""
+def save_model(directory: str | Path, model: Transformer, *, vocab: VocabLayout | None = None,
+               scale_inputs: dict[str, ScaleInput] | None = None) -> Path:
+    """Write the model folder; tied weights are stored once and re-tied on load.
+
+    ``scale_inputs`` (vocabulary name -> :class:`ScaleInput`) go with a model whose ``feature_dim`` is set.
+    """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -57,6 +66,16 @@ def save_model(directory: str | Path, model: Transformer, *, vocab: VocabLayout 
     _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": str(MODEL_FORMAT)}))
     if vocab is not None:
         _write_text(out / VOCAB_FILE, json.dumps(vocab.to_dict(), indent=2, sort_keys=True))
+    if bool(model.config.feature_dim) != bool(scale_inputs):
+        raise ValueError(f"a model with feature_dim {model.config.feature_dim} is saved with "
+                         f"{len(scale_inputs or {})} scale inputs; pass scale_inputs exactly when feature_dim > 0")
+    if scale_inputs:
+        tables = {}
+        for name, si in scale_inputs.items():
+            tables[f"{name}.codebook"] = si.codebook_KD.float().contiguous().cpu()
+            tables[f"{name}.mix"] = si.mix_NN.float().contiguous().cpu()
+        starts = json.dumps({name: si.code_start for name, si in scale_inputs.items()})
+        _atomic_write(out / SCALE_INPUTS_FILE, lambda tmp: save_file(tables, tmp, metadata={"code_start": starts}))
     _write_text(out / CONFIG_FILE, json.dumps({"format": MODEL_FORMAT, "model_args": model.config.to_dict()},
                                               indent=2, sort_keys=True))
     return out
@@ -87,6 +106,19 @@ def load_model(directory: str | Path, *, device: torch.device | str = "cpu",
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def load_scale_inputs(directory: str | Path) -> dict[str, ScaleInput]:
+    """The model's next-scale inputs by vocabulary name ({} for a model fed parent tokens)."""
+    from safetensors import safe_open
+
+    path = Path(directory) / SCALE_INPUTS_FILE
+    if not path.exists():
+        return {}
+    with safe_open(str(path), "pt") as f:
+        starts = json.loads(f.metadata()["code_start"])
+        return {name: ScaleInput(f.get_tensor(f"{name}.codebook"), f.get_tensor(f"{name}.mix"), int(start))
+                for name, start in starts.items()}
 
 
 def load_vocab(directory: str | Path) -> VocabLayout | None:

@@ -165,6 +165,11 @@ class Session:
             raise ValueError(f"the model was trained as {config.paradigm} (block_size {config.block_size}) but the "
                              f"plan is {plan.paradigm} with groups of {max(plan.group_sizes)}; build the plan with "
                              "plan_for(model.config, ...)")
+        if bool(config.feature_dim) != (plan.scale_input is not None):
+            raise ValueError("the model was trained with VAR's accumulated next-scale input (feature_dim "
+                             f"{config.feature_dim}) but the plan has no ScaleInput; attach the model's own "
+                             "(load_scale_inputs) with plan.with_scale_input" if config.feature_dim else
+                             "the plan carries a ScaleInput but the model has feature_dim 0 (parent-token input)")
         if prompt.context_BP.shape[1] + plan.n_tokens > config.max_seq_len:
             raise ValueError(f"{prompt.context_BP.shape[1]} context + {plan.n_tokens} target tokens exceed the "
                              f"model's max_seq_len {config.max_seq_len}")
@@ -181,6 +186,11 @@ class Session:
         self.T = self.P + N + extra
         self.input_RT = torch.full((self.R, self.T), PAD, dtype=torch.long, device=dev)
         self.input_RT[:, :self.P] = context.to(dev)
+        self.features_RTD = self.feature_mask_T = None
+        if plan.scale_input is not None:   # VAR's accumulated input, refreshed with the tokens
+            self.features_RTD = torch.zeros(self.R, self.T, plan.scale_input.feature_dim, device=dev)
+            self.feature_mask_T = torch.zeros(self.T, dtype=torch.bool, device=dev)
+            self.feature_mask_T[self.P:self.P + N] = plan.feature_mask_N.to(dev)
         A = plan.coords_NA.shape[1]
         self.coords_TA = torch.zeros(self.T, A, device=dev)
         self.coords_TA[self.P:self.P + N] = plan.coords_NA.to(dev)
@@ -212,6 +222,20 @@ class Session:
         """Target positions' inputs from the current tokens (unknown sources read PAD, never attended)."""
         inputs_BN = self.plan.inputs(self.tokens_BN[:, :self.N], self.prompt.bos_id)
         self.input_RT[:, self.P:self.P + self.N] = inputs_BN.repeat(self.R // self.B, 1)
+        if self.features_RTD is not None:
+            features_BND = self.plan.scale_input.features(self.tokens_BN[:, :self.N])
+            self.features_RTD[:, self.P:self.P + self.N] = features_BND.to(self.features_RTD).repeat(
+                self.R // self.B, 1, 1)
+
+    def _features(self, pos: slice | torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The feature inputs of positions ``pos`` (a slice, or ``(R, Q)`` per-row positions)."""
+        if self.features_RTD is None:
+            return {}
+        if isinstance(pos, slice):
+            return {"features_BLD": self.features_RTD[:, pos],
+                    "feature_mask_BL": self.feature_mask_T[pos].expand(self.R, -1)}
+        rows_R1 = torch.arange(self.R, device=self.device)[:, None]
+        return {"features_BLD": self.features_RTD[rows_R1, pos], "feature_mask_BL": self.feature_mask_T[pos]}
 
     @torch.no_grad()
     def run(self, begin: int | torch.Tensor, length: int) -> torch.Tensor:
@@ -221,18 +245,19 @@ class Session:
             if self.cache is not None:  # every row at the same offset: plain slices
                 end = begin + length
                 logits, _ = self.model(self.input_RT[:, begin:end], self.coords_TA[begin:end].expand(self.R, -1, -1),
-                                       self.group_T[begin:end].expand(self.R, -1), cache=self.cache, start=begin)
+                                       self.group_T[begin:end].expand(self.R, -1), cache=self.cache, start=begin,
+                                       **self._features(slice(begin, end)))
                 return logits
             begin = torch.full((self.R,), begin, dtype=torch.long, device=self.device)
         pos_RQ = begin[:, None] + torch.arange(length, device=self.device)
         if self.cache is not None:
             ids_RQ = torch.gather(self.input_RT, 1, pos_RQ)
             logits, _ = self.model(ids_RQ, self.coords_TA[pos_RQ], self.group_T[pos_RQ], cache=self.cache,
-                                   start=begin)
+                                   start=begin, **self._features(pos_RQ))
             return logits
         end = int(pos_RQ.max()) + 1
         logits, _ = self.model(self.input_RT[:, :end], self.coords_TA[:end].expand(self.R, -1, -1),
-                               self.group_T[:end].expand(self.R, -1))
+                               self.group_T[:end].expand(self.R, -1), **self._features(slice(0, end)))
         return torch.gather(logits, 1, pos_RQ[:, :, None].expand(-1, -1, logits.shape[-1]))
 
     def probs(self, logits_RQV: torch.Tensor, scale_BQ: torch.Tensor | None) -> torch.Tensor:

@@ -20,11 +20,14 @@ target position) and sampling draws group ``g`` from one forward over group
 - ``next_block`` (NBP): groups of ``block_size``, ``source[t] = t - B``: block
   ``k``'s tokens are the inputs that predict block ``k + 1`` at the same offsets,
   bidirectional inside a block, causal across blocks.
-- ``next_scale`` (VAR): one group per scale; the input at a cell of scale ``k``
-  is the token of scale ``k - 1`` at the same place (nearest-neighbour
-  upsampling of the coarser token map; VAR upsamples the accumulated feature
-  map, which needs the tokenizer's codebook inside the model). Scale 1's
-  inputs are ``BOS``. Every cell also attends all coarser scales.
+- ``next_scale`` (VAR): one group per scale; scale 1's inputs are ``BOS``
+  (after the class token: VAR's start embedding), and every cell also attends
+  all coarser scales. The input at a cell of scale ``k`` is, with a
+  :class:`ScaleInput` attached to the plan (VAR's own input), the accumulated
+  reconstruction of scales ``< k`` area-downsampled to scale ``k``, as code
+  vectors of the tokenizer's codebook that the model projects
+  (``Transformer.feat_proj``); without one, the token of scale ``k - 1`` at
+  the same place (``source``: nearest-neighbour upsampling of the coarser map).
 """
 
 from __future__ import annotations
@@ -43,6 +46,46 @@ IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True, eq=False)
+class ScaleInput:
+    """VAR's next-scale input for one tokenizer: ``features_BND = mix_NN @ codebook_KD[ids_BN - code_start]``.
+
+    ``mix_NN`` comes from the tokenizer (``MultiScaleVQ.next_scale_input_mix``):
+    the rows of scale ``k`` read the codes of scales ``< k`` (accumulate, then
+    area-downsample), so a position never sees its own scale. ``codebook_KD``
+    is the tokenizer's codebook, zero-padded to the model's ``feature_dim``;
+    ``code_start`` is where its codes begin in the model's vocabulary.
+    """
+
+    codebook_KD: torch.Tensor
+    mix_NN: torch.Tensor
+    code_start: int
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.codebook_KD.shape[1])
+
+    def padded(self, feature_dim: int) -> ScaleInput:
+        """The same input with code vectors zero-padded to ``feature_dim`` (one width for every modality)."""
+        K, D = self.codebook_KD.shape
+        if D > feature_dim:
+            raise ValueError(f"code vectors of {D} values do not fit feature_dim {feature_dim}")
+        codebook = torch.cat([self.codebook_KD.float(), torch.zeros(K, feature_dim - D)], dim=1)
+        return ScaleInput(codebook, self.mix_NN.float(), self.code_start)
+
+    def features(self, ids_BN: torch.Tensor) -> torch.Tensor:
+        """``features_BND`` of the known target tokens (global ids); rows read only earlier scales' tokens.
+
+        Ids outside the codebook (PAD in not-yet-sampled slots) read a zero vector: the mix never reads
+        them for the scales that are being run.
+        """
+        local_BN = ids_BN.long() - self.code_start
+        valid_BN = (local_BN >= 0) & (local_BN < self.codebook_KD.shape[0])
+        codebook = self.codebook_KD.to(ids_BN.device)
+        vectors_BND = codebook[local_BN.clamp(0, codebook.shape[0] - 1)] * valid_BN.unsqueeze(-1)
+        return torch.matmul(self.mix_NN.to(ids_BN.device), vectors_BND)
+
+
+@dataclass(frozen=True, eq=False)
 class Plan:
     """The per-position structure of one document's ``N`` target tokens (see the module docstring)."""
 
@@ -50,6 +93,22 @@ class Plan:
     group_sizes: tuple[int, ...]
     source_N: torch.Tensor
     coords_NA: torch.Tensor
+    scale_input: ScaleInput | None = None
+
+    def with_scale_input(self, scale_input: ScaleInput | None) -> Plan:
+        """This plan fed VAR's accumulated input (``None``: the parent-token input)."""
+        if scale_input is not None and (self.paradigm != "next_scale"
+                                        or tuple(scale_input.mix_NN.shape) != (self.n_tokens, self.n_tokens)):
+            raise ValueError(f"a scale input of {tuple(scale_input.mix_NN.shape)} does not fit a {self.paradigm} "
+                             f"plan of {self.n_tokens} tokens; it applies to next_scale plans of its tokenizer")
+        return Plan(self.paradigm, self.group_sizes, self.source_N, self.coords_NA, scale_input)
+
+    @property
+    def feature_mask_N(self) -> torch.Tensor:
+        """Positions whose input is a feature vector (every scale but the first) under a scale input."""
+        if self.scale_input is None:
+            return torch.zeros(self.n_tokens, dtype=torch.bool)
+        return self.source_N >= 0
 
     @property
     def n_tokens(self) -> int:
@@ -184,6 +243,8 @@ class ModelInputs:
 
     ``target_ids`` is ``IGNORE_INDEX`` where no loss is taken (context, padding);
     ``doc_ids`` is -1 on padding, or None when every row is one document.
+    ``features`` replace the token embedding where ``feature_mask`` is set
+    (VAR's next-scale input, :class:`ScaleInput`); None when no position has one.
     """
 
     input_ids: torch.Tensor   # (B, L) long
@@ -191,15 +252,19 @@ class ModelInputs:
     coords: torch.Tensor      # (B, L, A) float
     group_ids: torch.Tensor   # (B, L) long
     doc_ids: torch.Tensor | None = None  # (B, L) long
+    features: torch.Tensor | None = None      # (B, L, D) float
+    feature_mask: torch.Tensor | None = None  # (B, L) bool
 
     def to(self, device: torch.device | str) -> ModelInputs:
         return ModelInputs(*(t.to(device) if t is not None else None for t in
-                             (self.input_ids, self.target_ids, self.coords, self.group_ids, self.doc_ids)))
+                             (self.input_ids, self.target_ids, self.coords, self.group_ids, self.doc_ids,
+                              self.features, self.feature_mask)))
 
     def as_kwargs(self) -> dict[str, torch.Tensor | None]:
         """``model(**inputs.as_kwargs())`` -> ``(logits, loss)``."""
         return {"input_ids_BL": self.input_ids, "coords_BLA": self.coords, "group_ids_BL": self.group_ids,
-                "doc_ids_BL": self.doc_ids, "targets_BL": self.target_ids}
+                "doc_ids_BL": self.doc_ids, "targets_BL": self.target_ids, "features_BLD": self.features,
+                "feature_mask_BL": self.feature_mask}
 
 
 def batch_inputs(plan: Plan, targets_BN: torch.Tensor, context_BP: torch.Tensor, *,
@@ -214,8 +279,13 @@ def batch_inputs(plan: Plan, targets_BN: torch.Tensor, context_BP: torch.Tensor,
     target_ids = torch.cat([torch.full_like(context_BP, IGNORE_INDEX).long(), targets_BN.long()], dim=1)
     coords_LA = torch.cat([torch.zeros(P, plan.coords_NA.shape[1]), plan.coords_NA]).to(dev)
     group_L = torch.cat([torch.zeros(P, dtype=torch.long), plan.group_N + 1]).to(dev)
+    features = feature_mask = None
+    if plan.scale_input is not None:
+        features_BND = plan.scale_input.features(targets_BN)
+        features = torch.cat([features_BND.new_zeros(B, P, features_BND.shape[2]), features_BND], dim=1)
+        feature_mask = torch.cat([torch.zeros(P, dtype=torch.bool), plan.feature_mask_N]).to(dev).expand(B, -1)
     return ModelInputs(input_ids, target_ids, coords_LA.expand(B, -1, -1).contiguous(),
-                       group_L.expand(B, -1).contiguous(), None)
+                       group_L.expand(B, -1).contiguous(), None, features, feature_mask)
 
 
 def pack_documents(rows: Sequence[Sequence[tuple[Plan, torch.Tensor, torch.Tensor]]], seq_len: int, *,
@@ -230,6 +300,12 @@ def pack_documents(rows: Sequence[Sequence[tuple[Plan, torch.Tensor, torch.Tenso
     target_ids = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
     coords, group_ids = None, torch.zeros((n, seq_len), dtype=torch.long)
     doc_ids = torch.full((n, seq_len), -1, dtype=torch.long)
+    widths = {p.scale_input.feature_dim for docs in rows for p, _t, _c in docs if p.scale_input is not None}
+    if len(widths) > 1:
+        raise ValueError(f"packed documents' scale inputs have different widths {sorted(widths)}; pad them to "
+                         "one feature_dim (ScaleInput.padded)")
+    features = torch.zeros((n, seq_len, widths.pop())) if widths else None
+    feature_mask = torch.zeros((n, seq_len), dtype=torch.bool) if features is not None else None
     for r, docs in enumerate(rows):
         at = 0
         for d, (plan, targets_N, context_P) in enumerate(docs):
@@ -244,7 +320,9 @@ def pack_documents(rows: Sequence[Sequence[tuple[Plan, torch.Tensor, torch.Tenso
             sl = slice(at, at + L)
             input_ids[r, sl], target_ids[r, sl] = one.input_ids[0], one.target_ids[0]
             coords[r, sl], group_ids[r, sl], doc_ids[r, sl] = one.coords[0], one.group_ids[0], d
+            if one.features is not None:
+                features[r, sl], feature_mask[r, sl] = one.features[0], one.feature_mask[0]
             at += L
     if coords is None:
         raise ValueError("pack_documents got no documents")
-    return ModelInputs(input_ids, target_ids, coords, group_ids, doc_ids)
+    return ModelInputs(input_ids, target_ids, coords, group_ids, doc_ids, features, feature_mask)

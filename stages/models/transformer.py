@@ -103,6 +103,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config.validate()
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        # VAR's word_embed: code vectors of the accumulated coarser scales -> the residual stream
+        self.feat_proj = nn.Linear(config.feature_dim, config.n_embd) if config.feature_dim else None
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -121,6 +123,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
             elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -135,7 +139,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids_BL: torch.Tensor, coords_BLA: torch.Tensor | None = None,
                 group_ids_BL: torch.Tensor | None = None, doc_ids_BL: torch.Tensor | None = None,
-                targets_BL: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                targets_BL: torch.Tensor | None = None, features_BLD: torch.Tensor | None = None,
+                feature_mask_BL: torch.Tensor | None = None, *, cache: KVCache | None = None,
                 start: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``(B, L, V)`` and, given targets, the mean cross-entropy over non-ignored targets.
 
@@ -143,6 +148,8 @@ class Transformer(nn.Module):
         per position (plain causal). With ``cache``, the ``L`` positions are a
         chunk written at ``start`` (an int or one offset per row) after the
         cached past; ``doc_ids_BL`` then does not apply (one document per row).
+        ``features_BLD`` replace the token embedding where ``feature_mask_BL``
+        is set (a model with ``feature_dim``; see ``sequence.ScaleInput``).
         """
         B, L = input_ids_BL.shape
         dev = input_ids_BL.device
@@ -161,6 +168,12 @@ class Transformer(nn.Module):
             mask_B1LK = cached_attention_mask(group_ids_BL, start_B, n_keys)
 
         x_BLC = self.tok_emb(input_ids_BL)
+        if features_BLD is not None and feature_mask_BL is not None:
+            if self.feat_proj is None:
+                raise ValueError("these inputs carry next-scale features but the model has feature_dim 0; "
+                                 "lay them out without a ScaleInput")
+            f_BLC = self.feat_proj(features_BLD.to(x_BLC.dtype))
+            x_BLC = torch.where(feature_mask_BL.unsqueeze(-1), f_BLC, x_BLC)
         angle_BLP = self._angles(coords_BLA.to(torch.promote_types(x_BLC.dtype, torch.float32)))
         use_checkpoint = self.config.checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
