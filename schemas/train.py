@@ -21,6 +21,11 @@ class ModelSpec(Strict):
                                   "the next whole scale (VAR; needs msvq stores), `next_block` the next "
                                   "block_size tokens (NBP).")
     block_size: int = Field(16, ge=1, description="Tokens per block for next_block (NBP).")
+    scale_input: Literal["accumulated", "parent"] = Field(
+        "accumulated", description="next_scale only: what a scale's positions are fed. `accumulated` is VAR's "
+                                   "input (the reconstruction of all coarser scales, area-downsampled to this "
+                                   "scale, as the tokenizer's code vectors); `parent` is the token of the "
+                                   "coarser scale at the same place.")
     n_embd: int | None = Field(None, ge=8, description="Width; overrides the preset.")
     n_layer: int | None = Field(None, ge=1, description="Depth; overrides the preset.")
     n_head: int | None = Field(None, ge=1, description="Attention heads; overrides the preset.")

@@ -39,7 +39,7 @@ from pipeline.storage import is_s3, join, storage_for
 from schemas.sample import SampleStage as SampleSpec
 
 CONTACT_SAMPLES = 64
-MODEL_FILES = ("config.json", "model.safetensors", "vocab.json", "tokenizers.json")
+MODEL_FILES = ("config.json", "model.safetensors", "vocab.json", "tokenizers.json", "scale_inputs.safetensors")
 
 
 def fetch_model(uri: str) -> Path:
@@ -113,12 +113,14 @@ def vocab_name_of_store(tokenizers: dict[str, dict[str, Any]], store, uri: str) 
     return names[0]
 
 
-def plan_for_modality(config, layout: dict[str, Any], length: int | None):
-    """The decoding plan of one modality, as the trainer laid its documents out."""
+def plan_for_modality(config, layout: dict[str, Any], length: int | None, scale_input=None):
+    """The decoding plan of one modality, as the trainer laid its documents out (with the model's
+    ``ScaleInput`` for that modality when it was trained on VAR's accumulated input)."""
     from stages.models import make_plan, plan_from_layout
 
     if layout.get("scales") or layout.get("grid"):
-        return plan_from_layout(config.paradigm, layout, block_size=config.block_size, n_axes=config.rope_axes)
+        plan = plan_from_layout(config.paradigm, layout, block_size=config.block_size, n_axes=config.rope_axes)
+        return plan.with_scale_input(scale_input)
     return make_plan(config.paradigm, n_tokens=int(length),
                      block_size=config.block_size if config.paradigm == "next_block" else 1,
                      n_axes=config.rope_axes)
@@ -134,7 +136,7 @@ class SampleWorker:
     def __init__(self, model_uri: str, env: dict[str, str], device: str, precision: str):
         import torch
 
-        from stages.models import load_model
+        from stages.models import load_model, load_scale_inputs
 
         os.environ.update(env)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -142,6 +144,7 @@ class SampleWorker:
         self.config, self.vocab, self.tokenizers = model_info(self.folder, check_weights=False)  # driver checked
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if device != "cpu" else None
         self.model = load_model(self.folder, device=device, dtype=dtype)
+        self.scale_inputs = load_scale_inputs(self.folder)
         self._loaded: dict[str, Any] = {}
 
     def tokenizer(self, name: str):
@@ -162,7 +165,7 @@ class SampleWorker:
         started = time.time()
         name, modality = job["name"], job["modality"]
         tok = self.tokenizer(name)
-        plan = plan_for_modality(self.config, job["layout"], job["length"])
+        plan = plan_for_modality(self.config, job["layout"], job["length"], self.scale_inputs.get(name))
         options = SamplingOptions(**job["options"])
         grid = tuple(job["layout"]["grid"]) if "grid" in job["layout"] and "scales" not in job["layout"] else None
         prefix_store = TokenStore.open(job["prefix"]["store"]) if job["prefix"] else None

@@ -85,7 +85,7 @@ class TrainStage(Stage):
 
         from pipeline.execute import forwarded_env
         from stages.models import count_parameters, preset
-        from stages.train.data import build_vocab, default_seq_len, summarize_store
+        from stages.train.data import build_vocab, default_seq_len, scale_inputs, summarize_store
         from stages.train.ds_config import build_ds_config
         from stages.train.loop import train_loop
 
@@ -93,9 +93,12 @@ class TrainStage(Stage):
         summaries = [summarize_store(d.store) for d in spec.data]
         vocab, names = build_vocab(summaries)
         seq_len = spec.seq_len or default_seq_len(summaries)
+        inputs = scale_inputs(summaries, names, vocab) \
+            if spec.model.paradigm == "next_scale" and spec.model.scale_input == "accumulated" else {}
+        feature_dim = max((si.feature_dim for si in inputs.values()), default=0)
         try:
-            config = preset(spec.model.preset, **model_overrides(spec, vocab.vocab_size, seq_len)).validate(
-                max_token=vocab.vocab_size - 1, seq_len=seq_len)
+            config = preset(spec.model.preset, **model_overrides(spec, vocab.vocab_size, seq_len),
+                            feature_dim=feature_dim).validate(max_token=vocab.vocab_size - 1, seq_len=seq_len)
         except ValueError as err:
             raise UserError(f"model config: {err}", where=f"stages.{ctx.name}.model",
                             fix="adjust the model block of this stage") from None
@@ -113,7 +116,7 @@ class TrainStage(Stage):
             "micro_batch": spec.micro, "log_every": spec.log_every, "eval_every": spec.eval_every,
             "checkpoint_every": spec.checkpoint_every, "tracking_uri": ctx.tracking_uri,
             "mlflow_run_id": ctx.mlflow_run_id, "heldout": heldout, "heldout_name": names[0],
-            "heldout_samples": 256, "n_params": count_parameters(config),
+            "heldout_samples": 256, "n_params": count_parameters(config), "scale_inputs": inputs,
         }
         print(f"[{ctx.name}] {config.paradigm} model, {count_parameters(config) / 1e6:.2f}M parameters, vocab "
               f"{config.vocab_size}, seq_len {seq_len}; {steps} steps of {spec.global_batch} sequences on "
@@ -140,7 +143,72 @@ class TrainStage(Stage):
                       for name, s in zip(names, summaries)}
         (model_dir / "tokenizers.json").write_text(json.dumps(tokenizers, indent=1, sort_keys=True))
         self._log_model(model_dir, config)
+        self._report_progress(steps)
         return {"model": Output(path="model")}
+
+    def _report_progress(self, steps: int) -> None:
+        """The per-segment held-out diagnostics as an MLflow table and plot, and one warning line when the
+        loss was still falling steeply at the end (the budget was too short) or rising (memorizing)."""
+        client = self.ctx.mlflow()
+        if client is None:
+            return
+        run_id, name = self.ctx.mlflow_run_id, self.ctx.name
+        keys = sorted(k for k in client.get_run(run_id).data.metrics if k.startswith("heldout/"))
+        rows: dict[tuple[int, str], dict[str, Any]] = {}
+        for key in keys:
+            _, segment, metric = key.split("/")
+            for m in client.get_metric_history(run_id, key):
+                rows.setdefault((m.step, segment), {"step": m.step, "segment": segment})[metric] = m.value
+        if rows:
+            from stages.evaluation.plots import segment_curves
+
+            table = sorted(rows.values(), key=lambda r: (r["step"], len(r["segment"]), r["segment"]))
+            client.log_table(run_id, {c: [r.get(c) for r in table] for c in ("step", "segment", "loss", "accuracy")},
+                             artifact_file="diagnostics/heldout_by_segment.json")
+            png = self.ctx.work_dir / ".arpipe" / "heldout_by_segment.png"
+            png.parent.mkdir(parents=True, exist_ok=True)
+            segment_curves(table, png, title=f"{name}: teacher-forced held-out loss and accuracy per segment")
+            self.ctx.log_artifact(png, "diagnostics")
+            last = max(r["step"] for r in table)
+            print(f"[{name}] held-out at step {last}: " + ", ".join(
+                f"{r['segment']} {r['loss']:.2f} nats {100 * r['accuracy']:.0f}%" for r in table
+                if r["step"] == last and "loss" in r), flush=True)
+        key = "heldout_loss" if "heldout_loss" in client.get_run(run_id).data.metrics else "loss"
+        history = [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+        verdict = convergence(history, steps)
+        if verdict:
+            print(f"[{name}] warning: {'held-out' if key == 'heldout_loss' else 'training'} loss {verdict}",
+                  flush=True)
+            self.ctx.log_metrics({"converged": 0.0})
+
+
+def convergence(history: list[tuple[int, float]], steps: int, *, window: float = 0.25,
+                threshold: float = 0.03) -> str | None:
+    """What to tell the user when the loss over the last ``window`` of the steps still fell by more than
+    ``threshold`` (relative) or rose by as much; None when it flattened. Noisy training losses are compared
+    as means over a tenth of the steps."""
+    if len(history) < 3 or steps < 10:
+        return None
+    history = sorted(history)
+    span = max(1, steps // 10) if len(history) > 20 else 0
+
+    def level(at: int) -> float | None:
+        near = [v for s, v in history if at - span <= s <= at] or [v for s, v in history if s <= at][-1:]
+        return sum(near) / len(near) if near else None
+
+    end, start = history[-1][0], int(history[-1][0] - window * steps)
+    before, after = level(start), level(end)
+    if before is None or after is None or before <= 0:
+        return None
+    change = (before - after) / before
+    if change > threshold:
+        return (f"fell {100 * change:.1f}% over the last {100 * window:.0f}% of the steps ({before:.3f} -> "
+                f"{after:.3f}): the model is still learning; raise steps (e.g. steps: {2 * steps}), see "
+                "docs/training.md, sizing a budget")
+    if change < -threshold:
+        return (f"rose {100 * -change:.1f}% over the last {100 * window:.0f}% of the steps ({before:.3f} -> "
+                f"{after:.3f}): the model is memorizing its data; use fewer steps or more data")
+    return None
 
     def _log_model(self, model_dir: Path, config) -> None:
         """The trained generator as an MLflow logged model, linked to this stage's run."""

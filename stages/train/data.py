@@ -77,6 +77,28 @@ def build_vocab(summaries: list[StoreSummary]):
     return VocabLayout.build(list(sizes.items()), classes=classes), names
 
 
+def scale_inputs(summaries: list[StoreSummary], names: list[str], vocab) -> dict[str, Any]:
+    """VAR's next-scale input per vocabulary name: each multi-scale tokenizer's codebook and input mix,
+    zero-padded to one width (``ScaleInput``); read from the tokenizer artifacts the stores name."""
+    from stages.modalities import load_tokenizer
+    from stages.models import ScaleInput
+
+    found: dict[str, Any] = {}
+    for name, s in zip(names, summaries):
+        if name in found:
+            continue
+        if not s.tokenizer_uri:
+            raise UserError(f"store {s.uri} names no tokenizer artifact, so VAR's accumulated next-scale input "
+                            "cannot be built", where=s.uri, fix="set model.scale_input: parent for this store")
+        tok = load_tokenizer(s.tokenizer_uri)
+        if not hasattr(tok, "next_scale_input_mix"):
+            raise UserError(f"a {tok.type} tokenizer has no multi-scale codebook for VAR's accumulated input",
+                            where=s.tokenizer_uri, fix="use an msvq tokenizer, or model.scale_input: parent")
+        found[name] = ScaleInput(tok.codebook_KD.float(), tok.next_scale_input_mix(), vocab.code_range(name)[0])
+    width = max(si.feature_dim for si in found.values())
+    return {name: si.padded(width) for name, si in found.items()}
+
+
 def default_seq_len(summaries: list[StoreSummary]) -> int:
     return CONTEXT_TOKENS + max(s.max_tokens for s in summaries)
 
@@ -85,14 +107,14 @@ class Documents:
     """Turns sample ids of a store (or mixture) into model inputs for one paradigm."""
 
     def __init__(self, source: Any, summaries: list[StoreSummary], names: list[str], vocab, *, paradigm: str,
-                 block_size: int, n_axes: int, seq_len: int):
+                 block_size: int, n_axes: int, seq_len: int, scale_inputs: dict[str, Any] | None = None):
         from stages.models import make_plan, plan_from_layout
 
         self.source, self.summaries, self.names, self.vocab = source, summaries, names, vocab
         self.paradigm, self.block_size, self.n_axes, self.seq_len = paradigm, block_size, n_axes, seq_len
         self._make_plan = make_plan
         self.plans: list[Any] = []
-        for s in summaries:
+        for name, s in zip(names, summaries):
             if s.variable_length:
                 if paradigm == "next_scale":
                     raise UserError(f"paradigm next_scale needs a multi-scale token layout; store {s.uri} "
@@ -101,7 +123,8 @@ class Documents:
                 self.plans.append(None)
                 continue
             try:
-                self.plans.append(plan_from_layout(paradigm, s.layout, block_size=block_size, n_axes=n_axes))
+                plan = plan_from_layout(paradigm, s.layout, block_size=block_size, n_axes=n_axes)
+                self.plans.append(plan.with_scale_input((scale_inputs or {}).get(name)))
             except ValueError as err:
                 raise UserError(f"cannot lay out {s.modality} tokens for {paradigm}: {err}", where=s.uri,
                                 fix="pick a paradigm that fits the tokenizer (next_scale needs msvq)") from None

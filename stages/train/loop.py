@@ -122,7 +122,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     summaries = [StoreSummary(**s) for s in cfg["summaries"]]
     source = open_source([s.uri for s in summaries], cfg["weights"])
     docs = Documents(source, summaries, cfg["names"], vocab, paradigm=model_config.paradigm,
-                     block_size=model_config.block_size, n_axes=model_config.rope_axes, seq_len=cfg["seq_len"])
+                     block_size=model_config.block_size, n_axes=model_config.rope_axes, seq_len=cfg["seq_len"],
+                     scale_inputs=cfg["scale_inputs"])
     sampler = DistributedSampler(source, rank=rank, world_size=world, seed=cfg["seed"], tail="wrap",
                                  seq_len=cfg["seq_len"] if cfg["packing"] else None,
                                  lengths=docs.lengths() if cfg["packing"] else None)
@@ -178,7 +179,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 row["mfu"] = 6 * n_params * tokens_per_s / (peak * world)
             metrics.log(row, step)
         if heldout is not None and (step % cfg["eval_every"] == 0 or step == total):
-            metrics.log({"heldout_loss": _evaluate(engine, heldout, world)}, step)
+            metrics.log(heldout.evaluate(engine, world), step)
         if step % cfg["checkpoint_every"] == 0 or step == total:
             metrics.flush()
             with tempfile.TemporaryDirectory() as folder:
@@ -186,12 +187,13 @@ def train_loop(cfg: dict[str, Any]) -> None:
                                        client_state={"step": step, "sampler": sampler.state_dict(),
                                                      "restarts": restarts})
                 if step == total:
-                    _save_consolidated(engine, model_config, vocab, Path(folder) / "model", rank, save_model)
+                    _save_consolidated(engine, model_config, vocab, cfg["scale_inputs"], Path(folder) / "model",
+                                       rank, save_model)
                 ray.train.report({"step": step, "loss": float(stats[0]) / world}, checkpoint=Checkpoint.from_directory(folder))
     metrics.flush()
 
 
-def _save_consolidated(engine, model_config, vocab, folder: Path, rank: int, save_model) -> None:
+def _save_consolidated(engine, model_config, vocab, scale_inputs, folder: Path, rank: int, save_model) -> None:
     """Full fp32 weights on rank 0 (ZeRO-3 partitions are gathered first, on every rank)."""
     import deepspeed
     import torch
@@ -207,7 +209,7 @@ def _save_consolidated(engine, model_config, vocab, folder: Path, rank: int, sav
             state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
             full = Transformer(model_config)
             full.load_state_dict(state, strict=True)
-            save_model(folder, full.to(torch.float32), vocab=vocab)
+            save_model(folder, full.to(torch.float32), vocab=vocab, scale_inputs=scale_inputs)
 
 
 class _nullcontext:
@@ -230,27 +232,50 @@ def _heldout(cfg: dict, vocab, model_config, rank: int, world: int):
     names = [cfg["names"][cfg["uris"].index(summary.uri)]] if summary.uri in cfg["uris"] else \
         [cfg["heldout_name"]]
     docs = Documents(store, [summary], names, vocab, paradigm=model_config.paradigm,
-                     block_size=model_config.block_size, n_axes=model_config.rope_axes, seq_len=cfg["seq_len"])
+                     block_size=model_config.block_size, n_axes=model_config.rope_axes, seq_len=cfg["seq_len"],
+                     scale_inputs=cfg["scale_inputs"])
     # the same number of batches on every rank: ZeRO-3 forwards gather parameters collectively
     usable = (min(len(store), cfg["heldout_samples"]) // world) * world
     ids = list(range(usable))[rank::world]
+    from stages.models.diagnostics import PARTS
+
     micro = cfg["micro_batch"]
-    return [docs.rows(ids[i:i + micro]) for i in range(0, len(ids), micro)]
+    plan = docs.plans[0]
+    if plan is None:
+        n_segments = PARTS
+    else:
+        n_segments = plan.n_groups if model_config.paradigm == "next_scale" else min(PARTS, plan.n_groups)
+    return HeldOut([docs.rows(ids[i:i + micro]) for i in range(0, len(ids), micro)], model_config.paradigm,
+                   n_segments)
 
 
-def _evaluate(engine, batches: list, world: int) -> float:
-    import torch
-    import torch.distributed as dist
+class HeldOut:
+    """This rank's held-out micro-batches, scored teacher-forced as a whole and per segment (scale or part)."""
 
-    total = torch.zeros(2, dtype=torch.float64)
-    engine.eval()
-    with torch.no_grad():
-        for batch in batches:
-            batch = batch.to(engine.device)
-            _logits, loss = engine(**batch.as_kwargs())
-            n = int((batch.target_ids != -100).sum())
-            total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
-    engine.train()
-    if world > 1:
-        dist.all_reduce(total)
-    return float(total[0] / total[1].clamp_min(1))
+    def __init__(self, batches: list, paradigm: str, n_segments: int):
+        self.batches, self.paradigm, self.n_segments = batches, paradigm, n_segments
+
+    def evaluate(self, engine, world: int) -> dict[str, float]:
+        """``heldout_loss`` and ``heldout/<segment>/loss|accuracy`` (nats per token, top-1 share)."""
+        import torch
+        import torch.distributed as dist
+
+        from stages.models import segment_names, segment_scores
+
+        total = torch.zeros(3, self.n_segments, dtype=torch.float64)
+        engine.eval()
+        with torch.no_grad():
+            for batch in self.batches:
+                batch = batch.to(engine.device)
+                logits, _loss = engine(**batch.as_kwargs())
+                total += segment_scores(logits, batch.target_ids, batch.group_ids, self.paradigm,
+                                        self.n_segments).cpu()
+        engine.train()
+        if world > 1:
+            dist.all_reduce(total)
+        out = {"heldout_loss": float(total[0].sum() / total[2].sum().clamp_min(1))}
+        for k, name in enumerate(segment_names(self.paradigm, self.n_segments)):
+            if total[2, k] > 0:
+                out[f"heldout/{name}/loss"] = float(total[0, k] / total[2, k])
+                out[f"heldout/{name}/accuracy"] = float(total[1, k] / total[2, k])
+        return out
