@@ -12,10 +12,20 @@ network (Inception for FID/KID/precision-recall, I3D for FVD)::
 Point-cloud sets are compared cloud to cloud with Chamfer or Earth Mover's distance
 (``mmd``, ``coverage``, ``one_nn_accuracy``); :func:`score_distributions` draws
 per-sample scores for a report.
+
+Class-conditional samples are judged by a classifier fitted on real data (the
+Classification Accuracy Score, no pretrained weights)::
+
+    judge = Classifier.load_bytes(data, "digits.skops")     # .skops, .joblib/.pkl or TorchScript .pt
+    predicted = judge.predict("image", images_CHW, image_size=16)
+    cas = mean(p == c for p, c in zip(predicted, requested_classes))
+
+:func:`classifier_features` is what a scikit-learn judge is fitted on, per modality.
 """
 
 from __future__ import annotations
 
+from .classifier import Classifier, ClassifierError, classifier_features, confusion_counts
 from .features import FeatureExtractor
 from .metrics import (
     chamfer_distance,
@@ -30,10 +40,15 @@ from .metrics import (
     pairwise_distances,
     precision_recall,
 )
-from .plots import score_distributions
+from .plots import confusion_matrix, score_distributions
 
 __all__ = [
+    "Classifier",
+    "ClassifierError",
     "FeatureExtractor",
+    "classifier_features",
+    "confusion_counts",
+    "confusion_matrix",
     "chamfer_distance",
     "coverage",
     "earth_movers_distance",
