@@ -75,8 +75,9 @@ class StageContext:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        client.log_batch(self.mlflow_run_id, metrics=[
-            Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+        rows = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        for lo in range(0, len(rows), 1000):   # MLflow takes at most 1000 metrics per batch (per-class scores)
+            client.log_batch(self.mlflow_run_id, metrics=rows[lo:lo + 1000])
 
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
         client = self.mlflow()

@@ -94,6 +94,27 @@ class FeaturesSpec(Strict):
     video_size: int | None = Field(224, ge=8, description="Frame side the video network expects.")
 
 
+class ClassifierSpec(Strict):
+    """Quality judges for the Classification Accuracy Score (CAS): classifiers fitted on real data check that
+    each class-conditional sample shows the class it was drawn for. Files: a scikit-learn model saved with
+    skops (`.skops`, recommended: loads no code), joblib (`.joblib`, `.pkl`: unpickling runs code, load only
+    your own) or a TorchScript network returning logits (`.pt`)."""
+
+    image: str | None = Field(None, description="Image classifier, fitted on flattened images in [0, 1] "
+                                                "(`classifier_features`), e.g. `${fit_judge.classifier}`.")
+    image_size: int | None = Field(None, ge=4, description="Side images are resized to for the image classifier "
+                                                           "(default: as decoded).")
+    volume: str | None = Field(None, description="Volume classifier on 80 shape statistics (intensity histogram, "
+                                                 "4 x 4 x 4 block means).")
+    pointcloud: str | None = Field(None, description="Point-cloud classifier on 19 shape statistics (covariance "
+                                                     "eigenvalues, radial-distance histogram).")
+
+    def files(self) -> dict[str, str]:
+        """modality -> classifier file, for the modalities that have one."""
+        return {m: f for m, f in (("image", self.image), ("volume", self.volume),
+                                  ("pointcloud", self.pointcloud)) if f}
+
+
 class ReconstructionSpec(Strict):
     """Tokenizer round-trip quality on real data."""
 
@@ -120,6 +141,9 @@ class EvaluateStage(StageBase):
         None, description="Score a tokenizer's round trip on real data (PSNR and SSIM; Chamfer for point clouds).")
     features: FeaturesSpec = Field(default_factory=FeaturesSpec,
                                    description="Feature networks for FID, KID, precision, recall and FVD.")
+    classifier: ClassifierSpec = Field(default_factory=ClassifierSpec,
+                                       description="Classifiers for the Classification Accuracy Score of "
+                                                   "class-conditional samples, per modality.")
     max_samples: int = Field(256, ge=2, description="Samples per set used by every metric.")
     knn: int = Field(3, ge=1, description="k of the k-NN manifolds for precision and recall.")
     batch_size: int = Field(32, ge=1, description="Samples per model forward when scoring held-out NLL.")
@@ -137,6 +161,9 @@ class EvaluateStage(StageBase):
         if self.samples and not self.reference:
             raise ValueError("samples need a reference store to be compared with, e.g. reference: "
                              "${tokenize.store}")
+        if self.classifier.files() and not self.samples:
+            raise ValueError("a classifier judges generated samples: give samples, e.g. samples: "
+                             "${sample.samples}")
         if self.model and not (self.heldout or self.reference):
             raise ValueError("model needs a heldout (or reference) token store to score")
         return self

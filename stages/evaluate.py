@@ -13,24 +13,34 @@ Three independent parts, each run when its inputs are given:
   with ``features.video``; point clouds: MMD, COV and 1-NNA under Chamfer and
   EMD. Without a feature network the stage says which metrics it skipped and
   why, and computes the rest. Intensity mean and spread of every decoded
-  sample (both sets) are always scored: they need no network.
+  sample (both sets) are always scored: they need no network;
+- **classification** (``samples`` + ``classifier``): the Classification Accuracy
+  Score: a classifier fitted on real data (``classifier.image``, ``.volume``,
+  ``.pointcloud``) judges whether each class-conditional sample shows the class
+  it was drawn for; scored on the reference too, so the judge's own accuracy
+  is in the report.
 
 ``metrics/`` holds ``metrics.json`` (the summary, also logged to MLflow with
 ``/`` in names, e.g. ``image/fid``), ``scores.parquet`` (one row per sample
-and score: set, key, modality, metric, value) and ``scores.png`` (their
-distributions).
+and score: set, key, modality, metric, value), ``scores.png`` (their
+distributions) and ``cas_<modality>.png`` (the classifier's confusion matrices).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import math
+import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline.errors import UserError
-from pipeline.stage import Output, Stage
+from pipeline.stage import Output, Stage, StageContext
+from schemas.base import REF_PATTERN
 from schemas.sample import EvaluateStage as EvaluateSpec
 
 CLOUD_POINTS = 512   # points per cloud for Chamfer-based metrics (subsampled, seeded)
@@ -44,6 +54,7 @@ class Scores:
         self.rows: list[tuple[str, str, str, str, float]] = []
         self.summary: dict[str, float] = {}
         self.skipped: dict[str, str] = {}
+        self.plots: list[Path] = []   # PNGs beside metrics.json, also logged to MLflow
 
     def add(self, set_: str, keys: list[str], modality: str, metric: str, values) -> None:
         self.rows += [(set_, k, modality, metric, float(v)) for k, v in zip(keys, values, strict=True)]
@@ -57,6 +68,14 @@ class Scores:
                          "value": pa.array(cols[4], pa.float64())})
 
 
+class Decoded(NamedTuple):
+    """Samples of one modality of a store, decoded: keys, arrays and class labels (None: unconditional)."""
+
+    keys: list[str]
+    arrays: list[Any]
+    conditions: list[str | None]
+
+
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -66,12 +85,18 @@ class EvaluateStage(Stage):
     version = "1"
     spec: EvaluateSpec
 
+    def __init__(self, spec: EvaluateSpec, ctx: StageContext) -> None:
+        super().__init__(spec, ctx)
+        self._decoded_stores: dict[tuple[str, int, bool], dict[str, Decoded]] = {}
+
     @classmethod
     def source_digest(cls, spec: EvaluateSpec, pipeline_dir: Path) -> str | None:
         """Feature networks and the reconstruction source are read from outside the pipeline."""
         from stages.sources import source_listing_digest
 
         uris = [u for u in (spec.features.image, spec.features.video) if u]
+        # a classifier that is an upstream output is in the fingerprint by its content digest already
+        uris += [u for u in spec.classifier.files().values() if not REF_PATTERN.search(u)]
         if spec.reconstruction:
             uris.append(spec.reconstruction.source.uri)
         if not uris:
@@ -180,8 +205,9 @@ class EvaluateStage(Stage):
 
     # ------------------------------------------------------------------ samples
 
-    def _decoded(self, uri: str, limit: int) -> dict[str, tuple[list[str], list[Any]]]:
-        """modality -> (keys, decoded arrays) of the first ``limit`` samples of each modality of a store."""
+    def _decoded(self, uri: str, limit: int, *, spread: bool = False) -> dict[str, Decoded]:
+        """The first ``limit`` samples of each modality of a store, decoded; ``spread``: spaced evenly over
+        the store instead (stores written from class folders hold one class after another)."""
         import numpy as np
 
         from stages.modalities import load_tokenizer
@@ -193,8 +219,17 @@ class EvaluateStage(Stage):
                                                                        "modality": meta.get("modality")}}
         loaded: dict[str, Any] = {}
         tokens: dict[str, tuple[list[str], list[tuple[str, Any]]]] = {}
+        conditions: dict[str, list[str | None]] = {}
         wanted = {t.get("modality") for t in tokenizers.values()}
-        for i in range(len(store)):
+        spread = spread and len(store) > limit
+        if (uri, limit, spread) in self._decoded_stores:   # the parts read the same sets: decode them once
+            return self._decoded_stores[uri, limit, spread]
+        order: Iterable[int] = range(len(store))
+        if spread:   # `limit` indices evenly over the store first, then the rest (other modalities' room)
+            first = sorted({k * len(store) // limit for k in range(limit)})
+            taken = set(first)
+            order = itertools.chain(first, (i for i in range(len(store)) if i not in taken))
+        for i in order:
             if len(tokens) == len(wanted) and all(len(k) >= limit for k, _ in tokens.values()):
                 break   # every modality has its samples: do not read the rest of a large store
             sample = store[i]
@@ -207,7 +242,9 @@ class EvaluateStage(Stage):
             if len(keys) < limit:
                 keys.append(sample.key)
                 toks.append((name, sample.tokens.reshape(-1)))
-        out: dict[str, tuple[list[str], list[Any]]] = {}
+                conditions.setdefault(info["modality"], []).append(
+                    None if sample.condition is None else str(sample.condition))
+        out: dict[str, Decoded] = {}
         for modality, (keys, toks) in tokens.items():
             arrays: list[Any] = [None] * len(toks)
             for name in dict.fromkeys(n for n, _ in toks):   # one decode call per tokenizer, order kept
@@ -218,7 +255,8 @@ class EvaluateStage(Stage):
                     arrays[k] = array
             if modality != "pointcloud":   # what the media files show: intensities in [0, 1]
                 arrays = [np.clip(a, 0.0, 1.0) for a in arrays]
-            out[modality] = (keys, arrays)
+            out[modality] = Decoded(keys, arrays, conditions[modality])
+        self._decoded_stores[uri, limit, spread] = out
         return out
 
     def samples(self, scores: Scores) -> None:
@@ -228,12 +266,12 @@ class EvaluateStage(Stage):
         generated = self._decoded(spec.samples, spec.max_samples)
         reference: dict[str, tuple[list[str], list[Any]]] = {}
         for uri in spec.reference:
-            for modality, (keys, arrays) in self._decoded(uri, spec.max_samples).items():
+            for modality, (keys, arrays, _) in self._decoded(uri, spec.max_samples).items():
                 have = reference.setdefault(modality, ([], []))
                 room = spec.max_samples - len(have[0])
                 have[0].extend(keys[:room])
                 have[1].extend(arrays[:room])
-        for modality, (keys, arrays) in generated.items():
+        for modality, (keys, arrays, _) in generated.items():
             if modality not in reference:
                 scores.skipped[f"{modality}/*"] = f"the reference store has no {modality} samples"
                 continue
@@ -312,6 +350,101 @@ class EvaluateStage(Stage):
         nearest = pairwise_distances(a, b, "cd").min(axis=1)
         scores.add("samples", keys, "pointcloud", "nearest_reference_cd", nearest)
 
+    # ------------------------------------------------------------------ classification (CAS)
+
+    def classification(self, scores: Scores) -> None:
+        """Classification Accuracy Score per modality that has a classifier: the share of class-conditional
+        samples it assigns to the class they were drawn for, overall and per class; the same on the
+        reference (how well the judge itself does on real data); confusion matrices as a PNG."""
+        import numpy as np
+
+        from stages.evaluation import confusion_counts, confusion_matrix
+
+        spec, ctx = self.spec, self.ctx
+        # spread over the store: a sample stage with `classes: {a: n, b: m}` writes one class after another
+        generated = self._decoded(spec.samples, spec.max_samples, spread=True)
+        for modality, uri in spec.classifier.files().items():
+            if modality not in generated:
+                scores.skipped[f"{modality}/cas"] = f"the samples have no {modality} samples"
+                continue
+            judge, where = self._classifier(uri)
+            size = spec.classifier.image_size if modality == "image" else None
+            panels: dict[str, tuple[list[str], list[str]]] = {}
+            sets = [("samples", generated[modality])]
+            reference = self._labelled_reference(modality)
+            if reference is None:
+                scores.skipped[f"{modality}/cas_reference"] = "the reference samples have no class labels"
+            else:
+                sets.append(("reference", reference))
+            for set_, decoded in sets:
+                at = [i for i, c in enumerate(decoded.conditions) if c is not None]
+                if set_ == "samples" and len(at) < len(decoded.keys):
+                    print(f"[{ctx.name}] CAS skips {len(decoded.keys) - len(at)} unconditional {modality} samples "
+                          "(no class to check)", flush=True)
+                if not at:
+                    scores.skipped[f"{modality}/cas"] = ("the samples are unconditional: sample with classes "
+                                                         "to score CAS")
+                    break
+                requested = [decoded.conditions[i] for i in at]
+                with _as_user_error(where):
+                    judge.check_classes(requested, "reference" if set_ == "reference" else "samples")
+                    predicted = judge.predict(modality, [decoded.arrays[i] for i in at], image_size=size)
+                correct = np.asarray([p == r for p, r in zip(predicted, requested)], dtype=np.float64)
+                scores.add(set_, [decoded.keys[i] for i in at], modality, "cas_correct", correct)
+                if set_ == "reference":
+                    scores.summary[f"{modality}/cas_reference"] = float(correct.mean())
+                    panels["reference (real data)"] = (requested, predicted)
+                    continue
+                scores.summary[f"{modality}/cas"] = float(correct.mean())
+                for label in sorted(set(requested), key=lambda c: (len(c), c)):
+                    hits = correct[[r == label for r in requested]]
+                    scores.summary[f"{modality}/cas/{_metric_part(label)}"] = float(hits.mean())
+                panels["samples"] = (requested, predicted)
+            if "samples" not in panels:
+                continue
+            shown = {c for requested, predicted in panels.values() for c in requested + predicted}
+            classes = [c for c in judge.classes if c in shown] or sorted(shown, key=lambda c: (len(c), c))
+            folder = ctx.work_dir / "metrics"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"cas_{modality}.png"
+            confusion_matrix({name: confusion_counts(r, p, classes) for name, (r, p) in panels.items()}, classes,
+                             path, title=f"{ctx.name}: {modality} classifier, requested x predicted class")
+            scores.plots.append(path)
+            judged = f"; on the reference {scores.summary[f'{modality}/cas_reference']:.3f}" \
+                if f"{modality}/cas_reference" in scores.summary else ""
+            print(f"[{ctx.name}] {modality} CAS {scores.summary[f'{modality}/cas']:.3f} over "
+                  f"{len(panels['samples'][0])} samples{judged} ({uri})", flush=True)
+
+    def _classifier(self, uri: str):
+        """The judge in a classifier file (local or s3://), and the path errors name."""
+        from pipeline.storage import normalize, storage_for
+        from stages.evaluation import Classifier
+
+        path = normalize(uri, self.ctx.pipeline_dir)
+        try:
+            data = storage_for(path).read_bytes(path)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise UserError("classifier file not found", where=path,
+                            fix="give a .skops, .joblib or .pt file, e.g. the output of a python stage that fits "
+                                "one (examples/digits_steps.py)") from None
+        with _as_user_error(path):
+            return Classifier.load_bytes(data, path), path
+
+    def _labelled_reference(self, modality: str) -> Decoded | None:
+        """Reference samples of ``modality`` spread over the stores (so every class shows), if they have labels."""
+        keys, arrays, conditions = [], [], []
+        for uri in self.spec.reference:
+            decoded = self._decoded(uri, self.spec.max_samples, spread=True).get(modality)
+            if decoded is None:
+                continue
+            room = self.spec.max_samples - len(keys)
+            keys += decoded.keys[:room]
+            arrays += decoded.arrays[:room]
+            conditions += decoded.conditions[:room]
+        if not any(c is not None for c in conditions):
+            return None
+        return Decoded(keys, arrays, conditions)
+
     # ------------------------------------------------------------------ run
 
     def run(self) -> dict[str, Output]:
@@ -327,6 +460,8 @@ class EvaluateStage(Stage):
             self.reconstruction(scores)
         if spec.samples:
             self.samples(scores)
+        if spec.classifier.files():
+            self.classification(scores)
         folder = ctx.work_dir / "metrics"
         folder.mkdir(parents=True, exist_ok=True)
         pq.write_table(scores.table(), folder / "scores.parquet")
@@ -347,12 +482,30 @@ class EvaluateStage(Stage):
                 client.set_tag(ctx.mlflow_run_id, "arpipe.skipped_metrics",
                                "; ".join(f"{k}: {v}" for k, v in sorted(scores.skipped.items()))[:5000])
             ctx.log_artifact(folder / "scores.png", "metrics")
+            for path in scores.plots:
+                ctx.log_artifact(path, "metrics")
             ctx.log_artifact(folder / "metrics.json", "metrics")
         for name, reason in sorted(scores.skipped.items()):
             print(f"[{ctx.name}] skipped {name}: {reason}", flush=True)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if v is not None)
         print(f"[{ctx.name}] {shown}", flush=True)
         return {"metrics": Output(path="metrics")}
+
+
+@contextlib.contextmanager
+def _as_user_error(where: str):
+    """A classifier's problem as one line naming its file."""
+    from stages.evaluation import ClassifierError
+
+    try:
+        yield
+    except ClassifierError as err:
+        raise UserError(err.what, where=where, fix=err.fix) from None
+
+
+def _metric_part(label: str) -> str:
+    """A class label as one segment of an MLflow metric name (letters, digits, ``_-. ``)."""
+    return re.sub(r"[^\w.\- ]", "_", label) or "_"
 
 
 def read_metrics(folder: str | Path) -> dict[str, Any]:

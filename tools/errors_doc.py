@@ -2,7 +2,8 @@
 
 The scan parses ``schemas/ pipeline/ stages/ cluster/`` (nothing is imported)
 and collects each construction of an :class:`ArpipeError` subclass
-(``UserError``, ``SampleError``, ``TokenizerError``, ``StoreError``, ...) with
+(``UserError``, ``SampleError``, ``TokenizerError``, ``StoreError``, ...) or of a
+domain library's error that a stage re-raises as one (``ClassifierError``) with
 its message and ``fix=``; the ``ValueError`` s raised by the pipeline file's
 validators, which reach the user as validation errors; and the model-shape
 problems the train stage reports at ``validate``. f-string fields become
@@ -24,6 +25,8 @@ VALIDATOR_FILES = ("schemas/pipeline.py", "schemas/base.py", "schemas/tokenize.p
 #: the model-shape problems TrainStage.check returns as "model: invalid model config: ..."
 MODEL_CHECK_FILE = "stages/models/config.py"
 VALIDATION_FIX = "see `arpipe schema` for the expected shape"
+#: errors of the plain-Python domain libraries (``what``, ``fix=``) that their stage re-raises as UserError
+DOMAIN_ERRORS = frozenset({"ClassifierError"})
 
 #: (title, intro); rows are assigned to an area by :func:`area_of`
 AREAS: dict[str, tuple[str, str]] = {
@@ -218,7 +221,7 @@ def scan(root: Path = ROOT) -> list[ErrorSite]:
         for file in sorted((root / folder).rglob("*.py")):
             rel = file.relative_to(root).as_posix()
             trees[rel] = ast.parse(file.read_text(), filename=rel)
-    classes = error_classes(trees)
+    classes = error_classes(trees) | DOMAIN_ERRORS
     sites: list[ErrorSite] = []
     for path, tree in trees.items():
         patterns = Patterns(module_constants(tree))
