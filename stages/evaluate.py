@@ -108,13 +108,14 @@ class EvaluateStage(Stage):
     def likelihood(self, scores: Scores) -> None:
         import torch
 
-        from stages.models import load_model
+        from stages.models import load_model, load_scale_inputs
         from stages.sample import fetch_model, model_info
 
         spec = self.spec
         folder = fetch_model(spec.model)
         config, vocab, tokenizers = model_info(folder)
         model = load_model(folder)
+        self._scale_inputs = load_scale_inputs(folder)
         nll_all, count_all = 0.0, 0
         with torch.no_grad():
             for uri in spec.heldout or spec.reference:
@@ -151,13 +152,15 @@ class EvaluateStage(Stage):
             for length in sorted({int(s.tokens.size) for s in samples}):
                 group = [s for s in samples if int(s.tokens.size) == length]
                 if length not in plans:
-                    plans[length] = plan_for_modality(config, dict(info.get("layout") or {}), length)
+                    plans[length] = plan_for_modality(config, dict(info.get("layout") or {}), length,
+                                                      self._scale_inputs.get(name))
                 targets = torch.stack([vocab.to_global(name, torch.from_numpy(
                     s.tokens.reshape(-1).astype(np.int64))) for s in group])
                 labels = [s.condition if vocab.classes else None for s in group]
                 context = torch.tensor([vocab.context(name, lab) for lab in labels], dtype=torch.long)
                 inputs = batch_inputs(plans[length], targets, context)
-                logits, _ = model(inputs.input_ids, inputs.coords, inputs.group_ids)
+                logits, _ = model(inputs.input_ids, inputs.coords, inputs.group_ids,
+                                  features_BLD=inputs.features, feature_mask_BL=inputs.feature_mask)
                 ce = torch.nn.functional.cross_entropy(logits.double().transpose(1, 2), inputs.target_ids,
                                                        ignore_index=-100, reduction="none")
                 nll += ce.sum(1).tolist()
