@@ -181,6 +181,19 @@ class TrainStage(Stage):
                   flush=True)
             self.ctx.log_metrics({"converged": 0.0})
 
+    def _log_model(self, model_dir: Path, config) -> None:
+        """The trained generator as an MLflow logged model, linked to this stage's run."""
+        client = self.ctx.mlflow()
+        if client is None:
+            return
+        run = client.get_run(self.ctx.mlflow_run_id)
+        model = client.create_logged_model(
+            run.info.experiment_id, name=self.ctx.name, source_run_id=self.ctx.mlflow_run_id,
+            params={k: str(v) for k, v in config.to_dict().items()},
+            tags={"arpipe.stage": self.ctx.name, "arpipe.fingerprint": self.ctx.fingerprint}, model_type="arpipe-ar")
+        client.log_model_artifacts(model.model_id, str(model_dir))
+        client.finalize_logged_model(model.model_id, "READY")
+
 
 def convergence(history: list[tuple[int, float]], steps: int, *, window: float = 0.25,
                 threshold: float = 0.03) -> str | None:
@@ -209,16 +222,3 @@ def convergence(history: list[tuple[int, float]], steps: int, *, window: float =
         return (f"rose {100 * -change:.1f}% over the last {100 * window:.0f}% of the steps ({before:.3f} -> "
                 f"{after:.3f}): the model is memorizing its data; use fewer steps or more data")
     return None
-
-    def _log_model(self, model_dir: Path, config) -> None:
-        """The trained generator as an MLflow logged model, linked to this stage's run."""
-        client = self.ctx.mlflow()
-        if client is None:
-            return
-        run = client.get_run(self.ctx.mlflow_run_id)
-        model = client.create_logged_model(
-            run.info.experiment_id, name=self.ctx.name, source_run_id=self.ctx.mlflow_run_id,
-            params={k: str(v) for k, v in config.to_dict().items()},
-            tags={"arpipe.stage": self.ctx.name, "arpipe.fingerprint": self.ctx.fingerprint}, model_type="arpipe-ar")
-        client.log_model_artifacts(model.model_id, str(model_dir))
-        client.finalize_logged_model(model.model_id, "READY")
