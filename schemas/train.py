@@ -56,11 +56,14 @@ class DeepSpeedSpec(Strict):
 
 
 class OptimizerSpec(Strict):
-    lr: float = Field(3e-4, gt=0, description="Peak AdamW learning rate, reached after warmup_steps.")
+    lr: float | None = Field(None, gt=0, description="Peak AdamW learning rate, reached after warmup_steps "
+                                                      "(default: by model width, 1e-3 up to 256 wide, 3e-4 up to "
+                                                      "1024, 2e-4 up to 2048, 1.5e-4 above).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW's [beta1, beta2].")
     weight_decay: float = Field(0.05, ge=0, description="AdamW's decoupled weight decay.")
-    warmup_steps: int = Field(100, ge=0, description="Steps that warm the learning rate up from 0 to lr before "
-                                                     "the cosine decay.")
+    warmup_steps: int | None = Field(None, ge=0, description="Steps that warm the learning rate up from 0 to "
+                                                            "lr before the cosine decay (default: 5% of the "
+                                                            "steps, at most 2000).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
 
 

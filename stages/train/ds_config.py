@@ -19,6 +19,28 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+#: default peak learning rates by model width (n_embd up to the key): small models take large steps
+LR_BY_WIDTH = ((256, 1e-3), (1024, 3e-4), (2048, 2e-4))
+LR_WIDEST = 1.5e-4
+
+
+def learning_rate(spec: TrainStage) -> float:
+    """``optimizer.lr``, or the default for the model's width (measured on digits: docs/training.md)."""
+    if spec.optimizer.lr is not None:
+        return spec.optimizer.lr
+    from stages.models.config import PRESETS
+
+    width = spec.model.n_embd or PRESETS[spec.model.preset]["n_embd"]
+    return next((lr for wide, lr in LR_BY_WIDTH if width <= wide), LR_WIDEST)
+
+
+def warmup_steps(spec: TrainStage, total_steps: int) -> int:
+    """``optimizer.warmup_steps``, or 5% of the budget (at most 2000): long warmups waste short runs."""
+    if spec.optimizer.warmup_steps is not None:
+        return spec.optimizer.warmup_steps
+    return min(2000, max(1, round(0.05 * total_steps)))
+
+
 def build_ds_config(spec: TrainStage, total_steps: int) -> dict[str, Any]:
     """ZeRO stage, precision, offload, accumulation, clipping, AdamW and warmup+cosine from the stage config.
 
@@ -43,11 +65,11 @@ def build_ds_config(spec: TrainStage, total_steps: int) -> dict[str, Any]:
         "gradient_clipping": ds.gradient_clipping,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {
-            "lr": opt.lr, "betas": list(opt.betas), "eps": 1e-8, "weight_decay": opt.weight_decay,
+            "lr": learning_rate(spec), "betas": list(opt.betas), "eps": 1e-8, "weight_decay": opt.weight_decay,
             **({} if ds.offload_optimizer else {"torch_adam": True})}},
         "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": max(total_steps, opt.warmup_steps + 1),
-            "warmup_num_steps": opt.warmup_steps,
+            "total_num_steps": max(total_steps, warmup_steps(spec, total_steps) + 1),
+            "warmup_num_steps": warmup_steps(spec, total_steps),
             "warmup_min_ratio": 0.0, "cos_min_ratio": opt.min_lr_ratio}},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
