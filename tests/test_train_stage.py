@@ -215,3 +215,17 @@ def test_digits_next_scale_learns_below_unigram_entropy_and_mixes_modalities(dig
     assert [m for m, _ in vocab["modalities"]] == ["image", "pointcloud"]
     [mixed] = client.search_runs([exp.experiment_id], filter_string="tags.`arpipe.stage` = 'mixed'")
     assert math.isfinite(mixed.data.metrics["loss"])
+
+
+def test_the_end_of_training_says_whether_the_budget_was_right():
+    """Held-out losses measured on digits (docs/training.md): still falling, flat, rising."""
+    from stages.train import convergence
+
+    still_learning = [(100, 3.0), (200, 2.5), (300, 2.2)]
+    flat = [(166, 2.989), (332, 2.449), (498, 2.21), (664, 2.067), (830, 2.007), (996, 1.998), (1000, 1.993)]
+    memorizing = [(166, 3.159), (332, 2.558), (498, 2.456), (664, 2.502), (830, 2.642), (996, 2.768), (1000, 2.773)]
+    assert "still learning; raise steps (e.g. steps: 600)" in convergence(still_learning, 300)
+    assert convergence(flat, 1000) is None
+    assert "memorizing" in convergence(memorizing, 1000)
+    noisy_flat = [(s, 2.0 + 0.3 * ((s * 7919) % 13) / 13) for s in range(1, 1001)]   # per-step training losses
+    assert convergence(noisy_flat, 1000) is None

@@ -93,8 +93,7 @@ class TrainStage(Stage):
         summaries = [summarize_store(d.store) for d in spec.data]
         vocab, names = build_vocab(summaries)
         seq_len = spec.seq_len or default_seq_len(summaries)
-        inputs = scale_inputs(summaries, names, vocab) \
-            if spec.model.paradigm == "next_scale" and spec.model.scale_input == "accumulated" else {}
+        inputs = scale_inputs(summaries, names, vocab) if spec.model.paradigm == "next_scale" else {}
         feature_dim = max((si.feature_dim for si in inputs.values()), default=0)
         try:
             config = preset(spec.model.preset, **model_overrides(spec, vocab.vocab_size, seq_len),
@@ -199,26 +198,30 @@ def convergence(history: list[tuple[int, float]], steps: int, *, window: float =
                 threshold: float = 0.03) -> str | None:
     """What to tell the user when the loss over the last ``window`` of the steps still fell by more than
     ``threshold`` (relative) or rose by as much; None when it flattened. Noisy training losses are compared
-    as means over a tenth of the steps."""
+    as means over a tenth of the steps; sparse held-out evaluations as a rate scaled to the window."""
     if len(history) < 3 or steps < 10:
         return None
     history = sorted(history)
     span = max(1, steps // 10) if len(history) > 20 else 0
 
-    def level(at: int) -> float | None:
-        near = [v for s, v in history if at - span <= s <= at] or [v for s, v in history if s <= at][-1:]
-        return sum(near) / len(near) if near else None
+    def level(at: int) -> tuple[int, float] | None:
+        """(step, loss) at ``at``: the mean over the span before it, else the last value at or before it."""
+        near = [(s, v) for s, v in history if at - span <= s <= at] or [(s, v) for s, v in history if s <= at][-1:]
+        return (near[-1][0], sum(v for _, v in near) / len(near)) if near else None
 
-    end, start = history[-1][0], int(history[-1][0] - window * steps)
-    before, after = level(start), level(end)
-    if before is None or after is None or before <= 0:
+    end = history[-1][0]
+    first, last = level(int(end - window * steps)), level(end)
+    if first is None or last is None or first[1] <= 0 or last[0] <= first[0]:
         return None
-    change = (before - after) / before
+    (at, before), after = first, last[1]
+    # sparse evaluations: the change over the steps between the two points, scaled to the window
+    change = (before - after) / before * (window * steps) / (last[0] - at)
     if change > threshold:
-        return (f"fell {100 * change:.1f}% over the last {100 * window:.0f}% of the steps ({before:.3f} -> "
-                f"{after:.3f}): the model is still learning; raise steps (e.g. steps: {2 * steps}), see "
-                "docs/training.md, sizing a budget")
+        return (f"was still falling at the end ({before:.3f} at step {at} -> {after:.3f} at step {last[0]}, "
+                f"{100 * change:.1f}% per {100 * window:.0f}% of the steps): the model is still learning; raise "
+                f"steps (e.g. steps: {2 * steps}); docs/training.md, sizing a budget")
     if change < -threshold:
-        return (f"rose {100 * -change:.1f}% over the last {100 * window:.0f}% of the steps ({before:.3f} -> "
-                f"{after:.3f}): the model is memorizing its data; use fewer steps or more data")
+        return (f"rose at the end ({before:.3f} at step {at} -> {after:.3f} at step {last[0]}, "
+                f"{100 * -change:.1f}% per {100 * window:.0f}% of the steps): the model is memorizing its data; "
+                "use fewer steps or more data")
     return None

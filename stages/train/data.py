@@ -85,17 +85,17 @@ def scale_inputs(summaries: list[StoreSummary], names: list[str], vocab) -> dict
 
     found: dict[str, Any] = {}
     for name, s in zip(names, summaries):
-        if name in found:
+        if name in found or not s.layout.get("scales"):   # other layouts: Documents says what fits
             continue
         if not s.tokenizer_uri:
             raise UserError(f"store {s.uri} names no tokenizer artifact, so VAR's accumulated next-scale input "
-                            "cannot be built", where=s.uri, fix="set model.scale_input: parent for this store")
+                            "cannot be built", where=s.uri, fix="tokenize the store with an msvq tokenizer artifact")
         tok = load_tokenizer(s.tokenizer_uri)
         if not hasattr(tok, "next_scale_input_mix"):
             raise UserError(f"a {tok.type} tokenizer has no multi-scale codebook for VAR's accumulated input",
-                            where=s.tokenizer_uri, fix="use an msvq tokenizer, or model.scale_input: parent")
+                            where=s.tokenizer_uri, fix="next_scale needs an msvq tokenizer")
         found[name] = ScaleInput(tok.codebook_KD.float(), tok.next_scale_input_mix(), vocab.code_range(name)[0])
-    width = max(si.feature_dim for si in found.values())
+    width = max((si.feature_dim for si in found.values()), default=0)
     return {name: si.padded(width) for name, si in found.items()}
 
 
