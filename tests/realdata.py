@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 
 
-def digits_folder(root: Path, count: int = 300, start: int = 0) -> Path:
-    """scikit-learn's handwritten digits as 8x8 PNGs in one sub-folder per class (the label)."""
+def digits_folder(root: Path, count: int = 300, start: int = 0, size: int = 8) -> Path:
+    """scikit-learn's handwritten digits as PNGs in one sub-folder per class (the label); ``size`` other
+    than 8 upsamples them (bicubic), as users save small digits for a model that wants 32x32."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -16,7 +17,10 @@ def digits_folder(root: Path, count: int = 300, start: int = 0) -> Path:
     for i in range(start, start + count):
         folder = root / str(digits.target[i])
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8)).save(folder / f"{i:04d}.png")
+        image = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8))
+        if size != 8:
+            image = image.resize((size, size), Image.BICUBIC)
+        image.save(folder / f"{i:04d}.png")
     return root
 
 
