@@ -52,6 +52,7 @@ class Benchmark:
     issue: int
     ratios: tuple[Ratio, ...]
     quick: tuple[str, ...] = ()  # arguments for --quick
+    table: tuple[tuple[str, str], ...] = ()  # (key, title) columns of the result's "rows", shown on the page
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
@@ -121,6 +122,18 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         Ratio(("ratios", "digits_final_loss"), "SJD test model's final loss (context)",
               "its training data", None, " nats"),
     )),
+    Benchmark("fidelity", "fidelity.py", "fidelity.json", 14, (
+        *(Ratio(("ratios", f"cas {row}"), f"CAS, {label}", "chance: 0.10 (10 classes)", (">=", 0.85))
+          for row, label in (("next_scale", "next_scale (VAR's accumulated input)"), ("next_token", "next_token"),
+                             ("next_block", "next_block"))),
+        *(Ratio(("ratios", f"training minutes {row}"), f"training wall time, {row}", "absolute, 2 cores",
+                ("<=", 6.0), " min") for row in ("next_scale", "next_token", "next_block")),
+        Ratio(("ratios", "noise cas"), "CAS of pure noise (control)", "chance: 0.10", ("<=", 0.2)),
+        Ratio(("ratios", "shuffled-label cas"), "CAS of the best samples under shuffled labels (control)",
+              "chance: 0.10", ("<=", 0.2)),
+    ), ("--quick",), table=(("row", "paradigm"), ("tokenizer", "tokenizer"), ("steps", "steps"),
+                            ("train_seconds", "training s"), ("heldout_nll_per_token", "held-out NLL/token"),
+                            ("cas", "CAS"), ("contact_sheet", "contact sheet"))),
 )
 
 
@@ -295,7 +308,30 @@ def render_docs(combined: dict[str, Any]) -> str:
         doc = _docstring(ROOT / "benchmarks" / bench.script)
         if doc:
             out += [doc.replace("``", "`"), ""]
+        out += _result_table(bench, info)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _result_table(bench: Benchmark, info: dict[str, Any]) -> list[str]:
+    """The rows a benchmark reports (its result's ``rows``) as a table; a ``.png`` cell is shown as a picture."""
+    if not bench.table or info["status"] == "not run" or info["measured"] is None:
+        return []
+    try:
+        rows = json.loads((ROOT / info["result"]).read_text()).get("rows", [])
+    except (OSError, json.JSONDecodeError):
+        return []
+
+    def cell(value: Any) -> str:
+        if isinstance(value, str) and value.endswith(".png"):
+            return f"![{Path(value).stem}](../{value})"
+        if isinstance(value, float):
+            return f"{value:.3g}"
+        return _md("—" if value is None else value)
+
+    out = ["| " + " | ".join(title for _, title in bench.table) + " |",
+           "| " + " | ".join("---" for _ in bench.table) + " |"]
+    out += ["| " + " | ".join(cell(row.get(key)) for key, _ in bench.table) + " |" for row in rows]
+    return out + [""]
 
 
 # --------------------------------------------------------------------------------------- running

@@ -42,11 +42,15 @@ class SampleStage(StageBase):
     length: int | None = Field(None, ge=1, description="Tokens per sample for variable-length tokenizers "
                                                        "(octree; default: the longest sample the model saw).")
     temperature: float = Field(1.0, ge=0, description="0 is greedy.")
-    top_k: int = Field(0, ge=0, description="0 is off.")
-    top_p: float = Field(1.0, gt=0, le=1, description="1 is off.")
-    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale; 1 is off.")
+    top_k: int = Field(0, ge=0, description="0 is off (as in VAR's sampler; VAR's demo uses 900 of 4096 "
+                                            "codes).")
+    top_p: float = Field(1.0, gt=0, le=1, description="1 is off (VAR's demo uses 0.95).")
+    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale s in u + s (c - u) of the "
+                                                    "unconditional and conditional logits; 1 is off. VAR's "
+                                                    "`cfg` value c is s = 1 + c at the last scale.")
     cfg_schedule: Literal["constant", "linear"] = Field(
-        "constant", description="`linear` ramps the scale from 1 at the first group to cfg_scale (VAR).")
+        "constant", description="`linear` ramps the scale from 1 at the first group to cfg_scale at the last, "
+                                "as VAR's sampler does (its t = cfg x group / (groups - 1)).")
     decoder: Literal["plain", "sjd"] = Field("plain", description="`sjd`: speculative Jacobi decoding "
                                                                   "(next_token models; same distribution).")
     sjd_window: int = Field(16, ge=1, description="Draft tokens per SJD window.")
