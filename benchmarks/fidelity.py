@@ -57,7 +57,7 @@ stages:
   judge:
     kind: python
     callable: digits_steps:fit_classifier
-    inputs: {{images: ./data/train}}
+    inputs: {{images: {work}/data/train}}
     config: {{channels: 1, size: {size}, image_size: 16}}
   train:
     kind: train
@@ -92,7 +92,7 @@ def run_row(work: Path, row: str, args) -> dict:
 
     paradigm = name = row
     (work / f"{name}.yaml").write_text(PIPELINE.format(
-        size=args.size, codebook=args.codebook, paradigm=paradigm,
+        work=work, size=args.size, codebook=args.codebook, paradigm=paradigm,
         block=16 if paradigm == "next_block" else 1, steps=args.steps,
         eval_every=max(1, args.steps // 6), per_class=args.per_class, cfg=args.cfg))
     started = time.time()
