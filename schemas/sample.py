@@ -101,7 +101,7 @@ class FeaturesSpec(Strict):
 class ClassifierSpec(Strict):
     """Quality judges for the Classification Accuracy Score (CAS): classifiers fitted on real data check that
     each class-conditional sample shows the class it was drawn for. Files: a scikit-learn model saved with
-    skops (`.skops`, recommended: loads no code), joblib (`.joblib`, `.pkl`: unpickling runs code, load only
+    skops (`.skops`: loads no code; pickles such as `.joblib` and `.pkl` are refused, since unpickling runs code)
     your own) or a TorchScript network returning logits (`.pt`)."""
 
     image: str | None = Field(None, description="Image classifier, fitted on flattened images in [0, 1] "

@@ -178,7 +178,7 @@ def test_a_bad_classifier_fails_in_one_line_naming_the_file(project, ray_cluster
 # ------------------------------------------------------------------ the domain library, without Ray
 
 
-def _digits_judge(fmt: str = "skops"):
+def _digits_judge():
     """A judge fitted on the first 1000 digits, as the file bytes a user would save."""
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
@@ -191,27 +191,26 @@ def _digits_judge(fmt: str = "skops"):
     images = [x[None] / 16.0 for x in digits.images]
     x_NF = classifier_features("image", images[:1000], image_size=16, channels=1)
     judge = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)).fit(x_NF, digits.target[:1000])
-    if fmt == "skops":
-        import skops.io
+    import skops.io
 
-        return skops.io.dumps(judge), images, digits.target
+    return skops.io.dumps(judge), images, digits.target
+
+
+def test_a_skops_judge_loads_and_takes_rgb_samples_and_a_pickled_one_is_refused():
     import joblib
 
-    buf = io.BytesIO()
-    joblib.dump(judge, buf)
-    return buf.getvalue(), images, digits.target
+    from stages.evaluation import Classifier, ClassifierError
 
-
-def test_the_same_judge_loads_from_skops_and_joblib_and_takes_rgb_samples():
-    from stages.evaluation import Classifier
-
-    data, images, target = _digits_judge("skops")
+    data, images, target = _digits_judge()
     skops_judge = Classifier.load_bytes(data, "digits.skops")
-    joblib_judge = Classifier.load_bytes(_digits_judge("joblib")[0], "digits.joblib")
-    assert skops_judge.classes == joblib_judge.classes == [str(c) for c in range(10)]
+    assert skops_judge.classes == [str(c) for c in range(10)]
+    buf = io.BytesIO()
+    joblib.dump(skops_judge.model, buf)
+    with pytest.raises(ClassifierError, match="is a pickle") as refused:
+        Classifier.load_bytes(buf.getvalue(), "digits.joblib")
+    assert "skops.io.dump(joblib.load(path)" in refused.value.fix
     unseen = images[1300:1600]
     predicted = skops_judge.predict("image", unseen, image_size=16)
-    assert predicted == joblib_judge.predict("image", unseen, image_size=16)
     assert np.mean([p == str(t) for p, t in zip(predicted, target[1300:1600])]) >= 0.85
     rgb = [np.repeat(x, 3, axis=0) for x in unseen]      # grey judge, RGB samples: converted by luminance
     assert skops_judge.predict("image", rgb, image_size=16) == predicted
@@ -241,7 +240,7 @@ def test_a_torchscript_judge_with_class_names():
 
 @pytest.mark.parametrize(("name", "data", "message"), [
     ("judge.skops", b"junk", "not a skops archive"),
-    ("judge.joblib", b"junk", "not a joblib/pickle"),
+    ("judge.pkl", b"junk", "a .pkl file is a pickle"),
     ("judge.pt", b"junk", "not a TorchScript module"),
     ("judge.bin", b"junk", "cannot tell the classifier format of .bin"),
 ])

@@ -93,7 +93,9 @@ def test_zero_stages_with_two_ranks_match_one(digits_project, ray_cluster):
         # process), which Adam's normalization lets grow a little; stated tolerance 2e-3 nats per step
         assert np.allclose(curves[stage], reference, rtol=0, atol=2e-3), (stage, curves[stage], reference)
     model = next(folder.glob("runs/zero3/*/model"))
-    assert {p.name for p in model.iterdir()} == {"model.safetensors", "config.json", "vocab.json", "tokenizers.json"}
+    # a next_scale model carries VAR's input tables (the tokenizer's codebook and input map) with its weights
+    assert {p.name for p in model.iterdir()} == {"model.safetensors", "config.json", "vocab.json", "tokenizers.json",
+                                                 "scale_inputs.safetensors"}
 
 
 def committed_checkpoints(folder: Path, stage: str) -> int:

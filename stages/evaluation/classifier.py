@@ -18,8 +18,8 @@ Accepted files, by extension:
 - ``.skops``: a scikit-learn estimator saved with ``skops.io.dump``. Loading builds
   only the types it lists and refuses any outside scikit-learn and numpy, so a file
   from elsewhere cannot run code. The recommended format.
-- ``.joblib`` / ``.pkl``: a scikit-learn estimator saved with joblib or pickle.
-  Unpickling runs whatever code the file names: load only files you made.
+- ``.joblib`` / ``.pkl`` / ``.pickle`` are refused: unpickling runs whatever code the
+  file names, and arpipe never loads pickles (a one-line error says how to convert).
 - ``.pt``: a TorchScript module (``torch.jit.save``) whose forward maps inputs to
   logits ``(N, K)``. Class ``i`` is ``str(i)`` unless the module has a ``classes``
   attribute (a list of strings); images are fed with the samples' channel count
@@ -46,8 +46,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-Format = Literal["skops", "joblib", "torchscript"]
-FORMATS: dict[str, Format] = {".skops": "skops", ".joblib": "joblib", ".pkl": "joblib", ".pt": "torchscript"}
+Format = Literal["skops", "torchscript"]
+FORMATS: dict[str, Format] = {".skops": "skops", ".pt": "torchscript"}
+PICKLES = (".joblib", ".pkl", ".pickle")
 #: skops builds types from these packages only; anything else in a file is refused
 TRUSTED_PACKAGES = ("sklearn", "numpy")
 MODALITIES = ("image", "volume", "pointcloud")
@@ -187,14 +188,18 @@ class Classifier:
         """A judge from a file's bytes; ``name`` (the file name) gives the format by its extension."""
         suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
         fmt = FORMATS.get(suffix)
+        if suffix in PICKLES:
+            raise ClassifierError(f"a {suffix} file is a pickle, and loading one runs whatever code it names; "
+                                  "arpipe never loads pickles",
+                                  fix="convert it once, on your machine: skops.io.dump(joblib.load(path), "
+                                      "'judge.skops')")
         if fmt is None:
             raise ClassifierError(f"cannot tell the classifier format of {suffix or 'a file without extension'}",
-                                  fix="save it as .skops (skops.io.dump, recommended), .joblib/.pkl (joblib) "
-                                      "or .pt (torch.jit.save)")
+                                  fix="save it as .skops (skops.io.dump) or .pt (torch.jit.save)")
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if fmt == "torchscript":
             return cls._torchscript(data, digest)
-        model = _load_skops(data) if fmt == "skops" else _load_joblib(data)
+        model = _load_skops(data)
         if not (hasattr(model, "predict") and hasattr(model, "classes_")):
             raise ClassifierError(f"the {fmt} file holds a {type(model).__name__}, not a fitted scikit-learn "
                                   "classifier (no predict and classes_)",
@@ -208,7 +213,8 @@ class Classifier:
         import torch
 
         try:
-            module = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+            module.eval()
         except Exception as err:  # torch raises RuntimeError/ValueError/pickle errors depending on the bytes
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ClassifierError(f"the .pt file is not a TorchScript module ({first_line})",
@@ -327,15 +333,6 @@ def _load_skops(data: bytes) -> Any:
         raise ClassifierError(f"skops could not load the file ({type(err).__name__}: {err})",
                               fix="save it again with this environment's scikit-learn and skops") from None
 
-
-def _load_joblib(data: bytes) -> Any:
-    import joblib
-
-    try:
-        return joblib.load(io.BytesIO(data))
-    except Exception as err:  # pickle raises many kinds on foreign bytes
-        raise ClassifierError(f"the file is not a joblib/pickle of an estimator ({type(err).__name__}: {err})",
-                              fix="save it with joblib.dump(estimator, path), or better skops.io.dump") from None
 
 
 def confusion_counts(requested: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> np.ndarray:

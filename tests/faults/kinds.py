@@ -193,7 +193,7 @@ def train_resumed(output: str, before: dict) -> str | None:
 
 def train_final(out: Path) -> list[str]:
     files = sorted(p.name for p in (out / "model").iterdir())
-    expected = ["config.json", "model.safetensors", "tokenizers.json", "vocab.json"]
+    expected = ["config.json", "model.safetensors", "scale_inputs.safetensors", "tokenizers.json", "vocab.json"]
     return [] if files == expected else [f"model folder holds {files}"]
 
 
