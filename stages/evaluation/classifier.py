@@ -4,12 +4,12 @@ A sample drawn for class ``"3"`` should be classified as a 3. The share of sampl
 the judge assigns to the class they were drawn for is the CAS: near 1 when samples
 show their class, near ``1 / classes`` for noise or samples that ignore the class.
 The judge needs no pretrained weights: fit it on the training data, e.g.
-scikit-learn's ``StandardScaler + LogisticRegression`` on :func:`classifier_features`::
+scikit-learn's ``LogisticRegression`` on :func:`classifier_features` (no scaler on
+pixels: docs/evaluation.md says why)::
 
     x_NF = classifier_features("image", images_CHW, image_size=16, channels=1)
-    judge = make_pipeline(StandardScaler(), LogisticRegression()).fit(x_NF, labels)
-    skops.io.dump(judge, "digits.skops")
-    ...
+    skops.io.dump(LogisticRegression(max_iter=3000).fit(x_NF, labels), "digits.skops")
+    # later, in the evaluate stage:
     judge = Classifier.load_bytes(open("digits.skops", "rb").read(), "digits.skops")
     predicted = judge.predict("image", samples_CHW, image_size=16)
 
@@ -203,8 +203,7 @@ class Classifier:
         if not (hasattr(model, "predict") and hasattr(model, "classes_")):
             raise ClassifierError(f"the {fmt} file holds a {type(model).__name__}, not a fitted scikit-learn "
                                   "classifier (no predict and classes_)",
-                                  fix="save the estimator after fit(), e.g. make_pipeline(StandardScaler(), "
-                                      "LogisticRegression()).fit(x, labels)")
+                                  fix="save the estimator after fit(), e.g. LogisticRegression().fit(x, labels)")
         n = getattr(model, "n_features_in_", None)
         return cls(model, fmt, [str(c) for c in model.classes_], digest, n_features=int(n) if n else None)
 
