@@ -224,6 +224,7 @@ def _heldout(cfg: dict, vocab, model_config, rank: int, world: int):
     """A fixed list of held-out micro-batches for this rank (the first samples of the held-out store)."""
     if not cfg.get("heldout"):
         return None
+    from stages.models.diagnostics import PARTS
     from stages.store import TokenStore
     from stages.train.data import Documents, StoreSummary
 
@@ -237,8 +238,6 @@ def _heldout(cfg: dict, vocab, model_config, rank: int, world: int):
     # the same number of batches on every rank: ZeRO-3 forwards gather parameters collectively
     usable = (min(len(store), cfg["heldout_samples"]) // world) * world
     ids = list(range(usable))[rank::world]
-    from stages.models.diagnostics import PARTS
-
     micro = cfg["micro_batch"]
     plan = docs.plans[0]
     if plan is None:
