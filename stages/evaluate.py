@@ -428,7 +428,7 @@ class EvaluateStage(Stage):
             data = storage_for(path).read_bytes(path)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise UserError("classifier file not found", where=path,
-                            fix="give a .skops, .joblib or .pt file, e.g. the output of a python stage that fits "
+                            fix="give a .skops or .pt file, e.g. the output of a python stage that fits "
                                 "one (examples/digits_steps.py)") from None
         with _as_user_error(path):
             return Classifier.load_bytes(data, path), path

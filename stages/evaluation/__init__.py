@@ -16,7 +16,7 @@ per-sample scores for a report.
 Class-conditional samples are judged by a classifier fitted on real data (the
 Classification Accuracy Score, no pretrained weights)::
 
-    judge = Classifier.load_bytes(data, "digits.skops")     # .skops, .joblib/.pkl or TorchScript .pt
+    judge = Classifier.load_bytes(data, "digits.skops")     # .skops or TorchScript .pt (pickles are refused)
     predicted = judge.predict("image", images_CHW, image_size=16)
     cas = mean(p == c for p, c in zip(predicted, requested_classes))
 

@@ -152,7 +152,8 @@ class TrainStage(Stage):
         if client is None:
             return
         run_id, name = self.ctx.mlflow_run_id, self.ctx.name
-        keys = sorted(k for k in client.get_run(run_id).data.metrics if k.startswith("heldout/"))
+        logged = client.get_run(run_id).data.metrics
+        keys = sorted(k for k in logged if k.startswith("heldout/"))
         rows: dict[tuple[int, str], dict[str, Any]] = {}
         for key in keys:
             _, segment, metric = key.split("/")
@@ -172,7 +173,7 @@ class TrainStage(Stage):
             print(f"[{name}] held-out at step {last}: " + ", ".join(
                 f"{r['segment']} {r['loss']:.2f} nats {100 * r['accuracy']:.0f}%" for r in table
                 if r["step"] == last and "loss" in r), flush=True)
-        key = "heldout_loss" if "heldout_loss" in client.get_run(run_id).data.metrics else "loss"
+        key = "heldout_loss" if "heldout_loss" in logged else "loss"
         history = [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
         verdict = convergence(history, steps)
         if verdict:
