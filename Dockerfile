@@ -74,13 +74,14 @@ RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml
     && pip install -r /tmp/requirements.txt "scikit-learn>=1.4" \
     && rm /tmp/requirements.txt
 
-# arpipe itself; scikit-learn above is for the shipped examples (the quickstart's data)
+# arpipe itself (the folders install as arpipe.*, see pyproject.toml); scikit-learn above is for the shipped examples (the quickstart's data)
+COPY arpipe ./arpipe
 COPY schemas ./schemas
 COPY pipeline ./pipeline
 COPY stages ./stages
 COPY cluster ./cluster
 RUN pip install --no-deps . \
-    && python -c "import torch, deepspeed, ray, mlflow, pipeline; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'ray', ray.__version__)"
+    && python -c "import torch, deepspeed, ray, mlflow, arpipe.pipeline.cli; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'ray', ray.__version__)"
 COPY examples /opt/arpipe/examples
 
 # a non-root user, uid 1000 as the KubeRay manifests' securityContext says; named and homed

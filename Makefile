@@ -27,7 +27,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 schema: setup
-	$(PY) -m schemas.export
+	$(PY) -m arpipe.schemas.export
 
 bench: setup
 	$(PY) benchmarks/run_all.py

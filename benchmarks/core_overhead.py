@@ -50,7 +50,7 @@ def timed(cmd: list[str], cwd: Path) -> float:
 
 
 def main() -> None:
-    arpipe = [sys.executable, "-m", "pipeline.cli", "run", "pipeline.yaml"]
+    arpipe = [sys.executable, "-m", "arpipe.pipeline.cli", "run", "pipeline.yaml"]
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folders = {}

@@ -153,7 +153,7 @@ def controls(work: Path, best: dict, args) -> dict:
     """The judge on noise, on the best row's samples with shuffled labels, and on held-out real digits."""
     from PIL import Image
 
-    from stages.evaluation.classifier import Classifier
+    from arpipe.stages.evaluation.classifier import Classifier
 
     judge_file = next(work.glob("runs/judge/*/classifier.skops"))
     judge = Classifier.load_bytes(judge_file.read_bytes(), str(judge_file))
@@ -166,7 +166,7 @@ def controls(work: Path, best: dict, args) -> dict:
     media = Path(best["samples"])
     files = sorted(media.glob("*.png"))
     samples = [np.asarray(Image.open(f).convert("L"), dtype=np.float32)[None] / 255 for f in files]
-    from stages.store import TokenStore
+    from arpipe.stages.store import TokenStore
 
     store = TokenStore.open(str(media.parent.parent / "samples"))
     labels = {s.key: str(s.condition) for s in store}

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.models import (
+from arpipe.stages.models import (
     ModelConfig,
     Prompt,
     SamplingOptions,
@@ -124,9 +124,9 @@ def actors_benchmark(rows: list[dict]) -> dict[str, float]:
     import ray
     from realdata import digits_model_folder
 
-    from pipeline.stage import StageContext
-    from schemas.sample import SampleStage as SampleSpec
-    from stages.sample import SampleStage
+    from arpipe.pipeline.stage import StageContext
+    from arpipe.schemas.sample import SampleStage as SampleSpec
+    from arpipe.stages.sample import SampleStage
 
     root = Path(tempfile.mkdtemp(prefix="arpipe-bench-"))
     try:

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 sys.path.insert(0, str(ROOT / "tests"))  # the S3 test server
 
-from stages.store import DistributedSampler, ShardWriter, StoreWriter, TokenStore, write_manifest  # noqa: E402
-from stages.store.export import export_webdataset  # noqa: E402
+from arpipe.stages.store import DistributedSampler, ShardWriter, StoreWriter, TokenStore, write_manifest  # noqa: E402
+from arpipe.stages.store.export import export_webdataset  # noqa: E402
 
 BATCH = 256
 

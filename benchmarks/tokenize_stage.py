@@ -82,7 +82,7 @@ def peak_rss_of_tree(proc: subprocess.Popen, stop: threading.Event, out: dict) -
 def run_stage(folder: Path, data: Path, fit_data: Path, workers: int) -> dict:
     (folder / "pipeline.yaml").write_text(PIPELINE.format(data=data, fit_data=fit_data, workers=workers))
     stop, measured = threading.Event(), {}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "pipeline.yaml"], cwd=folder,
+    proc = subprocess.Popen([sys.executable, "-m", "arpipe.pipeline.cli", "run", "pipeline.yaml"], cwd=folder,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     watcher = threading.Thread(target=peak_rss_of_tree, args=(proc, stop, measured))
     watcher.start()
@@ -102,7 +102,7 @@ BARE_LOOP = """
 import sys, time
 start = time.perf_counter()
 import torch
-from stages.modalities import load_tokenizer, open_reader
+from arpipe.stages.modalities import load_tokenizer, open_reader
 torch.set_num_threads(1)
 tok = load_tokenizer(sys.argv[2])
 reader = open_reader("image", sys.argv[1], channels=1, size=32, files_per_unit=128)

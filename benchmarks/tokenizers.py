@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stages.modalities import (  # noqa: E402
+from arpipe.stages.modalities import (  # noqa: E402
     VQVAE,
     MultiScaleVQ,
     OctreeTokenizer,
@@ -39,7 +39,7 @@ from stages.modalities import (  # noqa: E402
     psnr,
     ssim,
 )
-from stages.modalities.codebook import nearest_code  # noqa: E402
+from arpipe.stages.modalities.codebook import nearest_code  # noqa: E402
 
 HIDDEN = 32  # vqvae width: what trains in minutes on a CPU core
 CODES = 128  # codebook of the quality table: 150 faces x 64 patches leave 75 vectors per code

@@ -61,10 +61,10 @@ def plain_loop(folder: Path) -> float:
     """The same model, batch and optimizer in a bare PyTorch loop, one thread."""
     import torch
 
-    from stages.models import ModelConfig, Transformer, load_config
-    from stages.store import DistributedSampler
-    from stages.train.data import Documents, build_vocab, summarize_store
-    from stages.train.loop import _units
+    from arpipe.stages.models import ModelConfig, Transformer, load_config
+    from arpipe.stages.store import DistributedSampler
+    from arpipe.stages.train.data import Documents, build_vocab, summarize_store
+    from arpipe.stages.train.loop import _units
 
     torch.set_num_threads(1)
     model_dir = next(folder.glob("runs/train/*/model"))
@@ -72,7 +72,7 @@ def plain_loop(folder: Path) -> float:
     store_uri = str(next(folder.glob("runs/digits/*/store")))
     summaries = [summarize_store(store_uri)]
     vocab, names = build_vocab(summaries)
-    from stages.store import TokenStore
+    from arpipe.stages.store import TokenStore
 
     store = TokenStore.open(store_uri)
     docs = Documents(store, summaries, names, vocab, paradigm=config.paradigm, block_size=config.block_size,
@@ -106,7 +106,7 @@ def main() -> None:
             folder = Path(tmp) / f"w{workers}"
             digits_folder(folder / "data", count=600)
             (folder / "pipeline.yaml").write_text(PIPELINE.format(workers=workers, batch=BATCH, steps=STEPS))
-            proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "pipeline.yaml"], cwd=folder,
+            proc = subprocess.run([sys.executable, "-m", "arpipe.pipeline.cli", "run", "pipeline.yaml"], cwd=folder,
                                   capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(proc.stdout + proc.stderr)

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from pipeline.errors import ArpipeError, UserError
+from arpipe.pipeline.errors import ArpipeError, UserError
 
 if TYPE_CHECKING:
-    from pipeline.config import LoadedPipeline
+    from arpipe.pipeline.config import LoadedPipeline
 
 DASHBOARD_PORT = 8265
 #: the ports of a Ray head that are not the Jobs API, to say so when someone points at them
@@ -385,12 +385,12 @@ class Prepared:
 
 def prepare(args: argparse.Namespace, url: str) -> Prepared:
     """Load and check the pipeline locally, then build what the cluster at ``url`` runs; UserError before any upload."""
-    from cluster.sanity import check_cluster_ready
-    from pipeline import __version__
-    from pipeline.config import load_pipeline
-    from pipeline.dag import build_graph
-    from pipeline.lineage import git_commit, tracking_uri
-    from pipeline.storage import is_s3, normalize
+    from arpipe.cluster.sanity import check_cluster_ready
+    from arpipe.pipeline import __version__
+    from arpipe.pipeline.config import load_pipeline
+    from arpipe.pipeline.dag import build_graph
+    from arpipe.pipeline.lineage import git_commit, tracking_uri
+    from arpipe.pipeline.storage import is_s3, normalize
 
     loaded = load_pipeline(args.pipeline, args.overrides)
     build_graph(loaded)
@@ -436,7 +436,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     prepared = prepare(args, dashboard_address(args.address))
     client, url, token = connect(args.address)
     if not args.allow_local_storage:
-        from cluster.sanity import check_cluster_ready
+        from arpipe.cluster.sanity import check_cluster_ready
 
         check_cluster_ready(prepared.loaded, url, prepared.tracking_uri, False, node_ips=cluster_node_ips(url, token))
     wait = args.wait or args.follow or args.retries > 0

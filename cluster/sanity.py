@@ -16,11 +16,11 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from pipeline.errors import UserError
-from pipeline.storage import is_s3
+from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.storage import is_s3
 
 if TYPE_CHECKING:
-    from pipeline.config import LoadedPipeline
+    from arpipe.pipeline.config import LoadedPipeline
 
 #: addresses that name "this machine" without looking anything up
 LOCAL_NAMES = {"", "local", "auto", "localhost", "localhost.localdomain"}

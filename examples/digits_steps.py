@@ -35,8 +35,8 @@ def fit_classifier(config, inputs, out_dir):
     import skops.io
     from sklearn.linear_model import LogisticRegression
 
-    from stages.evaluation.classifier import classifier_features
-    from stages.modalities import open_reader
+    from arpipe.stages.evaluation.classifier import classifier_features
+    from arpipe.stages.modalities import open_reader
 
     channels, image_size = int(config.get("channels", 1)), int(config.get("image_size", 16))
     reader = open_reader("image", inputs["images"], channels=channels, size=config.get("size"))

@@ -1,3 +1,3 @@
 """The orchestrator: YAML loading, DAG, fingerprints, cache, runner on Ray, MLflow lineage, storage, CLI."""
 
-__version__ = "0.1.0"
+from arpipe import __version__  # noqa: F401  (one version, set in arpipe/__init__.py)

@@ -15,14 +15,14 @@ import sys
 import time
 import traceback
 
-from pipeline.errors import ArpipeError
+from arpipe.pipeline.errors import ArpipeError
 
 #: subcommands that live with their domain: name -> (module exposing register(subparsers), help).
 #: The module is imported only when its command runs, so `arpipe plan` stays light.
 EXTERNAL_COMMANDS = {
-    "store": ("stages.store.cli", "inspect, verify and export token stores"),
-    "submit": ("cluster.jobs", "submit a pipeline to a Ray cluster as a Ray job"),
-    "jobs": ("cluster.jobs", "list, follow and stop submitted Ray jobs"),
+    "store": ("arpipe.stages.store.cli", "inspect, verify and export token stores"),
+    "submit": ("arpipe.cluster.jobs", "submit a pipeline to a Ray cluster as a Ray job"),
+    "jobs": ("arpipe.cluster.jobs", "list, follow and stop submitted Ray jobs"),
 }
 
 
@@ -51,15 +51,15 @@ def _split(values: list[str]) -> list[str]:
 
 
 def _load(args):
-    from pipeline.config import load_pipeline
-    from pipeline.dag import build_graph
+    from arpipe.pipeline.config import load_pipeline
+    from arpipe.pipeline.dag import build_graph
 
     loaded = load_pipeline(args.pipeline, args.overrides)
     return loaded, build_graph(loaded)
 
 
 def _selection(graph, args):
-    from pipeline.dag import select
+    from arpipe.pipeline.dag import select
 
     return select(graph, only=_split(args.only), from_=args.from_, until=args.until, force=_split(args.force))
 
@@ -67,7 +67,7 @@ def _selection(graph, args):
 def cmd_validate(args) -> int:
     loaded, graph = _load(args)
     _check_cluster(loaded, args)
-    from pipeline.plan import Planner
+    from arpipe.pipeline.plan import Planner
 
     planner = Planner(loaded, graph)
     for name in graph.order:
@@ -85,7 +85,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def cmd_plan(args) -> int:
     loaded, graph = _load(args)
-    from pipeline.plan import Planner
+    from arpipe.pipeline.plan import Planner
 
     plans = Planner(loaded, graph).plan(_selection(graph, args))
     rows = [[p.name, p.kind, p.action, (p.fingerprint or "-")[:12], p.why] for p in plans]
@@ -96,7 +96,7 @@ def cmd_plan(args) -> int:
 def cmd_run(args) -> int:
     loaded, graph = _load(args)
     _check_cluster(loaded, args)
-    from pipeline.runner import Runner
+    from arpipe.pipeline.runner import Runner
 
     runner = Runner(loaded, graph, _selection(graph, args), address=args.address, tracking=args.tracking_uri,
                     echo=lambda line: print(line, flush=True), debug=args.debug)
@@ -114,7 +114,7 @@ def cmd_run(args) -> int:
 
 def cmd_status(args) -> int:
     loaded, graph = _load(args)
-    from pipeline.status import stage_status
+    from arpipe.pipeline.status import stage_status
 
     rows = stage_status(loaded, graph)
     print(_table([[r["stage"], r["state"], r["fingerprint"][:12], r["duration"], r["mlflow_run_id"],
@@ -124,7 +124,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from schemas.export import render
+    from arpipe.schemas.export import render
 
     text = render()
     if args.out:
@@ -137,7 +137,7 @@ def cmd_schema(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from pipeline.lineage import tracking_uri
+    from arpipe.pipeline.lineage import tracking_uri
 
     uri = tracking_uri(args.tracking_uri)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
@@ -220,8 +220,8 @@ def _split_external(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 def _check_cluster(loaded, args) -> None:
     """A remote cluster cannot see local storage or a SQLite MLflow: say so before anything runs."""
-    from cluster.sanity import check_cluster_ready, env_allows_local_storage
-    from pipeline.lineage import tracking_uri
+    from arpipe.cluster.sanity import check_cluster_ready, env_allows_local_storage
+    from arpipe.pipeline.lineage import tracking_uri
 
     check_cluster_ready(loaded, args.address or os.environ.get("RAY_ADDRESS"), tracking_uri(args.tracking_uri),
                         args.allow_local_storage or env_allows_local_storage())

@@ -16,10 +16,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipeline.errors import UserError
-from pipeline.yamlpos import Positions, dotted, load_yaml
-from schemas.base import REF_PATTERN
-from schemas.pipeline import PipelineSpec, stage_kinds
+from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.yamlpos import Positions, dotted, load_yaml
+from arpipe.schemas.base import REF_PATTERN
+from arpipe.schemas.pipeline import PipelineSpec, stage_kinds
 
 ENV_PATTERN = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?:,([^}]*))?\}")
 #: names (config keys, environment variables) whose values are credentials: a name *segment* such as

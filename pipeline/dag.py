@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.config import LoadedPipeline, find_refs, suggest
-from pipeline.errors import UserError
+from arpipe.pipeline.config import LoadedPipeline, find_refs, suggest
+from arpipe.pipeline.errors import UserError
 
 
 @dataclass

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import outputs as out
-from pipeline.registry import stage_class
-from pipeline.stage import StageContext
-from schemas.pipeline import stage_kinds
+from arpipe.pipeline import outputs as out
+from arpipe.pipeline.registry import stage_class
+from arpipe.pipeline.stage import StageContext
+from arpipe.schemas.pipeline import stage_kinds
 
 #: environment a stage task needs from the driver (a shared Ray cluster may predate it)
 FORWARDED_ENV = ("AWS_", "MLFLOW_", "ARPIPE_")

@@ -12,8 +12,8 @@ import hashlib
 import json
 from typing import Any
 
-from pipeline import __version__
-from pipeline.config import replace_refs
+from arpipe.pipeline import __version__
+from arpipe.pipeline.config import replace_refs
 
 
 def canonical_json(obj: Any) -> bytes:

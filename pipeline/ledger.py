@@ -12,7 +12,7 @@ import json
 import time
 from typing import Any
 
-from pipeline.storage import join, storage_for
+from arpipe.pipeline.storage import join, storage_for
 
 
 def ledger_uri(root: str, pipeline: str) -> str:

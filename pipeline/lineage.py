@@ -21,8 +21,8 @@ try:
 except ImportError:   # Windows: no advisory locks; concurrent first runs there are on their own
     fcntl = None
 
-from pipeline import __version__
-from pipeline.config import redact, scrub
+from arpipe.pipeline import __version__
+from arpipe.pipeline.config import redact, scrub
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 #: MLflow stores dataset digests in 36 characters; the full digest goes into the dataset profile

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from pipeline.storage import join, storage_for
+from arpipe.pipeline.storage import join, storage_for
 
 STALE_AFTER_S = 90.0
 HEARTBEAT_S = 15.0

@@ -20,11 +20,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline import __version__
-from pipeline.fingerprint import sha256_json
-from pipeline.stage import Output
-from pipeline.storage import is_s3, join, storage_for
-from schemas.outputs import FileRecord, OutputsRecord, OutputValue
+from arpipe.pipeline import __version__
+from arpipe.pipeline.fingerprint import sha256_json
+from arpipe.pipeline.stage import Output
+from arpipe.pipeline.storage import is_s3, join, storage_for
+from arpipe.schemas.outputs import FileRecord, OutputsRecord, OutputValue
 
 CONTROL_DIR = ".arpipe"
 OUTPUTS_FILE = "outputs.json"

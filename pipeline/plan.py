@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import outputs as out
-from pipeline.config import LoadedPipeline, redact
-from pipeline.dag import Graph, Selection
-from pipeline.errors import UserError
-from pipeline.fingerprint import explain_change, fingerprint, fingerprint_doc
-from pipeline.registry import stage_class
-from pipeline.storage import normalize
-from schemas.outputs import OutputsRecord
+from arpipe.pipeline import outputs as out
+from arpipe.pipeline.config import LoadedPipeline, redact
+from arpipe.pipeline.dag import Graph, Selection
+from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.fingerprint import explain_change, fingerprint, fingerprint_doc
+from arpipe.pipeline.registry import stage_class
+from arpipe.pipeline.storage import normalize
+from arpipe.schemas.outputs import OutputsRecord
 
 
 @dataclass

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import importlib
 
-from pipeline.stage import Stage
+from arpipe.pipeline.stage import Stage
 
 KINDS: dict[str, str] = {
-    "python": "stages.python:PythonStage",
-    "tokenizer": "stages.tokenizer:TokenizerStage",
-    "tokenize": "stages.tokenize:TokenizeStage",
-    "train": "stages.train:TrainStage",
-    "sample": "stages.sample:SampleStage",
-    "evaluate": "stages.evaluate:EvaluateStage",
+    "python": "arpipe.stages.python:PythonStage",
+    "tokenizer": "arpipe.stages.tokenizer:TokenizerStage",
+    "tokenize": "arpipe.stages.tokenize:TokenizeStage",
+    "train": "arpipe.stages.train:TrainStage",
+    "sample": "arpipe.stages.sample:SampleStage",
+    "evaluate": "arpipe.stages.evaluate:EvaluateStage",
 }
 
 

@@ -20,18 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import outputs as out
-from pipeline.config import LoadedPipeline, redact, replace_refs
-from pipeline.dag import Graph, Selection
-from pipeline.errors import ArpipeError, StageFailed, UserError
-from pipeline.execute import execute_stage, forwarded_env
-from pipeline.ledger import Ledger
-from pipeline.lineage import Lineage, git_commit, tracking_uri
-from pipeline.lock import Heartbeats, StageLock
-from pipeline.plan import Planner, StagePlan
-from pipeline.registry import stage_class
-from pipeline.storage import is_s3, join, storage_for
-from schemas.outputs import OutputsRecord
+from arpipe.pipeline import outputs as out
+from arpipe.pipeline.config import LoadedPipeline, redact, replace_refs
+from arpipe.pipeline.dag import Graph, Selection
+from arpipe.pipeline.errors import ArpipeError, StageFailed, UserError
+from arpipe.pipeline.execute import execute_stage, forwarded_env
+from arpipe.pipeline.ledger import Ledger
+from arpipe.pipeline.lineage import Lineage, git_commit, tracking_uri
+from arpipe.pipeline.lock import Heartbeats, StageLock
+from arpipe.pipeline.plan import Planner, StagePlan
+from arpipe.pipeline.registry import stage_class
+from arpipe.pipeline.storage import is_s3, join, storage_for
+from arpipe.schemas.outputs import OutputsRecord
 
 
 @dataclass
@@ -147,7 +147,7 @@ class Runner:
 
     def _connect(self) -> None:
         if not self._ray_started:
-            from cluster.connection import connect
+            from arpipe.cluster.connection import connect
 
             where = connect(self.address)
             self._ray_started = True

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from schemas.base import StageBase
+from arpipe.schemas.base import StageBase
 
 
 @dataclass(frozen=True)

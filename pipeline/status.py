@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline import outputs as out
-from pipeline.config import LoadedPipeline
-from pipeline.dag import Graph
-from pipeline.ledger import read_ledger
-from pipeline.lock import read_lock
-from pipeline.plan import Planner
-from pipeline.storage import join, storage_for
-from schemas.outputs import OutputsRecord
+from arpipe.pipeline import outputs as out
+from arpipe.pipeline.config import LoadedPipeline
+from arpipe.pipeline.dag import Graph
+from arpipe.pipeline.ledger import read_ledger
+from arpipe.pipeline.lock import read_lock
+from arpipe.pipeline.plan import Planner
+from arpipe.pipeline.storage import join, storage_for
+from arpipe.schemas.outputs import OutputsRecord
 
 
 def stage_status(loaded: LoadedPipeline, graph: Graph) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import UserError
+from arpipe.pipeline.errors import UserError
 
 Path = tuple[str | int, ...]
 

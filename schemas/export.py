@@ -1,6 +1,6 @@
 """JSON Schema of the pipeline file, for editors (yaml-language-server) and `arpipe schema`.
 
-Regenerate the checked-in copy with ``python -m schemas.export``.
+Regenerate the checked-in copy with ``python -m arpipe.schemas.export``.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from schemas.pipeline import PipelineSpec
+from arpipe.schemas.pipeline import PipelineSpec
 
 SCHEMA_FILE = Path(__file__).with_name("pipeline.schema.json")
 

@@ -11,10 +11,10 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator
 
-from schemas.base import STAGE_NAME, Resources, StageBase, Strict
-from schemas.sample import EvaluateStage, SampleStage
-from schemas.tokenize import TokenizerStage, TokenizeStage
-from schemas.train import TrainStage
+from arpipe.schemas.base import STAGE_NAME, Resources, StageBase, Strict
+from arpipe.schemas.sample import EvaluateStage, SampleStage
+from arpipe.schemas.tokenize import TokenizerStage, TokenizeStage
+from arpipe.schemas.train import TrainStage
 
 
 class PythonStage(StageBase):

@@ -6,8 +6,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from schemas.base import Resources, StageBase, Strict
-from schemas.tokenize import Source
+from arpipe.schemas.base import Resources, StageBase, Strict
+from arpipe.schemas.tokenize import Source
 
 MEDIA_FORMATS = {"image": ("png",), "video": ("gif", "mp4"), "volume": ("tiff", "mrc"), "pointcloud": ("ply",)}
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import Field
 
-from schemas.base import Resources, StageBase, Strict
+from arpipe.schemas.base import Resources, StageBase, Strict
 
 Size = Union[int, list[int]]  # noqa: UP007
 

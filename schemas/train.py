@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from schemas.base import StageBase, Strict
+from arpipe.schemas.base import StageBase, Strict
 
 
 class DataSource(Strict):

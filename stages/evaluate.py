@@ -38,10 +38,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pipeline.errors import UserError
-from pipeline.stage import Output, Stage, StageContext
-from schemas.base import REF_PATTERN
-from schemas.sample import EvaluateStage as EvaluateSpec
+from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.stage import Output, Stage, StageContext
+from arpipe.schemas.base import REF_PATTERN
+from arpipe.schemas.sample import EvaluateStage as EvaluateSpec
 
 CLOUD_POINTS = 512   # points per cloud for Chamfer-based metrics (subsampled, seeded)
 EMD_CLOUDS, EMD_POINTS = 24, 256   # exact EMD is an assignment problem: cheaper sets for its metrics
@@ -92,7 +92,7 @@ class EvaluateStage(Stage):
     @classmethod
     def source_digest(cls, spec: EvaluateSpec, pipeline_dir: Path) -> str | None:
         """Feature networks and the reconstruction source are read from outside the pipeline."""
-        from stages.sources import source_listing_digest
+        from arpipe.stages.sources import source_listing_digest
 
         uris = [u for u in (spec.features.image, spec.features.video) if u]
         # a classifier that is an upstream output is in the fingerprint by its content digest already
@@ -108,8 +108,8 @@ class EvaluateStage(Stage):
     def likelihood(self, scores: Scores) -> None:
         import torch
 
-        from stages.models import load_model, load_scale_inputs
-        from stages.sample import fetch_model, model_info
+        from arpipe.stages.models import load_model, load_scale_inputs
+        from arpipe.stages.sample import fetch_model, model_info
 
         spec = self.spec
         folder = fetch_model(spec.model)
@@ -137,9 +137,9 @@ class EvaluateStage(Stage):
         import numpy as np
         import torch
 
-        from stages.models import batch_inputs
-        from stages.sample import plan_for_modality, vocab_name_of_store
-        from stages.store import TokenStore
+        from arpipe.stages.models import batch_inputs
+        from arpipe.stages.sample import plan_for_modality, vocab_name_of_store
+        from arpipe.stages.store import TokenStore
 
         store = TokenStore.open(uri)
         name = vocab_name_of_store(tokenizers, store, uri)
@@ -176,8 +176,8 @@ class EvaluateStage(Stage):
         import numpy as np
         import torch
 
-        from stages.modalities import chamfer_distance, load_tokenizer, open_reader, psnr, ssim
-        from stages.tokenizer import resolve_uri
+        from arpipe.stages.modalities import chamfer_distance, load_tokenizer, open_reader, psnr, ssim
+        from arpipe.stages.tokenizer import resolve_uri
 
         rec = self.spec.reconstruction
         tok = load_tokenizer(rec.tokenizer)
@@ -213,8 +213,8 @@ class EvaluateStage(Stage):
         the store instead (stores written from class folders hold one class after another)."""
         import numpy as np
 
-        from stages.modalities import load_tokenizer
-        from stages.store import TokenStore
+        from arpipe.stages.modalities import load_tokenizer
+        from arpipe.stages.store import TokenStore
 
         store = TokenStore.open(uri)
         meta = store.manifest.metadata or {}
@@ -298,7 +298,7 @@ class EvaluateStage(Stage):
     def _feature_metrics(self, scores: Scores, modality: str, arrays: list, ref_arrays: list, *, kind: str) -> None:
         import numpy as np
 
-        from stages.evaluation import (
+        from arpipe.stages.evaluation import (
             FeatureExtractor,
             frechet_from_features,
             kernel_inception_distance,
@@ -315,7 +315,7 @@ class EvaluateStage(Stage):
                 scores.skipped[f"{modality}/{name}"] = (f"no {field}: export {net} network with torch.jit.save "
                                                         f"and set {field} to its path")
             return
-        from stages.tokenizer import resolve_uri
+        from arpipe.stages.tokenizer import resolve_uri
 
         extractor = FeatureExtractor.load(resolve_uri(weights, self.ctx.pipeline_dir), kind=kind, input_size=size)
         fake = extractor.features(np.stack(arrays).astype(np.float32))
@@ -334,7 +334,7 @@ class EvaluateStage(Stage):
     def _cloud_metrics(self, scores: Scores, keys: list[str], clouds: list, ref_clouds: list) -> None:
         import numpy as np
 
-        from stages.evaluation import coverage, mmd, one_nn_accuracy, pairwise_distances
+        from arpipe.stages.evaluation import coverage, mmd, one_nn_accuracy, pairwise_distances
 
         rng = np.random.default_rng(self.spec.seed)
         n = min(CLOUD_POINTS, *(len(c) for c in clouds + ref_clouds))
@@ -361,7 +361,7 @@ class EvaluateStage(Stage):
         reference (how well the judge itself does on real data); confusion matrices as a PNG."""
         import numpy as np
 
-        from stages.evaluation import confusion_counts, confusion_matrix
+        from arpipe.stages.evaluation import confusion_counts, confusion_matrix
 
         spec, ctx = self.spec, self.ctx
         # spread over the store: a sample stage with `classes: {a: n, b: m}` writes one class after another
@@ -420,8 +420,8 @@ class EvaluateStage(Stage):
 
     def _classifier(self, uri: str):
         """The judge in a classifier file (local or s3://), and the path errors name."""
-        from pipeline.storage import normalize, storage_for
-        from stages.evaluation import Classifier
+        from arpipe.pipeline.storage import normalize, storage_for
+        from arpipe.stages.evaluation import Classifier
 
         path = normalize(uri, self.ctx.pipeline_dir)
         try:
@@ -453,7 +453,7 @@ class EvaluateStage(Stage):
     def run(self) -> dict[str, Output]:
         import pyarrow.parquet as pq
 
-        from stages.evaluation import score_distributions
+        from arpipe.stages.evaluation import score_distributions
 
         spec, ctx = self.spec, self.ctx
         scores = Scores()
@@ -498,7 +498,7 @@ class EvaluateStage(Stage):
 @contextlib.contextmanager
 def _as_user_error(where: str):
     """A classifier's problem as one line naming its file."""
-    from stages.evaluation import ClassifierError
+    from arpipe.stages.evaluation import ClassifierError
 
     try:
         yield

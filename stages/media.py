@@ -14,7 +14,7 @@ import tempfile
 
 import numpy as np
 
-from stages.previews import _to_uint8_HWC
+from arpipe.stages.previews import _to_uint8_HWC
 
 EXTENSIONS = {"png": ".png", "gif": ".gif", "mp4": ".mp4", "tiff": ".tif", "mrc": ".mrc", "ply": ".ply"}
 

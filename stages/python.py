@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
-from pipeline.outputs import staging_dir
-from pipeline.stage import Output, Stage
-from pipeline.storage import is_s3, join, storage_for
-from schemas.pipeline import PythonStage as PythonSpec
+from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.outputs import staging_dir
+from arpipe.pipeline.stage import Output, Stage
+from arpipe.pipeline.storage import is_s3, join, storage_for
+from arpipe.schemas.pipeline import PythonStage as PythonSpec
 
 
 def _module_file(module_name: str, pipeline_dir: Path) -> Path | None:
@@ -31,6 +31,20 @@ def _module_file(module_name: str, pipeline_dir: Path) -> Path | None:
     if spec is None or not spec.origin or not spec.has_location:
         return None
     return Path(spec.origin)
+
+
+def _forget(module_name: str) -> None:
+    """Drop a stale user module and the packages above it, so they import again from this pipeline's folder.
+
+    arpipe's own modules all live under ``arpipe.`` and are never touched: a user's ``pipeline/`` or
+    ``stages.py`` is a different module from ``arpipe.pipeline`` or ``arpipe.stages``.
+    """
+    parts = module_name.split(".")
+    if parts[0] == "arpipe":
+        return
+    for depth in range(len(parts), 0, -1):
+        sys.modules.pop(".".join(parts[:depth]), None)
+    importlib.invalidate_caches()
 
 
 class PythonStage(Stage):
@@ -64,8 +78,7 @@ class PythonStage(Stage):
                 digest = hashlib.sha256(Path(current).read_bytes()).hexdigest()[:16]
                 stale = f"{module_name}:{digest}" != self.ctx.code_digest
             if stale:
-                del sys.modules[module_name]
-                importlib.invalidate_caches()
+                _forget(module_name)
         module = importlib.import_module(module_name)
         func = getattr(module, func_name, None)
         if not callable(func):

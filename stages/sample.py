@@ -33,10 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
-from pipeline.stage import Output, Stage
-from pipeline.storage import is_s3, join, storage_for
-from schemas.sample import SampleStage as SampleSpec
+from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.stage import Output, Stage
+from arpipe.pipeline.storage import is_s3, join, storage_for
+from arpipe.schemas.sample import SampleStage as SampleSpec
 
 CONTACT_SAMPLES = 64
 MODEL_FILES = ("config.json", "model.safetensors", "vocab.json", "tokenizers.json", "scale_inputs.safetensors")
@@ -69,8 +69,8 @@ def model_info(folder: Path, *, check_weights: bool = True) -> tuple[Any, Any, d
     header too, unless ``check_weights`` is off because the caller loads them next)."""
     from safetensors import safe_open
 
-    from stages.models import load_vocab
-    from stages.models.io import WEIGHTS_FILE, load_config
+    from arpipe.stages.models import load_vocab
+    from arpipe.stages.models.io import WEIGHTS_FILE, load_config
 
     fix = "point `model` at a folder a train stage wrote (model.safetensors, config.json, vocab.json)"
     for name, load in (("config.json", load_config), ("vocab.json", load_vocab)):
@@ -116,7 +116,7 @@ def vocab_name_of_store(tokenizers: dict[str, dict[str, Any]], store, uri: str) 
 def plan_for_modality(config, layout: dict[str, Any], length: int | None, scale_input=None):
     """The decoding plan of one modality, as the trainer laid its documents out (with the model's
     ``ScaleInput`` for that modality when it was trained on VAR's accumulated input)."""
-    from stages.models import make_plan, plan_from_layout
+    from arpipe.stages.models import make_plan, plan_from_layout
 
     if layout.get("scales") or layout.get("grid"):
         plan = plan_from_layout(config.paradigm, layout, block_size=config.block_size, n_axes=config.rope_axes)
@@ -136,7 +136,7 @@ class SampleWorker:
     def __init__(self, model_uri: str, env: dict[str, str], device: str, precision: str):
         import torch
 
-        from stages.models import load_model, load_scale_inputs
+        from arpipe.stages.models import load_model, load_scale_inputs
 
         os.environ.update(env)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -149,7 +149,7 @@ class SampleWorker:
 
     def tokenizer(self, name: str):
         if name not in self._loaded:
-            from stages.modalities import load_tokenizer
+            from arpipe.stages.modalities import load_tokenizer
 
             self._loaded[name] = load_tokenizer(self.tokenizers[name]["tokenizer_uri"])
         return self._loaded[name]
@@ -157,10 +157,10 @@ class SampleWorker:
     def run_shard(self, job: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from stages import media
-        from stages.modalities import TokenizerError
-        from stages.models import Prompt, SamplingOptions, generate, generate_sjd
-        from stages.store import ShardWriter, TokenStore
+        from arpipe.stages import media
+        from arpipe.stages.modalities import TokenizerError
+        from arpipe.stages.models import Prompt, SamplingOptions, generate, generate_sjd
+        from arpipe.stages.store import ShardWriter, TokenStore
 
         started = time.time()
         name, modality = job["name"], job["modality"]
@@ -248,7 +248,7 @@ class SampleStage(Stage):
         return [None] * n
 
     def _jobs(self, config, vocab, tokenizers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-        from stages.models import SamplingOptions
+        from arpipe.stages.models import SamplingOptions
 
         spec, ctx = self.spec, self.ctx
         names = spec.modalities or [n for n, _ in vocab.modalities]
@@ -315,14 +315,14 @@ class SampleStage(Stage):
     def _prefix(self, config, vocab, tokenizers) -> dict[str, Any]:
         import numpy as np
 
-        from stages.store import TokenStore
+        from arpipe.stages.store import TokenStore
 
         store = TokenStore.open(self.spec.prefix.store)
         return {"name": vocab_name_of_store(tokenizers, store, self.spec.prefix.store), "size": len(store),
                 "labels": [None if c is None else str(c) for c in store.conditions(np.arange(len(store)))]}
 
     def _longest(self, store_uri: str | None, name: str) -> int:
-        from stages.store import TokenStore
+        from arpipe.stages.store import TokenStore
 
         if not store_uri:
             raise UserError(f"{name} tokens have variable length and the training store is unknown",
@@ -330,7 +330,7 @@ class SampleStage(Stage):
         return int(TokenStore.open(store_uri).lengths().max())
 
     def _reusable(self, job: dict[str, Any]) -> dict[str, Any] | None:
-        from stages.store import read_shard_info
+        from arpipe.stages.store import read_shard_info
 
         storage = storage_for(job["record_uri"])
         try:
@@ -347,8 +347,8 @@ class SampleStage(Stage):
         import ray
         from ray.util import ActorPool
 
-        from pipeline.execute import forwarded_env
-        from stages.store import TokenizerRef, read_shard_info, write_manifest
+        from arpipe.pipeline.execute import forwarded_env
+        from arpipe.stages.store import TokenizerRef, read_shard_info, write_manifest
 
         spec, ctx = self.spec, self.ctx
         folder = fetch_model(spec.model)
@@ -385,7 +385,7 @@ class SampleStage(Stage):
         names = list(dict.fromkeys(j["name"] for j in jobs))
         single = tokenizers[names[0]] if len(names) == 1 else None
         rejects = [dict(r, stage=ctx.name, time=time.time()) for rec in ordered for r in rec["rejects"]]
-        from stages.tokenize import write_rejects
+        from arpipe.stages.tokenize import write_rejects
 
         write_rejects(join(ctx.out_uri, "rejects.arrow"), rejects)
         if not sum(r["samples"] for r in ordered):
@@ -427,9 +427,9 @@ class SampleStage(Stage):
         """``media/contact_<name>.png`` from the first samples of each modality, logged to MLflow."""
         import io
 
-        from stages.modalities import load_tokenizer
-        from stages.previews import contact_sheet
-        from stages.store import TokenStore
+        from arpipe.stages.modalities import load_tokenizer
+        from arpipe.stages.previews import contact_sheet
+        from arpipe.stages.store import TokenStore
 
         store = TokenStore.open(store_uri)
         by_name: dict[str, list] = {n: [] for n in names}

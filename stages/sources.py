@@ -11,7 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from pipeline.storage import is_s3, normalize, storage_for
+from arpipe.pipeline.storage import is_s3, normalize, storage_for
 
 
 def source_listing_digest(uri: str, base: Path) -> str:

@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
-from pipeline.execute import forwarded_env, with_env
-from pipeline.stage import Output, Stage
-from pipeline.storage import join, storage_for
-from schemas.tokenize import TokenizeStage as TokenizeSpec
-from stages.sources import source_listing_digest
-from stages.tokenizer import resolve_uri
+from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.execute import forwarded_env, with_env
+from arpipe.pipeline.stage import Output, Stage
+from arpipe.pipeline.storage import join, storage_for
+from arpipe.schemas.tokenize import TokenizeStage as TokenizeSpec
+from arpipe.stages.sources import source_listing_digest
+from arpipe.stages.tokenizer import resolve_uri
 
 ENCODE_BATCH = 64
 _TOKENIZERS: dict[str, Any] = {}
@@ -38,7 +38,7 @@ def _tokenizer(uri: str, digest: str):
     """
     key = f"{uri}@{digest}"
     if key not in _TOKENIZERS:
-        from stages.modalities import load_tokenizer
+        from arpipe.stages.modalities import load_tokenizer
 
         _TOKENIZERS[key] = load_tokenizer(uri)
     return _TOKENIZERS[key]
@@ -53,8 +53,8 @@ def encode_unit(store_uri: str, index: int, unit_json: dict, source_json: dict, 
     """Read, encode and commit one unit; returns (and writes last) its record."""
     import numpy as np
 
-    from stages.modalities import TokenizerError, Unit, open_reader
-    from stages.store import ShardWriter
+    from arpipe.stages.modalities import TokenizerError, Unit, open_reader
+    from arpipe.stages.store import ShardWriter
 
     spec_source = _source_model(source_json)
     reader = open_reader(spec_source.modality, spec_source.uri, **spec_source.reader_options())
@@ -129,8 +129,8 @@ def read_quarantining(reader, unit, reject):
     """
     from dataclasses import replace
 
-    from pipeline.storage import join
-    from stages.modalities import SampleError
+    from arpipe.pipeline.storage import join
+    from arpipe.stages.modalities import SampleError
 
     while unit is not None:
         current, unit = unit, None
@@ -151,7 +151,7 @@ def read_quarantining(reader, unit, reject):
 def _source_model(source_json: dict):
     from pydantic import TypeAdapter
 
-    from schemas.tokenize import Source
+    from arpipe.schemas.tokenize import Source
 
     return TypeAdapter(Source).validate_python(source_json)
 
@@ -168,7 +168,7 @@ class TokenizeStage(Stage):
 
     def _reusable(self, store_uri: str, index: int) -> dict | None:
         """A unit's record, if it and every shard it names are committed."""
-        from stages.store import read_shard_info
+        from arpipe.stages.store import read_shard_info
 
         uri = unit_record_uri(store_uri, index)
         try:
@@ -185,8 +185,8 @@ class TokenizeStage(Stage):
     def run(self) -> dict[str, Output]:
         import ray
 
-        from stages.modalities import open_reader, read_artifact
-        from stages.store import TokenizerRef, read_shard_info, write_manifest
+        from arpipe.stages.modalities import open_reader, read_artifact
+        from arpipe.stages.store import TokenizerRef, read_shard_info, write_manifest
 
         spec, ctx = self.spec, self.ctx
         source = spec.source.model_copy(update={"uri": resolve_uri(spec.source.uri, ctx.pipeline_dir)})

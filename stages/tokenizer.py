@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
-from pipeline.stage import Output, Stage
-from schemas.tokenize import TokenizerStage as TokenizerSpec
-from stages.sources import source_listing_digest
+from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.stage import Output, Stage
+from arpipe.schemas.tokenize import TokenizerStage as TokenizerSpec
+from arpipe.stages.sources import source_listing_digest
 
 
 def read_for_fit(source, limit: int) -> tuple[list, list[dict[str, str]]]:
     """The first ``limit`` readable samples in source order, and the rejected ones with reasons."""
-    from stages.modalities import SampleError, open_reader
+    from arpipe.stages.modalities import SampleError, open_reader
 
     reader = open_reader(source.modality, source.uri, **source.reader_options())
     samples, rejects = [], []
@@ -40,7 +40,7 @@ def reconstruction_metrics(tok, modality: str, originals: list, recon: list, tok
     import numpy as np
     import torch
 
-    from stages.modalities import chamfer_distance, codebook_usage, psnr, ssim
+    from arpipe.stages.modalities import chamfer_distance, codebook_usage, psnr, ssim
 
     metrics: dict[str, float] = {}
     if tokens:
@@ -80,8 +80,8 @@ class TokenizerStage(Stage):
     def run(self) -> dict[str, Output]:
         import numpy as np
 
-        from stages.modalities import make_tokenizer
-        from stages.previews import before_after
+        from arpipe.stages.modalities import make_tokenizer
+        from arpipe.stages.previews import before_after
 
         spec, ctx = self.spec, self.ctx
         source = spec.source.model_copy(update={"uri": resolve_uri(spec.source.uri, ctx.pipeline_dir)})
@@ -102,8 +102,8 @@ class TokenizerStage(Stage):
         arrays = [s.data for s in train]
         fit_options = spec.tokenizer.fit.model_dump() if spec.tokenizer.type == "vqvae" else {}
         if spec.tokenizer.type == "vqvae":
-            from pipeline.storage import join
-            from stages.vqvae_train import fit_vqvae_on_ray
+            from arpipe.pipeline.storage import join
+            from arpipe.stages.vqvae_train import fit_vqvae_on_ray
 
             tok = fit_vqvae_on_ray(args, arrays, fit_options, workers=spec.workers,
                                    use_gpu=spec.resources.num_gpus > 0,
@@ -137,13 +137,13 @@ class TokenizerStage(Stage):
 def _init_params(type_: str) -> set[str]:
     import inspect
 
-    from stages.modalities import tokenizer_class
+    from arpipe.stages.modalities import tokenizer_class
 
     return set(inspect.signature(tokenizer_class(type_).__init__).parameters)
 
 
 def resolve_uri(uri: str, base: Path) -> str:
     """Relative local source paths are relative to the pipeline file's folder."""
-    from pipeline.storage import normalize
+    from arpipe.pipeline.storage import normalize
 
     return normalize(uri, base)

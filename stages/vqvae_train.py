@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from stages.modalities.vqvae import VQVAE
+    from arpipe.stages.modalities.vqvae import VQVAE
 
 RUN_NAME = "vqvae-fit"
 
@@ -43,8 +43,8 @@ def fit_vqvae_on_ray(tok_config: dict[str, Any], arrays_uri_or_arrays: str | np.
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from stages.modalities.base import as_batch, check_input_shape, load_tokenizer
-    from stages.modalities.vqvae import VQVAE, check_data_parallel
+    from arpipe.stages.modalities.base import as_batch, check_input_shape, load_tokenizer
+    from arpipe.stages.modalities.vqvae import VQVAE, check_data_parallel
 
     tok = VQVAE(**tok_config)  # config, shape and count errors are raised here, where they read best
     from_file = isinstance(arrays_uri_or_arrays, str)
@@ -78,7 +78,7 @@ def _fit_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
     from ray.train.torch import get_device
 
-    from stages.modalities.vqvae import VQVAE
+    from arpipe.stages.modalities.vqvae import VQVAE
 
     rank = ray.train.get_context().get_world_rank()
     data = config["data"]

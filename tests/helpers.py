@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-ARPIPE = [sys.executable, "-m", "pipeline.cli"]
+ARPIPE = [sys.executable, "-m", "arpipe.pipeline.cli"]
 
 
 def write(folder: Path, files: dict[str, str]) -> Path:

@@ -71,7 +71,7 @@ def fit_digits(model, plan, targets_BN, context_BP, vocab, steps: int, *, batch:
     """Train ``model`` in-process on laid-out digits (AdamW, seeded batches, CFG condition dropout); the losses."""
     import torch
 
-    from stages.models import batch_inputs, drop_conditions
+    from arpipe.stages.models import batch_inputs, drop_conditions
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
@@ -99,9 +99,9 @@ def digits_model_folder(root: Path, *, paradigm: str = "next_token", steps: int 
     import torch
     from sklearn.datasets import load_digits
 
-    from stages.modalities import make_tokenizer
-    from stages.models import ModelConfig, Transformer, VocabLayout, make_plan
-    from stages.models.io import save_model
+    from arpipe.stages.modalities import make_tokenizer
+    from arpipe.stages.models import ModelConfig, Transformer, VocabLayout, make_plan
+    from arpipe.stages.models.io import save_model
 
     digits = load_digits()
     images = (digits.images[:, None] / 16).astype(np.float32)

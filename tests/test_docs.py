@@ -35,7 +35,7 @@ def test_generated_page_is_current(page):
 
 
 def test_reference_names_every_kind_and_field():
-    from schemas.pipeline import stage_kinds
+    from arpipe.schemas.pipeline import stage_kinds
 
     text = (DOCS / "reference.md").read_text()
     for kind, model in stage_kinds().items():
@@ -46,7 +46,7 @@ def test_reference_names_every_kind_and_field():
 
 
 def test_cli_page_has_every_command():
-    from pipeline.cli import build_parser
+    from arpipe.pipeline.cli import build_parser
 
     text = (DOCS / "cli.md").read_text()
     commands = next(a for a in build_parser()._actions if a.dest == "command").choices
@@ -149,11 +149,11 @@ def _module(name: str, code: str, monkeypatch, base: dict | None = None) -> type
 
 
 def test_extending_stage_kind_runs_and_resumes_by_shard(tmp_path, monkeypatch):
-    from pipeline.stage import StageContext
-    from stages.store import StoreWriter
+    from arpipe.pipeline.stage import StageContext
+    from arpipe.stages.store import StoreWriter
 
-    schema = _module("schemas.token_stats", _block("schemas/token_stats.py"), monkeypatch)
-    stage = _module("stages.token_stats", _block("stages/token_stats.py"), monkeypatch)
+    schema = _module("arpipe.schemas.token_stats", _block("schemas/token_stats.py"), monkeypatch)
+    stage = _module("arpipe.stages.token_stats", _block("stages/token_stats.py"), monkeypatch)
     store = tmp_path / "store"
     with StoreWriter(str(store), vocab_size=16, samples_per_shard=4) as w:
         for i in range(10):
@@ -176,13 +176,13 @@ def test_extending_stage_kind_runs_and_resumes_by_shard(tmp_path, monkeypatch):
 
 
 def test_extending_tokenizer_round_trips_through_its_artifact(tmp_path, monkeypatch):
-    import schemas.tokenize
-    from stages.modalities import base
+    from arpipe.schemas import tokenize as schemas_tokenize
+    from arpipe.stages.modalities import base
 
-    levels = _module("stages.modalities.levels", _block("stages/modalities/levels.py"), monkeypatch)
-    monkeypatch.setitem(base.TOKENIZER_TYPES, "levels", "stages.modalities.levels:LevelTokenizer")
+    levels = _module("arpipe.stages.modalities.levels", _block("stages/modalities/levels.py"), monkeypatch)
+    monkeypatch.setitem(base.TOKENIZER_TYPES, "levels", "arpipe.stages.modalities.levels:LevelTokenizer")
     config = _module("schemas_levels", _block("schemas/tokenize.py", "class LevelsConfig"), monkeypatch,
-                     vars(schemas.tokenize))
+                     vars(schemas_tokenize))
     args = config.LevelsConfig(type="levels", levels=4).constructor_args((1, 6, 5))
     tok = levels.LevelTokenizer(**args, modality="image")
     x = np.random.default_rng(0).random((3, 1, 6, 5)).astype(np.float32)
@@ -199,12 +199,12 @@ def test_extending_tokenizer_round_trips_through_its_artifact(tmp_path, monkeypa
 def test_extending_reader_reads_units_and_rejects_bad_files(tmp_path, monkeypatch):
     from PIL import Image
 
-    import schemas.tokenize
-    from stages.modalities import SampleError
+    from arpipe.schemas import tokenize as schemas_tokenize
+    from arpipe.stages.modalities import SampleError
 
-    depth = _module("stages.modalities.depth", _block("stages/modalities/depth.py"), monkeypatch)
+    depth = _module("arpipe.stages.modalities.depth", _block("stages/modalities/depth.py"), monkeypatch)
     config = _module("schemas_depth", _block("schemas/tokenize.py", "class DepthSource"), monkeypatch,
-                     vars(schemas.tokenize))
+                     vars(schemas_tokenize))
     (tmp_path / "near").mkdir()
     values = np.arange(12, dtype=np.uint16).reshape(3, 4) * 1000
     Image.fromarray(values).save(tmp_path / "near" / "a.png")

@@ -185,7 +185,7 @@ def _digits_judge():
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from stages.evaluation.classifier import classifier_features
+    from arpipe.stages.evaluation.classifier import classifier_features
 
     digits = load_digits()
     images = [x[None] / 16.0 for x in digits.images]
@@ -199,7 +199,7 @@ def _digits_judge():
 def test_a_skops_judge_loads_and_takes_rgb_samples_and_a_pickled_one_is_refused():
     import joblib
 
-    from stages.evaluation import Classifier, ClassifierError
+    from arpipe.stages.evaluation import Classifier, ClassifierError
 
     data, images, target = _digits_judge()
     skops_judge = Classifier.load_bytes(data, "digits.skops")
@@ -219,7 +219,7 @@ def test_a_skops_judge_loads_and_takes_rgb_samples_and_a_pickled_one_is_refused(
 def test_a_torchscript_judge_with_class_names():
     import torch
 
-    from stages.evaluation import Classifier
+    from arpipe.stages.evaluation import Classifier
 
     class Net(torch.nn.Module):
         def __init__(self) -> None:
@@ -245,7 +245,7 @@ def test_a_torchscript_judge_with_class_names():
     ("judge.bin", b"junk", "cannot tell the classifier format of .bin"),
 ])
 def test_files_that_are_not_classifiers_are_refused(name, data, message):
-    from stages.evaluation import Classifier, ClassifierError
+    from arpipe.stages.evaluation import Classifier, ClassifierError
 
     with pytest.raises(ClassifierError, match=message):
         Classifier.load_bytes(data, name)
@@ -262,7 +262,7 @@ def test_skops_refuses_types_outside_sklearn_and_numpy():
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import FunctionTransformer
 
-    from stages.evaluation import Classifier, ClassifierError
+    from arpipe.stages.evaluation import Classifier, ClassifierError
 
     x, y = np.random.default_rng(0).random((20, 4)), np.arange(20) % 2
     judge = make_pipeline(FunctionTransformer(custom_step), LogisticRegression()).fit(x, y)
@@ -273,7 +273,7 @@ def test_skops_refuses_types_outside_sklearn_and_numpy():
 
 
 def test_a_class_the_judge_does_not_know_is_named():
-    from stages.evaluation import Classifier, ClassifierError
+    from arpipe.stages.evaluation import Classifier, ClassifierError
 
     judge = Classifier.load_bytes(_digits_judge()[0], "digits.skops")
     with pytest.raises(ClassifierError, match="class '11' of the samples is not one the classifier knows"):
@@ -300,7 +300,7 @@ def test_a_point_cloud_judge_on_shape_statistics_fails_on_noise():
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from stages.evaluation import Classifier, classifier_features
+    from arpipe.stages.evaluation import Classifier, classifier_features
 
     rng = np.random.default_rng(0)
     labels = ["ball", "rod", "disc"] * 40
@@ -322,7 +322,7 @@ def test_a_point_cloud_judge_on_shape_statistics_fails_on_noise():
 
 
 def test_shape_statistics_ignore_point_order_and_pose_and_see_volume_layout():
-    from stages.evaluation.classifier import cloud_statistics, volume_statistics
+    from arpipe.stages.evaluation.classifier import cloud_statistics, volume_statistics
 
     rng = np.random.default_rng(1)
     cloud = _shapes(rng, "rod")
@@ -341,8 +341,8 @@ def test_shape_statistics_ignore_point_order_and_pose_and_see_volume_layout():
 
 
 def test_the_classifier_file_is_part_of_the_fingerprint(tmp_path):
-    from schemas.sample import EvaluateStage as Spec
-    from stages.evaluate import EvaluateStage
+    from arpipe.schemas.sample import EvaluateStage as Spec
+    from arpipe.stages.evaluate import EvaluateStage
 
     (tmp_path / "judge.skops").write_bytes(b"one")
     spec = Spec(kind="evaluate", samples="${sample.samples}", reference="${tok.store}",
@@ -358,7 +358,7 @@ def test_the_classifier_file_is_part_of_the_fingerprint(tmp_path):
 def test_a_classifier_without_samples_is_a_config_error():
     from pydantic import ValidationError
 
-    from schemas.sample import EvaluateStage as Spec
+    from arpipe.schemas.sample import EvaluateStage as Spec
 
     with pytest.raises(ValidationError, match="a classifier judges generated samples"):
         Spec(kind="evaluate", model="./model", reference="./store", classifier={"image": "./judge.skops"})

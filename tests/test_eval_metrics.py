@@ -14,7 +14,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from stages.evaluation import (
+from arpipe.stages.evaluation import (
     FeatureExtractor,
     coverage,
     earth_movers_distance,

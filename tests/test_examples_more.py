@@ -46,7 +46,7 @@ def metrics_of(folder: Path) -> dict:
 def test_faces_next_scale(tmp_path, ray_cluster):
     from PIL import Image
 
-    from stages.store import TokenStore
+    from arpipe.stages.store import TokenStore
 
     folder = copy_examples(tmp_path)
     states = run_example(folder, "faces_next_scale.yaml", "stages.train.steps=3", "stages.sample.classes.face=4",
@@ -79,7 +79,7 @@ def test_em_volume_anisotropic(tmp_path, ray_cluster):
     import mrcfile
     import tifffile
 
-    from stages.store import TokenStore
+    from arpipe.stages.store import TokenStore
 
     folder = copy_examples(tmp_path)
     run_example(folder, "em_volume.yaml", "stages.train.steps=3", "stages.sample.num_samples=3",
@@ -111,7 +111,7 @@ def test_point_clouds_octree(tmp_path, ray_cluster):
     import pyarrow as pa
     from plyfile import PlyData
 
-    from stages.store import TokenStore
+    from arpipe.stages.store import TokenStore
 
     folder = copy_examples(tmp_path)
     run_example(folder, "point_clouds.yaml", "stages.data.config.clouds=20", "stages.data.config.heldout=4",

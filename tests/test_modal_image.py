@@ -15,9 +15,9 @@ from PIL import Image
 from skimage import data as skdata
 from sklearn.datasets import load_digits
 
-from pipeline.errors import UserError
-from pipeline.storage import storage_for
-from stages.modalities import ImageReader, SampleError, Unit, open_reader
+from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.storage import storage_for
+from arpipe.stages.modalities import ImageReader, SampleError, Unit, open_reader
 
 
 def _save(img: np.ndarray, path, **kw) -> None:

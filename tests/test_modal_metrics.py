@@ -10,7 +10,7 @@ import torch
 from skimage import data as skdata
 from skimage.metrics import structural_similarity
 
-from stages.modalities import chamfer_distance, codebook_usage, psnr, ssim
+from arpipe.stages.modalities import chamfer_distance, codebook_usage, psnr, ssim
 
 
 def test_psnr_matches_its_definition():

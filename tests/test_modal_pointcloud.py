@@ -12,7 +12,7 @@ from nilearn.datasets import load_mni152_template
 from plyfile import PlyData, PlyElement
 from skimage.measure import marching_cubes
 
-from stages.modalities import (
+from arpipe.stages.modalities import (
     OctreeTokenizer,
     PointCloudReader,
     SampleError,

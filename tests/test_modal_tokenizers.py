@@ -11,8 +11,8 @@ from skimage import data as skdata
 from skimage.transform import resize
 from sklearn.datasets import load_digits
 
-from pipeline.storage import storage_for
-from stages.modalities import (
+from arpipe.pipeline.storage import storage_for
+from arpipe.stages.modalities import (
     VQVAE,
     ImageReader,
     MultiScaleVQ,

@@ -10,7 +10,7 @@ import pytest
 import skimage
 import torch
 
-from stages.modalities import PatchVQ, SampleError, VideoReader, psnr
+from arpipe.stages.modalities import PatchVQ, SampleError, VideoReader, psnr
 
 GIF = os.path.join(os.path.dirname(skimage.__file__), "data", "no_time_for_that_tiny.gif")
 

@@ -11,7 +11,7 @@ import torch
 import zarr
 from nilearn.datasets import load_mni152_template
 
-from stages.modalities import VQVAE, MultiScaleVQ, PatchVQ, SampleError, VolumeReader, psnr, ssim
+from arpipe.stages.modalities import VQVAE, MultiScaleVQ, PatchVQ, SampleError, VolumeReader, psnr, ssim
 
 CROP = 32
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from stages.models import (
+from arpipe.stages.models import (
     NULL,
     PRESET_SIZES,
     PRESETS,

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.models import (
+from arpipe.stages.models import (
     ModelConfig,
     Transformer,
     VocabLayout,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from stages.models import (
+from arpipe.stages.models import (
     ModelConfig,
     Prompt,
     SamplingOptions,
@@ -217,8 +217,8 @@ def test_sjd_samples_exactly_the_model_distribution():
 
 def test_plans_follow_the_tokenizers_layouts():
     """An msvq image tokenizer's scales and a volume patch grid become plans whose groups match its tokens."""
-    from stages.modalities import MultiScaleVQ, PatchVQ
-    from stages.models import plan_for, plan_from_layout
+    from arpipe.stages.modalities import MultiScaleVQ, PatchVQ
+    from arpipe.stages.models import plan_for, plan_from_layout
 
     msvq = MultiScaleVQ(input_shape=(1, 16, 16), patch=(2, 2), scales=[1, 2, 4, 8], codebook_size=16)
     plan = plan_from_layout("next_scale", msvq.layout(), n_axes=4)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.modalities import make_tokenizer
-from stages.models import (
+from arpipe.stages.modalities import make_tokenizer
+from arpipe.stages.models import (
     ModelConfig,
     Prompt,
     SamplingOptions,

@@ -10,7 +10,7 @@ from realdata import fit_digits
 from scipy.stats import chi2_contingency
 from sklearn.datasets import load_digits
 
-from stages.models import (
+from arpipe.stages.models import (
     ModelConfig,
     Prompt,
     Transformer,

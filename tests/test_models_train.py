@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.models import (
+from arpipe.stages.models import (
     ModelConfig,
     Transformer,
     VocabLayout,

@@ -7,7 +7,7 @@ import json
 from helpers import arpipe, stage_lines, write
 from test_pipeline_run import PIPELINE, STEPS, SUMMARY
 
-from pipeline.storage import join, storage_for
+from arpipe.pipeline.storage import join, storage_for
 
 
 def test_pipeline_on_s3_storage(tmp_path, ray_cluster, s3_bucket):

@@ -142,8 +142,8 @@ def test_the_contact_sheet_in_mlflow_shows_digits(project):
 def test_a_judge_fitted_on_real_digits_recognises_the_digit_each_sample_was_asked_for(project):
     """The Classification Accuracy Score of the samples is high, and the same judge scores noise and
     samples under shuffled labels near chance (0.10): the check fails on a generator that draws noise."""
-    from stages.evaluation.classifier import Classifier
-    from stages.store import TokenStore
+    from arpipe.stages.evaluation.classifier import Classifier
+    from arpipe.stages.store import TokenStore
 
     m = json.loads((out(project, "evaluate") / "metrics" / "metrics.json").read_text())["metrics"]
     assert m["image/cas_reference"] >= 0.8, m   # the judge itself knows real digits (measured 0.855)
@@ -181,7 +181,7 @@ def test_training_logged_held_out_loss_and_accuracy_per_scale(project):
 
 
 def test_samples_are_a_token_store_with_their_classes_and_sampling_config(project):
-    from stages.store import TokenStore
+    from arpipe.stages.store import TokenStore
 
     store = TokenStore.open(str(out(project, "sample") / "samples"))
     assert len(store) == 40
@@ -277,7 +277,7 @@ def test_continuing_real_digits_keeps_their_coarse_scales(project, ray_cluster):
 """
     write(project, {"continue.yaml": text})
     arpipe("run", "continue.yaml", "--only", "continue", cwd=project, env={"RAY_ADDRESS": ray_cluster}, check=True)
-    from stages.store import TokenStore
+    from arpipe.stages.store import TokenStore
 
     heldout = TokenStore.open(str(out(project, "heldout") / "store"))
     continued = TokenStore.open(str(out(project, "continue") / "samples"))
@@ -297,7 +297,7 @@ def next_token_model(tmp_path_factory, single_torch_thread):
 def test_speculative_jacobi_sampling_matches_plain_in_fewer_passes(next_token_model, tmp_path, ray_cluster):
     from scipy.stats import chi2_contingency
 
-    from stages.store import TokenStore
+    from arpipe.stages.store import TokenStore
 
     write(tmp_path, {"sjd.yaml": f"""
         name: sjd
@@ -324,8 +324,8 @@ def test_speculative_jacobi_sampling_matches_plain_in_fewer_passes(next_token_mo
 
 
 def test_sampling_a_model_on_s3_into_s3_storage(next_token_model, tmp_path, ray_cluster, s3_bucket):
-    from pipeline.storage import join, storage_for
-    from stages.store import TokenStore
+    from arpipe.pipeline.storage import join, storage_for
+    from arpipe.stages.store import TokenStore
 
     storage = storage_for(s3_bucket)
     model_uri = join(s3_bucket, "models", "digits")

@@ -6,11 +6,11 @@ import json
 
 from helpers import arpipe
 
-from schemas.export import SCHEMA_FILE, render
+from arpipe.schemas.export import SCHEMA_FILE, render
 
 
 def test_checked_in_schema_is_current():
-    assert SCHEMA_FILE.read_text() == render(), "stale: run `python -m schemas.export` and commit the file"
+    assert SCHEMA_FILE.read_text() == render(), "stale: run `python -m arpipe.schemas.export` and commit the file"
 
 
 def test_arpipe_schema_prints_it(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.storage import join, storage_for
+from arpipe.pipeline.storage import join, storage_for
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.errors import UserError
-from stages.store import ShardWriter, StoreError, StoreWriter, TokenStore, write_manifest
+from arpipe.pipeline.errors import UserError
+from arpipe.stages.store import ShardWriter, StoreError, StoreWriter, TokenStore, write_manifest
 
 
 @pytest.fixture

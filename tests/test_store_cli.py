@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from stages.store import StoreWriter, TokenizerRef
-from stages.store.cli import main, register
+from arpipe.stages.store import StoreWriter, TokenizerRef
+from arpipe.stages.store.cli import main, register
 
 ROOT = Path(__file__).resolve().parent.parent
 ARPIPE = Path(sys.executable).with_name("arpipe")
@@ -22,7 +22,7 @@ ARPIPE = Path(sys.executable).with_name("arpipe")
 
 def arpipe(*args: str) -> subprocess.CompletedProcess:
     """Run ``arpipe store ...`` as a user would; without an installed ``arpipe``, through the module's own entry."""
-    cmd = [str(ARPIPE)] if ARPIPE.exists() else [sys.executable, "-m", "stages.store.cli"]
+    cmd = [str(ARPIPE)] if ARPIPE.exists() else [sys.executable, "-m", "arpipe.stages.store.cli"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([*cmd, "store", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 

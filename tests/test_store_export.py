@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import webdataset as wds
 
-from stages.store import StoreWriter, TokenStore
-from stages.store.export import export_webdataset
+from arpipe.stages.store import StoreWriter, TokenStore
+from arpipe.stages.store.export import export_webdataset
 
 
 def test_stock_webdataset_reads_the_export_with_identical_tokens(tmp_path):

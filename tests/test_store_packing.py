@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from stages.store import (
+from arpipe.stages.store import (
     DistributedSampler,
     SequencePacker,
     StoreError,
@@ -19,7 +19,7 @@ from stages.store import (
     TokenStore,
     plan_sequences,
 )
-from stages.store.loader import TokenBatches
+from arpipe.stages.store.loader import TokenBatches
 
 
 @settings(max_examples=80, deadline=None)

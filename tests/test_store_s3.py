@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from pipeline.storage import S3Storage, storage_for
-from stages.store import (
+from arpipe.pipeline.storage import S3Storage, storage_for
+from arpipe.stages.store import (
     DistributedSampler,
     ShardWriter,
     StoreError,

@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.store import DistributedSampler, MixtureOrder, ShuffledOrder, StoreError, StoreWriter, TokenStore
+from arpipe.stages.store import (
+    DistributedSampler,
+    MixtureOrder,
+    ShuffledOrder,
+    StoreError,
+    StoreWriter,
+    TokenStore,
+)
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.store import StoreManifest, TokenizerRef, VocabLayout, VocabRange
-from stages.store import (
+from arpipe.schemas.store import StoreManifest, TokenizerRef, VocabLayout, VocabRange
+from arpipe.stages.store import (
     ShardWriter,
     StoreError,
     StoreWriter,
@@ -165,7 +165,7 @@ def test_the_manifest_schema_is_strict_and_cheap_to_import(tmp_path):
         StoreManifest.model_validate({**data, "surprise": 1})
     with pytest.raises(ValueError, match="totals"):
         StoreManifest.model_validate({**data, "totals": {**data["totals"], "samples": 2}})
-    code = "import sys, schemas.store; bad = {'torch', 'numpy', 'ray', 'pipeline', 'stages'} & set(sys.modules); " \
+    code = "import sys, arpipe.schemas.store; bad = {'torch', 'numpy', 'ray', 'arpipe.pipeline', 'arpipe.stages'} & set(sys.modules); " \
            "print(sorted(bad)); sys.exit(bool(bad))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -188,7 +188,7 @@ def test_tokenizer_config_refits_but_workers_do_not(tmp_path, ray_cluster):
 
 
 def test_source_and_store_on_s3(tmp_path, ray_cluster, s3_bucket):
-    from pipeline.storage import storage_for
+    from arpipe.pipeline.storage import storage_for
 
     local = digits_folder(tmp_path / "digits", count=40)
     storage = storage_for(s3_bucket)

@@ -201,7 +201,7 @@ def test_digits_next_scale_learns_below_unigram_entropy_and_mixes_modalities(dig
 
     from mlflow.tracking import MlflowClient
 
-    from stages.store import TokenStore
+    from arpipe.stages.store import TokenStore
 
     store = TokenStore.open(str(next(folder.glob("runs/digits/*/store"))))
     counts = np.bincount(store.gather(np.arange(len(store))).tokens.astype(np.int64), minlength=32)
@@ -221,7 +221,7 @@ def test_digits_next_scale_learns_below_unigram_entropy_and_mixes_modalities(dig
 
 def test_the_end_of_training_says_whether_the_budget_was_right():
     """Held-out losses measured on digits (docs/training.md): still falling, flat, rising."""
-    from stages.train import convergence
+    from arpipe.stages.train import convergence
 
     still_learning = [(100, 3.0), (200, 2.5), (300, 2.2)]
     flat = [(166, 2.989), (332, 2.449), (498, 2.21), (664, 2.067), (830, 2.007), (996, 1.998), (1000, 1.993)]

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_digits
 
-from stages.modalities import VQVAE, TokenizerError, psnr
+from arpipe.stages.modalities import VQVAE, TokenizerError, psnr
 
 SMALL = {"input_shape": (1, 8, 8), "downsample": 2, "codebook_size": 16, "hidden": 16, "code_dim": 4, "device": "cpu"}
 
@@ -92,7 +92,7 @@ def test_two_gloo_ranks_end_with_identical_weights_and_a_falling_loss(two_rank_f
 
 
 def test_fit_on_ray_train_with_two_workers(ray_cluster, tmp_path):
-    from stages.vqvae_train import fit_vqvae_on_ray
+    from arpipe.stages.vqvae_train import fit_vqvae_on_ray
 
     x = digits()
     train, test = x[:1500], x[1500:]
@@ -115,7 +115,7 @@ def test_fit_on_ray_train_with_two_workers(ray_cluster, tmp_path):
 
 
 def test_fit_on_ray_refuses_what_the_workers_cannot_split(tmp_path):
-    from stages.vqvae_train import fit_vqvae_on_ray
+    from arpipe.stages.vqvae_train import fit_vqvae_on_ray
 
     x = digits()[:10].numpy()
     np.save(tmp_path / "few.npy", x[:1])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from pipeline.cli import EXTERNAL_COMMANDS, build_parser
+from arpipe.pipeline.cli import EXTERNAL_COMMANDS, build_parser
 
 HEADER = """\
 # Command line

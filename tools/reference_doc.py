@@ -20,8 +20,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from schemas.base import StageBase
-from schemas.pipeline import PipelineSpec, stage_kinds
+from arpipe.schemas.base import StageBase
+from arpipe.schemas.pipeline import PipelineSpec, stage_kinds
 from tools.errors_doc import Patterns, module_constants
 
 HEADER = """\

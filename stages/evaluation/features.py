@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.storage import storage_for
+from arpipe.pipeline.storage import storage_for
 
 Kind = Literal["image", "video"]
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from stages.modalities.metrics import chamfer_distance
+from arpipe.stages.modalities.metrics import chamfer_distance
 
 CloudMetric = Literal["cd", "emd"]
 Clouds = Sequence[np.ndarray | torch.Tensor] | np.ndarray | torch.Tensor

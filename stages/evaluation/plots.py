@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from pipeline.storage import storage_for
+from arpipe.pipeline.storage import storage_for
 
 
 def score_distributions(scores: dict[str, np.ndarray], path: str | os.PathLike, title: str | None = None) -> str:

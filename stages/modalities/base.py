@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
-from pipeline.storage import join, storage_for
+from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.storage import join, storage_for
 
 ARTIFACT_FORMAT = 1
 WEIGHTS_FILE = "weights.safetensors"
@@ -165,10 +165,10 @@ class Reader(ABC):
 
 #: type -> "module:Class", imported on first use so that loading one tokenizer imports only it
 TOKENIZER_TYPES: dict[str, str] = {
-    "patch_vq": "stages.modalities.patch_vq:PatchVQ",
-    "msvq": "stages.modalities.msvq:MultiScaleVQ",
-    "vqvae": "stages.modalities.vqvae:VQVAE",
-    "octree": "stages.modalities.octree:OctreeTokenizer",
+    "patch_vq": "arpipe.stages.modalities.patch_vq:PatchVQ",
+    "msvq": "arpipe.stages.modalities.msvq:MultiScaleVQ",
+    "vqvae": "arpipe.stages.modalities.vqvae:VQVAE",
+    "octree": "arpipe.stages.modalities.octree:OctreeTokenizer",
 }
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.storage import is_s3, join, storage_for
+from arpipe.pipeline.storage import is_s3, join, storage_for
 
 from .base import Reader, Sample, SampleError, Unit, sha256_array, sha256_bytes
 from .sources import SourceFile, is_dir, list_files, read_bytes

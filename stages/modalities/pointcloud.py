@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.storage import storage_for
+from arpipe.pipeline.storage import storage_for
 
 from .base import Reader, Sample, SampleError, Unit, sha256_array, sha256_bytes
 from .sources import list_files, read_bytes

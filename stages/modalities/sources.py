@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from pipeline.storage import is_s3, join, storage_for
+from arpipe.pipeline.storage import is_s3, join, storage_for
 
 from .base import SampleError
 

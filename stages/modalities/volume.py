@@ -338,7 +338,7 @@ class VolumeReader(Reader):
 
 
 def _top_entries(uri: str) -> list[Any]:
-    from pipeline.storage import storage_for
+    from arpipe.pipeline.storage import storage_for
 
     return [e for e in storage_for(uri).list(uri) if "/" not in e.relpath]
 

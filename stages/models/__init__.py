@@ -72,7 +72,7 @@ _EXPORTS: dict[str, str] = {
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'stages.models' has no attribute {name!r}")
+        raise AttributeError(f"module 'arpipe.stages.models' has no attribute {name!r}")
     import importlib
 
     value = getattr(importlib.import_module(f".{module}", __name__), name)

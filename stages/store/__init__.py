@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from schemas.store import ShardInfo, StoreManifest, TokenizerRef, VocabLayout, VocabRange
+from arpipe.schemas.store import ShardInfo, StoreManifest, TokenizerRef, VocabLayout, VocabRange
 
 from .format import FORMAT_VERSION, StoreError, dtype_for_vocab
 from .mixture import StoreMixture

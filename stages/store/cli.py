@@ -2,7 +2,7 @@
 
 :func:`register` adds the ``store`` command to arpipe's argparse tree; each
 subcommand sets ``func(args) -> exit code``. Heavy imports happen inside the
-handlers so ``arpipe --help`` stays fast. ``python -m stages.store.cli ...``
+handlers so ``arpipe --help`` stays fast. ``python -m arpipe.stages.store.cli ...``
 runs the same commands stand-alone.
 """
 
@@ -51,7 +51,7 @@ def _size(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from pipeline.storage import normalize
+    from arpipe.pipeline.storage import normalize
 
     from .reader import read_manifest
 
@@ -101,7 +101,7 @@ def _summary(uri: str) -> dict:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.storage import normalize
+    from arpipe.pipeline.storage import normalize
 
     from .format import StoreError
     from .reader import TokenStore, read_manifest
@@ -143,7 +143,7 @@ def cmd_head(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.storage import is_s3, normalize
+    from arpipe.pipeline.storage import is_s3, normalize
 
     from .export import export_webdataset
     from .reader import TokenStore
@@ -156,8 +156,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point: ``python -m stages.store.cli store info URI`` (or without ``store``)."""
-    from pipeline.errors import ArpipeError
+    """Stand-alone entry point: ``python -m arpipe.stages.store.cli store info URI`` (or without ``store``)."""
+    from arpipe.pipeline.errors import ArpipeError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv

@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 
-from pipeline.storage import atomic_local_file, join, storage_for
+from arpipe.pipeline.storage import atomic_local_file, join, storage_for
 
 from .reader import TokenStore
 

@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from pipeline.errors import UserError
-from pipeline.storage import join
-from schemas.store import STORE_FORMAT_VERSION, ShardEntry, TokenizerRef, VocabLayout
+from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.storage import join
+from arpipe.schemas.store import STORE_FORMAT_VERSION, ShardEntry, TokenizerRef, VocabLayout
 
 FORMAT_VERSION = STORE_FORMAT_VERSION
 MANIFEST = "manifest.json"

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from pipeline.storage import normalize, storage_for
-from schemas.store import StoreManifest
+from arpipe.pipeline.storage import normalize, storage_for
+from arpipe.schemas.store import StoreManifest
 
 from .format import (
     FORMAT_VERSION,

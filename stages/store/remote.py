@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from pipeline.storage import Storage
+from arpipe.pipeline.storage import Storage
 
 
 class BlockCache:

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.store import ShardEntry
+from arpipe.schemas.store import ShardEntry
 
 from .format import StoreError, bin_name, checksum, index_name, shard_uri
 

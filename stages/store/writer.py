@@ -21,8 +21,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.storage import is_s3, storage_for
-from schemas.store import ShardInfo, StoreManifest, StoreTotals, TokenizerRef, VocabLayout, valid_shard_name
+from arpipe.pipeline.storage import is_s3, storage_for
+from arpipe.schemas.store import (
+    ShardInfo,
+    StoreManifest,
+    StoreTotals,
+    TokenizerRef,
+    VocabLayout,
+    valid_shard_name,
+)
 
 from .format import (
     CHECKSUM_ALGORITHM,

@@ -22,10 +22,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
-from pipeline.stage import Output, Stage
-from pipeline.storage import is_s3, join
-from schemas.train import TrainStage as TrainSpec
+from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.stage import Output, Stage
+from arpipe.pipeline.storage import is_s3, join
+from arpipe.schemas.train import TrainStage as TrainSpec
 
 
 def model_overrides(spec: TrainSpec, vocab_size: int, seq_len: int) -> dict[str, Any]:
@@ -69,7 +69,7 @@ class TrainStage(Stage):
     @classmethod
     def check(cls, spec: TrainSpec) -> str | None:
         """The model shape, checked before Ray starts (the vocabulary is known only from the stores)."""
-        from stages.models.config import preset
+        from arpipe.stages.models.config import preset
 
         try:
             overrides = model_overrides(spec, vocab_size=spec.model.vocab_size or 1 << 16, seq_len=spec.seq_len or 2)
@@ -83,11 +83,11 @@ class TrainStage(Stage):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from pipeline.execute import forwarded_env
-        from stages.models import count_parameters, preset
-        from stages.train.data import build_vocab, default_seq_len, scale_inputs, summarize_store
-        from stages.train.ds_config import build_ds_config
-        from stages.train.loop import train_loop
+        from arpipe.pipeline.execute import forwarded_env
+        from arpipe.stages.models import count_parameters, preset
+        from arpipe.stages.train.data import build_vocab, default_seq_len, scale_inputs, summarize_store
+        from arpipe.stages.train.ds_config import build_ds_config
+        from arpipe.stages.train.loop import train_loop
 
         spec, ctx = self.spec, self.ctx
         summaries = [summarize_store(d.store) for d in spec.data]
@@ -160,7 +160,7 @@ class TrainStage(Stage):
             for m in client.get_metric_history(run_id, key):
                 rows.setdefault((m.step, segment), {"step": m.step, "segment": segment})[metric] = m.value
         if rows:
-            from stages.evaluation.plots import segment_curves
+            from arpipe.stages.evaluation.plots import segment_curves
 
             table = sorted(rows.values(), key=lambda r: (r["step"], len(r["segment"]), r["segment"]))
             client.log_table(run_id, {c: [r.get(c) for r in table] for c in ("step", "segment", "loss", "accuracy")},

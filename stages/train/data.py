@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UserError
+from arpipe.pipeline.errors import UserError
 
 CONTEXT_TOKENS = 2   # [modality tag, class or NULL]
 
@@ -40,7 +40,7 @@ class StoreSummary:
 
 
 def summarize_store(uri: str) -> StoreSummary:
-    from stages.store import TokenStore
+    from arpipe.stages.store import TokenStore
 
     store = TokenStore.open(uri)
     meta = store.manifest.metadata or {}
@@ -67,7 +67,7 @@ def modality_names(summaries: list[StoreSummary]) -> list[str]:
 
 
 def build_vocab(summaries: list[StoreSummary]):
-    from stages.models import VocabLayout
+    from arpipe.stages.models import VocabLayout
 
     names = modality_names(summaries)
     sizes: dict[str, int] = {}
@@ -80,8 +80,8 @@ def build_vocab(summaries: list[StoreSummary]):
 def scale_inputs(summaries: list[StoreSummary], names: list[str], vocab) -> dict[str, Any]:
     """VAR's next-scale input per vocabulary name: each multi-scale tokenizer's codebook and input mix,
     zero-padded to one width (``ScaleInput``); read from the tokenizer artifacts the stores name."""
-    from stages.modalities import load_tokenizer
-    from stages.models import ScaleInput
+    from arpipe.stages.modalities import load_tokenizer
+    from arpipe.stages.models import ScaleInput
 
     found: dict[str, Any] = {}
     for name, s in zip(names, summaries):
@@ -108,7 +108,7 @@ class Documents:
 
     def __init__(self, source: Any, summaries: list[StoreSummary], names: list[str], vocab, *, paradigm: str,
                  block_size: int, n_axes: int, seq_len: int, scale_inputs: dict[str, Any] | None = None):
-        from stages.models import make_plan, plan_from_layout
+        from arpipe.stages.models import make_plan, plan_from_layout
 
         self.source, self.summaries, self.names, self.vocab = source, summaries, names, vocab
         self.paradigm, self.block_size, self.n_axes, self.seq_len = paradigm, block_size, n_axes, seq_len
@@ -162,7 +162,7 @@ class Documents:
 
     def rows(self, units: list) -> Any:
         """Model inputs for a micro-batch of units (a sample id, or a list of ids with packing)."""
-        from stages.models import pack_documents
+        from arpipe.stages.models import pack_documents
 
         rows = [[self.document(i) for i in (u if isinstance(u, list) else [u])] for u in units]
         return pack_documents(rows, self.seq_len)
@@ -170,7 +170,7 @@ class Documents:
 
 def open_source(uris: list[str], weights: list[float]):
     """A store, or a weighted mixture of stores, for the sampler."""
-    from stages.store import StoreMixture, TokenStore
+    from arpipe.stages.store import StoreMixture, TokenStore
 
     stores = [TokenStore.open(u) for u in uris]
     if len(stores) == 1:

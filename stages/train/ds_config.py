@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from schemas.train import TrainStage
+from arpipe.schemas.train import TrainStage
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def learning_rate(spec: TrainStage) -> float:
     """``optimizer.lr``, or the default for the model's width (measured on digits: docs/training.md)."""
     if spec.optimizer.lr is not None:
         return spec.optimizer.lr
-    from stages.models.config import PRESETS
+    from arpipe.stages.models.config import PRESETS
 
     width = spec.model.n_embd or PRESETS[spec.model.preset]["n_embd"]
     return next((lr for wide, lr in LR_BY_WIDTH if width <= wide), LR_WIDEST)

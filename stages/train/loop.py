@@ -109,9 +109,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from stages.models import ModelConfig, Transformer, VocabLayout, drop_conditions, save_model
-    from stages.store import DistributedSampler
-    from stages.train.data import Documents, StoreSummary, open_source
+    from arpipe.stages.models import ModelConfig, Transformer, VocabLayout, drop_conditions, save_model
+    from arpipe.stages.store import DistributedSampler
+    from arpipe.stages.train.data import Documents, StoreSummary, open_source
 
     os.environ.update(cfg["env"])
     ctx = ray.train.get_context()
@@ -198,7 +198,7 @@ def _save_consolidated(engine, model_config, vocab, scale_inputs, folder: Path, 
     import deepspeed
     import torch
 
-    from stages.models import Transformer
+    from arpipe.stages.models import Transformer
 
     module = engine.module
     params = list(module.parameters())
@@ -224,9 +224,9 @@ def _heldout(cfg: dict, vocab, model_config, rank: int, world: int):
     """A fixed list of held-out micro-batches for this rank (the first samples of the held-out store)."""
     if not cfg.get("heldout"):
         return None
-    from stages.models.diagnostics import PARTS
-    from stages.store import TokenStore
-    from stages.train.data import Documents, StoreSummary
+    from arpipe.stages.models.diagnostics import PARTS
+    from arpipe.stages.store import TokenStore
+    from arpipe.stages.train.data import Documents, StoreSummary
 
     summary = StoreSummary(**cfg["heldout"])
     store = TokenStore.open(summary.uri)
@@ -259,7 +259,7 @@ class HeldOut:
         import torch
         import torch.distributed as dist
 
-        from stages.models import segment_names, segment_scores
+        from arpipe.stages.models import segment_names, segment_scores
 
         total = torch.zeros(3, self.n_segments, dtype=torch.float64)
         engine.eval()

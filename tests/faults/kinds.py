@@ -134,7 +134,7 @@ def tokenize_cut_off(out: Path, before: dict, after: dict, since: float) -> int:
 
 def tokenize_final(out: Path) -> list[str]:
     """Every source image is in the store exactly once (no sample duplicated or lost)."""
-    from stages.store import TokenStore
+    from arpipe.stages.store import TokenStore
 
     store = TokenStore.open(str(out / "store"))
     keys = [store[i].key for i in range(len(store))]

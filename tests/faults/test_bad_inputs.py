@@ -294,7 +294,7 @@ def test_a_bad_media_file_is_quarantined_with_its_reason(corpus_run, bad):
 
 def test_good_files_beside_bad_ones_are_tokenized(corpus_run):
     """Quarantine costs only the bad file: the good images, tar members, clip and clouds are in the stores."""
-    from stages.store import TokenStore
+    from arpipe.stages.store import TokenStore
 
     folder, _proc = corpus_run
     keys = {}

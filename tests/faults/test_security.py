@@ -86,7 +86,7 @@ stages:
 
 
 def test_secret_names_are_matched_by_segment():
-    from pipeline.config import SECRET_KEY, redact
+    from arpipe.pipeline.config import SECRET_KEY, redact
 
     secret = ["api_token", "token", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "password",
               "DB_PASSWORD", "client_secret", "private_key", "apiKey", "credentials", "hf-token"]
@@ -198,7 +198,7 @@ def test_yaml_tags_never_construct_objects(tmp_path):
 
 
 def test_tar_members_that_would_leave_the_shard_are_refused(tmp_path):
-    from stages.modalities import SampleError, open_reader
+    from arpipe.stages.modalities import SampleError, open_reader
 
     before = set(Path("/tmp").iterdir())
     for name, member in (("traversal", "../../escaped.png"), ("absolute", "/tmp/arpipe-absolute.png"),
@@ -291,7 +291,7 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 
 def test_python_stages_are_documented_as_code_execution():
-    from schemas.pipeline import PythonStage
+    from arpipe.schemas.pipeline import PythonStage
 
     assert "arbitrary code execution" in (PythonStage.__doc__ or "")
     schema = arpipe("schema", cwd=ROOT, check=True).stdout

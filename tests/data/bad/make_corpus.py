@@ -219,8 +219,8 @@ def clouds() -> None:
 
 
 def tokenizers() -> None:
-    from stages.modalities import make_tokenizer
-    from stages.modalities.base import canonical_json, sha256_bytes
+    from arpipe.stages.modalities import make_tokenizer
+    from arpipe.stages.modalities.base import canonical_json, sha256_bytes
 
     folder = HERE / "tokenizers"
     arrays = [(a / 255.0).astype(np.float32)[None] for a in digits(64)]
@@ -260,7 +260,7 @@ def tokenizers() -> None:
 
 
 def stores() -> None:
-    from stages.store import StoreWriter
+    from arpipe.stages.store import StoreWriter
 
     folder = HERE / "stores"
     good = folder / "good.tmp"
@@ -297,7 +297,7 @@ def stores() -> None:
 def models() -> None:
     import torch
 
-    from stages.models import Transformer, VocabLayout, preset, save_model
+    from arpipe.stages.models import Transformer, VocabLayout, preset, save_model
 
     folder = HERE / "models"
     torch.manual_seed(0)
