@@ -1,0 +1,109 @@
+"""arpipe's Python API: what ``arpipe validate | plan | run`` do, plus reading what a run made.
+
+    import arpipe
+
+    pipe = arpipe.load("pipeline.yaml", overrides=["stages.train.steps=10"])   # validated, or UserError
+    for step in arpipe.plan(pipe):
+        print(step.name, step.action, step.why)
+    result = arpipe.run(pipe)                  # embedded Ray and a SQLite MLflow unless told otherwise
+    store = arpipe.open_store(result.output("tokenize", "store"))
+    print(len(store), store.manifest.vocab_size)
+
+Each function is the command's own code path (the CLI calls the same modules), so a pipeline that
+runs from Python behaves exactly as it does from the shell: same cache, same lineage, same errors
+(:class:`arpipe.pipeline.errors.UserError` carries the file, line and fix that the CLI prints).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from arpipe.pipeline.config import LoadedPipeline
+    from arpipe.pipeline.dag import Graph
+    from arpipe.pipeline.plan import StagePlan
+    from arpipe.pipeline.runner import RunResult
+    from arpipe.stages.store import TokenStore
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A loaded, validated pipeline: its spec (``loaded.spec``) and its stage graph."""
+
+    loaded: LoadedPipeline
+    graph: Graph
+
+    @property
+    def name(self) -> str:
+        return self.loaded.spec.name
+
+    @property
+    def path(self) -> Path:
+        return self.loaded.path
+
+    @property
+    def stages(self) -> list[str]:
+        """Stage names in the order they run."""
+        return list(self.graph.order)
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
+    """Read and validate a pipeline file, as ``arpipe validate`` does.
+
+    ``overrides`` are ``PATH=VALUE`` strings, like the CLI's ``-s``. Raises ``UserError`` for a bad
+    file; every python stage's callable must be importable from the pipeline's folder.
+    """
+    from arpipe.pipeline.config import load_pipeline
+    from arpipe.pipeline.dag import build_graph
+    from arpipe.pipeline.plan import Planner
+
+    loaded = load_pipeline(str(path), list(overrides))
+    graph = build_graph(loaded)
+    planner = Planner(loaded, graph)
+    for name in graph.order:
+        planner.code_digest(name)
+    return Pipeline(loaded, graph)
+
+
+def _pipeline(pipeline: Pipeline | str | Path) -> Pipeline:
+    return pipeline if isinstance(pipeline, Pipeline) else load(pipeline)
+
+
+def plan(pipeline: Pipeline | str | Path, *, only: Sequence[str] = (), from_: str | None = None,
+         until: str | None = None, force: Sequence[str] = ()) -> list[StagePlan]:
+    """What ``arpipe run`` would do for each selected stage: ``run``, ``cached``, ``resume`` or ``blocked``."""
+    from arpipe.pipeline.dag import select
+    from arpipe.pipeline.plan import Planner
+
+    pipe = _pipeline(pipeline)
+    selection = select(pipe.graph, only=list(only), from_=from_, until=until, force=list(force))
+    return Planner(pipe.loaded, pipe.graph).plan(selection)
+
+
+def run(pipeline: Pipeline | str | Path, *, only: Sequence[str] = (), from_: str | None = None,
+        until: str | None = None, force: Sequence[str] = (), address: str | None = None,
+        tracking_uri: str | None = None, echo: Callable[[str], None] | None = print) -> RunResult:
+    """Run the pipeline (finished stages are cache hits; interrupted ones resume), as ``arpipe run`` does.
+
+    ``address`` is a Ray cluster (default: ``RAY_ADDRESS`` or an embedded local Ray);
+    ``tracking_uri`` an MLflow server (default: SQLite beside the storage root). ``echo`` gets the
+    progress lines the CLI prints; pass ``None`` for silence. Raises ``StageFailed`` when a stage fails.
+    """
+    from arpipe.pipeline.dag import select
+    from arpipe.pipeline.runner import Runner
+
+    pipe = _pipeline(pipeline)
+    selection = select(pipe.graph, only=list(only), from_=from_, until=until, force=list(force))
+    runner = Runner(pipe.loaded, pipe.graph, selection, address=address, tracking=tracking_uri,
+                    echo=echo or (lambda _line: None))
+    return runner.run()
+
+
+def open_store(uri: str | Path, **options: Any) -> TokenStore:
+    """Open a committed token store (a local folder or ``s3://...``); see ``TokenStore.open`` for options."""
+    from arpipe.stages.store import TokenStore
+
+    return TokenStore.open(str(uri), **options)
