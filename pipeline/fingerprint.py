@@ -8,20 +8,12 @@ digest, digest of raw source data read from outside the pipeline, arpipe version
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 from arpipe.pipeline import __version__
 from arpipe.pipeline.config import replace_refs
-
-
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
-
-
-def sha256_json(obj: Any) -> str:
-    return hashlib.sha256(canonical_json(obj)).hexdigest()
+from arpipe.pipeline.digest import digest_json, hex_of
 
 
 def fingerprint_doc(kind: str, config: dict[str, Any], runtime_fields: frozenset[str],
@@ -39,7 +31,8 @@ def fingerprint_doc(kind: str, config: dict[str, Any], runtime_fields: frozenset
 
 
 def fingerprint(doc: dict[str, Any]) -> str:
-    return sha256_json(doc)
+    """The hex of the document's digest: it names the stage's output folder."""
+    return hex_of(digest_json(doc))
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -9,7 +9,6 @@ committed fingerprint document so that ``plan`` can say what changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -21,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from arpipe.pipeline import __version__
-from arpipe.pipeline.fingerprint import sha256_json
+from arpipe.pipeline.digest import digest_bytes, digest_json, digest_stream, hex_of
 from arpipe.pipeline.stage import Output
 from arpipe.pipeline.storage import is_s3, join, storage_for
 from arpipe.schemas.outputs import FileRecord, OutputsRecord, OutputValue
@@ -43,16 +42,7 @@ def staging_dir(out_uri: str) -> Path:
     if not is_s3(out_uri):
         return Path(out_uri)
     base = Path(os.environ.get("ARPIPE_STAGING", Path.home() / ".cache" / "arpipe" / "staging"))
-    return base / hashlib.sha256(out_uri.encode()).hexdigest()[:24]
-
-
-def _sha256_stream(stream, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    while True:
-        block = stream.read(chunk)
-        if not block:
-            return "sha256:" + h.hexdigest()
-        h.update(block)
+    return base / hex_of(digest_bytes(out_uri.encode()))[:24]
 
 
 def _is_control(relpath: str) -> bool:
@@ -71,7 +61,7 @@ def collect_files(out_uri: str, work_dir: Path, known: dict[str, tuple[int, str]
                 if _is_control(rel) or name.endswith(".tmp"):
                     continue
                 with open(local, "rb") as f:
-                    digest = _sha256_stream(f)
+                    digest = digest_stream(f)
                 storage.put_file(local, join(out_uri, rel))
                 files[rel] = FileRecord(bytes=local.stat().st_size, digest=digest)
     for entry in storage.list(out_uri):
@@ -82,7 +72,7 @@ def collect_files(out_uri: str, work_dir: Path, known: dict[str, tuple[int, str]
             files[rel] = FileRecord(bytes=entry.size, digest=known[rel][1])
             continue
         with storage.open_read(join(out_uri, rel)) as stream:
-            files[rel] = FileRecord(bytes=entry.size, digest=_sha256_stream(stream))
+            files[rel] = FileRecord(bytes=entry.size, digest=digest_stream(stream))
     return dict(sorted(files.items()))
 
 
@@ -93,18 +83,18 @@ def _output_value(name: str, out: Output, files: dict[str, FileRecord]) -> Outpu
         except TypeError:
             raise TypeError(f"output {name!r} is a {type(out.value).__name__}, which is not JSON; "
                             "write it to a file in out_dir and return the path") from None
-        return OutputValue(type="value", value=out.value, digest=out.digest or sha256_json(out.value))
+        return OutputValue(type="value", value=out.value, digest=out.digest or digest_json(out.value))
     rel = out.path.strip("/")
     if rel in files:
         return OutputValue(type="file", path=rel, digest=out.digest or files[rel].digest)
     inside = {k: v.digest for k, v in files.items() if k.startswith(rel + "/") or rel in ("", ".")}
     if not inside and rel not in ("", "."):
         raise FileNotFoundError(f"output {name!r} names {rel!r}, which the stage did not write")
-    return OutputValue(type="dir", path=rel, digest=out.digest or sha256_json(inside))
+    return OutputValue(type="dir", path=rel, digest=out.digest or digest_json(inside))
 
 
 def record_digest(outputs: dict[str, OutputValue], files: dict[str, FileRecord]) -> str:
-    return sha256_json({"outputs": {k: v.model_dump() for k, v in outputs.items()},
+    return digest_json({"outputs": {k: v.model_dump() for k, v in outputs.items()},
                         "files": {k: v.model_dump() for k, v in files.items()}})
 
 

@@ -55,7 +55,7 @@ def test_folder_reads_every_format_with_folder_labels_resized(photo_folder):
         assert s.shape == (3, 32, 32) and s.data.dtype == np.float32
         assert 0.0 <= s.data.min() and s.data.max() <= 1.0
         with open(s.source_uri, "rb") as f:
-            assert s.source_digest == hashlib.sha256(f.read()).hexdigest()
+            assert s.source_digest == "sha256:" + hashlib.sha256(f.read()).hexdigest()
     assert by_key["people/astronaut.png"].label == "people"
     assert by_key["things/coffee.jpg"].meta["source_size"] == [400, 600]
     # 16-bit gray TIFF keeps its dynamic range and becomes 3 identical channels

@@ -37,7 +37,6 @@ Plain Python, numpy and torch; errors are :class:`ClassifierError` (what + fix).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 from collections.abc import Sequence
@@ -45,6 +44,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+
+from arpipe.pipeline.digest import digest_bytes
 
 Format = Literal["skops", "torchscript"]
 FORMATS: dict[str, Format] = {".skops": "skops", ".pt": "torchscript"}
@@ -196,7 +197,7 @@ class Classifier:
         if fmt is None:
             raise ClassifierError(f"cannot tell the classifier format of {suffix or 'a file without extension'}",
                                   fix="save it as .skops (skops.io.dump) or .pt (torch.jit.save)")
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = digest_bytes(data)
         if fmt == "torchscript":
             return cls._torchscript(data, digest)
         model = _load_skops(data)

@@ -16,7 +16,6 @@ different network never reuses cached reference statistics.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from typing import Literal
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from arpipe.pipeline.digest import digest_bytes
 from arpipe.pipeline.storage import storage_for
 
 Kind = Literal["image", "video"]
@@ -78,7 +78,7 @@ class FeatureExtractor:
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ValueError(f"feature network {uri!r} is not a TorchScript file ({first_line}): "
                              f"{_EXPORT_HINT}") from None
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = digest_bytes(data)
         return cls(module, kind=kind, digest=digest, uri=uri, input_size=input_size,
                    input_range=input_range, device=device)
 

@@ -12,7 +12,6 @@ records the sha256 of the weights) is what downstream fingerprints depend on.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
@@ -23,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from arpipe.pipeline.digest import digest_bytes, digest_json, hex_of
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.storage import join, storage_for
 
@@ -61,24 +61,6 @@ class TokenizerError(UserError):
 
 def _rebuild_tokenizer_error(what: str, where: str | None, fix: str | None) -> TokenizerError:
     return TokenizerError(what, where=where, fix=fix)
-
-
-# -------------------------------------------------------------------- digests
-
-
-def sha256_bytes(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_array(a: np.ndarray) -> str:
-    """Digest of an array's dtype, shape and values: a crop or a row is named by what it holds."""
-    h = hashlib.sha256(f"{a.dtype.str}|{tuple(a.shape)}|".encode())
-    h.update(np.ascontiguousarray(a).data)
-    return h.hexdigest()
-
-
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 # ------------------------------------------------------------ units, samples
@@ -263,8 +245,8 @@ class Tokenizer(ABC):
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
         weights = save(tensors)
         doc = self.describe()
-        doc["weights_sha256"] = sha256_bytes(weights)
-        doc["digest"] = sha256_bytes(canonical_json(doc))
+        doc["weights_sha256"] = digest_bytes(weights)
+        doc["digest"] = digest_json(doc)
         doc["provenance"] = getattr(self, "provenance", {})
         return weights, doc
 
@@ -302,10 +284,10 @@ def read_artifact(uri: str) -> tuple[dict[str, Any], bytes]:
         raise TokenizerError(f"unsupported tokenizer artifact format {doc.get('format')!r}", where=cfg_uri,
                              fix=f"re-create it with this arpipe (format {ARTIFACT_FORMAT})")
     body = {k: v for k, v in doc.items() if k not in ("digest", "provenance")}
-    if sha256_bytes(canonical_json(body)) != doc.get("digest"):
+    if hex_of(digest_json(body)) != hex_of(str(doc.get("digest"))):
         raise TokenizerError("tokenizer.json does not match its digest (edited by hand?)", where=cfg_uri,
                              fix="re-create the artifact with Tokenizer.save instead of editing it")
-    if sha256_bytes(weights) != doc.get("weights_sha256"):
+    if hex_of(digest_bytes(weights)) != hex_of(str(doc.get("weights_sha256"))):
         raise TokenizerError("weights.safetensors does not match the sha256 in tokenizer.json", where=uri,
                              fix="the artifact is corrupt or mixed from two runs: re-create it")
     if doc.get("type") not in TOKENIZER_TYPES:

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from arpipe.pipeline.digest import digest_array, digest_bytes
 from arpipe.pipeline.storage import is_s3, join, storage_for
 
-from .base import Reader, Sample, SampleError, Unit, sha256_array, sha256_bytes
+from .base import Reader, Sample, SampleError, Unit
 from .sources import SourceFile, is_dir, list_files, read_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
@@ -286,7 +287,7 @@ class ImageReader(Reader):
                 f = SourceFile(join(unit.uri, rel), rel, 0)
                 data = read_bytes(f.uri)
                 yield self._sample(decode_image(data, rel, f.uri, self.max_pixels), f.relpath, f.uri,
-                                   sha256_bytes(data), self._folder_label(unit.uri, f))
+                                   digest_bytes(data), self._folder_label(unit.uri, f))
 
     def _sample(self, x_HWC: np.ndarray, key: str, source: str, digest: str, label: Any,
                 value_range: Sequence[float] | None = None) -> Sample:
@@ -384,7 +385,7 @@ class ImageReader(Reader):
                                   fix="write a JSON object such as {\"label\": 3}") from None
         data = group[ext]
         return self._sample(decode_image(data, f"x.{ext}", source, self.max_pixels), f"{unit.key}/{key}", source,
-                            sha256_bytes(data), label)
+                            digest_bytes(data), label)
 
     # ----------------------------------------------------------------- arrays
 
@@ -447,7 +448,7 @@ class ImageReader(Reader):
             raise SampleError(source, f"array rows have shape {row.shape}, not an image",
                               fix="store images as (N, H, W), (N, H, W, C) or (N, C, H, W) with C in 1, 3, 4")
         _check_pixels(x_HWC.shape[:2], source, self.max_pixels)
-        return self._sample(np.array(x_HWC), key, source, sha256_array(row), label)
+        return self._sample(np.array(x_HWC), key, source, digest_array(row), label)
 
 
 def _unsafe_member(member: tarfile.TarInfo) -> str | None:

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from arpipe.pipeline.digest import digest_array, digest_bytes
 from arpipe.pipeline.storage import storage_for
 
-from .base import Reader, Sample, SampleError, Unit, sha256_array, sha256_bytes
+from .base import Reader, Sample, SampleError, Unit
 from .sources import list_files, read_bytes
 
 POINT_SUFFIXES = (".ply", ".npy", ".npz", ".xyz", ".txt", ".pts", ".las", ".laz")
@@ -138,7 +139,7 @@ class PointCloudReader(Reader):
         data = read_bytes(unit.uri)
         rel = PurePosixPath(unit.members[0] if unit.members else unit.uri)
         label = rel.parent.name if self.labels == "folder" and str(rel.parent) not in ("", ".") else None
-        file_digest = sha256_bytes(data)
+        file_digest = digest_bytes(data)
         if suffix in (".npy", ".npz"):
             try:
                 loaded = np.load(io.BytesIO(data), allow_pickle=False)
@@ -154,7 +155,7 @@ class PointCloudReader(Reader):
             single = len(clouds) == 1
             for key, xyz in clouds:
                 yield self._sample(xyz, key, unit.uri if single else f"{unit.uri}#{key[len(unit.key) + 1:]}",
-                                   file_digest if single else sha256_array(np.ascontiguousarray(xyz)), label)
+                                   file_digest if single else digest_array(np.ascontiguousarray(xyz)), label)
             return
         if suffix == ".ply":
             xyz = _parse_ply(data, unit.uri)

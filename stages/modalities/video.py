@@ -15,7 +15,6 @@ file's start, so every unit sees the same frame timeline.
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import PurePosixPath
@@ -24,19 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from arpipe.pipeline.digest import digest_file
+
 from .base import Reader, Sample, SampleError, Unit
 from .image import RESIZE_MODES, as_size, fit_to_size
 from .sources import list_files, local_file
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif", ".m4v")
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class VideoReader(Reader):
@@ -110,7 +103,7 @@ class VideoReader(Reader):
         if self.labels == "folder" and str(PurePosixPath(rel).parent) not in ("", "."):
             label = PurePosixPath(rel).parent.name
         with local_file(unit.uri) as path:
-            digest = _file_sha256(path)
+            digest = digest_file(path)
             window: deque[torch.Tensor] = deque(maxlen=self.clip_len)
             times: deque[float] = deque(maxlen=self.clip_len)
             info: dict[str, Any] = {}

@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from .base import Reader, Sample, SampleError, Unit, sha256_array
+from arpipe.pipeline.digest import digest_array
+
+from .base import Reader, Sample, SampleError, Unit
 from .sources import is_dir, local_file, local_tree
 
 FORMATS = ("tiff", "tiff_folder", "hdf5", "zarr", "mrc", "npy")
@@ -316,7 +318,7 @@ class VolumeReader(Reader):
                         source = f"{self.uri}#z{z}_y{y}_x{x}"
                         yield Sample(key=f"{unit.key}/z{z:05d}_y{y:05d}_x{x:05d}",
                                      data=self._intensity(raw, source)[None], modality=self.modality,
-                                     source_uri=self.uri, source_digest=sha256_array(raw),
+                                     source_uri=self.uri, source_digest=digest_array(raw),
                                      meta={"origin": [z, y, x], "crop": list(self.crop),
                                            "volume_shape": list(vol.shape), "voxel_size":
                                            None if vol.voxel_size is None else list(vol.voxel_size)})

@@ -5,8 +5,6 @@ Writers and readers share this module so the two can never disagree about a byte
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
+from arpipe.pipeline.digest import digest_json
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.storage import join
 from arpipe.schemas.store import STORE_FORMAT_VERSION, ShardEntry, TokenizerRef, VocabLayout
@@ -102,5 +101,4 @@ def store_digest(*, dtype: str, vocab: VocabLayout, tokenizer: TokenizerRef | No
         "tokenizer": tokenizer.model_dump(mode="json") if tokenizer else None,
         "shards": [[s.name, s.samples, s.tokens, s.bytes, s.checksum, s.index_bytes, s.index_checksum] for s in shards],
     }
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    return digest_json(payload)

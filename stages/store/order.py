@@ -15,10 +15,11 @@ resume point and the interleave state is a function of the position alone.
 from __future__ import annotations
 
 import hashlib
-import json
 from fractions import Fraction
 
 import numpy as np
+
+from arpipe.pipeline.digest import digest_json
 
 from .format import StoreError
 
@@ -53,7 +54,7 @@ class ShuffledOrder:
     def digest(self) -> str:
         """Identity of this order's definition: the same digest gives the same sequence, epoch by epoch."""
         spec = {"store": self.store_digest, "seed": self.seed, "window": self.window, "shuffle": self.shuffle}
-        return "sha256:" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+        return digest_json(spec)
 
     def _rng(self, epoch: int, *tag: int) -> np.random.Generator:
         entropy = [self.seed & _MASK64, epoch, *self._words, *tag]
@@ -177,7 +178,7 @@ class MixtureOrder:
     @property
     def digest(self) -> str:
         spec = {"components": [c.digest for c in self.components], "weights": self.weights, "epoch": self.size}
-        return "sha256:" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+        return digest_json(spec)
 
     def cursors(self, position: int) -> list[int]:
         """How many samples each component has given before global ``position``: the interleave's state."""

@@ -219,8 +219,8 @@ def clouds() -> None:
 
 
 def tokenizers() -> None:
+    from arpipe.pipeline.digest import digest_json
     from arpipe.stages.modalities import make_tokenizer
-    from arpipe.stages.modalities.base import canonical_json, sha256_bytes
 
     folder = HERE / "tokenizers"
     arrays = [(a / 255.0).astype(np.float32)[None] for a in digits(64)]
@@ -242,7 +242,7 @@ def tokenizers() -> None:
 
     def signed(changes: dict) -> str:
         body = {k: v for k, v in {**doc, **changes}.items() if k not in ("digest", "provenance")}
-        return json.dumps({**body, "digest": sha256_bytes(canonical_json(body))}, indent=2, sort_keys=True)
+        return json.dumps({**body, "digest": digest_json(body)}, indent=2, sort_keys=True)
 
     artifact("bad_json", json.dumps(doc)[:-40], weights)
     artifact("json_list", json.dumps([doc["type"], doc["vocab_size"]]), weights)
