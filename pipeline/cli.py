@@ -21,8 +21,8 @@ from arpipe.pipeline.errors import ArpipeError
 #: The module is imported only when its command runs, so `arpipe plan` stays light.
 EXTERNAL_COMMANDS = {
     "store": ("arpipe.stages.store.cli", "inspect, verify and export token stores"),
-    "submit": ("arpipe.cluster.jobs", "submit a pipeline to a Ray cluster as a Ray job"),
-    "jobs": ("arpipe.cluster.jobs", "list, follow and stop submitted Ray jobs"),
+    "submit": ("arpipe.cluster.commands", "submit a pipeline to a Ray cluster as a Ray job"),
+    "jobs": ("arpipe.cluster.commands", "list, follow and stop submitted Ray jobs"),
 }
 
 
@@ -220,8 +220,8 @@ def _split_external(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 def _check_cluster(loaded, args) -> None:
     """A remote cluster cannot see local storage or a SQLite MLflow: say so before anything runs."""
-    from arpipe.cluster.sanity import check_cluster_ready, env_allows_local_storage
     from arpipe.pipeline.lineage import tracking_uri
+    from arpipe.pipeline.remote import check_cluster_ready, env_allows_local_storage
 
     check_cluster_ready(loaded, args.address or os.environ.get("RAY_ADDRESS"), tracking_uri(args.tracking_uri),
                         args.allow_local_storage or env_allows_local_storage())

@@ -45,6 +45,9 @@ class LoadedPipeline:
     raw_stages: dict[str, dict[str, Any]]
     #: values read from secret-named environment variables, to scrub from anything logged
     secret_values: set[str] = field(default_factory=set)
+    #: values that came from ``${env:NAME}`` (in the file or an override): path -> the variables it read,
+    #: e.g. ``{("storage",): ("ARPIPE_STORAGE",)}``, so callers ask the loader instead of re-reading the text
+    from_env: dict[tuple[str | int, ...], tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def directory(self) -> Path:
@@ -79,7 +82,8 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
     for override in overrides:
         _apply_override(data, override, positions)
     secrets: set[str] = set()
-    data = _interpolate_env(data, (), positions, secrets)
+    from_env: dict[tuple[str | int, ...], tuple[str, ...]] = {}
+    data = _interpolate_env(data, (), positions, secrets, from_env)
     secrets |= {v for v in _secret_literals(data) if len(v) >= MIN_SCRUBBED}
     secrets |= {v for k, v in os.environ.items() if SECRET_KEY.search(k) and len(v) >= MIN_ENV_SCRUBBED}
     _check_kinds(data, positions)
@@ -88,7 +92,7 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
     except ValidationError as err:
         raise _explain(err, data, positions) from None
     loaded = LoadedPipeline(spec=spec, path=path.resolve(), text=text, positions=positions,
-                            raw_stages=data["stages"], secret_values=secrets)
+                            raw_stages=data["stages"], secret_values=secrets, from_env=from_env)
     return loaded
 
 
@@ -131,13 +135,17 @@ def _apply_override(data: dict, override: str, positions: Positions) -> None:
     positions.values[tuple(str(p) if not isinstance(p, int) else p for p in parts)] = where
 
 
-def _interpolate_env(value: Any, path: tuple, positions: Positions, secrets: set[str]) -> Any:
+def _interpolate_env(value: Any, path: tuple, positions: Positions, secrets: set[str],
+                     from_env: dict[tuple[str | int, ...], tuple[str, ...]]) -> Any:
     if isinstance(value, dict):
-        return {k: _interpolate_env(v, path + (k,), positions, secrets) for k, v in value.items()}
+        return {k: _interpolate_env(v, path + (k,), positions, secrets, from_env) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate_env(v, path + (i,), positions, secrets) for i, v in enumerate(value)]
+        return [_interpolate_env(v, path + (i,), positions, secrets, from_env) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${env:" not in value:
         return value
+    names = tuple(dict.fromkeys(m.group(1) for m in ENV_PATTERN.finditer(value)))
+    if names:
+        from_env[path] = names
 
     def replace(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)

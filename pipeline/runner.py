@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
 import shutil
 import sys
 import threading
@@ -76,7 +77,8 @@ class Runner:
         self.debug = debug
         self.planner = Planner(loaded, graph)
         self.root = self.planner.root
-        self.run_id = uuid.uuid4().hex[:12]
+        # `arpipe submit` names the run, so it can find the run's ledger (and its MLflow run) afterwards
+        self.run_id = os.environ.get("ARPIPE_RUN_ID") or uuid.uuid4().hex[:12]
         self.tracking = tracking_uri(tracking)
         self._pool: cf.ThreadPoolExecutor | None = None
         self._ray_started = False
@@ -147,9 +149,9 @@ class Runner:
 
     def _connect(self) -> None:
         if not self._ray_started:
-            from arpipe.cluster.connection import connect
+            from arpipe.pipeline.remote import connect_ray
 
-            where = connect(self.address)
+            where = connect_ray(self.address)
             self._ray_started = True
             self.echo(f"  stages run on {where}")
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from arpipe.cluster.jobs import DASHBOARD_PORT
+from arpipe.cluster.client import DASHBOARD_PORT
 
 tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml with tomllib")
 ROOT = Path(__file__).resolve().parent.parent

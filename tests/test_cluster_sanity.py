@@ -14,10 +14,11 @@ import subprocess
 import pytest
 from helpers import write
 
-from arpipe.cluster import jobs
-from arpipe.cluster.sanity import address_host, check_cluster_ready, is_local_address
+from arpipe.cluster import client, commands, submission
 from arpipe.pipeline.config import load_pipeline
 from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.ledger import Ledger
+from arpipe.pipeline.remote import address_host, check_cluster_ready, is_local_address
 
 PIPELINE = """
 name: sanity
@@ -107,21 +108,21 @@ def test_an_override_of_storage_is_what_the_error_points_at(tmp_path):
 def test_the_token_is_read_where_ray_reads_it(tmp_path):
     home = tmp_path / "home"
     (home / ".ray").mkdir(parents=True)
-    assert jobs.read_auth_token({"HOME": str(home)}) is None
+    assert client.read_auth_token({"HOME": str(home)}) is None
     (home / ".ray" / "auth_token").write_text("from-home\n")
     file = tmp_path / "token"
     file.write_text(" from-path \n")
     env = {"HOME": str(home)}
-    assert jobs.read_auth_token(env) == jobs.Token("from-home", str(home / ".ray" / "auth_token"))
+    assert client.read_auth_token(env) == client.Token("from-home", str(home / ".ray" / "auth_token"))
     env["RAY_AUTH_TOKEN_PATH"] = str(file)
-    assert jobs.read_auth_token(env) == jobs.Token("from-path", f"RAY_AUTH_TOKEN_PATH={file}")
+    assert client.read_auth_token(env) == client.Token("from-path", f"RAY_AUTH_TOKEN_PATH={file}")
     env["RAY_AUTH_TOKEN"] = "from-env"
-    assert jobs.read_auth_token(env) == jobs.Token("from-env", "RAY_AUTH_TOKEN")
+    assert client.read_auth_token(env) == client.Token("from-env", "RAY_AUTH_TOKEN")
     with pytest.raises(UserError, match="cannot read the Ray token file"):
-        jobs.read_auth_token({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+        client.read_auth_token({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(UserError, match="the Ray token file is empty"):
-        jobs.read_auth_token({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "empty")})
+        client.read_auth_token({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "empty")})
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -130,7 +131,7 @@ def test_the_token_is_read_where_ray_reads_it(tmp_path):
     ("https://gw.example.org:443/ray", "https://gw.example.org:443/ray"), ("http://[::1]:8265", "http://[::1]:8265"),
     ("[::1]", "http://[::1]:8265")])
 def test_dashboard_addresses(given, expected):
-    assert jobs.dashboard_address(given) == expected
+    assert client.dashboard_address(given) == expected
 
 
 @pytest.mark.parametrize("given, message", [
@@ -138,22 +139,12 @@ def test_dashboard_addresses(given, expected):
     ("http://head:99999", "bad address"), ("http://:8265", "bad address"), ("head:port", "bad address")])
 def test_bad_dashboard_addresses(given, message):
     with pytest.raises(UserError, match=message):
-        jobs.dashboard_address(given)
-
-
-def test_the_mlflow_run_is_read_off_arpipe_runs_output():
-    logs = ("arpipe run 5703c2eabd67: pipeline 'p', 2 stage(s), outputs under /x\n"
-            "  MLflow run 16c00b9abad445e3b84d3bf17f958294 in experiment 'p' (sqlite:////tmp/m.db)\n"
-            "  a  running  never run\n"
-            "  MLflow run aaaabbbbccccddddeeeeffff00001111 in experiment \"it's\" (http://mlflow:5000)\n")
-    assert jobs.parse_mlflow_run(logs) == {"run_id": "aaaabbbbccccddddeeeeffff00001111", "experiment": "it's",
-                                           "tracking_uri": "http://mlflow:5000"}
-    assert jobs.parse_mlflow_run("no such line") is None
+        client.dashboard_address(given)
 
 
 def submit_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="arpipe")
-    jobs.register(parser.add_subparsers(dest="command", required=True))
+    commands.register(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["submit", *argv])
 
 
@@ -171,7 +162,7 @@ def test_what_submit_sends(tmp_path, monkeypatch):
                        "--only", "a", "--force", "a", "--env", "AWS_*", "--env", "EXTRA=1",
                        "--pip", "proj/requirements.txt", "--pip", "tqdm>=4", "--exclude", "*.ckpt",
                        "--tracking-uri", "sqlite:///mlflow.db")
-    prepared = jobs.prepare(args, jobs.dashboard_address(args.address))
+    prepared = submission.prepare(args, client.dashboard_address(args.address))
     runs = tmp_path / "proj" / "runs"
     assert shlex.split(prepared.entrypoint) == ["arpipe", "run", "pipeline.yaml", "-s", "stages.a.config.n=4",
                                                 "-s", f"storage={runs}", "--only", "a", "--force", "a"]
@@ -193,10 +184,52 @@ def test_submit_refuses_what_it_cannot_send(tmp_path, monkeypatch):
                           "--tracking-uri", SERVER)
     (tmp_path / "elsewhere").mkdir()
     with pytest.raises(UserError, match="outside the uploaded project folder"):
-        jobs.prepare(outside, REMOTE)
+        submission.prepare(outside, REMOTE)
     monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
     unset = submit_args(str(pipeline), "--address", REMOTE, "--env", "NOT_SET_ANYWHERE", "--tracking-uri", SERVER)
     with pytest.raises(UserError, match="NOT_SET_ANYWHERE is not set in this shell"):
-        jobs.prepare(unset, REMOTE)
+        submission.prepare(unset, REMOTE)
     remote = submit_args(str(pipeline), "--address", REMOTE, "--tracking-uri", SERVER)
-    assert "-s storage=" not in jobs.prepare(remote, REMOTE).entrypoint
+    assert "-s storage=" not in submission.prepare(remote, REMOTE).entrypoint
+
+
+def test_a_storage_from_the_environment_travels_resolved(tmp_path, monkeypatch):
+    """The loader says which values came from ``${env:...}``; a bucket named that way reaches the job as this
+    machine resolved it (the cluster's environment may not have the variable, or another value)."""
+    monkeypatch.setenv("ARPIPE_STORAGE", "s3://bucket/from-env")
+    pipeline = project(tmp_path / "proj", storage="${env:ARPIPE_STORAGE}")
+    assert load_pipeline(pipeline).from_env == {("storage",): ("ARPIPE_STORAGE",)}
+    prepared = submission.prepare(submit_args(str(pipeline), "--address", REMOTE, "--tracking-uri", SERVER), REMOTE)
+    assert shlex.split(prepared.entrypoint)[-2:] == ["-s", "storage=s3://bucket/from-env"]
+    assert prepared.metadata["arpipe.storage"] == "s3://bucket/from-env"
+
+    # a bucket written out is sent as written, even when a comment on its line mentions ${env:...}
+    literal = project(tmp_path / "literal", storage="s3://bucket/runs  # or ${env:ARPIPE_STORAGE}")
+    assert load_pipeline(literal).from_env == {}
+    sent = submission.prepare(submit_args(str(literal), "--address", REMOTE, "--tracking-uri", SERVER), REMOTE)
+    assert "-s storage=" not in sent.entrypoint
+    # ... and an override that reads the environment counts as the environment's
+    assert load_pipeline(literal, ["storage=${env:ARPIPE_STORAGE}"]).from_env == {("storage",): ("ARPIPE_STORAGE",)}
+
+
+def test_a_jobs_mlflow_run_is_read_from_its_runs_ledger(tmp_path):
+    """Each attempt names its run; `submit --wait` and `jobs status` find the MLflow run in that run's ledger."""
+    runs = tmp_path / "runs"
+    pipeline = project(tmp_path / "proj", storage=str(runs))
+    args = submit_args(str(pipeline), "--address", "http://127.0.0.1:8265", "--tracking-uri", SERVER)
+    prepared = submission.prepare(args, "http://127.0.0.1:8265")
+    first, retry = prepared.attempt(0), prepared.attempt(1)
+    assert (first.submission_id, retry.submission_id) == (prepared.base_id, f"{prepared.base_id}-retry1")
+    assert first.runtime_env["env_vars"]["ARPIPE_RUN_ID"] == first.metadata["arpipe.run_id"] == first.run_id
+    assert retry.run_id != first.run_id and retry.metadata["arpipe.attempt"] == "1"
+    assert "ARPIPE_RUN_ID" not in prepared.runtime_env["env_vars"]
+    assert submission.recorded_run(first.metadata) is None              # the job has not run yet
+
+    parent = "0123456789abcdef0123456789abcdef"
+    Ledger(str(runs), "sanity", first.run_id, parent).stage("a", state="running")    # what `arpipe run` writes
+    run = submission.recorded_run(first.metadata)
+    assert run is not None and run.describe() == f"MLflow run {parent} in experiment 'sanity' ({SERVER})"
+    assert commands._mlflow_suffix(run) == f" (MLflow run {parent})"
+    assert submission.recorded_run(retry.metadata) is None              # the ledger is another run's
+    assert submission.recorded_run({"arpipe.pipeline": "sanity"}) is None   # a job `arpipe submit` did not send
+    assert submission.recorded_run(None) is None

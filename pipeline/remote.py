@@ -1,0 +1,161 @@
+"""Where stages run: joining Ray, and whether that place can see this run's storage and lineage.
+
+``arpipe run --address`` joins an existing Ray cluster (or starts an embedded
+one). Stages run on whichever node Ray picks. A local ``storage:`` folder or a
+SQLite/file MLflow store lives on the submitting machine only, so on a
+multi-node cluster the workers would write outputs nobody else sees and the
+lineage would land in a file on some node. That is found here, in one line,
+instead of after an hour of training. The checks import neither ray nor mlflow.
+
+This is the orchestrator's side of a cluster; ``arpipe.cluster`` (``submit``,
+``jobs``) builds on it and the orchestrator never imports ``arpipe.cluster``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.storage import is_s3
+
+if TYPE_CHECKING:
+    from arpipe.pipeline.config import LoadedPipeline
+
+#: addresses that name "this machine" without looking anything up
+LOCAL_NAMES = {"", "local", "auto", "localhost", "localhost.localdomain"}
+SHARED_FIX = ("use storage: s3://BUCKET/PREFIX (AWS_* settings on the cluster) and an MLflow server "
+              "(MLFLOW_TRACKING_URI=http://MLFLOW:5000, see cluster/README.md), "
+              "or pass --allow-local-storage if every node mounts the same paths")
+
+
+def address_host(address: str) -> str:
+    """The host part of a Ray address: ``http://h:8265``, ``ray://h:10001``, ``h:6379``, ``[::1]:6379`` or ``h``."""
+    text = address.strip()
+    if "://" not in text:
+        text = f"ray://{text}"
+    try:
+        host = urlsplit(text).hostname
+    except ValueError:
+        return address.strip()
+    return host or ""
+
+
+def _this_machine_ips() -> set[str]:
+    try:
+        import psutil
+    except ImportError:
+        return set()
+    return {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family in (socket.AF_INET, socket.AF_INET6)}
+
+
+def is_local_address(address: str | None) -> bool:
+    """True when the Ray head is this machine: none given, ``local``/``auto``, loopback, or one of our own IPs.
+
+    Ray advertises a node by its interface address (e.g. ``10.1.2.3:6379``) even on a
+    laptop, so "local" cannot mean only 127.0.0.1. Host names are not resolved: a name
+    other than localhost is taken as another machine, the safe side.
+    """
+    if address is None:
+        return True
+    host = address_host(address).lower()
+    if host in LOCAL_NAMES:
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or str(ip) in _this_machine_ips()
+
+
+def _tracking_problem(tracking_uri: str) -> str | None:
+    """Why workers on other nodes cannot reach this MLflow tracking URI, or None if they can."""
+    if tracking_uri.split(":")[0].lower() == "databricks":
+        return None
+    scheme = urlsplit(tracking_uri).scheme.lower() if "://" in tracking_uri else ""
+    if scheme in ("sqlite", "file", ""):
+        return f"MLflow tracking {tracking_uri} is a file on this machine"
+    if scheme in ("http", "https", "postgresql", "postgres", "mysql", "mssql") or scheme.startswith(
+            ("postgresql+", "mysql+", "mssql+")):
+        host = (urlsplit(tracking_uri).hostname or "").lower()
+        if host == "localhost" or _is_loopback(host):
+            return f"MLflow tracking {tracking_uri} names this machine's loopback, which on the cluster is the node itself"
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_cluster_ready(loaded: LoadedPipeline, address: str | None, tracking_uri: str,
+                        allow_local_storage: bool, node_ips: Collection[str] | None = None) -> None:
+    """Raise a one-line :class:`UserError` when a remote cluster could not see this run's storage or lineage.
+
+    ``address`` is where stages will run (a GCS, Ray Client or dashboard address;
+    None for an embedded Ray). ``node_ips``, when the caller could ask the cluster,
+    decides instead of the address: a dashboard port-forwarded to 127.0.0.1 (``ray
+    dashboard``, ``kubectl port-forward``) looks local but its nodes are not. A local
+    cluster, or ``allow_local_storage`` (every node mounts the same paths, e.g. NFS),
+    passes whatever the storage.
+    """
+    if allow_local_storage:
+        return
+    if node_ips:
+        ours = _this_machine_ips()
+        remote = sorted(ip for ip in node_ips if ip not in ours and not _is_loopback(ip))
+        if not remote:
+            return
+        cluster = f"the Ray cluster behind {address_host(address or '')} (nodes at {', '.join(remote[:3])})"
+    elif is_local_address(address):
+        return
+    else:
+        cluster = f"the Ray cluster at {address_host(address or '')}"
+    problems = []
+    where = None
+    storage = loaded.spec.storage
+    if not is_s3(storage):
+        problems.append(f"storage {storage} is a folder on this machine")
+        where = loaded.where("storage")
+    tracking = _tracking_problem(tracking_uri)
+    if tracking:
+        problems.append(tracking)
+    if not problems:
+        return
+    raise UserError(f"{' and '.join(problems)}, but stages run on {cluster}, whose nodes cannot reach it",
+                    where=where or str(loaded.path), fix=SHARED_FIX)
+
+
+def env_allows_local_storage() -> bool:
+    """``ARPIPE_ALLOW_LOCAL_STORAGE=1`` does what ``--allow-local-storage`` does.
+
+    ``arpipe submit --allow-local-storage`` sets it in the job's environment, so the
+    ``arpipe run`` the job starts on the cluster agrees with what was allowed here.
+    """
+    return os.environ.get("ARPIPE_ALLOW_LOCAL_STORAGE", "").lower() in ("1", "true", "yes")
+
+
+def connect_ray(address: str | None = None, num_cpus: int | None = None) -> str:
+    """Initialise Ray once per process; returns a description of where stages run.
+
+    ``address`` (or ``RAY_ADDRESS``) joins an existing cluster; otherwise a local
+    Ray starts inside this process, with no dashboard (bound to 127.0.0.1 if asked for).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return f"Ray at {ray.get_runtime_context().gcs_address}"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return f"Ray cluster at {address}"
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
+             log_to_driver=True)
+    return f"local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
