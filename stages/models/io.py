@@ -13,12 +13,12 @@ renamed, so a crash never leaves a half-written model that loads.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from arpipe.pipeline.storage import atomic_local_file, storage_for
 
 from .config import ModelConfig
 from .sequence import ScaleInput
@@ -32,26 +32,6 @@ VOCAB_FILE = "vocab.json"
 SCALE_INPUTS_FILE = "scale_inputs.safetensors"
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    _atomic_write(path, write)
-
-
 def save_model(directory: str | Path, model: Transformer, *, vocab: VocabLayout | None = None,
                scale_inputs: dict[str, ScaleInput] | None = None) -> Path:
     """Write the model folder; tied weights are stored once and re-tied on load.
@@ -60,12 +40,14 @@ def save_model(directory: str | Path, model: Transformer, *, vocab: VocabLayout 
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    files = storage_for(str(out))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("head.weight", None)
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": str(MODEL_FORMAT)}))
+    with atomic_local_file(out / WEIGHTS_FILE) as tmp:
+        save_file(state, tmp, metadata={"format": str(MODEL_FORMAT)})
     if vocab is not None:
-        _write_text(out / VOCAB_FILE, json.dumps(vocab.to_dict(), indent=2, sort_keys=True))
+        files.write_text(str(out / VOCAB_FILE), json.dumps(vocab.to_dict(), indent=2, sort_keys=True))
     if bool(model.config.feature_dim) != bool(scale_inputs):
         raise ValueError(f"a model with feature_dim {model.config.feature_dim} is saved with "
                          f"{len(scale_inputs or {})} scale inputs; pass scale_inputs exactly when feature_dim > 0")
@@ -75,9 +57,10 @@ def save_model(directory: str | Path, model: Transformer, *, vocab: VocabLayout 
             tables[f"{name}.codebook"] = si.codebook_KD.float().contiguous().cpu()
             tables[f"{name}.mix"] = si.mix_NN.float().contiguous().cpu()
         starts = json.dumps({name: si.code_start for name, si in scale_inputs.items()})
-        _atomic_write(out / SCALE_INPUTS_FILE, lambda tmp: save_file(tables, tmp, metadata={"code_start": starts}))
-    _write_text(out / CONFIG_FILE, json.dumps({"format": MODEL_FORMAT, "model_args": model.config.to_dict()},
-                                              indent=2, sort_keys=True))
+        with atomic_local_file(out / SCALE_INPUTS_FILE) as tmp:
+            save_file(tables, tmp, metadata={"code_start": starts})
+    files.write_text(str(out / CONFIG_FILE), json.dumps({"format": MODEL_FORMAT, "model_args": model.config.to_dict()},
+                                                        indent=2, sort_keys=True))
     return out
 
 
