@@ -37,28 +37,17 @@ def read_for_fit(source, limit: int) -> tuple[list, list[dict[str, str]]]:
 
 
 def reconstruction_metrics(tok, modality: str, originals: list, recon: list, tokens: list) -> dict[str, float]:
+    """Codebook usage, and the held-out round trip as the evaluate stage scores it (``round_trip``)."""
     import numpy as np
-    import torch
 
-    from arpipe.stages.modalities import chamfer_distance, codebook_usage, psnr, ssim
+    from arpipe.stages.modalities import codebook_usage
+    from arpipe.stages.modalities.metrics import round_trip
 
     metrics: dict[str, float] = {}
     if tokens:
         usage = codebook_usage(np.concatenate([np.asarray(t).reshape(-1) for t in tokens]), tok.vocab_size)
         metrics.update({f"codebook_{k}": float(v) for k, v in usage.items()})
-    if not originals:
-        return metrics
-    if modality == "pointcloud":
-        metrics["chamfer"] = float(np.mean([chamfer_distance(a, b) for a, b in zip(originals, recon)]))
-        return metrics
-    x = torch.from_numpy(np.stack(originals)).float()
-    y = torch.from_numpy(np.stack(recon)).float().clamp(0, 1)
-    metrics["psnr"] = float(psnr(x, y).clamp(max=100).mean())
-    if modality == "video":  # SSIM per frame: fold time into the batch
-        x = x.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1], *x.shape[3:])
-        y = y.permute(0, 2, 1, 3, 4).reshape(-1, y.shape[1], *y.shape[3:])
-    window = min(11, *x.shape[2:]) | 1
-    metrics["ssim"] = float(ssim(x, y, window=window).mean())
+    metrics.update({name: float(np.mean(values)) for name, values in round_trip(modality, originals, recon).items()})
     return metrics
 
 

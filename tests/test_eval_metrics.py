@@ -354,3 +354,58 @@ def test_feature_network_loads_from_s3(tmp_path, s3_bucket, s3_env):
     assert remote.digest == FeatureExtractor.load(path, kind="image").digest
     with pytest.raises(ValueError, match="not found"):
         FeatureExtractor.load(f"{s3_bucket}/models/missing.pt", kind="image")
+
+
+# ---------------------------------------------------------------------------- one round-trip metric
+
+
+@pytest.mark.parametrize("modality", ["image", "video"])
+def test_tokenizer_report_and_evaluate_stage_give_the_same_round_trip(tmp_path, digits_NCHW, modality):
+    """A user compares the tokenizer stage's fit report with the evaluate stage's ``reconstruction/*``
+    metrics for the same data and tokenizer: PSNR and SSIM are the same numbers (8x8 digits take the
+    small-image window rule; video clips take per-frame SSIM)."""
+    import os
+
+    import skimage
+
+    from arpipe.pipeline.stage import StageContext
+    from arpipe.schemas.sample import EvaluateStage as EvaluateSpec
+    from arpipe.stages.evaluate import EvaluateStage, Scores
+    from arpipe.stages.modalities import PatchVQ, load_tokenizer, open_reader
+    from arpipe.stages.tokenizer import reconstruction_metrics
+
+    if modality == "image":
+        folder = tmp_path / "digits"
+        folder.mkdir()
+        for i, digit in enumerate(digits_NCHW[:24]):
+            Image.fromarray((digit[0] * 255).round().astype(np.uint8)).save(folder / f"{i:03d}.png")
+        source = {"modality": "image", "uri": str(folder), "channels": 1, "resize": "none", "labels": None}
+        make = dict(input_shape=(1, 8, 8), patch=(2, 2), codebook_size=16)
+    else:
+        gif = os.path.join(os.path.dirname(skimage.__file__), "data", "no_time_for_that_tiny.gif")
+        source = {"modality": "video", "uri": gif, "clip_len": 8, "size": 16, "labels": None}
+        make = dict(input_shape=(3, 8, 16, 16), patch=(2, 4, 4), codebook_size=32, modality="video")
+    options = {k: v for k, v in source.items() if k not in ("modality", "uri")}
+    originals = [s.data for s in open_reader(modality, source["uri"], **options)]
+    fitted = PatchVQ(**make, fit_iters=10).fit(originals)
+    fitted.save(str(tmp_path / "tokenizer"))
+
+    # the tokenizer stage's path: its fit report's metrics on (originals, their round trip)
+    tok = load_tokenizer(str(tmp_path / "tokenizer"))
+    tokens = tok.encode_arrays(originals)
+    report = reconstruction_metrics(tok, modality, originals, tok.decode_arrays(tokens), tokens)
+
+    # the evaluate stage's path: reconstruction of the same source through the saved tokenizer
+    spec = EvaluateSpec.model_validate({"kind": "evaluate", "reconstruction": {
+        "tokenizer": str(tmp_path / "tokenizer"), "source": source}})
+    out = tmp_path / "evaluate"
+    ctx = StageContext(name="evaluate", kind="evaluate", fingerprint="0" * 64, out_uri=str(out), work_dir=out,
+                       pipeline_dir=tmp_path)
+    scores = Scores()
+    EvaluateStage(spec, ctx).reconstruction(scores)
+
+    assert set(scores.summary) == {"reconstruction/psnr", "reconstruction/ssim"}
+    assert scores.summary["reconstruction/psnr"] == report["psnr"]
+    assert scores.summary["reconstruction/ssim"] == report["ssim"]
+    assert 10 < report["psnr"] < 100 and 0 < report["ssim"] < 1   # lossy, not broken
+    assert sum(1 for row in scores.rows if row[3] == "ssim") == len(originals)   # one value per sample (clip)

@@ -3,12 +3,15 @@
 
 They take batched tensors (``x_BC<spatial>`` with 2 or 3 spatial axes) and
 return one value per sample, so that a stage can log means and a test can
-look at the worst sample.
+look at the worst sample. :func:`round_trip` is *the* tokenizer round-trip
+score: the tokenizer stage's fit report and the evaluate stage's
+``reconstruction/*`` metrics both come from it, so one name means one number.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -57,6 +60,51 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window: int 
     cov = blur(x * y) - mu_x * mu_y
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return s.reshape(b, -1).mean(1)
+
+
+#: PSNR of a sample reconstructed exactly is infinite; it is reported as this many dB so means stay finite
+PSNR_CAP_DB = 100.0
+#: SSIM's window, and the smallest side it is reported for (fewer pixels make its local statistics noise)
+SSIM_WINDOW, SSIM_MIN_SIDE = 11, 7
+
+
+def round_trip(modality: str, originals: Sequence[np.ndarray], reconstructions: Sequence[np.ndarray]
+               ) -> dict[str, list[float]]:
+    """A tokenizer's round trip scored per sample: ``{"psnr": [...], "ssim": [...]}`` for images
+    (``x_CHW``), video (``x_CTHW``) and volumes (``x_CDHW``), ``{"chamfer": [...]}`` for point clouds.
+
+    The rules, one set for every caller:
+
+    - data range: samples live in [0, 1] (the readers scale them there), so reconstructions are
+      clamped to [0, 1] before scoring, as a viewer would show them; originals are taken as read;
+    - PSNR is over the whole sample (all channels, frames, voxels), capped at ``PSNR_CAP_DB``;
+    - SSIM (Gaussian window, sigma 1.5) is 2-D per frame for video, averaged over the clip's frames:
+      a clip's frames are pictures, and time has no window the way space has; volumes get a 3-D
+      window; images a 2-D one;
+    - the window is ``SSIM_WINDOW`` (11) or, on smaller samples, the largest odd size that fits the
+      smallest spatial side, sigma unchanged; below ``SSIM_MIN_SIDE`` (7) there is no ``ssim`` key;
+    - point clouds: the symmetric Chamfer distance of each pair, in the clouds' unit.
+
+    Means over samples are what a stage reports; per-sample values are what its tables hold.
+    """
+    if len(originals) != len(reconstructions):
+        raise ValueError(f"{len(originals)} originals but {len(reconstructions)} reconstructions")
+    if not originals:
+        return {}
+    if modality == "pointcloud":
+        return {"chamfer": [chamfer_distance(a, b) for a, b in zip(originals, reconstructions)]}
+    x = torch.from_numpy(np.stack([np.asarray(a, dtype=np.float32) for a in originals]))
+    y = torch.from_numpy(np.stack([np.asarray(b, dtype=np.float32) for b in reconstructions])).clamp(0, 1)
+    scores = {"psnr": psnr(x, y).clamp(max=PSNR_CAP_DB).tolist()}
+    frames = 1
+    if modality == "video":   # x_BCTHW -> frames x_(BT)CHW, scored as pictures
+        b, c, frames = x.shape[:3]
+        x, y = (t.transpose(1, 2).reshape(b * frames, c, *t.shape[3:]) for t in (x, y))
+    side = min(x.shape[2:])
+    if side >= SSIM_MIN_SIDE:
+        window = min(SSIM_WINDOW, side - (1 - side % 2))
+        scores["ssim"] = ssim(x, y, window=window).reshape(-1, frames).mean(1).tolist()
+    return scores
 
 
 def chamfer_distance(a_N3: torch.Tensor | np.ndarray, b_M3: torch.Tensor | np.ndarray,
