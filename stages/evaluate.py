@@ -92,7 +92,7 @@ class EvaluateStage(Stage):
     @classmethod
     def source_digest(cls, spec: EvaluateSpec, pipeline_dir: Path) -> str | None:
         """Feature networks and the reconstruction source are read from outside the pipeline."""
-        from arpipe.stages.sources import source_listing_digest
+        from arpipe.pipeline.storage import listing_digest
 
         uris = [u for u in (spec.features.image, spec.features.video) if u]
         # a classifier that is an upstream output is in the fingerprint by its content digest already
@@ -101,21 +101,19 @@ class EvaluateStage(Stage):
             uris.append(spec.reconstruction.source.uri)
         if not uris:
             return None
-        return hashlib.sha256("\n".join(source_listing_digest(u, pipeline_dir) for u in uris).encode()).hexdigest()
+        return hashlib.sha256("\n".join(listing_digest(u, pipeline_dir) for u in uris).encode()).hexdigest()
 
     # ------------------------------------------------------------------ likelihood
 
     def likelihood(self, scores: Scores) -> None:
         import torch
 
-        from arpipe.stages.models import load_model, load_scale_inputs
-        from arpipe.stages.sample import fetch_model, model_info
+        from arpipe.stages.models.folder import open_model
 
         spec = self.spec
-        folder = fetch_model(spec.model)
-        config, vocab, tokenizers = model_info(folder)
-        model = load_model(folder)
-        self._scale_inputs = load_scale_inputs(folder)
+        opened = open_model(spec.model)
+        config, vocab, tokenizers, model = opened.config, opened.vocab, opened.tokenizers, opened.model
+        self._scale_inputs = opened.scale_inputs
         nll_all, count_all = 0.0, 0
         with torch.no_grad():
             for uri in spec.heldout or spec.reference:
@@ -138,7 +136,7 @@ class EvaluateStage(Stage):
         import torch
 
         from arpipe.stages.models import batch_inputs
-        from arpipe.stages.sample import plan_for_modality, vocab_name_of_store
+        from arpipe.stages.models.folder import plan_for_modality, vocab_name_of_store
         from arpipe.stages.store import TokenStore
 
         store = TokenStore.open(uri)
@@ -175,14 +173,14 @@ class EvaluateStage(Stage):
 
         import numpy as np
 
+        from arpipe.pipeline.storage import normalize
         from arpipe.stages.modalities import load_tokenizer, open_reader
         from arpipe.stages.modalities.metrics import round_trip
-        from arpipe.stages.tokenizer import resolve_uri
 
         rec = self.spec.reconstruction
         tok = load_tokenizer(rec.tokenizer)
         source = rec.source
-        reader = open_reader(source.modality, resolve_uri(source.uri, self.ctx.pipeline_dir), **source.reader_options())
+        reader = open_reader(source.modality, normalize(source.uri, self.ctx.pipeline_dir), **source.reader_options())
         samples = list(itertools.islice(iter(reader), rec.max_samples))
         if not samples:
             raise UserError("the reconstruction source has no samples", where=source.uri, fix="check its uri")
@@ -307,9 +305,9 @@ class EvaluateStage(Stage):
                 scores.skipped[f"{modality}/{name}"] = (f"no {field}: export {net} network with torch.jit.save "
                                                         f"and set {field} to its path")
             return
-        from arpipe.stages.tokenizer import resolve_uri
+        from arpipe.pipeline.storage import normalize
 
-        extractor = FeatureExtractor.load(resolve_uri(weights, self.ctx.pipeline_dir), kind=kind, input_size=size)
+        extractor = FeatureExtractor.load(normalize(weights, self.ctx.pipeline_dir), kind=kind, input_size=size)
         fake = extractor.features(np.stack(arrays).astype(np.float32))
         real = extractor.features(np.stack(ref_arrays).astype(np.float32))
         if kind == "video":

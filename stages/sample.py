@@ -2,11 +2,11 @@
 
 Each actor holds one model replica (``actors``, with ``cpus_per_actor`` /
 ``gpus_per_actor``) and decodes whole *sample shards*: ``samples_per_shard``
-consecutive samples of one modality. A shard is the resumable unit: the
-actor writes its token-store shard, then the media files of its samples,
-then a record ``.arpipe/units/<shard>.json`` last; a rerun reuses every shard
-whose record and files are in place, so a crash costs at most the shards in
-flight.
+consecutive samples of one modality, sent as a :class:`ShardJob`. A shard is
+the resumable unit (``stages.store.units``): the actor writes its token-store
+shard, then the media files of its samples, then a record
+``.arpipe/units/<shard>.json`` last; a rerun reuses every shard whose record and
+files are in place, so a crash costs at most the shards in flight.
 
 Sample ``i`` draws from a generator seeded by ``(seed, i)`` (see
 ``stages.models.sampling``), so its tokens do not depend on its shard, batch
@@ -25,109 +25,54 @@ whose tokens do not decode (an octree that never closes) is quarantined in
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 import time
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from arpipe.pipeline.digest import digest_bytes
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.stage import Output, Stage
-from arpipe.pipeline.storage import is_s3, join, storage_for
+from arpipe.pipeline.storage import join, storage_for
 from arpipe.schemas.sample import SampleStage as SampleSpec
 
+if TYPE_CHECKING:
+    from arpipe.stages.models import SamplingOptions
+    from arpipe.stages.store import StoreUnits, UnitRecord
+
 CONTACT_SAMPLES = 64
-MODEL_FILES = ("config.json", "model.safetensors", "vocab.json", "tokenizers.json", "scale_inputs.safetensors")
 
 
-def fetch_model(uri: str) -> Path:
-    """A local folder holding the model folder at ``uri`` (downloaded once per process for S3)."""
-    if not is_s3(uri):
-        path = Path(uri)
-        if not (path / "config.json").exists():
-            raise UserError("no model here (config.json is missing)", where=uri,
-                            fix="point `model` at a train stage's output, e.g. ${train.model}")
-        return path
-    local = Path(tempfile.gettempdir()) / "arpipe-models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    local.mkdir(parents=True, exist_ok=True)
-    storage = storage_for(uri)
-    for name in MODEL_FILES:
-        if not (local / name).exists() and storage.exists(join(uri, name)):
-            tmp = local / f".{name}.{os.getpid()}.tmp"
-            storage.get_file(join(uri, name), tmp)
-            os.replace(tmp, local / name)
-    if not (local / "config.json").exists():
-        raise UserError("no model here (config.json is missing)", where=uri,
-                        fix="point `model` at a train stage's output, e.g. ${train.model}")
-    return local
+@dataclass(frozen=True)
+class PrefixJob:
+    """Samples continue the first ``tokens`` tokens of samples ``ids`` of the token store ``store``."""
+
+    store: str
+    tokens: int
+    ids: tuple[int, ...]
 
 
-def model_info(folder: Path, *, check_weights: bool = True) -> tuple[Any, Any, dict[str, dict[str, Any]]]:
-    """``(ModelConfig, VocabLayout, tokenizers)`` of a model folder, checked: every file parses (the weights'
-    header too, unless ``check_weights`` is off because the caller loads them next)."""
-    from safetensors import safe_open
+@dataclass(frozen=True)
+class ShardJob:
+    """One sample shard for an actor: ``indices`` (seed indices) drawn with ``labels``, one modality."""
 
-    from arpipe.stages.models import load_vocab
-    from arpipe.stages.models.io import WEIGHTS_FILE, load_config
-
-    fix = "point `model` at a folder a train stage wrote (model.safetensors, config.json, vocab.json)"
-    for name, load in (("config.json", load_config), ("vocab.json", load_vocab)):
-        try:
-            loaded = load(folder)
-        except (ValueError, KeyError, TypeError) as err:   # json.JSONDecodeError is a ValueError
-            raise UserError(f"{name} does not hold a model {name[:-5]} ({err})", where=str(folder / name),
-                            fix=fix) from None
-        if name == "config.json":
-            config = loaded
-        else:
-            vocab = loaded
-    if vocab is None:
-        raise UserError("the model has no vocab.json", where=str(folder),
-                        fix="sample models written by a train stage (they carry their vocabulary)")
-    weights = folder / WEIGHTS_FILE
-    if check_weights:
-        try:
-            with safe_open(str(weights), "pt") as f:   # reads the header and checks it against the file size
-                for key in f.keys():
-                    f.get_slice(key)
-        except Exception as err:   # safetensors raises its own SafetensorError, OSError or ValueError
-            raise UserError(f"{WEIGHTS_FILE} is not a complete safetensors file ({err})", where=str(weights),
-                            fix=fix + "; weights are never read from pickles") from None
-    path = folder / "tokenizers.json"
-    try:
-        tokenizers = json.loads(path.read_text()) if path.exists() else {}
-    except ValueError as err:
-        raise UserError(f"tokenizers.json does not parse ({err})", where=str(path), fix=fix) from None
-    return config, vocab, tokenizers
-
-
-def vocab_name_of_store(tokenizers: dict[str, dict[str, Any]], store, uri: str) -> str:
-    """The model's vocabulary name for a token store: the range its tokenizer's codes were trained in."""
-    digest = store.manifest.tokenizer.digest if store.manifest.tokenizer else None
-    names = [n for n, t in tokenizers.items() if t.get("tokenizer_digest") == digest]
-    if not names:
-        raise UserError("this token store was made by a tokenizer the model was not trained on", where=uri,
-                        fix="use a store tokenized like the model's training data")
-    return names[0]
-
-
-def plan_for_modality(config, layout: dict[str, Any], length: int | None, scale_input=None):
-    """The decoding plan of one modality, as the trainer laid its documents out (with the model's
-    ``ScaleInput`` for that modality when it was trained on VAR's accumulated input)."""
-    from arpipe.stages.models import make_plan, plan_from_layout
-
-    if layout.get("scales") or layout.get("grid"):
-        plan = plan_from_layout(config.paradigm, layout, block_size=config.block_size, n_axes=config.rope_axes)
-        return plan.with_scale_input(scale_input)
-    return make_plan(config.paradigm, n_tokens=int(length),
-                     block_size=config.block_size if config.paradigm == "next_block" else 1,
-                     n_axes=config.rope_axes)
-
-
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    units: StoreUnits             # where the shard, the media and the record go
+    stage: str                    # named in the rejects
+    name: str                     # the model's vocabulary name for the modality
+    modality: str
+    shard: str                    # the store shard's name, also the unit's
+    layout: dict[str, Any]        # the tokenizer's token layout (scales, grid), as the trainer planned it
+    length: int | None            # tokens per sample for variable-length layouts
+    indices: tuple[int, ...]
+    labels: tuple[Any, ...]
+    options: SamplingOptions
+    decoder: str
+    window: int                   # speculative Jacobi window (decoder: sjd)
+    seed: int
+    batch_size: int
+    prefix: PrefixJob | None
+    formats: tuple[str, ...]      # media formats to write per sample
+    store_vocab: int
 
 
 class SampleWorker:
@@ -136,15 +81,14 @@ class SampleWorker:
     def __init__(self, model_uri: str, env: dict[str, str], device: str, precision: str):
         import torch
 
-        from arpipe.stages.models import load_model, load_scale_inputs
+        from arpipe.stages.models.folder import open_model
 
         os.environ.update(env)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.folder = fetch_model(model_uri)
-        self.config, self.vocab, self.tokenizers = model_info(self.folder, check_weights=False)  # driver checked
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if device != "cpu" else None
-        self.model = load_model(self.folder, device=device, dtype=dtype)
-        self.scale_inputs = load_scale_inputs(self.folder)
+        opened = open_model(model_uri, device=device, dtype=dtype, check_weights=False)   # the driver checked
+        self.config, self.vocab, self.tokenizers = opened.config, opened.vocab, opened.tokenizers
+        self.model, self.scale_inputs = opened.model, opened.scale_inputs
         self._loaded: dict[str, Any] = {}
 
     def tokenizer(self, name: str):
@@ -154,42 +98,41 @@ class SampleWorker:
             self._loaded[name] = load_tokenizer(self.tokenizers[name]["tokenizer_uri"])
         return self._loaded[name]
 
-    def run_shard(self, job: dict[str, Any]) -> dict[str, Any]:
+    def run_shard(self, job: ShardJob) -> UnitRecord:
         import numpy as np
 
-        from arpipe.stages import media
-        from arpipe.stages.modalities import TokenizerError
-        from arpipe.stages.models import Prompt, SamplingOptions, generate, generate_sjd
-        from arpipe.stages.store import ShardWriter, TokenStore
+        from arpipe.stages.modalities import TokenizerError, media
+        from arpipe.stages.models import Prompt, generate, generate_sjd
+        from arpipe.stages.models.folder import plan_for_modality
+        from arpipe.stages.store import Reject, ShardWriter, TokenStore, UnitRecord
 
         started = time.time()
-        name, modality = job["name"], job["modality"]
+        name, out_uri = job.name, job.units.out_uri
         tok = self.tokenizer(name)
-        plan = plan_for_modality(self.config, job["layout"], job["length"], self.scale_inputs.get(name))
-        options = SamplingOptions(**job["options"])
-        grid = tuple(job["layout"]["grid"]) if "grid" in job["layout"] and "scales" not in job["layout"] else None
-        prefix_store = TokenStore.open(job["prefix"]["store"]) if job["prefix"] else None
-        out_storage = storage_for(job["out_uri"])
-        media_files: dict[str, list] = {}
-        rejects: list[dict[str, Any]] = []
+        plan = plan_for_modality(self.config, job.layout, job.length, self.scale_inputs.get(name))
+        grid = tuple(job.layout["grid"]) if "grid" in job.layout and "scales" not in job.layout else None
+        prefix_store = TokenStore.open(job.prefix.store) if job.prefix else None
+        out_storage = storage_for(out_uri)
+        media_files: dict[str, tuple[int, str]] = {}
+        rejects: list[Reject] = []
         passes = tokens = 0
-        writer = ShardWriter(job["store_uri"], job["shard"], vocab_size=job["store_vocab"])
-        n, B = len(job["indices"]), job["batch_size"]
+        writer = ShardWriter(job.units.store_uri, job.shard, vocab_size=job.store_vocab)
+        n, B = len(job.indices), job.batch_size
         for a in range(0, n, B):
-            indices, labels = job["indices"][a:a + B], job["labels"][a:a + B]
+            indices, labels = job.indices[a:a + B], list(job.labels[a:a + B])
             prefix = None
             if prefix_store is not None:
                 import torch
 
-                M = job["prefix"]["tokens"]
+                M = job.prefix.tokens
                 prefix = torch.stack([torch.from_numpy(prefix_store.tokens(int(s)).reshape(-1)[:M].astype(np.int64))
-                                      for s in job["prefix"]["ids"][a:a + B]])
+                                      for s in job.prefix.ids[a:a + B]])
             prompt = Prompt.from_vocab(self.vocab, name, labels, prefix)
-            if job["decoder"] == "sjd":
-                gen = generate_sjd(self.model, plan, prompt, options, seed=job["seed"], sample_indices=indices,
-                                   window=job["window"])
+            if job.decoder == "sjd":
+                gen = generate_sjd(self.model, plan, prompt, job.options, seed=job.seed, sample_indices=indices,
+                                   window=job.window)
             else:
-                gen = generate(self.model, plan, prompt, options, seed=job["seed"], sample_indices=indices)
+                gen = generate(self.model, plan, prompt, job.options, seed=job.seed, sample_indices=indices)
             passes += gen.forward_passes
             local = self.vocab.to_local(name, gen.tokens.cpu()).numpy()
             for k, i in enumerate(indices):
@@ -200,24 +143,24 @@ class SampleWorker:
                         idx = tok.trim(idx)
                     decoded = tok.decode_arrays([idx])[0]
                 except (TokenizerError, ValueError) as err:
-                    rejects.append({"source": f"{key} (seed {job['seed']}, index {i})",
-                                    "reason": f"tokens do not decode: {err}"})
+                    rejects.append(Reject(source=f"{key} (seed {job.seed}, index {i})",
+                                          reason=f"tokens do not decode: {err}", stage=job.stage, time=time.time()))
                     continue
                 if grid is not None and int(np.prod(grid)) == idx.size:
                     idx = idx.reshape(grid)
-                writer.append(idx, key=key, modality=modality, condition=labels[k],
-                              source_uri=job["prefix"]["store"] if job["prefix"] else None)
+                writer.append(idx, key=key, modality=job.modality, condition=labels[k],
+                              source_uri=job.prefix.store if job.prefix else None)
                 tokens += int(idx.size)
-                for fmt in job["formats"]:
+                for fmt in job.formats:
                     data = media.encode(decoded, fmt)
                     rel = f"media/{name}/{key}{media.EXTENSIONS[fmt]}"
-                    out_storage.write_bytes(join(job["out_uri"], rel), data, durable=False)
-                    media_files[rel] = [len(data), _digest(data)]
+                    out_storage.write_bytes(join(out_uri, rel), data, durable=False)
+                    media_files[rel] = (len(data), digest_bytes(data))
         writer.commit()
-        record = {"shard": job["shard"], "name": name, "samples": writer.samples, "tokens": tokens,
-                  "forward_passes": passes, "media": media_files, "rejects": rejects,
-                  "seconds": time.time() - started}
-        out_storage.write_text(job["record_uri"], json.dumps(record))
+        record = UnitRecord(name=job.shard, fingerprint=job.units.fingerprint, shards=(job.shard,),
+                            samples=writer.samples, tokens=tokens, rejects=tuple(rejects), files=media_files,
+                            seconds=time.time() - started, detail={"forward_passes": passes})
+        job.units.write(record)
         return record
 
 
@@ -247,8 +190,9 @@ class SampleStage(Stage):
             return [known[i % len(known)] for i in range(n)]
         return [None] * n
 
-    def _jobs(self, config, vocab, tokenizers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    def _jobs(self, config, vocab, tokenizers: dict[str, dict[str, Any]], units: StoreUnits) -> list[ShardJob]:
         from arpipe.stages.models import SamplingOptions
+        from arpipe.stages.models.folder import plan_for_modality
 
         spec, ctx = self.spec, self.ctx
         names = spec.modalities or [n for n, _ in vocab.modalities]
@@ -297,16 +241,14 @@ class SampleStage(Stage):
             S = spec.samples_per_shard
             for k, lo in enumerate(range(0, len(labels), S)):
                 shard = f"{name}-{k:04d}"
-                jobs.append({
-                    "name": name, "modality": info["modality"], "shard": shard, "layout": layout, "length": length,
-                    "indices": list(range(offset + lo, offset + min(lo + S, len(labels)))),
-                    "labels": labels[lo:lo + S], "options": options.__dict__, "decoder": spec.decoder,
-                    "window": spec.sjd_window, "seed": spec.seed, "batch_size": spec.batch_size,
-                    "prefix": ({"store": spec.prefix.store, "tokens": spec.prefix.tokens, "ids": ids[lo:lo + S]}
-                               if prefix_info else None),
-                    "formats": list(spec.media_formats(info["modality"])), "store_vocab": store_vocab,
-                    "out_uri": ctx.out_uri, "store_uri": join(ctx.out_uri, "samples"),
-                    "record_uri": join(ctx.out_uri, ".arpipe", "units", f"{shard}.json")})
+                jobs.append(ShardJob(
+                    units=units, stage=ctx.name, name=name, modality=info["modality"], shard=shard, layout=layout,
+                    length=length, indices=tuple(range(offset + lo, offset + min(lo + S, len(labels)))),
+                    labels=tuple(labels[lo:lo + S]), options=options, decoder=spec.decoder, window=spec.sjd_window,
+                    seed=spec.seed, batch_size=spec.batch_size,
+                    prefix=(PrefixJob(store=spec.prefix.store, tokens=spec.prefix.tokens, ids=tuple(ids[lo:lo + S]))
+                            if prefix_info else None),
+                    formats=tuple(spec.media_formats(info["modality"])), store_vocab=store_vocab))
             offset += len(labels)
         if not jobs:
             raise UserError("nothing to sample", where=where, fix="check modalities, classes and prefix")
@@ -315,6 +257,7 @@ class SampleStage(Stage):
     def _prefix(self, config, vocab, tokenizers) -> dict[str, Any]:
         import numpy as np
 
+        from arpipe.stages.models.folder import vocab_name_of_store
         from arpipe.stages.store import TokenStore
 
         store = TokenStore.open(self.spec.prefix.store)
@@ -329,34 +272,20 @@ class SampleStage(Stage):
                             where=f"stages.{self.ctx.name}.length", fix="set `length`")
         return int(TokenStore.open(store_uri).lengths().max())
 
-    def _reusable(self, job: dict[str, Any]) -> dict[str, Any] | None:
-        from arpipe.stages.store import read_shard_info
-
-        storage = storage_for(job["record_uri"])
-        try:
-            record = json.loads(storage.read_text(job["record_uri"]))
-            read_shard_info(job["store_uri"], job["shard"])
-        except (FileNotFoundError, json.JSONDecodeError, UserError):
-            return None
-        for rel, (size, _digest) in record["media"].items():
-            if storage.size(join(self.ctx.out_uri, rel)) != size:
-                return None
-        return record
-
     def run(self) -> dict[str, Output]:
         import ray
-        from ray.util import ActorPool
 
         from arpipe.pipeline.execute import forwarded_env
-        from arpipe.stages.store import TokenizerRef, read_shard_info, write_manifest
+        from arpipe.stages.models.folder import fetch_model, model_info
+        from arpipe.stages.store import StoreUnits, TokenizerRef, fan_out
 
         spec, ctx = self.spec, self.ctx
-        folder = fetch_model(spec.model)
-        config, vocab, tokenizers = model_info(folder)
-        jobs = self._jobs(config, vocab, tokenizers)
-        records = {j["shard"]: r for j in jobs if (r := self._reusable(j)) is not None}
-        todo = [j for j in jobs if j["shard"] not in records]
-        total = sum(len(j["indices"]) for j in jobs)
+        config, vocab, tokenizers = model_info(fetch_model(spec.model))
+        units = StoreUnits(out_uri=ctx.out_uri, store="samples", fingerprint=ctx.fingerprint)
+        jobs = self._jobs(config, vocab, tokenizers, units)
+        records = {j.shard: r for j in jobs if (r := units.reusable(j.shard)) is not None}
+        todo = [j for j in jobs if j.shard not in records]
+        total = sum(len(j.indices) for j in jobs)
         print(f"[{ctx.name}] {total} samples in {len(jobs)} shards ({len(records)} reused) from a {config.paradigm} "
               f"model, decoder {spec.decoder}, {spec.actors} actor(s)", flush=True)
         started = time.time()
@@ -367,32 +296,26 @@ class SampleStage(Stage):
             env = {**forwarded_env(), "OMP_NUM_THREADS": str(max(1, int(spec.cpus_per_actor)))}
             actors = [actor_cls.remote(spec.model, env, device, spec.precision)
                       for _ in range(min(spec.actors, len(todo)))]
-            pool = ActorPool(actors)
-            try:
-                for record in pool.map_unordered(lambda a, j: a.run_shard.remote(j), todo):
-                    records[record["shard"]] = record
+            try:   # one shard per actor at a time: an actor is a slot
+                for _job, record in fan_out(todo, lambda job, slot: actors[slot].run_shard.remote(job), len(actors)):
+                    records[record.name] = record
                     if spec.progress:
-                        done = sum(r["samples"] + len(r["rejects"]) for r in records.values())
-                        print(f"[{ctx.name}] shard {record['shard']}: {record['samples']} samples in "
-                              f"{record['seconds']:.1f}s ({done}/{total})", flush=True)
+                        done = sum(r.samples + len(r.rejects) for r in records.values())
+                        print(f"[{ctx.name}] shard {record.name}: {record.samples} samples in "
+                              f"{record.seconds:.1f}s ({done}/{total})", flush=True)
             finally:
                 for actor in actors:
                     ray.kill(actor)
         seconds = time.time() - started
-        ordered = [records[j["shard"]] for j in jobs]
-        store_uri = join(ctx.out_uri, "samples")
-        infos = [read_shard_info(store_uri, j["shard"]) for j in jobs]
-        names = list(dict.fromkeys(j["name"] for j in jobs))
+        ordered = [records[j.shard] for j in jobs]
+        names = list(dict.fromkeys(j.name for j in jobs))
         single = tokenizers[names[0]] if len(names) == 1 else None
-        rejects = [dict(r, stage=ctx.name, time=time.time()) for rec in ordered for r in rec["rejects"]]
-        from arpipe.stages.tokenize import write_rejects
-
-        write_rejects(join(ctx.out_uri, "rejects.arrow"), rejects)
-        if not sum(r["samples"] for r in ordered):
-            raise UserError(f"all {total} samples were rejected ({rejects[0]['reason']})",
+        rejects = units.quarantine(ordered)
+        if not sum(r.samples for r in ordered):
+            raise UserError(f"all {total} samples were rejected ({rejects[0].reason})",
                             where=join(ctx.out_uri, "rejects.arrow"), fix="see rejects.arrow for the reasons; for octree (variable-length) models raise `length`")
-        manifest = write_manifest(
-            store_uri, infos, vocab=jobs[0]["store_vocab"],
+        manifest = units.commit_store(
+            ordered, vocab=jobs[0].store_vocab,
             tokenizer=(TokenizerRef(id=f"sampled:{single['tokenizer_digest'][:12]}", digest=single["tokenizer_digest"])
                        if single and single.get("tokenizer_digest") else None),
             metadata={"modality": single["modality"] if single else "mixed",
@@ -400,22 +323,17 @@ class SampleStage(Stage):
                       "tokenizer_layout": single["layout"] if single else None,
                       "tokenizers": {n: tokenizers[n] for n in names}, "model": spec.model,
                       "sampling": {k: v for k, v in spec.model_dump(mode="json").items()
-                                   if k not in SampleSpec.runtime_fields}, "rejects": len(rejects)})
-        for info in infos:
-            algo = info.checksum_algorithm
-            ctx.known_files[f"samples/shard-{info.name}.bin"] = (info.bytes, f"{algo}:{info.checksum}")
-            ctx.known_files[f"samples/shard-{info.name}.idx.arrow"] = (info.index_bytes,
-                                                                       f"{algo}:{info.index_checksum}")
-        for rec in ordered:
-            ctx.known_files.update({rel: tuple(v) for rel, v in rec["media"].items()})
+                                   if k not in SampleSpec.runtime_fields}, "rejects": len(rejects)},
+            known_files=ctx.known_files)
+        store_uri = units.store_uri
         self._contact_sheets(store_uri, names, tokenizers)
-        new = [records[j["shard"]] for j in todo]
-        samples = sum(r["samples"] for r in ordered)
+        new = [records[j.shard] for j in todo]
+        samples = sum(r.samples for r in ordered)
         ctx.log_metrics({"samples": samples, "rejects": len(rejects), "shards": len(jobs),
                          "shards_reused": len(jobs) - len(todo),
-                         "forward_passes": sum(r["forward_passes"] for r in ordered),
-                         "samples_per_s": sum(r["samples"] for r in new) / max(seconds, 1e-9),
-                         "tokens_per_s": sum(r["tokens"] for r in new) / max(seconds, 1e-9)})
+                         "forward_passes": sum(r.detail["forward_passes"] for r in ordered),
+                         "samples_per_s": sum(r.samples for r in new) / max(seconds, 1e-9),
+                         "tokens_per_s": sum(r.tokens for r in new) / max(seconds, 1e-9)})
         print(f"[{ctx.name}] {samples} samples in {store_uri}, {len(rejects)} rejected; media in "
               f"{join(ctx.out_uri, 'media')}", flush=True)
         for name in names:
@@ -428,7 +346,7 @@ class SampleStage(Stage):
         import io
 
         from arpipe.stages.modalities import load_tokenizer
-        from arpipe.stages.previews import contact_sheet
+        from arpipe.stages.modalities.previews import contact_sheet
         from arpipe.stages.store import TokenStore
 
         store = TokenStore.open(store_uri)

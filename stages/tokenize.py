@@ -1,11 +1,12 @@
 """Stage kind ``tokenize``: apply a tokenizer to a source on Ray, into a token store.
 
 The source's reader lists partition units (files, tar shards, volume crop
-regions, clip windows); each unit is one Ray task that reads, encodes and
-commits its shard(s), then a small ``units/<n>.json`` record. A rerun
-reuses every unit whose record and shards are in place, so a crash costs at
-most the units in flight. At most ``workers`` tasks (one CPU each) are in flight
-(backpressure: memory stays bounded however large the source).
+regions, clip windows); each unit is one Ray task (an :class:`EncodeJob`) that
+reads, encodes and commits its shard(s), then its record
+``.arpipe/units/u<n>.json`` (``stages.store.units``). A rerun reuses every unit
+whose record and shards are in place, so a crash costs at most the units in
+flight. At most ``workers`` tasks (one CPU each) are in flight (backpressure:
+memory stays bounded however large the source).
 
 A sample that fails to read or encode is quarantined in ``rejects.arrow``
 (source, reason, stage, time); the stage fails only when rejects exceed
@@ -14,18 +15,21 @@ A sample that fails to read or encode is quarantined in ``rejects.arrow``
 
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.execute import forwarded_env, with_env
 from arpipe.pipeline.stage import Output, Stage
-from arpipe.pipeline.storage import join, storage_for
+from arpipe.pipeline.storage import join, listing_digest, normalize
+from arpipe.schemas.tokenize import Source
 from arpipe.schemas.tokenize import TokenizeStage as TokenizeSpec
-from arpipe.stages.sources import source_listing_digest
-from arpipe.stages.tokenizer import resolve_uri
+
+if TYPE_CHECKING:
+    from arpipe.stages.modalities import Unit
+    from arpipe.stages.store import StoreUnits, UnitRecord
 
 ENCODE_BATCH = 64
 _TOKENIZERS: dict[str, Any] = {}
@@ -44,42 +48,59 @@ def _tokenizer(uri: str, digest: str):
     return _TOKENIZERS[key]
 
 
-def unit_record_uri(store_uri: str, index: int) -> str:
-    return join(store_uri, "units", f"u{index:06d}.json")
+def unit_name(index: int) -> str:
+    """A reader unit's name: its record is ``.arpipe/units/<name>.json``, its shards ``<name>-000``, ..."""
+    return f"u{index:06d}"
 
 
-def encode_unit(store_uri: str, index: int, unit_json: dict, source_json: dict, tokenizer_uri: str,
-                tokenizer_digest: str, samples_per_shard: int, stage: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EncodeJob:
+    """One reader unit to encode on a Ray worker, with everything the worker needs to do it alone."""
+
+    units: StoreUnits           # where the shards and the record go
+    index: int                  # the unit's position in the reader's listing (= store order)
+    unit: Unit
+    source: Source              # the resolved source (its format inferred once by the driver)
+    tokenizer_uri: str
+    tokenizer_digest: str       # read once by the driver: a worker loads the artifact only on a miss
+    samples_per_shard: int
+    stage: str                  # named in the rejects
+
+    @property
+    def name(self) -> str:
+        return unit_name(self.index)
+
+
+def encode_unit(job: EncodeJob) -> UnitRecord:
     """Read, encode and commit one unit; returns (and writes last) its record."""
     import numpy as np
 
-    from arpipe.stages.modalities import TokenizerError, Unit, open_reader
-    from arpipe.stages.store import ShardWriter
+    from arpipe.stages.modalities import TokenizerError, open_reader
+    from arpipe.stages.store import Reject, ShardWriter, UnitRecord
 
-    spec_source = _source_model(source_json)
-    reader = open_reader(spec_source.modality, spec_source.uri, **spec_source.reader_options())
-    tok = _tokenizer(tokenizer_uri, tokenizer_digest)
-    unit = Unit.from_json(unit_json)
+    source, unit, store_uri = job.source, job.unit, job.units.store_uri
+    reader = open_reader(source.modality, source.uri, **source.reader_options())
+    tok = _tokenizer(job.tokenizer_uri, job.tokenizer_digest)
     layout = tok.layout()
     # single-grid tokenizers (patch_vq, vqvae) store tokens in their grid shape; scales/octree stay flat
     grid = tuple(layout["grid"]) if "grid" in layout and "scales" not in layout else None
     shards: list[str] = []
-    rejects: list[dict[str, Any]] = []
+    rejects: list[Reject] = []
     state = {"writer": None, "count": 0}
     samples = tokens = 0
     started = time.time()
 
     def writer() -> ShardWriter:
-        if state["writer"] is None or state["count"] >= samples_per_shard:
+        if state["writer"] is None or state["count"] >= job.samples_per_shard:
             if state["writer"] is not None:
                 state["writer"].commit()
-            name = f"u{index:06d}-{len(shards):03d}"
+            name = f"{job.name}-{len(shards):03d}"
             shards.append(name)
             state["writer"], state["count"] = ShardWriter(store_uri, name, vocab_size=tok.vocab_size), 0
         return state["writer"]
 
     def reject(source_uri: str, reason: str) -> None:
-        rejects.append({"source": source_uri, "reason": reason, "stage": stage, "time": time.time()})
+        rejects.append(Reject(source=source_uri, reason=reason, stage=job.stage, time=time.time()))
 
     def flush(batch: list) -> None:
         nonlocal samples, tokens
@@ -114,10 +135,10 @@ def encode_unit(store_uri: str, index: int, unit_json: dict, source_json: dict, 
     flush(batch)
     if state["writer"] is not None:
         state["writer"].commit()
-    record = {"index": index, "unit": unit_json, "shards": shards, "samples": samples, "tokens": tokens,
-              "rejects": rejects, "seconds": time.time() - started}
-    uri = unit_record_uri(store_uri, index)
-    storage_for(uri).write_text(uri, json.dumps(record))
+    record = UnitRecord(name=job.name, fingerprint=job.units.fingerprint, shards=tuple(shards), samples=samples,
+                        tokens=tokens, rejects=tuple(rejects), seconds=time.time() - started,
+                        detail={"unit": unit.to_json()})
+    job.units.write(record)
     return record
 
 
@@ -148,14 +169,6 @@ def read_quarantining(reader, unit, reject):
                                     "not read", )
 
 
-def _source_model(source_json: dict):
-    from pydantic import TypeAdapter
-
-    from arpipe.schemas.tokenize import Source
-
-    return TypeAdapter(Source).validate_python(source_json)
-
-
 class TokenizeStage(Stage):
     kind = "tokenize"
     version = "1"
@@ -164,84 +177,58 @@ class TokenizeStage(Stage):
 
     @classmethod
     def source_digest(cls, spec: TokenizeSpec, pipeline_dir: Path) -> str | None:
-        return source_listing_digest(spec.source.uri, pipeline_dir)
-
-    def _reusable(self, store_uri: str, index: int) -> dict | None:
-        """A unit's record, if it and every shard it names are committed."""
-        from arpipe.stages.store import read_shard_info
-
-        uri = unit_record_uri(store_uri, index)
-        try:
-            record = json.loads(storage_for(uri).read_text(uri))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        try:
-            for name in record["shards"]:
-                read_shard_info(store_uri, name)
-        except UserError:
-            return None
-        return record
+        return listing_digest(spec.source.uri, pipeline_dir)
 
     def run(self) -> dict[str, Output]:
         import ray
 
         from arpipe.stages.modalities import open_reader, read_artifact
-        from arpipe.stages.store import TokenizerRef, read_shard_info, write_manifest
+        from arpipe.stages.store import StoreUnits, TokenizerRef, fan_out
 
         spec, ctx = self.spec, self.ctx
-        source = spec.source.model_copy(update={"uri": resolve_uri(spec.source.uri, ctx.pipeline_dir)})
+        source = spec.source.model_copy(update={"uri": normalize(spec.source.uri, ctx.pipeline_dir)})
         tok_doc = read_artifact(spec.tokenizer)[0]
-        store_uri = join(ctx.out_uri, "store")
+        units = StoreUnits(out_uri=ctx.out_uri, store="store", fingerprint=ctx.fingerprint)
         reader = open_reader(source.modality, source.uri, **source.reader_options())
-        units = reader.units()
-        if not units:
+        listing = reader.units()
+        if not listing:
             raise UserError("the source has no data", where=source.uri, fix="check source.uri and its format")
-        records: dict[int, dict] = {}
-        for i in range(len(units)):
-            record = self._reusable(store_uri, i)
-            if record is not None:
-                records[i] = record
+        if "format" in type(source).model_fields and getattr(reader, "format", None):
+            # inferred once here, not by listing the source per unit
+            source = source.model_copy(update={"format": reader.format})
+        jobs = [EncodeJob(units=units, index=i, unit=unit, source=source, tokenizer_uri=spec.tokenizer,
+                          tokenizer_digest=tok_doc["digest"], samples_per_shard=spec.shards.samples_per_shard,
+                          stage=ctx.name) for i, unit in enumerate(listing)]
+        records = {job.name: r for job in jobs if (r := units.reusable(job.name)) is not None}
         reused = len(records)
-        todo = [i for i in range(len(units)) if i not in records]
-        print(f"[{ctx.name}] {len(units)} units from {source.uri}: {reused} reused, {len(todo)} to encode "
+        todo = [job for job in jobs if job.name not in records]
+        print(f"[{ctx.name}] {len(jobs)} units from {source.uri}: {reused} reused, {len(todo)} to encode "
               f"with {spec.workers} worker(s)", flush=True)
         task = ray.remote(with_env).options(num_cpus=1, max_retries=2, name=f"arpipe:{ctx.name}:unit")
         env = forwarded_env()
-        source_json = source.model_dump(mode="json")
-        if "format" in source_json and getattr(reader, "format", None):
-            source_json["format"] = reader.format   # inferred once here, not by listing the source per unit
-        in_flight: dict[Any, int] = {}
         started = time.time()
         last_print = 0.0
-        encoded_samples = 0
-        pending = list(todo)
-        while pending or in_flight:
-            while pending and len(in_flight) < spec.workers:   # one CPU each: `workers` run at once
-                i = pending.pop(0)
-                ref = task.remote(env, encode_unit, store_uri, i, units[i].to_json(), source_json, spec.tokenizer,
-                                  tok_doc["digest"], spec.shards.samples_per_shard, ctx.name)
-                in_flight[ref] = i
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            for ref in done:
-                i = in_flight.pop(ref)
-                records[i] = ray.get(ref)
-                encoded_samples += records[i]["samples"]
+        encoded_samples = encoded_tokens = 0
+        # one CPU each: `workers` run at once
+        for job, record in fan_out(todo, lambda job, _slot: task.remote(env, encode_unit, job), spec.workers):
+            records[job.name] = record
+            encoded_samples += record.samples
+            encoded_tokens += record.tokens
             now = time.time()
-            if spec.progress and (now - last_print > 2 or not (pending or in_flight)):
+            if spec.progress and (now - last_print > 2 or len(records) == len(jobs)):
                 last_print = now
                 rate = encoded_samples / max(now - started, 1e-9)
-                print(f"[{ctx.name}] {len(records)}/{len(units)} units, {encoded_samples} samples encoded, "
+                print(f"[{ctx.name}] {len(records)}/{len(jobs)} units, {encoded_samples} samples encoded, "
                       f"{rate:.0f} samples/s", flush=True)
         seconds = time.time() - started
-        ordered = [records[i] for i in range(len(units))]
-        samples = sum(r["samples"] for r in ordered)
-        tokens = sum(r["tokens"] for r in ordered)
-        rejects = [rej for r in ordered for rej in r["rejects"]]
-        write_rejects(join(ctx.out_uri, "rejects.arrow"), rejects)
-        ctx.log_metrics({"samples": samples, "tokens": tokens, "rejects": len(rejects), "units": len(units),
+        ordered = [records[job.name] for job in jobs]
+        samples = sum(r.samples for r in ordered)
+        tokens = sum(r.tokens for r in ordered)
+        rejects = units.quarantine(ordered)
+        ctx.log_metrics({"samples": samples, "tokens": tokens, "rejects": len(rejects), "units": len(jobs),
                          "units_reused": reused,
                          "samples_per_s": encoded_samples / max(seconds, 1e-9),
-                         "tokens_per_s": sum(records[i]["tokens"] for i in todo) / max(seconds, 1e-9)})
+                         "tokens_per_s": encoded_tokens / max(seconds, 1e-9)})
         total = samples + len(rejects)
         if total and len(rejects) / total > spec.max_reject_fraction:
             raise UserError(f"{len(rejects)} of {total} samples rejected ({len(rejects) / total:.2%}), more than "
@@ -250,36 +237,16 @@ class TokenizeStage(Stage):
                             fix="fix or remove the bad files, or raise max_reject_fraction")
         if samples == 0:
             raise UserError("no sample could be tokenized", where=source.uri, fix="see rejects.arrow for reasons")
-        infos = [read_shard_info(store_uri, name) for r in ordered for name in r["shards"]]
-        manifest = write_manifest(
-            store_uri, infos, vocab=tok_doc["vocab_size"],
+        manifest = units.commit_store(
+            ordered, vocab=tok_doc["vocab_size"],
             tokenizer=TokenizerRef(id=f"{tok_doc['type']}:{tok_doc['digest'][:12]}", digest=tok_doc["digest"]),
             metadata={"modality": source.modality, "source_uri": source.uri,
-                      "source_digest": source_listing_digest(source.uri, ctx.pipeline_dir),
+                      "source_digest": listing_digest(source.uri, ctx.pipeline_dir),
                       "tokenizer_uri": spec.tokenizer, "tokenizer_layout": tok_doc.get("layout"),
                       "tokens_per_sample": tok_doc.get("tokens_per_sample"),
-                      "rejects": len(rejects), "units": len(units)})
-        for info in infos:   # the commit need not download and rehash what the writers checksummed
-            algo = info.checksum_algorithm
-            ctx.known_files[f"store/shard-{info.name}.bin"] = (info.bytes, f"{algo}:{info.checksum}")
-            ctx.known_files[f"store/shard-{info.name}.idx.arrow"] = (info.index_bytes, f"{algo}:{info.index_checksum}")
-        print(f"[{ctx.name}] store {store_uri}: {samples} samples, {tokens} tokens, {len(rejects)} rejected, "
-              f"{reused} of {len(units)} units reused", flush=True)
+                      "rejects": len(rejects), "units": len(jobs)},
+            known_files=ctx.known_files)
+        print(f"[{ctx.name}] store {units.store_uri}: {samples} samples, {tokens} tokens, {len(rejects)} rejected, "
+              f"{reused} of {len(jobs)} units reused", flush=True)
         return {"store": Output(path="store", digest=manifest.digest)}
 
-
-def write_rejects(uri: str, rejects: list[dict[str, Any]]) -> None:
-    """Quarantined samples as an Arrow IPC file: source, reason, stage, time (an empty file when none)."""
-    import pyarrow as pa
-    import pyarrow.ipc as ipc
-
-    table = pa.table({
-        "source": pa.array([r["source"] for r in rejects], pa.string()),
-        "reason": pa.array([r["reason"] for r in rejects], pa.string()),
-        "stage": pa.array([r["stage"] for r in rejects], pa.string()),
-        "time": pa.array([r["time"] for r in rejects], pa.float64()),
-    })
-    sink = pa.BufferOutputStream()
-    with ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    storage_for(uri).write_bytes(uri, sink.getvalue().to_pybytes())

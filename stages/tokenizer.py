@@ -15,8 +15,8 @@ from typing import Any
 
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.stage import Output, Stage
+from arpipe.pipeline.storage import listing_digest, normalize
 from arpipe.schemas.tokenize import TokenizerStage as TokenizerSpec
-from arpipe.stages.sources import source_listing_digest
 
 
 def read_for_fit(source, limit: int) -> tuple[list, list[dict[str, str]]]:
@@ -58,7 +58,7 @@ class TokenizerStage(Stage):
 
     @classmethod
     def source_digest(cls, spec: TokenizerSpec, pipeline_dir: Path) -> str | None:
-        return source_listing_digest(spec.source.uri, pipeline_dir)
+        return listing_digest(spec.source.uri, pipeline_dir)
 
     @classmethod
     def ray_options(cls, spec: TokenizerSpec) -> dict[str, Any]:
@@ -70,10 +70,10 @@ class TokenizerStage(Stage):
         import numpy as np
 
         from arpipe.stages.modalities import make_tokenizer
-        from arpipe.stages.previews import before_after
+        from arpipe.stages.modalities.previews import before_after
 
         spec, ctx = self.spec, self.ctx
-        source = spec.source.model_copy(update={"uri": resolve_uri(spec.source.uri, ctx.pipeline_dir)})
+        source = spec.source.model_copy(update={"uri": normalize(spec.source.uri, ctx.pipeline_dir)})
         started = time.time()
         samples, rejects = read_for_fit(source, spec.fit.max_samples + spec.fit.heldout)
         if len(samples) <= spec.fit.heldout:
@@ -129,10 +129,3 @@ def _init_params(type_: str) -> set[str]:
     from arpipe.stages.modalities import tokenizer_class
 
     return set(inspect.signature(tokenizer_class(type_).__init__).parameters)
-
-
-def resolve_uri(uri: str, base: Path) -> str:
-    """Relative local source paths are relative to the pipeline file's folder."""
-    from arpipe.pipeline.storage import normalize
-
-    return normalize(uri, base)

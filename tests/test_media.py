@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from realdata import gif_path, mni_volume
 
-from arpipe.stages import media
+from arpipe.stages.modalities import media
 
 
 def test_png_and_gif_hold_the_pixels():

@@ -127,12 +127,12 @@ def test_kill_9_mid_tokenize_then_resume_gives_the_same_store(tmp_path, ray_clus
     arpipe("run", "pipeline.yaml", "--until", "tok", cwd=folder, env=env, check=True)
     proc = spawn("run", "pipeline.yaml", cwd=folder, env=env)
     deadline = time.time() + 120
-    while len(list(folder.glob("runs/tokenize/*/store/units/*.json"))) < 10:
+    while len(list(folder.glob("runs/tokenize/*/.arpipe/units/*.json"))) < 10:
         assert proc.poll() is None and time.time() < deadline, "tokenize finished before it could be killed"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list(folder.glob("runs/tokenize/*/store/units/*.json")))
+    done_before = len(list(folder.glob("runs/tokenize/*/.arpipe/units/*.json")))
     assert not list(folder.glob("runs/tokenize/*/outputs.json"))
 
     rerun = arpipe("run", "pipeline.yaml", cwd=folder, env=env, check=True)

@@ -65,13 +65,15 @@ def area_of(path: str, error_class: str) -> str:
         return "python"
     if path.startswith("stages/modalities/"):
         return "read" if error_class == "SampleError" else "tokenizer"
-    if path in ("stages/tokenizer.py", "stages/tokenize.py", "stages/sources.py"):
+    if path in ("stages/tokenizer.py", "stages/tokenize.py"):
         return "tokenize"
     if path.startswith("stages/store/"):
         return "store"
+    if path == "stages/models/folder.py":   # opening a trained model folder: the sample/evaluate side
+        return "sample"
     if path.startswith(("stages/train", "stages/models/", "stages/vqvae_train")):
         return "train"
-    if path.startswith(("stages/sample", "stages/evaluat", "stages/media", "stages/previews")):
+    if path.startswith(("stages/sample", "stages/evaluat")):
         return "sample"
     if path.startswith("cluster/"):
         return "cluster"

@@ -1,6 +1,6 @@
 """Decoded samples as files people open: PNG, GIF, MP4, TIFF, MRC and PLY, as bytes.
 
-Inputs are the tokenizers' float layouts (``stages.previews`` explains them):
+Inputs are the tokenizers' float layouts (:mod:`.previews` explains them):
 images ``x_CHW`` and video ``x_CTHW`` in [0, 1], volumes ``x_CDHW``, point
 clouds ``xyz_N3``. Every encoder returns the whole file as bytes, so a stage
 can write it to local or S3 storage in one put.
@@ -14,7 +14,7 @@ import tempfile
 
 import numpy as np
 
-from arpipe.stages.previews import _to_uint8_HWC
+from .previews import _to_uint8_HWC
 
 EXTENSIONS = {"png": ".png", "gif": ".gif", "mp4": ".mp4", "tiff": ".tif", "mrc": ".mrc", "ply": ".ply"}
 

@@ -17,7 +17,8 @@ Sampling::
     out = generate(model, plan, prompt, SamplingOptions(cfg_scale=1.5), seed=0, sample_indices=range(8))
     codes_BN = vocab.to_local("image", out.tokens)      # out.forward_passes == plan.n_groups
 
-Save / load: ``save_model(dir, model, vocab=vocab)``, ``load_model(dir)``, ``load_vocab(dir)``.
+Save / load: ``save_model(dir, model, vocab=vocab)``, ``load_model(dir)``, ``load_vocab(dir)``; a train stage's
+whole folder (config, vocab, tokenizers, scale inputs, weights, local or s3://): ``open_model(uri)``.
 """
 
 # Lazy: `stages.models.config` (plain data, no torch) must import without torch for `arpipe validate`.
@@ -29,6 +30,10 @@ _EXPORTS: dict[str, str] = {
     "Paradigm": "config",
     "count_parameters": "config",
     "preset": "config",
+    "ModelFolder": "folder",
+    "fetch_model": "folder",
+    "open_model": "folder",
+    "plan_for_modality": "folder",
     "segment_names": "diagnostics",
     "segment_scores": "diagnostics",
     "load_config": "io",
@@ -82,9 +87,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "BOS", "EOS", "IGNORE_INDEX", "NULL", "PAD", "PARADIGMS", "PRESETS", "PRESET_SIZES", "Generation", "KVCache",
-    "ModelConfig", "ModelInputs", "Paradigm", "Plan", "Prompt", "SamplingOptions", "ScaleInput", "Transformer", "VocabLayout",
+    "ModelConfig", "ModelFolder", "ModelInputs", "Paradigm", "Plan", "Prompt", "SamplingOptions", "ScaleInput", "Transformer", "VocabLayout",
     "apply_rope", "attention_mask", "batch_inputs", "cached_attention_mask", "count_parameters", "draw",
-    "drop_conditions", "generate", "generate_sjd", "load_config", "load_model", "load_scale_inputs", "load_vocab", "make_plan",
-    "pack_documents", "plan_for", "plan_from_layout", "preset", "process_logits", "rope_angles", "rope_sections",
+    "drop_conditions", "fetch_model", "generate", "generate_sjd", "load_config", "load_model", "load_scale_inputs", "load_vocab", "make_plan",
+    "open_model", "pack_documents", "plan_for", "plan_for_modality", "plan_from_layout", "preset", "process_logits", "rope_angles", "rope_sections",
     "sample_generator", "save_model", "segment_names", "segment_scores",
 ]

@@ -1,9 +1,10 @@
 """The token store: sharded, checksummed token files with a manifest, readers, samplers and packing.
 
 Write with :class:`ShardWriter` (one per input partition, in parallel) plus
-:func:`write_manifest`, or :class:`StoreWriter` in one process; read with
-:meth:`TokenStore.open`; order with :class:`DistributedSampler`; batch for
-training with :class:`TokenBatches` (imports torch). The layout is DESIGN.md's "Token store".
+:func:`write_manifest` (a stage does both in resumable units: :class:`StoreUnits`),
+or :class:`StoreWriter` in one process; read with :meth:`TokenStore.open`; order
+with :class:`DistributedSampler`; batch for training with :class:`TokenBatches`
+(imports torch). The layout is DESIGN.md's "Token store".
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from .format import FORMAT_VERSION, StoreError, dtype_for_vocab
 from .mixture import StoreMixture
 from .order import MixtureOrder, ShuffledOrder
 from .packing import PackedBatch, SequencePacker, plan_sequences
+from .quarantine import Reject, write_rejects
 from .reader import Batch, Sample, TokenStore, read_manifest
 from .sampler import DistributedSampler, EpochPass, EpochPlan
+from .units import StoreUnits, UnitRecord, fan_out
 from .writer import ShardWriter, StoreWriter, read_shard_info, write_manifest
 
 if TYPE_CHECKING:
@@ -35,7 +38,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "FORMAT_VERSION", "Batch", "DistributedSampler", "EpochPass", "EpochPlan", "MixtureOrder", "PackedBatch",
-    "Sample", "SequencePacker", "ShardInfo", "ShardWriter", "ShuffledOrder", "StoreError", "StoreManifest",
-    "StoreMixture", "StoreWriter", "TokenBatches", "TokenStore", "TokenizerRef", "VocabLayout", "VocabRange",
-    "dtype_for_vocab", "plan_sequences", "read_manifest", "read_shard_info", "write_manifest",
+    "Reject", "Sample", "SequencePacker", "ShardInfo", "ShardWriter", "ShuffledOrder", "StoreError", "StoreManifest",
+    "StoreMixture", "StoreUnits", "StoreWriter", "TokenBatches", "TokenStore", "TokenizerRef", "UnitRecord",
+    "VocabLayout", "VocabRange", "dtype_for_vocab", "fan_out", "plan_sequences", "read_manifest", "read_shard_info",
+    "write_manifest", "write_rejects",
 ]
