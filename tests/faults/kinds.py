@@ -112,7 +112,7 @@ UNITS = 240   # 240 digits, 1 file per unit
 
 
 def tokenize_units(out: Path) -> dict:
-    return {p.name: identity(p) for p in out.glob("store/units/u*.json")}
+    return {p.name: identity(p) for p in out.glob(".arpipe/units/u*.json")}
 
 
 def tokenize_resumed(output: str, before: dict) -> str | None:
@@ -161,8 +161,9 @@ TOKENIZE = Kind(
 """,
     units=tokenize_units, wait_units=(0, 1, 3, 6), start_window=3.0, unit_window=0.15,
     resumed=tokenize_resumed, cut_off=tokenize_cut_off, final_check=tokenize_final, total_units=UNITS,
-    # unit records hold their encode time; the store itself (manifest digest, shards) must be identical
-    volatile=("store/units/*.json",))
+    # unit records (with their encode times) are bookkeeping in .arpipe/, not output: every output file,
+    # the store's manifest and shards included, must be identical
+    volatile=())
 
 
 # ----------------------------------------------------------------------------------- train

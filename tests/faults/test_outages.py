@@ -77,7 +77,7 @@ def test_s3_server_stopped_mid_write_then_started_again(tmp_path, fault_ray, pre
     env = {"RAY_ADDRESS": fault_ray.address}
 
     def units() -> int:
-        return sum(1 for k in s3_keys(s3_server, bucket, "runs/encode/") if "/store/units/" in k)
+        return sum(1 for k in s3_keys(s3_server, bucket, "runs/encode/") if "/.arpipe/units/" in k)
 
     def stop() -> None:
         s3_server.stop()              # connections refused ...
@@ -170,7 +170,7 @@ def test_full_disk_fails_with_one_line_then_resumes(tmp_path, fault_ray, prepare
         problems.append("a stage committed on a full disk")
     if plan_rows(folder, "pipeline.yaml")["encode"][2] == "cached":
         problems.append("plan trusts the stage that failed on a full disk")
-    done_before = len(list(out.glob("store/units/u*.json"))) if out is not None else 0
+    done_before = len(list(out.glob(".arpipe/units/u*.json"))) if out is not None else 0
 
     grow()
     rerun = arpipe("run", "pipeline.yaml", cwd=folder, env=env)
