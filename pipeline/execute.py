@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,27 +37,49 @@ def with_env(env: dict[str, str], func: Any, *args: Any, **kwargs: Any) -> Any:
                 os.environ[key] = value
 
 
-def execute_stage(payload: dict[str, Any]) -> str:
+@dataclass(frozen=True)
+class StagePayload:
+    """What the runner sends to the task that runs one stage (a Ray task, or a driver thread for
+    ``placement = "driver"`` kinds). Plain values only, so it pickles across the Ray boundary."""
+
+    name: str
+    kind: str
+    #: the stage's config with ``${stage.output}`` references resolved; its kind's schema validates it again
+    config: dict[str, Any]
+    fingerprint: str
+    #: the canonical document the fingerprint digests, recorded in ``outputs.json``
+    fingerprint_doc: dict[str, Any]
+    out_uri: str
+    pipeline_dir: Path
+    #: resolved upstream outputs by ``"stage.output"``: URIs, or JSON values a python stage returned
+    inputs: dict[str, Any]
+    tracking_uri: str | None
+    mlflow_run_id: str | None
+    code_digest: str | None
+    #: the driver's AWS_/MLFLOW_/ARPIPE_ environment, set for the task (a shared cluster may predate it)
+    env: dict[str, str]
+
+
+def execute_stage(payload: StagePayload) -> str:
     """Run a stage into its folder and commit it. Returns the committed ``outputs.json`` text."""
-    return with_env(payload["env"], _execute, payload)
+    return with_env(payload.env, _execute, payload)
 
 
-def _execute(payload: dict[str, Any]) -> str:
+def _execute(payload: StagePayload) -> str:
     started = time.time()
-    kind = payload["kind"]
-    spec = stage_kinds()[kind].model_validate(payload["config"])
-    out_uri = payload["out_uri"]
+    kind = payload.kind
+    spec = stage_kinds()[kind].model_validate(payload.config)
+    out_uri = payload.out_uri
     work_dir = out.staging_dir(out_uri)
     work_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(
-        name=payload["name"], kind=kind, fingerprint=payload["fingerprint"], out_uri=out_uri, work_dir=work_dir,
-        pipeline_dir=Path(payload["pipeline_dir"]), inputs=payload["inputs"],
-        tracking_uri=payload.get("tracking_uri"), mlflow_run_id=payload.get("mlflow_run_id"),
-        code_digest=payload.get("code_digest"))
+        name=payload.name, kind=kind, fingerprint=payload.fingerprint, out_uri=out_uri, work_dir=work_dir,
+        pipeline_dir=payload.pipeline_dir, inputs=payload.inputs, tracking_uri=payload.tracking_uri,
+        mlflow_run_id=payload.mlflow_run_id, code_digest=payload.code_digest)
     stage = stage_class(kind)(spec, ctx)
     produced = stage.run()
     record = out.commit(
-        stage=ctx.name, kind=kind, fingerprint=ctx.fingerprint, fingerprint_doc=payload["fingerprint_doc"],
+        stage=ctx.name, kind=kind, fingerprint=ctx.fingerprint, fingerprint_doc=payload.fingerprint_doc,
         out_uri=out_uri, work_dir=work_dir, outputs=produced, known_files=ctx.known_files, started=started,
         mlflow_run_id=ctx.mlflow_run_id)
     if work_dir != Path(out_uri):

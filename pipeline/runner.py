@@ -25,7 +25,7 @@ from arpipe.pipeline import outputs as out
 from arpipe.pipeline.config import LoadedPipeline, redact, replace_refs
 from arpipe.pipeline.dag import Graph, Selection
 from arpipe.pipeline.errors import ArpipeError, StageFailed, UserError
-from arpipe.pipeline.execute import execute_stage, forwarded_env
+from arpipe.pipeline.execute import StagePayload, execute_stage, forwarded_env
 from arpipe.pipeline.ledger import Ledger
 from arpipe.pipeline.lineage import Lineage, git_commit, tracking_uri
 from arpipe.pipeline.lock import Heartbeats, StageLock
@@ -132,7 +132,7 @@ class Runner:
         return replace_refs(spec.model_dump(mode="json"), resolve)
 
     # -- execution ---------------------------------------------------------
-    def _submit(self, plan: StagePlan, payload: dict[str, Any]) -> tuple[cf.Future, Any]:
+    def _submit(self, plan: StagePlan, payload: StagePayload) -> tuple[cf.Future, Any]:
         cls = stage_class(plan.kind)
         if cls.placement == "driver":
             if self._pool is None:
@@ -303,14 +303,12 @@ class Runner:
                                           self._inputs_for(plan.name, records),
                                           {**self._stage_tags(plan.name, []), "arpipe.cache": "miss",
                                            "arpipe.reason": plan.why[:500]})
-        payload = {
-            "name": plan.name, "kind": plan.kind, "config": config, "fingerprint": plan.fingerprint,
-            "fingerprint_doc": plan.doc, "out_uri": plan.out_uri, "pipeline_dir": str(self.loaded.directory),
-            "inputs": {f"{u}.{o}": out.resolve(records[u], out.output_uri(self.root, u, records[u].fingerprint), o)
-                       for _p, u, o in self.graph.refs[plan.name]},
-            "tracking_uri": self.tracking, "mlflow_run_id": run_id, "code_digest": plan.code_digest,
-            "env": forwarded_env(),
-        }
+        payload = StagePayload(
+            name=plan.name, kind=plan.kind, config=config, fingerprint=plan.fingerprint, fingerprint_doc=plan.doc,
+            out_uri=plan.out_uri, pipeline_dir=self.loaded.directory,
+            inputs={f"{u}.{o}": out.resolve(records[u], out.output_uri(self.root, u, records[u].fingerprint), o)
+                    for _p, u, o in self.graph.refs[plan.name]},
+            tracking_uri=self.tracking, mlflow_run_id=run_id, code_digest=plan.code_digest, env=forwarded_env())
         states[plan.name] = "running"
         verb = "resuming" if plan.action == "resume" else "running"
         self._line(plan.name, verb, plan.why)
