@@ -100,7 +100,8 @@ def wait_for(client: JobsClient, submission_id: str, metadata: dict[str, str], f
         ended = status in TERMINAL
         if mlflow_run is None and (ended or time.time() - last_record_check > RECORD_POLL_S):
             last_record_check = time.time()
-            mlflow_run = recorded_run(metadata)
+            # while the job runs its ledger is current; MLflow is asked only once, at the end
+            mlflow_run = recorded_run(metadata, search_mlflow=ended)
             if mlflow_run and not follow:
                 echo(f"  {mlflow_run.describe()}")
         if ended and status != "SUCCEEDED" and not follow:

@@ -11,12 +11,14 @@ MLflow run it opened, without reading the job's logs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import os
 import re
 import shlex
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,24 +208,63 @@ class MlflowRun:
         return f"MLflow run {self.run_id} in experiment {self.experiment!r} ({self.tracking_uri})"
 
 
-def recorded_run(metadata: dict[str, str] | None) -> MlflowRun | None:
-    """The MLflow run of the job with this metadata, from its run's ledger; None until the run has recorded it.
+def recorded_run(metadata: dict[str, str] | None, search_mlflow: bool = True) -> MlflowRun | None:
+    """The MLflow run of the job with this metadata, from its run's own records; None until it has one.
 
-    None also for jobs ``arpipe submit`` did not send (no run id in their
-    metadata), and when this machine cannot read the job's storage.
+    First the pipeline's ledger in storage (cheap, and current while the job runs);
+    once a later run of the same pipeline has replaced that ledger, the parent MLflow
+    run itself, which carries the run id as its ``arpipe.run_id`` tag
+    (``search_mlflow``). None for jobs ``arpipe submit`` did not send (no run id in
+    their metadata), and when this machine can read neither record.
     """
     from arpipe.pipeline.ledger import read_ledger
 
     metadata = metadata or {}
     run_id, storage, pipeline = (metadata.get(key) for key in ("arpipe.run_id", "arpipe.storage", "arpipe.pipeline"))
-    if not (run_id and storage and pipeline):
+    if not (run_id and storage and pipeline and run_id.isalnum()):
         return None
+    experiment = metadata.get("arpipe.experiment", pipeline)
+    tracking = metadata.get("arpipe.tracking_uri", "")
     try:
         ledger = read_ledger(storage, pipeline)
     except Exception:   # shown for information only: e.g. no credentials for the bucket here, say nothing
-        return None
-    # the ledger holds the pipeline's latest run: it is this job's only if the run ids agree
-    if not ledger or ledger.get("run_id") != run_id or not ledger.get("mlflow_parent_run_id"):
-        return None
-    return MlflowRun(ledger["mlflow_parent_run_id"], metadata.get("arpipe.experiment", pipeline),
-                     metadata.get("arpipe.tracking_uri", "?"))
+        ledger = None
+    if ledger and ledger.get("run_id") == run_id:
+        parent = ledger.get("mlflow_parent_run_id")
+        return MlflowRun(parent, experiment, tracking) if parent else None
+    if search_mlflow and tracking:
+        parent = _parent_run_tagged(tracking, experiment, run_id)
+        return MlflowRun(parent, experiment, tracking) if parent else None
+    return None
+
+
+def _parent_run_tagged(tracking: str, experiment: str, run_id: str) -> str | None:
+    """The parent MLflow run tagged ``arpipe.run_id=run_id``; None when there is none or MLflow cannot say quickly."""
+    if tracking.startswith("sqlite:///") and not Path(tracking.removeprefix("sqlite:///")).is_file():
+        return None     # another machine's file: opening it here would create an empty store
+    with _mlflow_fails_fast():
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking)
+            found = client.get_experiment_by_name(experiment)
+            runs = client.search_runs([found.experiment_id], filter_string=f"tags.`arpipe.run_id` = '{run_id}'",
+                                      max_results=100) if found else []
+        except Exception:   # shown for information only: an unreachable server must not fail `jobs status`
+            return None
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    return parents[0].info.run_id if parents else None
+
+
+@contextlib.contextmanager
+def _mlflow_fails_fast() -> Iterator[None]:
+    """MLflow retries an unreachable server for minutes by default; a status line is not worth the wait."""
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update({name: value for name, value in wanted.items() if saved[name] is None})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
