@@ -2,7 +2,8 @@
 
 Errors print one line (where, what, how to fix) and exit 2 for user errors;
 ``--debug`` shows the traceback. ``validate``, ``plan`` and a fully cached
-``run`` import neither torch nor ray.
+``run`` import neither torch nor ray; a fully cached ``run`` not even MLflow (a
+background writer delivers its lineage, see ``pipeline/lineage.py``).
 """
 
 from __future__ import annotations
@@ -85,9 +86,12 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def cmd_plan(args) -> int:
     loaded, graph = _load(args)
+    from arpipe.pipeline.lineage import deliver_if_pending
     from arpipe.pipeline.plan import Planner
 
-    plans = Planner(loaded, graph).plan(_selection(graph, args))
+    planner = Planner(loaded, graph)
+    deliver_if_pending(planner.root)   # lineage an earlier run's background writer did not deliver
+    plans = planner.plan(_selection(graph, args))
     rows = [[p.name, p.kind, p.action, (p.fingerprint or "-")[:12], p.why] for p in plans]
     print(_table(rows, ["stage", "kind", "action", "fingerprint", "why"]))
     return 0
@@ -99,7 +103,7 @@ def cmd_run(args) -> int:
     from arpipe.pipeline.runner import Runner
 
     runner = Runner(loaded, graph, _selection(graph, args), address=args.address, tracking=args.tracking_uri,
-                    echo=lambda line: print(line, flush=True), debug=args.debug)
+                    echo=lambda line: print(line, flush=True), debug=args.debug, lineage_in_background=True)
     try:
         runner.run()
     except KeyboardInterrupt:

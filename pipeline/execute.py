@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -14,27 +13,9 @@ from arpipe.pipeline.registry import stage_class
 from arpipe.pipeline.stage import StageContext
 from arpipe.schemas.pipeline import stage_kinds
 
-#: environment a stage task needs from the driver (a shared Ray cluster may predate it)
-FORWARDED_ENV = ("AWS_", "MLFLOW_", "ARPIPE_")
-
-
-def forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
-
-
-def with_env(env: dict[str, str], func: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call ``func`` with ``env`` set: how a stage's Ray tasks see the driver's AWS/MLflow settings
-    on a worker that a shared, longer-lived cluster started before them."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return func(*args, **kwargs)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+#: the driver's environment for a stage task; stage kinds reach the same through StageContext
+forwarded_env = StageContext.forwarded_env
+with_env = StageContext.with_env
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 ``<storage>/.arpipe/ledger/<pipeline>.json``, rewritten atomically at each
 stage transition. Outputs themselves are trusted only through their
 ``outputs.json``; the ledger adds what storage alone cannot tell (cache hit or
-ran, failed, running, when, which MLflow run).
+ran, failed, running, when, which MLflow run). A run whose lineage went to a background writer
+(nothing ran) names its record; its MLflow run ids come from the writer's delivery note.
 """
 
 from __future__ import annotations
@@ -43,8 +44,19 @@ class Ledger:
 
 
 def read_ledger(root: str, pipeline: str) -> dict[str, Any] | None:
+    """The last run's ledger, with the MLflow run ids its lineage got once a background writer delivered it."""
     uri = ledger_uri(root, pipeline)
     try:
-        return json.loads(storage_for(uri).read_text(uri))
+        data = json.loads(storage_for(uri).read_text(uri))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    if data.get("lineage_record") and not data.get("mlflow_parent_run_id"):
+        from arpipe.pipeline.lineage import delivered
+
+        ids = delivered(root, data["lineage_record"]) or {}
+        data["mlflow_parent_run_id"] = ids.pop("", None)
+        for name, run_id in ids.items():
+            entry = data["stages"].get(name)
+            if entry is not None and not entry.get("mlflow_run_id"):
+                entry["mlflow_run_id"] = run_id
+    return data

@@ -1,8 +1,20 @@
-"""Lineage in MLflow: one parent run per ``arpipe run``, one nested run per stage.
+"""Lineage in MLflow, written from one place: one parent run per ``arpipe run``, one nested run per stage.
 
-Cache hits get a nested run too, tagged ``arpipe.cache=hit`` with the id of
-the run that produced the output. Params are the flattened stage config with
-secrets redacted; inputs are the upstream outputs with their content digests.
+Everything arpipe sends to MLflow goes through this module: the runner's parent and stage runs
+(:class:`Lineage`), a stage's own metrics, tags, artifacts and logged models (:class:`RunLog`, which
+``StageContext``, the train loop's rank 0 and evaluate use), and the run a ``python`` stage's user
+code logs to with plain ``mlflow.log_metric`` (:func:`active_run`).
+
+Cache hits get a nested run too, tagged ``arpipe.cache=hit`` with the id of the run that produced
+the output. Params are the flattened stage config with secrets redacted; inputs are the upstream
+outputs with their content digests.
+
+A run in which no stage ran (everything cached) does not wait for MLflow, whose import alone takes
+longer than the whole run: it writes a :class:`RunRecord` (already redacted) to
+``<storage>/.arpipe/lineage/pending/`` and a detached writer (``python -m arpipe.pipeline.lineage``)
+delivers it. A record stays pending until MLflow has all of it, so a writer that dies is replaced
+by the next ``arpipe run``, ``plan`` or ``status``; delivery is idempotent (the parent run carries
+the record's id, and a second delivery completes the first instead of starting another).
 """
 
 from __future__ import annotations
@@ -11,10 +23,14 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, Field
 
 try:
     import fcntl
@@ -23,11 +39,17 @@ except ImportError:   # Windows: no advisory locks; concurrent first runs there 
 
 from arpipe.pipeline import __version__
 from arpipe.pipeline.config import redact, scrub
+from arpipe.pipeline.storage import is_s3, join, storage_for
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 #: MLflow stores dataset digests in 36 characters; the full digest goes into the dataset profile
 DATASET_DIGEST_CHARS = 32
 PARAM_VALUE_MAX = 6000
+#: MLflow takes at most this many metrics (and 100 params) per batch
+METRICS_PER_BATCH = 1000
+PARAMS_PER_BATCH = 100
+#: the tag that ties a parent run to the record it was delivered from (idempotent delivery)
+RECORD_TAG = "arpipe.lineage_record"
 
 
 def tracking_uri(explicit: str | None = None) -> str:
@@ -61,6 +83,75 @@ def flatten_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ------------------------------------------------------------------------------------------- records
+
+
+class InputRecord(BaseModel):
+    """An upstream output a stage read: ``stage.output``, where it is, its content digest, its producer."""
+
+    name: str
+    uri: str
+    digest: str
+    run_id: str = ""
+
+
+class StageRecord(BaseModel):
+    """One nested run, complete: what MLflow is told about a stage (already redacted)."""
+
+    name: str
+    kind: str
+    fingerprint: str
+    params: dict[str, str]
+    inputs: list[InputRecord] = Field(default_factory=list)
+    tags: dict[str, str] = Field(default_factory=dict)
+    status: str = "FINISHED"
+    start_ms: int
+    end_ms: int
+
+
+class RunRecord(BaseModel):
+    """One ``arpipe run``'s lineage as data: its parent run and the stage runs that need no live stage.
+
+    Everything in it is redacted before it is written; the writer that delivers it knows no secrets.
+    """
+
+    record_id: str
+    #: None when the URI itself held a secret: the delivering process then uses its own
+    tracking_uri: str | None
+    experiment: str
+    pipeline: str
+    resolved_yaml: str
+    tags: dict[str, str]
+    start_ms: int
+    end_ms: int | None = None
+    status: str = "RUNNING"
+    stages: list[StageRecord] = Field(default_factory=list)
+
+
+def stage_record(name: str, kind: str, fingerprint: str, config: dict[str, Any], inputs: list[dict[str, str]],
+                 tags: dict[str, str], secrets: set[str] | frozenset[str], *, status: str = "FINISHED",
+                 start_ms: int | None = None, end_ms: int | None = None) -> StageRecord:
+    """A stage's nested run as a record: params flattened and redacted, upstream runs as a tag."""
+    upstream_runs = sorted({i["run_id"] for i in inputs if i.get("run_id")})
+    tags = {"arpipe.stage": name, "arpipe.kind": kind, "arpipe.fingerprint": fingerprint,
+            "arpipe.version": __version__, **tags}
+    if upstream_runs:
+        tags["arpipe.upstream_run_ids"] = ",".join(upstream_runs)
+    started = start_ms or now_ms()
+    return StageRecord(name=name, kind=kind, fingerprint=fingerprint,
+                       params=flatten_params(redact(config, secrets)),
+                       inputs=[InputRecord(**{k: scrub(str(v), secrets) for k, v in i.items()}) for i in inputs],
+                       tags={k: scrub(v, secrets) for k, v in tags.items()}, status=status,
+                       start_ms=started, end_ms=end_ms or started)
+
+
+# ------------------------------------------------------------------------------------- the writer
+
+
 @contextlib.contextmanager
 def _first_open_lock(uri: str) -> Iterator[None]:
     """One process at a time opens a SQLite tracking file.
@@ -73,7 +164,16 @@ def _first_open_lock(uri: str) -> Iterator[None]:
         yield
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".lock", "a") as lock:
+    with _flock(path + ".lock"):
+        yield
+
+
+@contextlib.contextmanager
+def _flock(path: str) -> Iterator[None]:
+    if fcntl is None:
+        yield
+        return
+    with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -81,51 +181,63 @@ def _first_open_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _client(uri: str | None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
 class Lineage:
     """Writes runs through MlflowClient with explicit run ids (no global active run)."""
 
     def __init__(self, uri: str, experiment: str, secrets: set[str] = frozenset()):
-        from mlflow.tracking import MlflowClient
-
         self.uri = uri
         self.secrets = set(secrets)
         with _first_open_lock(uri):
-            self.client = MlflowClient(uri)
+            self.client = _client(uri)
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-
-    def start_parent(self, pipeline: str, resolved_yaml: str, tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=pipeline, tags={
-            "arpipe.pipeline": pipeline, "arpipe.version": __version__, **tags})
-        self.client.log_text(run.info.run_id, self.scrub(resolved_yaml), "pipeline.yaml")
-        return run.info.run_id
 
     def scrub(self, text: str) -> str:
         return scrub(text, self.secrets)
 
+    def start_parent(self, pipeline: str, resolved_yaml: str, tags: dict[str, str],
+                     start_ms: int | None = None) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=pipeline, start_time=start_ms, tags={
+            "arpipe.pipeline": pipeline, "arpipe.version": __version__, **tags})
+        self.client.log_text(run.info.run_id, self.scrub(resolved_yaml), "pipeline.yaml")
+        return run.info.run_id
+
     def start_stage(self, parent_id: str, name: str, kind: str, fingerprint: str, config: dict[str, Any],
                     inputs: list[dict[str, str]], tags: dict[str, str]) -> str:
+        """A live stage's nested run, left RUNNING for the stage to log into."""
+        record = stage_record(name, kind, fingerprint, config, inputs, tags, self.secrets)
+        return self._create_stage(parent_id, record)
+
+    def write_stage(self, parent_id: str, record: StageRecord) -> str:
+        """A stage run that is complete as recorded (a cache hit): created and terminated."""
+        run_id = self._create_stage(parent_id, record)
+        self.client.set_terminated(run_id, record.status, end_time=record.end_ms)
+        return run_id
+
+    def _create_stage(self, parent_id: str, record: StageRecord) -> str:
         from mlflow.entities import Dataset, DatasetInput, InputTag, Param
 
-        upstream_runs = sorted({i["run_id"] for i in inputs if i.get("run_id")})
-        if upstream_runs:
-            tags = {**tags, "arpipe.upstream_run_ids": ",".join(upstream_runs)}
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            "mlflow.parentRunId": parent_id, "arpipe.stage": name, "arpipe.kind": kind,
-            "arpipe.fingerprint": fingerprint, "arpipe.version": __version__, **tags})
-        params = flatten_params(redact(config, self.secrets))
-        items = [Param(k[:250], v) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run.info.run_id, params=items[i:i + 100])
-        if inputs:
+        run = self.client.create_run(self.experiment_id, run_name=record.name, start_time=record.start_ms,
+                                     tags={"mlflow.parentRunId": parent_id, **record.tags})
+        run_id = run.info.run_id
+        items = [Param(k[:250], v) for k, v in record.params.items()]
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[i:i + PARAMS_PER_BATCH])
+        if record.inputs:
             datasets = [DatasetInput(Dataset(
-                name=item["name"], digest=item["digest"][:DATASET_DIGEST_CHARS],
-                source_type="s3" if item["uri"].startswith("s3://") else "local",
-                source=json.dumps({"uri": item["uri"]}), schema=None,
-                profile=json.dumps({"digest": item["digest"], "producer_run_id": item.get("run_id")})),
-                tags=[InputTag("mlflow.data.context", "input")]) for item in inputs]
-            self.client.log_inputs(run.info.run_id, datasets=datasets)
-        return run.info.run_id
+                name=item.name, digest=item.digest[:DATASET_DIGEST_CHARS],
+                source_type="s3" if is_s3(item.uri) else "local",
+                source=json.dumps({"uri": item.uri}), schema=None,
+                profile=json.dumps({"digest": item.digest, "producer_run_id": item.run_id or None})),
+                tags=[InputTag("mlflow.data.context", "input")]) for item in record.inputs]
+            self.client.log_inputs(run_id, datasets=datasets)
+        return run_id
 
     def finish_stage(self, run_id: str, status: str, outputs_json: str | None = None,
                      error: str | None = None) -> None:
@@ -133,7 +245,258 @@ class Lineage:
             self.client.log_text(run_id, outputs_json, "outputs.json")
         if error:
             self.client.set_tag(run_id, "arpipe.error", self.scrub(error)[:4000])
-        self.client.set_terminated(run_id, status, end_time=int(time.time() * 1000))
+        self.client.set_terminated(run_id, status, end_time=now_ms())
 
-    def finish_parent(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, status, end_time=int(time.time() * 1000))
+    def finish_parent(self, run_id: str, status: str, end_ms: int | None = None) -> None:
+        self.client.set_terminated(run_id, status, end_time=end_ms or now_ms())
+
+    def deliver(self, record: RunRecord) -> dict[str, str]:
+        """Write ``record`` to MLflow; returns ``{"": parent_run_id, stage: run_id, ...}``.
+
+        Idempotent: a parent already carrying the record's id is completed, not duplicated (a stage
+        run cut off half-written is replaced). The parent is terminated last, and only when the
+        record has ended: a record of a run still going leaves it RUNNING for the runner.
+        """
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{RECORD_TAG}` = '{record.record_id}'")
+        parents = sorted((r for r in found if "mlflow.parentRunId" not in r.data.tags),
+                         key=lambda r: r.info.start_time)
+        ids: dict[str, str] = {}
+        if parents:
+            parent = parents[0].info.run_id
+            for child in self.client.search_runs(
+                    [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"):
+                stage = child.data.tags.get("arpipe.stage")
+                if child.info.status == "RUNNING" and any(s.name == stage for s in record.stages):
+                    self.client.delete_run(child.info.run_id)   # cut off while being written
+                elif stage:
+                    ids[stage] = child.info.run_id
+        else:
+            parent = self.start_parent(record.pipeline, record.resolved_yaml,
+                                       {**record.tags, RECORD_TAG: record.record_id}, record.start_ms)
+        for stage in record.stages:
+            if stage.name not in ids:
+                ids[stage.name] = self.write_stage(parent, stage)
+        if record.end_ms is not None:
+            self.finish_parent(parent, record.status, record.end_ms)
+        return {"": parent, **ids}
+
+
+# ---------------------------------------------------------------------- pending records, delivery
+
+
+def lineage_dir(root: str, *parts: str) -> str:
+    """``<storage>/.arpipe/lineage/...``: pending records, delivery notes, the writer's log."""
+    from arpipe.pipeline.outputs import CONTROL_DIR  # outputs -> stage -> this module: import on use
+
+    return join(root, CONTROL_DIR, "lineage", *parts)
+
+
+def queue(root: str, record: RunRecord) -> str:
+    """Keep ``record`` under the storage root until it is in MLflow; returns where."""
+    uri = lineage_dir(root, "pending", f"{record.record_id}.json")
+    storage_for(uri).write_text(uri, record.model_dump_json(), durable=True)
+    return uri
+
+
+def pending(root: str) -> list[str]:
+    """Records not yet (completely) in MLflow, oldest first by name."""
+    folder = lineage_dir(root, "pending")
+    if not is_s3(folder) and not os.path.isdir(folder):
+        return []   # the common case, without touching storage's machinery
+    return sorted(join(folder, e.relpath) for e in storage_for(folder).list(folder) if e.relpath.endswith(".json"))
+
+
+def delivered(root: str, record_id: str) -> dict[str, str] | None:
+    """The MLflow run ids a delivered record got: ``{"": parent, stage: run_id}``; None if still pending."""
+    uri = lineage_dir(root, "delivered", f"{record_id}.json")
+    try:
+        return json.loads(storage_for(uri).read_text(uri))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def deliver_pending(root: str, fallback_uri: str | None = None) -> dict[str, dict[str, str]]:
+    """Deliver every pending record under ``root``; returns their run ids by record id.
+
+    One process at a time per record (a lock on this machine); MLflow's own record of what it has
+    makes a second delivery of the same record complete the first rather than repeat it.
+    """
+    done: dict[str, dict[str, str]] = {}
+    writers: dict[tuple[str, str], Lineage] = {}
+    for uri in pending(root):
+        record_id = uri.rsplit("/", 1)[-1].removesuffix(".json")
+        lock = Path(tempfile.gettempdir()) / f"arpipe-lineage-{record_id}.lock"
+        with _flock(str(lock)):
+            storage = storage_for(uri)
+            try:
+                record = RunRecord.model_validate_json(storage.read_text(uri))
+            except FileNotFoundError:
+                continue   # another writer delivered it while this one waited
+            where = tracking_uri(record.tracking_uri or fallback_uri)
+            key = (where, record.experiment)
+            if key not in writers:
+                writers[key] = Lineage(where, record.experiment)
+            ids = writers[key].deliver(record)
+            note = lineage_dir(root, "delivered", f"{record_id}.json")
+            storage_for(note).write_text(note, json.dumps(ids), durable=False)
+            storage.delete(uri)
+            done[record_id] = ids
+        lock.unlink(missing_ok=True)   # a writer still waiting on it finds the record gone and moves on
+    return done
+
+
+def deliver_in_background(root: str) -> None:
+    """Start a detached writer for ``root``'s pending records; returns at once.
+
+    The writer outlives this command (its own session, no inherited pipes), so a caller that reads
+    this process's output to its end is not held up by it. Its errors go to ``writer.log`` beside
+    the records; whatever it could not deliver stays pending for the next command.
+    """
+    log = subprocess.DEVNULL
+    if not is_s3(root):
+        os.makedirs(lineage_dir(root), exist_ok=True)
+        log = open(lineage_dir(root, "writer.log"), "ab")   # noqa: SIM115  (handed to the child)
+    try:
+        subprocess.Popen([sys.executable, "-m", "arpipe.pipeline.lineage", root], stdin=subprocess.DEVNULL,
+                         stdout=log, stderr=log, start_new_session=True, close_fds=True)
+    finally:
+        if log is not subprocess.DEVNULL:
+            log.close()
+
+
+def deliver_if_pending(root: str) -> bool:
+    """What every command that knows a pipeline does first: hand leftover records to a writer."""
+    if pending(root):
+        deliver_in_background(root)
+        return True
+    return False
+
+
+# ------------------------------------------------------------------------- a stage's own run
+
+
+class RunLog:
+    """One stage's MLflow run, as stages see it: metrics, tags, artifacts, tables, logged models.
+
+    ``run_id=None`` (lineage off, or a rank other than 0) makes every call a no-op, so callers
+    never branch on it. MLflow is imported on first use.
+    """
+
+    def __init__(self, uri: str | None, run_id: str | None):
+        self.uri, self.run_id = uri, run_id
+        self._client = None
+        self._buffer: list = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.run_id is not None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = _client(self.uri)
+        return self._client
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.buffer_metrics(metrics, step or 0)
+        self.flush()
+
+    def buffer_metrics(self, metrics: dict[str, float | None], step: int) -> None:
+        """Metrics kept until :meth:`flush` (or 200 of them): few writes to the tracking store."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        stamp = now_ms()
+        self._buffer += [Metric(k, float(v), stamp, step) for k, v in metrics.items() if v is not None]
+        if len(self._buffer) >= 200:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.enabled and self._buffer:
+            for lo in range(0, len(self._buffer), METRICS_PER_BATCH):
+                self.client.log_batch(self.run_id, metrics=self._buffer[lo:lo + METRICS_PER_BATCH])
+            self._buffer = []
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_table(self, columns: dict[str, list[Any]], artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_table(self.run_id, columns, artifact_file=artifact_file)
+
+    def metrics(self) -> dict[str, float]:
+        """The latest value of every metric logged to the run so far."""
+        return dict(self.client.get_run(self.run_id).data.metrics) if self.enabled else {}
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        """``(step, value)`` of every value of ``key``."""
+        if not self.enabled:
+            return []
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+    def log_model(self, folder: str | os.PathLike, *, name: str, params: dict[str, str], tags: dict[str, str],
+                  model_type: str) -> str | None:
+        """``folder`` as an MLflow logged model linked to this run; returns its model id."""
+        if not self.enabled:
+            return None
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        model = self.client.create_logged_model(experiment, name=name, source_run_id=self.run_id, params=params,
+                                                tags=tags, model_type=model_type)
+        self.client.log_model_artifacts(model.model_id, str(folder))
+        self.client.finalize_logged_model(model.model_id, "READY")
+        return model.model_id
+
+
+@contextlib.contextmanager
+def active_run(uri: str | None, run_id: str | None) -> Iterator[None]:
+    """User code inside runs with ``run_id`` as MLflow's active run: plain ``mlflow.log_metric`` lands there.
+
+    MLflow's fluent API resumes the run named by ``MLFLOW_RUN_ID``. A Ray worker lives on after the
+    task, so the run user code left active is ended here; otherwise the worker's next task would
+    log into this stage's run. (The runner sets the run's final status afterwards.)
+    """
+    if run_id is None:
+        yield
+        return
+    env = {"MLFLOW_RUN_ID": run_id, **({"MLFLOW_TRACKING_URI": uri} if uri else {})}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        if "mlflow" in sys.modules:   # user code imported it; otherwise there is nothing to end
+            import mlflow
+
+            while mlflow.active_run() is not None:
+                mlflow.end_run()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The detached writer: ``python -m arpipe.pipeline.lineage STORAGE_ROOT``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m arpipe.pipeline.lineage STORAGE_ROOT", file=sys.stderr)
+        return 2
+    try:
+        deliver_pending(argv[0])
+    except Exception as err:   # left pending: the next arpipe command tries again
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} lineage delivery failed: {type(err).__name__}: {err}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,9 @@
 """Running a pipeline: cached stages are skipped, the rest run on Ray, lineage goes to MLflow.
 
+Lineage waits until a stage has to run: a run that finds everything cached never imports MLflow
+(nor Ray); its record is handed to a detached writer (``pipeline/lineage.py``) and the command
+returns at once. Once a stage runs, the parent run is created, with the cache hits so far.
+
 Independent branches run concurrently and a failure stops only what depends
 on it. Each stage output is written by one run at a time (a lock), and only
 ``outputs.json`` — written last — makes it trusted. Ctrl-C cancels running
@@ -21,18 +25,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from arpipe.pipeline import lineage as lin
 from arpipe.pipeline import outputs as out
 from arpipe.pipeline.config import LoadedPipeline, redact, replace_refs
 from arpipe.pipeline.dag import Graph, Selection
 from arpipe.pipeline.errors import ArpipeError, StageFailed, UserError
 from arpipe.pipeline.execute import StagePayload, execute_stage, forwarded_env
 from arpipe.pipeline.ledger import Ledger
-from arpipe.pipeline.lineage import Lineage, git_commit, tracking_uri
+from arpipe.pipeline.lineage import Lineage, RunRecord, git_commit, tracking_uri
 from arpipe.pipeline.lock import Heartbeats, StageLock
 from arpipe.pipeline.plan import Planner, StagePlan
 from arpipe.pipeline.registry import stage_class
 from arpipe.pipeline.storage import is_s3, join, storage_for
 from arpipe.schemas.outputs import OutputsRecord
+
+#: set by Ray Jobs in a job's entrypoint process
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 @dataclass
@@ -70,7 +78,10 @@ def describe_error(err: BaseException) -> str:
 class Runner:
     def __init__(self, loaded: LoadedPipeline, graph: Graph, selection: Selection, *,
                  address: str | None = None, tracking: str | None = None,
-                 echo: Callable[[str], None] = print, debug: bool = False):
+                 echo: Callable[[str], None] = print, debug: bool = False, lineage_in_background: bool = False):
+        """``lineage_in_background``: when no stage runs, leave MLflow to a detached writer (the CLI does;
+        inside a Ray job it does not: the job's end may take its helpers along, and its submitter reads
+        MLflow right after)."""
         self.loaded, self.graph, self.selection = loaded, graph, selection
         self.address = address
         self.echo = echo
@@ -84,12 +95,19 @@ class Runner:
         self._ray_started = False
         self._user_failed: set[str] = set()   # stages that failed on a UserError (exit 2 if only those)
         self._heartbeats: Heartbeats | None = None
-        # MLflow takes ~1 s to import: start now, overlapping with planning and cache checks
+        self.lineage_in_background = lineage_in_background and not os.environ.get(RAY_JOB_ENV)
         self._lineage_box: dict[str, Any] = {}
-        self._lineage_thread = threading.Thread(target=self._open_lineage, daemon=True)
-        self._lineage_thread.start()
+        self._lineage_thread: threading.Thread | None = None
+        self._record: RunRecord | None = None
+        self._parent: str | None = None      # the MLflow parent run, once a stage has to run
 
     # -- lineage -----------------------------------------------------------
+    def _begin_lineage(self) -> None:
+        """Open MLflow in a thread (~1 s of imports), overlapping with whatever comes next (Ray's start)."""
+        if self._lineage_thread is None:
+            self._lineage_thread = threading.Thread(target=self._open_lineage, daemon=True)
+            self._lineage_thread.start()
+
     def _open_lineage(self) -> None:
         try:
             self._lineage_box["lineage"] = Lineage(self.tracking, self.loaded.spec.experiment_name,
@@ -99,12 +117,45 @@ class Runner:
 
     @property
     def lineage(self) -> Lineage:
+        self._begin_lineage()
         self._lineage_thread.join()
         if "error" in self._lineage_box:
             err = self._lineage_box["error"]
             raise UserError(f"cannot open MLflow tracking at {self.tracking}: {describe_error(err)}",
                             fix="check MLFLOW_TRACKING_URI (or --tracking-uri)") from err
         return self._lineage_box["lineage"]
+
+    def _parent_run(self, ledger: Ledger) -> str:
+        """The MLflow parent run, created on first need together with the cache hits recorded so far."""
+        if self._parent is None:
+            ids = self.lineage.deliver(self._record)
+            self._parent = ids.pop("")
+            ledger.data["mlflow_parent_run_id"] = self._parent
+            for name, run_id in ids.items():
+                ledger.stage(name, mlflow_run_id=run_id)
+            self.echo(f"  MLflow run {self._parent} in experiment {self._record.experiment!r} ({self.tracking})")
+        return self._parent
+
+    def _end_lineage(self, ledger: Ledger, status: str) -> str | None:
+        """Close the parent run; with no parent yet, hand the whole record over. Returns the parent run id."""
+        if self._parent is not None:
+            self.lineage.finish_parent(self._parent, status)
+            return self._parent
+        record = self._record
+        record.status, record.end_ms = status, lin.now_ms()
+        lin.queue(self.root, record)   # kept until it is in MLflow: a writer that dies loses nothing
+        if self.lineage_in_background:
+            lin.deliver_in_background(self.root)
+            return None
+        delivered = (lin.deliver_pending(self.root, self.tracking).get(record.record_id)
+                     or lin.delivered(self.root, record.record_id))   # or another writer got to it first
+        if delivered:
+            self._parent = delivered.pop("")
+            ledger.data["mlflow_parent_run_id"] = self._parent
+            for name, run_id in delivered.items():
+                ledger.stage(name, mlflow_run_id=run_id)
+            self.echo(f"  MLflow run {self._parent} in experiment {record.experiment!r} ({self.tracking})")
+        return self._parent
 
     def _stage_tags(self, name: str, upstream_runs: list[str]) -> dict[str, str]:
         tags = {"arpipe.run_id": self.run_id}
@@ -177,20 +228,25 @@ class Runner:
                     if n in selected or any(n in self.graph.ancestors(s) for s in selected)]
         self.echo(f"arpipe run {self.run_id}: pipeline {spec.name!r}, {len(selected)} stage(s), "
                   f"outputs under {self.root}")
-        lineage = self.lineage
+        if self.lineage_in_background:
+            lin.deliver_if_pending(self.root)   # records an earlier run's writer did not get to
+        secrets = self.loaded.secret_values
         resolved_yaml = json.dumps(redact({"name": spec.name, "storage": spec.storage, "stages": {
-            n: s.model_dump(mode="json") for n, s in spec.stages.items()}}, self.loaded.secret_values), indent=1)
-        parent = lineage.start_parent(spec.name, resolved_yaml, {"arpipe.run_id": self.run_id,
-                                                                 "arpipe.pipeline_file": str(self.loaded.path)})
-        self.echo(f"  MLflow run {parent} in experiment {spec.experiment_name!r} ({self.tracking})")
-        ledger = Ledger(self.root, spec.name, self.run_id, parent)
+            n: s.model_dump(mode="json") for n, s in spec.stages.items()}}, secrets), indent=1)
+        self._record = RunRecord(
+            record_id=uuid.uuid4().hex, experiment=spec.experiment_name, pipeline=spec.name,
+            tracking_uri=self.tracking if lin.scrub(self.tracking, secrets) == self.tracking else None,
+            resolved_yaml=lin.scrub(resolved_yaml, secrets), start_ms=int(t0 * 1000),
+            tags={"arpipe.run_id": self.run_id, "arpipe.pipeline_file": str(self.loaded.path)})
+        ledger = Ledger(self.root, spec.name, self.run_id, None)
+        ledger.data["lineage_record"] = self._record.record_id
         states: dict[str, str] = {n: "pending" for n in involved}
         records: dict[str, OutputsRecord] = {}
         errors: dict[str, str] = {}
         running: dict[cf.Future, Running] = {}
         waiting_noted: set[str] = set()
         forced_done: set[str] = set()
-        result = RunResult(states, records, errors, parent, self.run_id)
+        result = RunResult(states, records, errors, None, self.run_id)
         try:
             while any(s == "pending" for s in states.values()) or running:
                 lock_wait = False
@@ -213,7 +269,7 @@ class Runner:
                         ledger.stage(name, state="failed", error=str(err))
                         continue
                     if plan.action == "cached":
-                        self._cache_hit(plan, parent, records, ledger, states)
+                        self._cache_hit(plan, records, ledger, states)
                         continue
                     if name not in selected:
                         states[name] = "blocked"
@@ -236,12 +292,12 @@ class Runner:
                             lock.release()
                             plan.action, plan.record = "cached", verdict.record
                             plan.why = "outputs verified (committed by a concurrent run)"
-                            self._cache_hit(plan, parent, records, ledger, states)
+                            self._cache_hit(plan, records, ledger, states)
                             continue
                     else:
                         self._clear_for_force(plan.out_uri)
                         forced_done.add(name)
-                    self._start(plan, lock, parent, records, ledger, states, running)
+                    self._start(plan, lock, records, ledger, states, running)
                 if not running:
                     if lock_wait:
                         time.sleep(0.5)
@@ -252,7 +308,7 @@ class Runner:
                 for future in done:
                     self._finish(future, running.pop(future), records, ledger, states, errors)
         except KeyboardInterrupt:
-            self._interrupt(running, ledger, parent, states)
+            self._interrupt(running, ledger, states)
             raise
         finally:
             if self._heartbeats:
@@ -260,13 +316,15 @@ class Runner:
             if self._pool:
                 self._pool.shutdown(wait=False, cancel_futures=True)
         failed = sorted(n for n, s in states.items() if s in ("failed", "blocked"))
-        lineage.finish_parent(parent, "FAILED" if failed else "FINISHED")
+        parent = result.mlflow_parent_run_id = self._end_lineage(ledger, "FAILED" if failed else "FINISHED")
         ledger.finish("failed" if failed else "done")
         result.seconds = time.time() - t0
         counts = {s: sum(1 for v in states.values() if v == s) for s in ("done", "cached", "failed", "skipped")}
         self.echo(f"finished in {result.seconds:.1f} s: {counts['done']} ran, {counts['cached']} cached, "
                   f"{counts['failed']} failed, {counts['skipped']} skipped")
-        self.echo(f"outputs: {self.root}; lineage: MLflow run {parent} (browse with `arpipe ui`"
+        where = (f"MLflow run {parent}" if parent else
+                 f"MLflow experiment {spec.experiment_name!r}, written in the background within seconds")
+        self.echo(f"outputs: {self.root}; lineage: {where} (browse with `arpipe ui`"
                   + (f" --tracking-uri {self.tracking}" if not self.tracking.startswith("sqlite:///") else "")
                   + f"); status: `arpipe status {self.loaded.path.name}`")
         if failed:
@@ -278,23 +336,30 @@ class Runner:
             raise error
         return result
 
-    def _cache_hit(self, plan: StagePlan, parent: str, records: dict, ledger: Ledger, states: dict) -> None:
+    def _cache_hit(self, plan: StagePlan, records: dict, ledger: Ledger, states: dict) -> None:
         record = plan.record
         records[plan.name] = record
         states[plan.name] = "cached"
-        lineage = self.lineage
         config = self._resolved_config(plan.name, records)
-        run_id = lineage.start_stage(parent, plan.name, plan.kind, plan.fingerprint, config,
-                                     self._inputs_for(plan.name, records),
-                                     {**self._stage_tags(plan.name, []), "arpipe.cache": "hit",
-                                      "arpipe.producer_run_id": record.mlflow_run_id or ""})
-        lineage.finish_stage(run_id, "FINISHED")   # outputs.json is an artifact of the producing run
+        # complete as it is: outputs.json is an artifact of the producing run
+        hit = lin.stage_record(plan.name, plan.kind, plan.fingerprint, config, self._inputs_for(plan.name, records),
+                               {**self._stage_tags(plan.name, []), "arpipe.cache": "hit",
+                                "arpipe.producer_run_id": record.mlflow_run_id or ""}, self.loaded.secret_values)
+        self._record.stages.append(hit)
+        run_id = self.lineage.write_stage(self._parent, hit) if self._parent else None
         self._line(plan.name, "cached", plan.why)
         ledger.stage(plan.name, state="cached", fingerprint=plan.fingerprint, out_uri=plan.out_uri,
                      mlflow_run_id=run_id, producer_run_id=record.mlflow_run_id, duration_s=record.duration_s)
 
-    def _start(self, plan: StagePlan, lock: StageLock, parent: str, records: dict, ledger: Ledger,
+    def _start(self, plan: StagePlan, lock: StageLock, records: dict, ledger: Ledger,
                states: dict, running: dict) -> None:
+        self._begin_lineage()
+        try:
+            self._connect()   # Ray starts while MLflow loads
+            parent = self._parent_run(ledger)
+        except BaseException:
+            lock.release()
+            raise
         if self._heartbeats is None:
             self._heartbeats = Heartbeats()
         self._heartbeats.add(lock)
@@ -361,7 +426,7 @@ class Runner:
             if self._heartbeats:
                 self._heartbeats.remove(item.lock)
 
-    def _interrupt(self, running: dict, ledger: Ledger, parent: str, states: dict) -> None:
+    def _interrupt(self, running: dict, ledger: Ledger, states: dict) -> None:
         self.echo("interrupted: stopping running stages; their work stays for the next run to resume")
         for item in running.values():
             if item.ref is not None:
@@ -379,7 +444,7 @@ class Runner:
             states[item.plan.name] = "interrupted"
             ledger.stage(item.plan.name, state="interrupted")
         try:
-            self.lineage.finish_parent(parent, "KILLED")
+            self._end_lineage(ledger, "KILLED")
         except Exception:
             pass
         ledger.finish("interrupted")

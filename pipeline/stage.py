@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from arpipe.pipeline.lineage import RunLog
 from arpipe.schemas.base import StageBase
 
 
@@ -36,8 +37,14 @@ class Output:
     digest: str | None = None
 
 
+#: environment a stage's Ray tasks need from the driver (a shared Ray cluster may predate it)
+FORWARDED_ENV = ("AWS_", "MLFLOW_", "ARPIPE_")
+
+
 @dataclass
 class StageContext:
+    """What a stage is given: where to write, its inputs, and its MLflow run (through ``run_log``)."""
+
     name: str
     kind: str
     fingerprint: str
@@ -54,35 +61,47 @@ class StageContext:
     #: files the stage wrote straight to storage with digests it already knows:
     #: relpath -> (bytes, '<algorithm>:<hex>'); they are not downloaded again to be hashed
     known_files: dict[str, tuple[int, str]] = field(default_factory=dict)
-    _client: Any = field(default=None, repr=False)
+    _run_log: RunLog | None = field(default=None, repr=False)
 
-    def mlflow(self):
-        """An MlflowClient for this stage's run (None when lineage is off)."""
-        if self.mlflow_run_id is None:
-            return None
-        if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(self.tracking_uri)
-        return self._client
+    @property
+    def run_log(self) -> RunLog:
+        """This stage's MLflow run: metrics, tags, artifacts, tables, logged models (no-ops when lineage is off)."""
+        if self._run_log is None:
+            self._run_log = RunLog(self.tracking_uri, self.mlflow_run_id)
+        return self._run_log
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        client = self.mlflow()
-        if client is None:
-            return
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        rows = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        for lo in range(0, len(rows), 1000):   # MLflow takes at most 1000 metrics per batch (per-class scores)
-            client.log_batch(self.mlflow_run_id, metrics=rows[lo:lo + 1000])
+        self.run_log.log_metrics(metrics, step)
 
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        client = self.mlflow()
-        if client is not None:
-            client.log_artifact(self.mlflow_run_id, str(local_path), artifact_path)
+        self.run_log.log_artifact(local_path, artifact_path)
+
+    @staticmethod
+    def staging_dir(uri: str) -> Path:
+        """The local folder that stands for ``uri``: the path itself when local, a cache folder for S3."""
+        from arpipe.pipeline.outputs import staging_dir  # outputs imports this module
+
+        return staging_dir(uri)
+
+    @staticmethod
+    def forwarded_env() -> dict[str, str]:
+        """The driver's AWS/MLflow/arpipe settings, for the Ray tasks and actors a stage starts."""
+        return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+
+    @staticmethod
+    def with_env(env: dict[str, str], func: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call ``func`` with ``env`` set: how a stage's Ray tasks see the driver's AWS/MLflow settings
+        on a worker that a shared, longer-lived cluster started before them. Picklable as a Ray task."""
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 class Stage(ABC):

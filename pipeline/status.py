@@ -9,6 +9,7 @@ from arpipe.pipeline import outputs as out
 from arpipe.pipeline.config import LoadedPipeline
 from arpipe.pipeline.dag import Graph
 from arpipe.pipeline.ledger import read_ledger
+from arpipe.pipeline.lineage import deliver_if_pending
 from arpipe.pipeline.lock import read_lock
 from arpipe.pipeline.plan import Planner
 from arpipe.pipeline.storage import join, storage_for
@@ -18,6 +19,7 @@ from arpipe.schemas.outputs import OutputsRecord
 def stage_status(loaded: LoadedPipeline, graph: Graph) -> list[dict[str, Any]]:
     """One row per stage: done / cached / running / failed / pending, with fingerprint, duration, run, output."""
     planner = Planner(loaded, graph)
+    deliver_if_pending(planner.root)   # lineage an earlier run's background writer did not deliver
     ledger = read_ledger(planner.root, loaded.spec.name) or {"stages": {}}
     records: dict[str, OutputsRecord] = {}
     rows = []

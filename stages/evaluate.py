@@ -469,10 +469,9 @@ class EvaluateStage(Stage):
         (folder / "metrics.json").write_text(json.dumps({"metrics": summary, "skipped": scores.skipped},
                                                         indent=1, sort_keys=True))
         ctx.log_metrics({k: v for k, v in summary.items() if v is not None})
-        client = ctx.mlflow()
-        if client is not None:
+        if ctx.run_log.enabled:
             if scores.skipped:
-                client.set_tag(ctx.mlflow_run_id, "arpipe.skipped_metrics",
+                ctx.run_log.set_tag("arpipe.skipped_metrics",
                                "; ".join(f"{k}: {v}" for k, v in sorted(scores.skipped.items()))[:5000])
             ctx.log_artifact(folder / "scores.png", "metrics")
             for path in scores.plots:

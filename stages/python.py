@@ -1,6 +1,7 @@
 """Stage kind ``python``: a user callable ``module:function(config, inputs, out_dir)``.
 
-This executes user code. The callable's source file is part of the
+This executes user code, with the stage's MLflow run active (``MLFLOW_RUN_ID``): what it logs
+with ``mlflow.log_metric`` and friends lands in that run. The callable's source file is part of the
 fingerprint, so editing it reruns the stage (and a long-lived Ray worker
 that imported an older version reloads it).
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from arpipe.pipeline.errors import UserError
-from arpipe.pipeline.outputs import staging_dir
+from arpipe.pipeline.lineage import active_run
 from arpipe.pipeline.stage import Output, Stage
 from arpipe.pipeline.storage import is_s3, join, storage_for
 from arpipe.schemas.pipeline import PythonStage as PythonSpec
@@ -90,7 +91,8 @@ class PythonStage(Stage):
         """Upstream file/dir outputs on S3 are handed to the callable as local copies."""
         if not (isinstance(value, str) and is_s3(value) and value in self.ctx.inputs.values()):
             return value
-        target = staging_dir(value).parent / "inputs" / staging_dir(value).name / value.rsplit("/", 1)[-1]
+        local = self.ctx.staging_dir(value)
+        target = local.parent / "inputs" / local.name / value.rsplit("/", 1)[-1]
         storage = storage_for(value)
         if storage.size(value) is not None:
             if not target.exists():
@@ -105,7 +107,9 @@ class PythonStage(Stage):
     def run(self) -> dict[str, Any]:
         func = self._load()
         inputs = {name: self._localize(value) for name, value in self.spec.inputs.items()}
-        result = func(dict(self.spec.config), inputs, str(self.ctx.work_dir))
+        # plain `mlflow.log_metric(...)` in the callable lands in this stage's run, not a stray one
+        with active_run(self.ctx.tracking_uri, self.ctx.mlflow_run_id):
+            result = func(dict(self.spec.config), inputs, str(self.ctx.work_dir))
         if result is None:
             result = {}
         if not isinstance(result, dict):

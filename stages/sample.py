@@ -275,7 +275,6 @@ class SampleStage(Stage):
     def run(self) -> dict[str, Output]:
         import ray
 
-        from arpipe.pipeline.execute import forwarded_env
         from arpipe.stages.models.folder import fetch_model, model_info
         from arpipe.stages.store import StoreUnits, TokenizerRef, fan_out
 
@@ -293,7 +292,7 @@ class SampleStage(Stage):
             device = "cuda" if spec.gpus_per_actor > 0 else "cpu"
             actor_cls = ray.remote(SampleWorker).options(num_cpus=spec.cpus_per_actor, num_gpus=spec.gpus_per_actor,
                                                          name=None, max_restarts=1, max_task_retries=1)
-            env = {**forwarded_env(), "OMP_NUM_THREADS": str(max(1, int(spec.cpus_per_actor)))}
+            env = {**ctx.forwarded_env(), "OMP_NUM_THREADS": str(max(1, int(spec.cpus_per_actor)))}
             actors = [actor_cls.remote(spec.model, env, device, spec.precision)
                       for _ in range(min(spec.actors, len(todo)))]
             try:   # one shard per actor at a time: an actor is a slot

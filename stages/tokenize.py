@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from arpipe.pipeline.errors import UserError
-from arpipe.pipeline.execute import forwarded_env, with_env
-from arpipe.pipeline.stage import Output, Stage
+from arpipe.pipeline.stage import Output, Stage, StageContext
 from arpipe.pipeline.storage import join, listing_digest, normalize
 from arpipe.schemas.tokenize import Source
 from arpipe.schemas.tokenize import TokenizeStage as TokenizeSpec
@@ -204,8 +203,8 @@ class TokenizeStage(Stage):
         todo = [job for job in jobs if job.name not in records]
         print(f"[{ctx.name}] {len(jobs)} units from {source.uri}: {reused} reused, {len(todo)} to encode "
               f"with {spec.workers} worker(s)", flush=True)
-        task = ray.remote(with_env).options(num_cpus=1, max_retries=2, name=f"arpipe:{ctx.name}:unit")
-        env = forwarded_env()
+        task = ray.remote(StageContext.with_env).options(num_cpus=1, max_retries=2, name=f"arpipe:{ctx.name}:unit")
+        env = ctx.forwarded_env()
         started = time.time()
         last_print = 0.0
         encoded_samples = encoded_tokens = 0

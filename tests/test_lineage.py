@@ -1,0 +1,178 @@
+"""Lineage from one writer: a python stage's own `mlflow.log_metric`, and cached reruns delivered after the fact.
+
+A user's story: a pipeline of three python stages runs, its callable logs a metric with plain
+MLflow calls, and a rerun that finds everything cached returns before MLflow has its lineage. That
+lineage must arrive within 10 s, survive a writer that dies before delivering it (the next command
+delivers it), and never arrive twice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import arpipe, stage_lines, write
+
+STEPS = """
+import json, os
+
+def make(config, inputs, out_dir):
+    import mlflow
+
+    mlflow.log_metric("rows", float(config["n"]))      # plain MLflow, as a user writes it
+    mlflow.set_tag("made_by", "make")
+    path = os.path.join(out_dir, "numbers.json")
+    with open(path, "w") as f:
+        json.dump(list(range(config["n"])), f)
+    return {"numbers": path}
+
+def total(config, inputs, out_dir):
+    return {"total": sum(json.load(open(inputs["numbers"])))}
+"""
+
+PIPELINE = """
+name: lineage-story
+storage: ./runs
+stages:
+  make: {kind: python, callable: "steps:make", config: {n: 4}}
+  total: {kind: python, callable: "steps:total", inputs: {numbers: "${make.numbers}"}}
+  again: {kind: python, callable: "steps:total", inputs: {numbers: "${make.numbers}"}, config: {copy: 2}}
+"""
+
+
+@pytest.fixture
+def project(tmp_path, ray_cluster):
+    write(tmp_path, {"steps.py": STEPS, "pipeline.yaml": PIPELINE})
+    return tmp_path, {"RAY_ADDRESS": ray_cluster}
+
+
+def client_for(folder: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+
+
+def parents_and_children(folder: Path) -> tuple[list, dict[str, dict[str, object]]]:
+    client = client_for(folder)
+    experiment = client.get_experiment_by_name("lineage-story")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {p.info.run_id: {r.data.tags["arpipe.stage"]: r for r in runs
+                                if r.data.tags.get("mlflow.parentRunId") == p.info.run_id} for p in parents}
+    return parents, children
+
+
+def wait_for_parents(folder: Path, count: int, within: float = 10.0) -> tuple[list, dict]:
+    """Poll MLflow until ``count`` finished parent runs are there, each with its three stage runs."""
+    deadline = time.time() + within
+    while True:
+        parents, children = parents_and_children(folder)
+        done = [p for p in parents if p.info.status == "FINISHED" and len(children[p.info.run_id]) == 3]
+        if len(done) >= count or time.time() > deadline:
+            return parents, children
+        time.sleep(0.25)
+
+
+def pending_records(folder: Path) -> list[Path]:
+    return sorted((folder / "runs" / ".arpipe" / "lineage" / "pending").glob("*.json"))
+
+
+def kill_writers(folder: Path) -> int:
+    """SIGKILL the background lineage writers this test's runs started (matched by their storage folder)."""
+    killed = 0
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "arpipe.pipeline.lineage" in cmdline and str(folder / "runs") in cmdline:
+            try:
+                proc.kill()
+                killed += 1
+            except psutil.NoSuchProcess:
+                pass
+    return killed
+
+
+def test_user_code_logs_into_its_stage_run(project):
+    folder, env = project
+    arpipe("run", "pipeline.yaml", cwd=folder, env=env, check=True)
+    parents, children = parents_and_children(folder)
+    [parent] = parents
+    make = children[parent.info.run_id]["make"]
+    assert make.data.metrics["rows"] == 4.0
+    assert make.data.tags["made_by"] == "make"
+    assert make.info.status == "FINISHED"
+    # no stray run: nothing beside the pipeline's parent and its three stages, in any experiment
+    client = client_for(folder)
+    everything = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(everything) == 4
+    assert "rows" not in children[parent.info.run_id]["total"].data.metrics
+
+
+def test_cached_rerun_lineage_arrives_within_seconds(project):
+    folder, env = project
+    arpipe("run", "pipeline.yaml", cwd=folder, env=env, check=True)
+    rerun = arpipe("run", "pipeline.yaml", cwd=folder, env=env, check=True)
+    returned = time.time()
+    assert stage_lines(rerun.stdout) == {"make": ["cached"], "total": ["cached"], "again": ["cached"]}
+    parents, children = wait_for_parents(folder, 2)
+    assert time.time() - returned < 10.5, "the cached run's lineage took longer than 10 s"
+    assert len(parents) == 2
+    first, second = parents
+    hits = children[second.info.run_id]
+    assert {r.data.tags["arpipe.cache"] for r in hits.values()} == {"hit"}
+    assert hits["make"].data.tags["arpipe.producer_run_id"] == children[first.info.run_id]["make"].info.run_id
+    record = json.loads(next(folder.glob("runs/total/*/outputs.json")).read_text())
+    assert hits["total"].data.tags["arpipe.fingerprint"] == record["fingerprint"]
+    [dataset_input] = hits["total"].inputs.dataset_inputs
+    assert dataset_input.dataset.name == "make.numbers"
+    assert hits["again"].data.params["config.copy"] == "2"
+    # the runs carry the times the run had, not the time of delivery
+    assert second.info.start_time <= returned * 1000 and second.info.end_time <= returned * 1000
+    assert pending_records(folder) == []
+    status = arpipe("status", "pipeline.yaml", cwd=folder, check=True)
+    rows = {line.split()[0]: line.split() for line in status.stdout.splitlines()[1:]}
+    assert rows["total"][1] == "cached" and hits["total"].info.run_id in rows["total"]
+
+
+def test_a_writer_killed_before_delivery_loses_nothing_and_delivers_once(project):
+    folder, env = project
+    arpipe("run", "pipeline.yaml", cwd=folder, env=env, check=True)
+    arpipe("run", "pipeline.yaml", cwd=folder, env=env, check=True)
+    killed = kill_writers(folder)          # MLflow alone takes the writer over a second to import
+    [record] = pending_records(folder)
+    assert killed == 1
+    time.sleep(1.0)
+    parents, _ = parents_and_children(folder)
+    assert len(parents) == 1               # the cached run is not in MLflow yet ...
+    kept = folder / "record.json"
+    shutil.copy(record, kept)
+
+    arpipe("status", "pipeline.yaml", cwd=folder, check=True)   # ... the next command delivers it
+    parents, children = wait_for_parents(folder, 2)
+    assert len(parents) == 2 and pending_records(folder) == []
+    delivered = parents[1]
+    assert {r.data.tags["arpipe.cache"] for r in children[delivered.info.run_id].values()} == {"hit"}
+
+    # the same record once more (a writer that died after MLflow had it, before it said so): no second parent
+    shutil.copy(kept, record)
+    from arpipe.pipeline.lineage import deliver_pending
+
+    again = deliver_pending(str(folder / "runs"))
+    assert list(again.values())[0][""] == delivered.info.run_id
+    parents, children = parents_and_children(folder)
+    assert len(parents) == 2 and len(children[delivered.info.run_id]) == 3
+
+
+def test_inside_a_ray_job_a_cached_run_writes_its_lineage_before_it_returns(project):
+    folder, env = project
+    arpipe("run", "pipeline.yaml", cwd=folder, env=env, check=True)
+    # what Ray Jobs sets in a job's entrypoint: the job's end may take a background writer with it
+    rerun = arpipe("run", "pipeline.yaml", cwd=folder, env={**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}, check=True)
+    parents, children = parents_and_children(folder)
+    assert len(parents) == 2 and len(children[parents[1].info.run_id]) == 3
+    assert f"MLflow run {parents[1].info.run_id} in experiment 'lineage-story'" in rerun.stdout
+    ledger = json.loads((folder / "runs" / ".arpipe" / "ledger" / "lineage-story.json").read_text())
+    assert ledger["mlflow_parent_run_id"] == parents[1].info.run_id
