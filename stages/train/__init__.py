@@ -148,23 +148,23 @@ class TrainStage(Stage):
     def _report_progress(self, steps: int) -> None:
         """The per-segment held-out diagnostics as an MLflow table and plot, and one warning line when the
         loss was still falling steeply at the end (the budget was too short) or rising (memorizing)."""
-        client = self.ctx.mlflow()
-        if client is None:
+        run = self.ctx.run_log
+        if not run.enabled:
             return
-        run_id, name = self.ctx.mlflow_run_id, self.ctx.name
-        logged = client.get_run(run_id).data.metrics
+        name = self.ctx.name
+        logged = run.metrics()
         keys = sorted(k for k in logged if k.startswith("heldout/"))
         rows: dict[tuple[int, str], dict[str, Any]] = {}
         for key in keys:
             _, segment, metric = key.split("/")
-            for m in client.get_metric_history(run_id, key):
-                rows.setdefault((m.step, segment), {"step": m.step, "segment": segment})[metric] = m.value
+            for step, value in run.metric_history(key):
+                rows.setdefault((step, segment), {"step": step, "segment": segment})[metric] = value
         if rows:
             from arpipe.stages.evaluation.plots import segment_curves
 
             table = sorted(rows.values(), key=lambda r: (r["step"], len(r["segment"]), r["segment"]))
-            client.log_table(run_id, {c: [r.get(c) for r in table] for c in ("step", "segment", "loss", "accuracy")},
-                             artifact_file="diagnostics/heldout_by_segment.json")
+            run.log_table({c: [r.get(c) for r in table] for c in ("step", "segment", "loss", "accuracy")},
+                          artifact_file="diagnostics/heldout_by_segment.json")
             png = self.ctx.work_dir / ".arpipe" / "heldout_by_segment.png"
             png.parent.mkdir(parents=True, exist_ok=True)
             segment_curves(table, png, title=f"{name}: teacher-forced held-out loss and accuracy per segment")
@@ -174,7 +174,7 @@ class TrainStage(Stage):
                 f"{r['segment']} {r['loss']:.2f} nats {100 * r['accuracy']:.0f}%" for r in table
                 if r["step"] == last and "loss" in r), flush=True)
         key = "heldout_loss" if "heldout_loss" in logged else "loss"
-        history = [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+        history = run.metric_history(key)
         verdict = convergence(history, steps)
         if verdict:
             print(f"[{name}] warning: {'held-out' if key == 'heldout_loss' else 'training'} loss {verdict}",
@@ -183,16 +183,9 @@ class TrainStage(Stage):
 
     def _log_model(self, model_dir: Path, config) -> None:
         """The trained generator as an MLflow logged model, linked to this stage's run."""
-        client = self.ctx.mlflow()
-        if client is None:
-            return
-        run = client.get_run(self.ctx.mlflow_run_id)
-        model = client.create_logged_model(
-            run.info.experiment_id, name=self.ctx.name, source_run_id=self.ctx.mlflow_run_id,
-            params={k: str(v) for k, v in config.to_dict().items()},
+        self.ctx.run_log.log_model(
+            model_dir, name=self.ctx.name, params={k: str(v) for k, v in config.to_dict().items()},
             tags={"arpipe.stage": self.ctx.name, "arpipe.fingerprint": self.ctx.fingerprint}, model_type="arpipe-ar")
-        client.log_model_artifacts(model.model_id, str(model_dir))
-        client.finalize_logged_model(model.model_id, "READY")
 
 
 def convergence(history: list[tuple[int, float]], steps: int, *, window: float = 0.25,
