@@ -85,6 +85,7 @@ class TrainStage(Stage):
 
         from arpipe.pipeline.execute import forwarded_env
         from arpipe.stages.models import count_parameters, preset
+        from arpipe.stages.train.config import TrainLoopConfig
         from arpipe.stages.train.data import build_vocab, default_seq_len, scale_inputs, summarize_store
         from arpipe.stages.train.ds_config import build_ds_config
         from arpipe.stages.train.loop import train_loop
@@ -102,21 +103,15 @@ class TrainStage(Stage):
             raise UserError(f"model config: {err}", where=f"stages.{ctx.name}.model",
                             fix="adjust the model block of this stage") from None
         steps = total_steps(spec, sum(s.samples for s in summaries), seq_len)
-        heldout = None
-        if spec.heldout:
-            held = summarize_store(spec.heldout)
-            heldout = held.__dict__
         storage_path, filesystem = _ray_storage(ctx.out_uri)
-        cfg = {
-            "env": forwarded_env(), "seed": spec.seed, "vocab": vocab.to_dict(), "model_args": config.to_dict(),
-            "summaries": [s.__dict__ for s in summaries], "names": names, "uris": [s.uri for s in summaries],
-            "weights": [d.weight for d in spec.data], "seq_len": seq_len, "packing": spec.packing,
-            "ds_config": build_ds_config(spec, steps), "total_steps": steps, "grad_accum": spec.grad_accum,
-            "micro_batch": spec.micro, "log_every": spec.log_every, "eval_every": spec.eval_every,
-            "checkpoint_every": spec.checkpoint_every, "tracking_uri": ctx.tracking_uri,
-            "mlflow_run_id": ctx.mlflow_run_id, "heldout": heldout, "heldout_name": names[0],
-            "heldout_samples": 256, "n_params": count_parameters(config), "scale_inputs": inputs,
-        }
+        cfg = TrainLoopConfig(
+            env=forwarded_env(), seed=spec.seed, vocab=vocab, model=config, summaries=tuple(summaries),
+            names=tuple(names), weights=tuple(d.weight for d in spec.data), seq_len=seq_len, packing=spec.packing,
+            ds_config=build_ds_config(spec, steps), total_steps=steps, grad_accum=spec.grad_accum,
+            micro_batch=spec.micro, log_every=spec.log_every, eval_every=spec.eval_every,
+            checkpoint_every=spec.checkpoint_every, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id,
+            n_params=count_parameters(config), scale_inputs=inputs,
+            heldout=summarize_store(spec.heldout) if spec.heldout else None, heldout_name=names[0])
         print(f"[{ctx.name}] {config.paradigm} model, {count_parameters(config) / 1e6:.2f}M parameters, vocab "
               f"{config.vocab_size}, seq_len {seq_len}; {steps} steps of {spec.global_batch} sequences on "
               f"{spec.workers} worker(s), ZeRO-{spec.deepspeed.zero_stage} {spec.deepspeed.precision}", flush=True)

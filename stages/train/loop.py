@@ -15,7 +15,8 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+
+from arpipe.stages.train.config import TrainLoopConfig
 
 #: dense bf16 peak FLOP/s by GPU name, for MFU (None on CPU or unknown GPUs)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -102,35 +103,33 @@ def load_jit_ops() -> None:
             fcntl.flock(guard, fcntl.LOCK_UN)
 
 
-def train_loop(cfg: dict[str, Any]) -> None:
+def train_loop(cfg: TrainLoopConfig) -> None:
     import deepspeed
     import ray.train
     import torch
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from arpipe.stages.models import ModelConfig, Transformer, VocabLayout, drop_conditions, save_model
+    from arpipe.stages.models import Transformer, drop_conditions, save_model
     from arpipe.stages.store import DistributedSampler
-    from arpipe.stages.train.data import Documents, StoreSummary, open_source
+    from arpipe.stages.train.data import Documents, open_source
 
-    os.environ.update(cfg["env"])
+    os.environ.update(cfg.env)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg["seed"])
-    vocab = VocabLayout.from_dict(cfg["vocab"])
-    model_config = ModelConfig.from_dict(cfg["model_args"])
-    summaries = [StoreSummary(**s) for s in cfg["summaries"]]
-    source = open_source([s.uri for s in summaries], cfg["weights"])
-    docs = Documents(source, summaries, cfg["names"], vocab, paradigm=model_config.paradigm,
-                     block_size=model_config.block_size, n_axes=model_config.rope_axes, seq_len=cfg["seq_len"],
-                     scale_inputs=cfg["scale_inputs"])
-    sampler = DistributedSampler(source, rank=rank, world_size=world, seed=cfg["seed"], tail="wrap",
-                                 seq_len=cfg["seq_len"] if cfg["packing"] else None,
-                                 lengths=docs.lengths() if cfg["packing"] else None)
+    torch.manual_seed(cfg.seed)
+    vocab, model_config = cfg.vocab, cfg.model
+    source = open_source(cfg.uris, list(cfg.weights))
+    docs = Documents(source, list(cfg.summaries), list(cfg.names), vocab, paradigm=model_config.paradigm,
+                     block_size=model_config.block_size, n_axes=model_config.rope_axes, seq_len=cfg.seq_len,
+                     scale_inputs=cfg.scale_inputs)
+    sampler = DistributedSampler(source, rank=rank, world_size=world, seed=cfg.seed, tail="wrap",
+                                 seq_len=cfg.seq_len if cfg.packing else None,
+                                 lengths=docs.lengths() if cfg.packing else None)
     model = Transformer(model_config)
     load_jit_ops()
     engine, _opt, _loader, _sched = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                         config=cfg["ds_config"])
+                                                         config=cfg.ds_config)
     step, restarts = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -139,7 +138,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             _path, client = engine.load_checkpoint(folder, tag=tag)
         step, restarts = int(client["step"]), int(client.get("restarts", 0)) + 1
         sampler.load_state_dict(client["sampler"])
-    metrics = MetricsLog(cfg["tracking_uri"], cfg["mlflow_run_id"], enabled=rank == 0)
+    metrics = MetricsLog(cfg.tracking_uri, cfg.mlflow_run_id, enabled=rank == 0)
     if checkpoint is not None:
         metrics.log({"resumed_at_step": step, "restarts": restarts}, step)
         if rank == 0:
@@ -147,16 +146,16 @@ def train_loop(cfg: dict[str, Any]) -> None:
                   "checkpoint", flush=True)
     heldout = _heldout(cfg, vocab, model_config, rank, world)
     units = _units(sampler)
-    n_params = sum(p.numel() for p in model.parameters()) if cfg["ds_config"]["zero_optimization"]["stage"] < 3 \
-        else cfg["n_params"]
+    n_params = sum(p.numel() for p in model.parameters()) if cfg.ds_config["zero_optimization"]["stage"] < 3 \
+        else cfg.n_params
     peak = _peak_flops(torch)
-    total, accum, micro = cfg["total_steps"], cfg["grad_accum"], cfg["micro_batch"]
+    total, accum, micro = cfg.total_steps, cfg.grad_accum, cfg.micro_batch
     while step < total:
         started = time.perf_counter()
         loss_sum, target_tokens = torch.zeros((), dtype=torch.float64), 0
         for m in range(accum):
             batch = docs.rows([next(units) for _ in range(micro)])
-            gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step * 1009 + m * 101 + rank)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + m * 101 + rank)
             batch.input_ids = drop_conditions(batch.input_ids, vocab, model_config.cond_dropout,
                                               doc_ids_BL=batch.doc_ids, generator=gen)
             batch = batch.to(engine.device)
@@ -171,23 +170,23 @@ def train_loop(cfg: dict[str, Any]) -> None:
             dist.all_reduce(stats)
         seconds = time.perf_counter() - started
         tokens_per_s = float(stats[1]) / seconds
-        if step % cfg["log_every"] == 0 or step == total:
+        if step % cfg.log_every == 0 or step == total:
             grad_norm = engine.get_global_grad_norm()
             row = {"loss": float(stats[0]) / world, "lr": engine.get_lr()[0], "tokens_per_s": tokens_per_s,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None}
             if peak:
                 row["mfu"] = 6 * n_params * tokens_per_s / (peak * world)
             metrics.log(row, step)
-        if heldout is not None and (step % cfg["eval_every"] == 0 or step == total):
+        if heldout is not None and (step % cfg.eval_every == 0 or step == total):
             metrics.log(heldout.evaluate(engine, world), step)
-        if step % cfg["checkpoint_every"] == 0 or step == total:
+        if step % cfg.checkpoint_every == 0 or step == total:
             metrics.flush()
             with tempfile.TemporaryDirectory() as folder:
                 engine.save_checkpoint(folder, tag=f"step{step:08d}",
                                        client_state={"step": step, "sampler": sampler.state_dict(),
                                                      "restarts": restarts})
                 if step == total:
-                    _save_consolidated(engine, model_config, vocab, cfg["scale_inputs"], Path(folder) / "model",
+                    _save_consolidated(engine, model_config, vocab, cfg.scale_inputs, Path(folder) / "model",
                                        rank, save_model)
                 ray.train.report({"step": step, "loss": float(stats[0]) / world}, checkpoint=Checkpoint.from_directory(folder))
     metrics.flush()
@@ -220,25 +219,24 @@ class _nullcontext:
         return False
 
 
-def _heldout(cfg: dict, vocab, model_config, rank: int, world: int):
+def _heldout(cfg: TrainLoopConfig, vocab, model_config, rank: int, world: int):
     """A fixed list of held-out micro-batches for this rank (the first samples of the held-out store)."""
-    if not cfg.get("heldout"):
+    if cfg.heldout is None:
         return None
     from arpipe.stages.models.diagnostics import PARTS
     from arpipe.stages.store import TokenStore
-    from arpipe.stages.train.data import Documents, StoreSummary
+    from arpipe.stages.train.data import Documents
 
-    summary = StoreSummary(**cfg["heldout"])
+    summary = cfg.heldout
     store = TokenStore.open(summary.uri)
-    names = [cfg["names"][cfg["uris"].index(summary.uri)]] if summary.uri in cfg["uris"] else \
-        [cfg["heldout_name"]]
+    names = [cfg.names[cfg.uris.index(summary.uri)]] if summary.uri in cfg.uris else [cfg.heldout_name]
     docs = Documents(store, [summary], names, vocab, paradigm=model_config.paradigm,
-                     block_size=model_config.block_size, n_axes=model_config.rope_axes, seq_len=cfg["seq_len"],
-                     scale_inputs=cfg["scale_inputs"])
+                     block_size=model_config.block_size, n_axes=model_config.rope_axes, seq_len=cfg.seq_len,
+                     scale_inputs=cfg.scale_inputs)
     # the same number of batches on every rank: ZeRO-3 forwards gather parameters collectively
-    usable = (min(len(store), cfg["heldout_samples"]) // world) * world
+    usable = (min(len(store), cfg.heldout_samples) // world) * world
     ids = list(range(usable))[rank::world]
-    micro = cfg["micro_batch"]
+    micro = cfg.micro_batch
     plan = docs.plans[0]
     if plan is None:
         n_segments = PARTS
