@@ -6,8 +6,8 @@
     for step in arpipe.plan(pipe):
         print(step.name, step.action, step.why)
     result = arpipe.run(pipe)                  # embedded Ray and a SQLite MLflow unless told otherwise
-    store = arpipe.open_store(result.output("tokenize", "store"))
-    print(len(store), store.manifest.vocab_size)
+    model = arpipe.load_model("./runs/train/<fingerprint>/model")   # a train stage's `model` output
+    digits = model.sample("image", labels=[3, 3, 7], seed=0)         # decoded arrays, one per label
 
 Each function is the command's own code path (the CLI calls the same modules), so a pipeline that
 runs from Python behaves exactly as it does from the shell: same cache, same lineage, same errors
@@ -22,10 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from arpipe.pipeline.config import LoadedPipeline
     from arpipe.pipeline.dag import Graph
     from arpipe.pipeline.plan import StagePlan
     from arpipe.pipeline.runner import RunResult
+    from arpipe.stages.models.folder import ModelFolder
     from arpipe.stages.store import TokenStore
 
 
@@ -107,3 +110,52 @@ def open_store(uri: str | Path, **options: Any) -> TokenStore:
     from arpipe.stages.store import TokenStore
 
     return TokenStore.open(str(uri), **options)
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A generator a train stage wrote, loaded and ready to sample (what the sample stage runs per actor)."""
+
+    opened: ModelFolder
+
+    @property
+    def modalities(self) -> list[str]:
+        """The names ``sample`` takes: one per tokenizer the model was trained on."""
+        return list(self.opened.tokenizers)
+
+    def sample(self, modality: str | None = None, labels: Sequence[Any] = (None,), *, seed: int = 0,
+               length: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               cfg_scale: float = 1.0, cfg_schedule: str = "constant", decode: bool = True) -> list[np.ndarray]:
+        """One sample per label (``None``: unconditional), decoded by the modality's tokenizer unless
+        ``decode`` is off (then the local token ids). ``length`` is only for variable-length layouts
+        (point clouds); sample ``i`` is the same for a seed whatever else is asked with it."""
+        from arpipe.pipeline.errors import UserError
+        from arpipe.stages.modalities import load_tokenizer
+        from arpipe.stages.models import Prompt, SamplingOptions, generate
+
+        names = self.modalities
+        name = modality or (names[0] if len(names) == 1 else None)
+        if name is None:
+            raise UserError(f"the model has several modalities ({', '.join(names)})", where=self.opened.uri,
+                            fix="pass modality=")
+        layout = self.opened.tokenizers.get(name, {}).get("layout") or {}
+        if length is None and not (layout.get("scales") or layout.get("grid")) and name in names:
+            raise UserError(f"{name} samples have no fixed length", where=self.opened.uri, fix="pass length=")
+        plan = self.opened.plan(name, length)
+        options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+                                  cfg_schedule=cfg_schedule)
+        prompt = Prompt.from_vocab(self.opened.vocab, name, list(labels))
+        gen = generate(self.opened.model, plan, prompt, options, seed=seed)
+        local = self.opened.vocab.to_local(name, gen.tokens.cpu()).numpy()
+        if not decode:
+            return list(local)
+        tokenizer = load_tokenizer(self.opened.tokenizers[name]["tokenizer_uri"])
+        trim = getattr(tokenizer, "trim", None)
+        return tokenizer.decode_arrays([trim(row) if trim else row for row in local])
+
+
+def load_model(uri: str | Path, *, device: str = "cpu") -> TrainedModel:
+    """Load a train stage's model folder (local or ``s3://``): weights, vocabulary, tokenizers' names."""
+    from arpipe.stages.models.folder import open_model
+
+    return TrainedModel(open_model(str(uri), device=device))

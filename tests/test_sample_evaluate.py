@@ -192,6 +192,21 @@ def test_samples_are_a_token_store_with_their_classes_and_sampling_config(projec
     assert all(s.tokens.size == 1 + 4 + 16 + 64 for s in store)
 
 
+def test_the_python_api_samples_what_the_sample_stage_sampled(project):
+    """arpipe.load_model(...).sample(...) is the stage's own path: same seed and labels, same tokens."""
+    import arpipe
+    from arpipe.stages.store import TokenStore
+
+    model = arpipe.load_model(out(project, "train") / "model")
+    assert model.modalities == ["image"]
+    labels = [str(i % 10) for i in range(16)]
+    tokens = model.sample("image", labels, cfg_scale=2.0, cfg_schedule="linear", decode=False)
+    stage = [s.tokens.reshape(-1) for s in TokenStore.open(str(out(project, "sample") / "samples"))][:16]
+    assert all(np.array_equal(a, b) for a, b in zip(tokens, stage, strict=True))
+    images = model.sample("image", labels[:3], cfg_scale=2.0, cfg_schedule="linear")
+    assert [x.shape for x in images] == [(1, 8, 8)] * 3
+
+
 def test_a_crashed_sample_stage_redoes_only_its_missing_shard(project, ray_cluster):
     """A crash leaves no outputs.json; a rerun reuses the committed shards and reproduces the rest exactly."""
     folder = out(project, "sample")
