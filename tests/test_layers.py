@@ -85,9 +85,10 @@ def test_the_graph_is_arpipe_as_installed_not_the_bare_facade(layout):
     assert files == py_files and files > 50, analyzed
 
 
-def test_a_library_reaching_into_a_stage_kind_or_the_orchestrator_is_refused(tmp_path):
-    """The contracts can fail: a domain library that imports a stage kind and the runner is named, with
-    the line, and lint-imports exits non-zero."""
+def test_imports_across_layers_are_refused_with_their_lines(tmp_path):
+    """The contracts can fail: a domain library importing a stage kind and the runner, a stage kind
+    importing another, the orchestrator importing a kind and the schemas importing the pipeline are each
+    named with their line, and lint-imports exits non-zero."""
     root = installed_layout(tmp_path / "installed")
     (root / "arpipe" / "stages" / "models" / "shortcut.py").write_text(
         '"""A helper that should have lived in a library."""\n\n'
@@ -95,12 +96,20 @@ def test_a_library_reaching_into_a_stage_kind_or_the_orchestrator_is_refused(tmp
         "from arpipe.stages.sample import SampleStage\n")
     (root / "arpipe" / "schemas" / "shortcut.py").write_text(
         '"""The schemas reaching up."""\n\nfrom arpipe.pipeline.errors import UserError\n')
+    (root / "arpipe" / "pipeline" / "shortcut.py").write_text(
+        '"""The orchestrator importing a kind instead of naming it in the registry."""\n\n'
+        "from arpipe.stages.sample import SampleStage\n")
+    kind = root / "arpipe" / "stages" / "python.py"
+    line = len(kind.read_text().splitlines()) + 1
+    kind.write_text(kind.read_text() + "from arpipe.stages.evaluate import Scores  # noqa\n")
     result = lint_imports(root)
     assert result.returncode == 1, result.stdout + result.stderr
     out = result.stdout
     assert "arpipe.stages.models.shortcut -> arpipe.pipeline.runner (l.3)" in out
     assert "arpipe.stages.models.shortcut -> arpipe.stages.sample (l.4)" in out
     assert "arpipe.schemas.shortcut -> arpipe.pipeline.errors (l.3)" in out
+    assert "arpipe.pipeline.shortcut -> arpipe.stages.sample (l.3)" in out
+    assert f"arpipe.stages.python -> arpipe.stages.evaluate (l.{line})" in out
 
 
 def _stage_children() -> set[str]:
