@@ -92,7 +92,7 @@ class TokenizerStage(Stage):
         fit_options = spec.tokenizer.fit.model_dump() if spec.tokenizer.type == "vqvae" else {}
         if spec.tokenizer.type == "vqvae":
             from arpipe.pipeline.storage import join
-            from arpipe.stages.vqvae_train import fit_vqvae_on_ray
+            from arpipe.stages.modalities.vqvae_fit import fit_vqvae_on_ray
 
             tok = fit_vqvae_on_ray(args, arrays, fit_options, workers=spec.workers,
                                    use_gpu=spec.resources.num_gpus > 0,

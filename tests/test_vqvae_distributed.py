@@ -92,7 +92,7 @@ def test_two_gloo_ranks_end_with_identical_weights_and_a_falling_loss(two_rank_f
 
 
 def test_fit_on_ray_train_with_two_workers(ray_cluster, tmp_path):
-    from arpipe.stages.vqvae_train import fit_vqvae_on_ray
+    from arpipe.stages.modalities.vqvae_fit import fit_vqvae_on_ray
 
     x = digits()
     train, test = x[:1500], x[1500:]
@@ -115,7 +115,7 @@ def test_fit_on_ray_train_with_two_workers(ray_cluster, tmp_path):
 
 
 def test_fit_on_ray_refuses_what_the_workers_cannot_split(tmp_path):
-    from arpipe.stages.vqvae_train import fit_vqvae_on_ray
+    from arpipe.stages.modalities.vqvae_fit import fit_vqvae_on_ray
 
     x = digits()[:10].numpy()
     np.save(tmp_path / "few.npy", x[:1])

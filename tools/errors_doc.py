@@ -71,7 +71,7 @@ def area_of(path: str, error_class: str) -> str:
         return "store"
     if path == "stages/models/folder.py":   # opening a trained model folder: the sample/evaluate side
         return "sample"
-    if path.startswith(("stages/train", "stages/models/", "stages/vqvae_train")):
+    if path.startswith(("stages/train", "stages/models/", "stages/modalities/vqvae_fit")):
         return "train"
     if path.startswith(("stages/sample", "stages/evaluat")):
         return "sample"

@@ -13,7 +13,7 @@ batch, which keeps the whole codebook in use.
 
 Trains on CPU here and on a GPU when one is present: ``device="auto"`` picks
 CUDA when available. Inside an initialized ``torch.distributed`` group of more
-than one process (gloo on CPU, NCCL on GPU; ``stages.vqvae_train`` starts one
+than one process (gloo on CPU, NCCL on GPU; ``modalities.vqvae_fit`` starts one
 with Ray Train) :meth:`VQVAE.fit` trains data-parallel: each rank draws its part
 of the global batch from its own shard of the samples, gradients and codebook
 statistics are summed over ranks, and rank 0 picks dead-code replacements, so
