@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from arpipe.pipeline.lineage import RunLog
 from arpipe.stages.train.config import TrainLoopConfig
 
 #: dense bf16 peak FLOP/s by GPU name, for MFU (None on CPU or unknown GPUs)
@@ -27,35 +28,6 @@ def _peak_flops(torch) -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-class MetricsLog:
-    """Rank 0's MLflow metrics, batched to keep the tracking store's writes few."""
-
-    def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool):
-        self.client = None
-        if enabled and run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri)
-        self.run_id = run_id
-        self.pending: list = []
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        if len(self.pending) >= 200:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.client is not None and self.pending:
-            for i in range(0, len(self.pending), 1000):
-                self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000])
-            self.pending = []
 
 
 def _units(sampler):
@@ -138,9 +110,10 @@ def train_loop(cfg: TrainLoopConfig) -> None:
             _path, client = engine.load_checkpoint(folder, tag=tag)
         step, restarts = int(client["step"]), int(client.get("restarts", 0)) + 1
         sampler.load_state_dict(client["sampler"])
-    metrics = MetricsLog(cfg.tracking_uri, cfg.mlflow_run_id, enabled=rank == 0)
+    # rank 0 logs to the stage's nested run, batched to keep the tracking store's writes few
+    metrics = RunLog(cfg.tracking_uri, cfg.mlflow_run_id if rank == 0 else None)
     if checkpoint is not None:
-        metrics.log({"resumed_at_step": step, "restarts": restarts}, step)
+        metrics.buffer_metrics({"resumed_at_step": step, "restarts": restarts}, step)
         if rank == 0:
             print(f"[train] resumed at step {step} (restart {restarts}) with the data position of that "
                   "checkpoint", flush=True)
@@ -176,9 +149,9 @@ def train_loop(cfg: TrainLoopConfig) -> None:
                    "grad_norm": float(grad_norm) if grad_norm is not None else None}
             if peak:
                 row["mfu"] = 6 * n_params * tokens_per_s / (peak * world)
-            metrics.log(row, step)
+            metrics.buffer_metrics(row, step)
         if heldout is not None and (step % cfg.eval_every == 0 or step == total):
-            metrics.log(heldout.evaluate(engine, world), step)
+            metrics.buffer_metrics(heldout.evaluate(engine, world), step)
         if step % cfg.checkpoint_every == 0 or step == total:
             metrics.flush()
             with tempfile.TemporaryDirectory() as folder:
