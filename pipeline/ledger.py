@@ -13,11 +13,11 @@ import json
 import time
 from typing import Any
 
-from arpipe.pipeline.storage import join, storage_for
+from arpipe.pipeline.storage import control_uri, storage_for
 
 
 def ledger_uri(root: str, pipeline: str) -> str:
-    return join(root, ".arpipe", "ledger", f"{pipeline}.json")
+    return control_uri(root, "ledger", f"{pipeline}.json")
 
 
 class Ledger:

@@ -39,7 +39,7 @@ except ImportError:   # Windows: no advisory locks; concurrent first runs there 
 
 from arpipe.pipeline import __version__
 from arpipe.pipeline.config import redact, scrub
-from arpipe.pipeline.storage import is_s3, join, storage_for
+from arpipe.pipeline.storage import control_uri, is_s3, join, storage_for
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 #: MLflow stores dataset digests in 36 characters; the full digest goes into the dataset profile
@@ -287,9 +287,7 @@ class Lineage:
 
 def lineage_dir(root: str, *parts: str) -> str:
     """``<storage>/.arpipe/lineage/...``: pending records, delivery notes, the writer's log."""
-    from arpipe.pipeline.outputs import CONTROL_DIR  # outputs -> stage -> this module: import on use
-
-    return join(root, CONTROL_DIR, "lineage", *parts)
+    return control_uri(root, "lineage", *parts)
 
 
 def queue(root: str, record: RunRecord) -> str:

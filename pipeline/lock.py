@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 import psutil
 
-from arpipe.pipeline.storage import join, storage_for
+from arpipe.pipeline.storage import control_uri, storage_for
 
 STALE_AFTER_S = 90.0
 HEARTBEAT_S = 15.0
 
 
 def lock_uri(out_uri: str) -> str:
-    return join(out_uri, ".arpipe", "lock")
+    return control_uri(out_uri, "lock")
 
 
 @dataclass

@@ -22,10 +22,9 @@ from pydantic import ValidationError
 from arpipe.pipeline import __version__
 from arpipe.pipeline.digest import digest_bytes, digest_json, digest_stream, hex_of
 from arpipe.pipeline.stage import Output
-from arpipe.pipeline.storage import is_s3, join, storage_for
+from arpipe.pipeline.storage import CONTROL_DIR, is_s3, join, storage_for
 from arpipe.schemas.outputs import FileRecord, OutputsRecord, OutputValue
 
-CONTROL_DIR = ".arpipe"
 OUTPUTS_FILE = "outputs.json"
 
 

@@ -36,7 +36,7 @@ from arpipe.pipeline.lineage import Lineage, RunRecord, git_commit, tracking_uri
 from arpipe.pipeline.lock import Heartbeats, StageLock
 from arpipe.pipeline.plan import Planner, StagePlan
 from arpipe.pipeline.registry import stage_class
-from arpipe.pipeline.storage import is_s3, join, storage_for
+from arpipe.pipeline.storage import CONTROL_DIR, control_uri, is_s3, join, storage_for
 from arpipe.schemas.outputs import OutputsRecord
 
 #: set by Ray Jobs in a job's entrypoint process
@@ -212,7 +212,7 @@ class Runner:
         storage = storage_for(uri)
         storage.delete(join(uri, out.OUTPUTS_FILE))
         for entry in list(storage.list(uri)):
-            if not entry.relpath.startswith(out.CONTROL_DIR + "/"):
+            if not entry.relpath.startswith(CONTROL_DIR + "/"):
                 storage.delete(join(uri, entry.relpath))
 
     def _line(self, name: str, state: str, detail: str = "") -> None:
@@ -379,7 +379,7 @@ class Runner:
         self._line(plan.name, verb, plan.why)
         ledger.stage(plan.name, state="running", fingerprint=plan.fingerprint, out_uri=plan.out_uri,
                      mlflow_run_id=run_id, started=time.time())
-        storage_for(plan.out_uri).delete(join(plan.out_uri, out.CONTROL_DIR, "failed.json"))
+        storage_for(plan.out_uri).delete(control_uri(plan.out_uri, "failed.json"))
         try:
             future, ref = self._submit(plan, payload)
         except BaseException:
@@ -412,7 +412,7 @@ class Runner:
             trace = self.lineage.scrub(trace)
             try:
                 storage_for(item.plan.out_uri).write_text(
-                    join(item.plan.out_uri, out.CONTROL_DIR, "failed.json"),
+                    control_uri(item.plan.out_uri, "failed.json"),
                     json.dumps({"run_id": self.run_id, "error": message, "traceback": trace, "time": time.time()}))
             except OSError:
                 pass   # the storage that failed the stage (full, gone) may refuse the note too; the run goes on

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from arpipe.pipeline import outputs as out
 from arpipe.pipeline.config import LoadedPipeline
 from arpipe.pipeline.dag import Graph
 from arpipe.pipeline.ledger import read_ledger
 from arpipe.pipeline.lineage import deliver_if_pending
 from arpipe.pipeline.lock import read_lock
 from arpipe.pipeline.plan import Planner
-from arpipe.pipeline.storage import join, storage_for
+from arpipe.pipeline.storage import control_uri, storage_for
 from arpipe.schemas.outputs import OutputsRecord
 
 
@@ -48,7 +47,7 @@ def stage_status(loaded: LoadedPipeline, graph: Graph) -> list[dict[str, Any]]:
 
 
 def _failure(out_uri: str) -> str | None:
-    uri = join(out_uri, out.CONTROL_DIR, "failed.json")
+    uri = control_uri(out_uri, "failed.json")
     try:
         return json.loads(storage_for(uri).read_text(uri)).get("error", "failed")
     except (FileNotFoundError, json.JSONDecodeError):

@@ -13,7 +13,6 @@ endpoint (an S3-compatible store) path-style addressing is used.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -23,6 +22,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+#: the bookkeeping folder inside every stage folder and the storage root (locks, ledgers, unit
+#: records, pending lineage, failure notes): never part of a stage's outputs
+CONTROL_DIR = ".arpipe"
+
+
+def control_uri(base: str, *parts: str) -> str:
+    """``<base>/.arpipe/<parts...>``: where bookkeeping about ``base`` lives."""
+    return join(base, CONTROL_DIR, *parts)
 
 
 def is_s3(uri: str) -> bool:
@@ -374,29 +382,28 @@ def listing_digest(uri: str, base_dir: str | os.PathLike | None = None) -> str:
 
     Keyed on a listing (relative names, sizes, and local modification times), not
     the path alone: new or changed files at the same place rerun the stage, while
-    hashing every byte of a large dataset on each ``plan`` is avoided. Bare hex;
-    ``"missing"`` when nothing is there.
+    hashing every byte of a large dataset on each ``plan`` is avoided. ``"missing"``
+    when nothing is there.
     """
+    from arpipe.pipeline.digest import digest_bytes
+
     uri = normalize(uri, base_dir)
-    h = hashlib.sha256()
     if is_s3(uri):
         storage = storage_for(uri)
         size = storage.size(uri)
         entries = [("", size)] if size is not None else [(e.relpath, e.size) for e in storage.list(uri)]
-        for rel, size in sorted(entries):
-            h.update(f"{rel}\0{size}\n".encode())
-        return h.hexdigest()
+        return digest_bytes("".join(f"{rel}\0{size}\n" for rel, size in sorted(entries)).encode())
     path = Path(uri)
     if path.is_file():
         st = path.stat()
-        h.update(f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()
+        return digest_bytes(f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     if not path.exists():
         return "missing"
+    lines = []
     for dirpath, dirs, files in os.walk(path):
         dirs.sort()
         for name in sorted(files):
             full = Path(dirpath) / name
             st = full.stat()
-            h.update(f"{full.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+            lines.append(f"{full.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n")
+    return digest_bytes("".join(lines).encode())

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from arpipe.pipeline.digest import digest_bytes
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.stage import Output, Stage
-from arpipe.pipeline.storage import join, storage_for
+from arpipe.pipeline.storage import CONTROL_DIR, join, storage_for
 from arpipe.schemas.sample import SampleStage as SampleSpec
 
 if TYPE_CHECKING:
@@ -366,7 +366,7 @@ class SampleStage(Stage):
             sheet.save(buf, format="PNG")
             rel = f"media/contact_{name}.png"
             storage_for(self.ctx.out_uri).write_bytes(join(self.ctx.out_uri, rel), buf.getvalue())
-            local = self.ctx.work_dir / ".arpipe" / f"contact_{name}.png"
+            local = self.ctx.work_dir / CONTROL_DIR / f"contact_{name}.png"
             local.parent.mkdir(parents=True, exist_ok=True)
             local.write_bytes(buf.getvalue())
             self.ctx.log_artifact(local, "contact_sheets")

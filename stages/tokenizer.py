@@ -15,7 +15,7 @@ from typing import Any
 
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.stage import Output, Stage
-from arpipe.pipeline.storage import listing_digest, normalize
+from arpipe.pipeline.storage import control_uri, listing_digest, normalize
 from arpipe.schemas.tokenize import TokenizerStage as TokenizerSpec
 
 
@@ -91,12 +91,11 @@ class TokenizerStage(Stage):
         arrays = [s.data for s in train]
         fit_options = spec.tokenizer.fit.model_dump() if spec.tokenizer.type == "vqvae" else {}
         if spec.tokenizer.type == "vqvae":
-            from arpipe.pipeline.storage import join
             from arpipe.stages.modalities.vqvae_fit import fit_vqvae_on_ray
 
             tok = fit_vqvae_on_ray(args, arrays, fit_options, workers=spec.workers,
                                    use_gpu=spec.resources.num_gpus > 0,
-                                   storage_dir=join(ctx.out_uri, ".arpipe", "fit"))
+                                   storage_dir=control_uri(ctx.out_uri, "fit"))
         else:
             tok.fit(arrays, **fit_options)
         digest = tok.save(str(ctx.work_dir / "tokenizer"))

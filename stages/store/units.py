@@ -28,13 +28,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from arpipe.pipeline.errors import UserError
-from arpipe.pipeline.storage import join, storage_for
+from arpipe.pipeline.storage import CONTROL_DIR, join, storage_for
 from arpipe.schemas.store import StoreManifest, TokenizerRef, VocabLayout
 
 from .format import bin_name, index_name
 from .quarantine import REJECTS_FILE, Reject, write_rejects
 
-UNITS_DIR = (".arpipe", "units")   # the stage folder's control folder: never part of the output
+UNITS_DIR = (CONTROL_DIR, "units")   # the stage folder's control folder: never part of the output
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")

@@ -24,7 +24,7 @@ from typing import Any
 
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.stage import Output, Stage
-from arpipe.pipeline.storage import is_s3, join
+from arpipe.pipeline.storage import CONTROL_DIR, control_uri, is_s3
 from arpipe.schemas.train import TrainStage as TrainSpec
 
 
@@ -49,7 +49,7 @@ def total_steps(spec: TrainSpec, samples: int, seq_len: int) -> int:
 def _ray_storage(out_uri: str) -> tuple[str, Any]:
     """Where Ray Train keeps checkpoints: the stage folder's control area (never part of the output)."""
     if not is_s3(out_uri):
-        return str(Path(out_uri) / ".arpipe" / "ray"), None
+        return control_uri(out_uri, "ray"), None
     import pyarrow.fs as pafs
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -57,7 +57,7 @@ def _ray_storage(out_uri: str) -> tuple[str, Any]:
                            access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
                            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
                            scheme="http" if endpoint and endpoint.startswith("http://") else "https")
-    return join(out_uri, ".arpipe", "ray")[len("s3://"):], fs
+    return control_uri(out_uri, "ray")[len("s3://"):], fs
 
 
 class TrainStage(Stage):
@@ -83,7 +83,6 @@ class TrainStage(Stage):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from arpipe.pipeline.execute import forwarded_env
         from arpipe.stages.models import count_parameters, preset
         from arpipe.stages.train.config import TrainLoopConfig
         from arpipe.stages.train.data import build_vocab, default_seq_len, scale_inputs, summarize_store
@@ -105,7 +104,7 @@ class TrainStage(Stage):
         steps = total_steps(spec, sum(s.samples for s in summaries), seq_len)
         storage_path, filesystem = _ray_storage(ctx.out_uri)
         cfg = TrainLoopConfig(
-            env=forwarded_env(), seed=spec.seed, vocab=vocab, model=config, summaries=tuple(summaries),
+            env=ctx.forwarded_env(), seed=spec.seed, vocab=vocab, model=config, summaries=tuple(summaries),
             names=tuple(names), weights=tuple(d.weight for d in spec.data), seq_len=seq_len, packing=spec.packing,
             ds_config=build_ds_config(spec, steps), total_steps=steps, grad_accum=spec.grad_accum,
             micro_batch=spec.micro, log_every=spec.log_every, eval_every=spec.eval_every,
@@ -160,7 +159,7 @@ class TrainStage(Stage):
             table = sorted(rows.values(), key=lambda r: (r["step"], len(r["segment"]), r["segment"]))
             run.log_table({c: [r.get(c) for r in table] for c in ("step", "segment", "loss", "accuracy")},
                           artifact_file="diagnostics/heldout_by_segment.json")
-            png = self.ctx.work_dir / ".arpipe" / "heldout_by_segment.png"
+            png = self.ctx.work_dir / CONTROL_DIR / "heldout_by_segment.png"
             png.parent.mkdir(parents=True, exist_ok=True)
             segment_curves(table, png, title=f"{name}: teacher-forced held-out loss and accuracy per segment")
             self.ctx.log_artifact(png, "diagnostics")
