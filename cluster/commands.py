@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from arpipe.cluster.client import TERMINAL, JobsClient, dashboard_address, first_line, job_url
 from arpipe.cluster.submission import MlflowRun, prepare, recorded_run
+from arpipe.pipeline.cli import format_table
 from arpipe.pipeline.errors import ArpipeError, UserError
 
 #: how often a waiting submit looks for the run's MLflow run in its ledger
@@ -126,7 +127,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no jobs on {client.url}")
         return 0
-    print(_table(rows, ["submission id", "status", "pipeline", "started", "took"]))
+    print(format_table(rows, ["submission id", "status", "pipeline", "started", "took"]))
     return 0
 
 
@@ -185,12 +186,6 @@ def _took(start: int | None, end: int | None) -> str:
         return "-"
     seconds = ((end or time.time() * 1000) - start) / 1000
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in [header, *rows])
 
 
 # -- argparse ------------------------------------------------------------------------

@@ -77,7 +77,8 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    """Plain aligned columns, header first (what `plan`, `status` and `jobs list` print)."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=False)).rstrip()]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
@@ -93,7 +94,7 @@ def cmd_plan(args) -> int:
     deliver_if_pending(planner.root)   # lineage an earlier run's background writer did not deliver
     plans = planner.plan(_selection(graph, args))
     rows = [[p.name, p.kind, p.action, (p.fingerprint or "-")[:12], p.why] for p in plans]
-    print(_table(rows, ["stage", "kind", "action", "fingerprint", "why"]))
+    print(format_table(rows, ["stage", "kind", "action", "fingerprint", "why"]))
     return 0
 
 
@@ -121,9 +122,9 @@ def cmd_status(args) -> int:
     from arpipe.pipeline.status import stage_status
 
     rows = stage_status(loaded, graph)
-    print(_table([[r["stage"], r["state"], r["fingerprint"][:12], r["duration"], r["mlflow_run_id"],
-                   r["output"]] for r in rows],
-                 ["stage", "state", "fingerprint", "duration", "mlflow run", "output"]))
+    print(format_table([[r["stage"], r["state"], r["fingerprint"][:12], r["duration"], r["mlflow_run_id"],
+                         r["output"]] for r in rows],
+                       ["stage", "state", "fingerprint", "duration", "mlflow run", "output"]))
     return 0
 
 

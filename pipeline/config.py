@@ -288,6 +288,22 @@ def replace_refs(value: Any, resolve) -> Any:
     return value
 
 
+def flatten(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted paths to the leaves of nested mappings: ``{"a": {"b": 1}} -> {"a.b": 1}``.
+
+    An empty mapping is a leaf, and so is a resolved reference (``{"$ref": ..., "digest": ...}``
+    in a fingerprint document): both are one value to compare or to log.
+    """
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(item, dict) and item and "$ref" not in item:
+            out.update(flatten(item, name))
+        else:
+            out[name] = item
+    return out
+
+
 def redact(value: Any, secrets: set[str] = frozenset(), key: str = "") -> Any:
     """A copy with secret-named keys' values and known secret values replaced by '***'."""
     if key and SECRET_KEY.search(key):

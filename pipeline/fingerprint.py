@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from arpipe.pipeline import __version__
-from arpipe.pipeline.config import replace_refs
+from arpipe.pipeline.config import flatten, replace_refs
 from arpipe.pipeline.digest import digest_json, hex_of
 
 
@@ -35,15 +35,6 @@ def fingerprint(doc: dict[str, Any]) -> str:
     return hex_of(digest_json(doc))
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and "$ref" not in value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out or {prefix: {}}
-    return {prefix: value}
-
-
 def _short(value: Any) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else value
     return text if len(text) <= 40 else text[:37] + "..."
@@ -54,7 +45,7 @@ def explain_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     reasons: list[str] = []
     if old.get("kind") != new.get("kind"):
         return f"kind changed: {old.get('kind')} -> {new.get('kind')}"
-    before, after = _flatten(old.get("config", {})), _flatten(new.get("config", {}))
+    before, after = flatten(old.get("config", {})), flatten(new.get("config", {}))
     upstream, config = [], []
     for key in sorted(set(before) | set(after)):
         a, b = before.get(key, "<unset>"), after.get(key, "<unset>")

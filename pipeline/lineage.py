@@ -38,7 +38,7 @@ except ImportError:   # Windows: no advisory locks; concurrent first runs there 
     fcntl = None
 
 from arpipe.pipeline import __version__
-from arpipe.pipeline.config import redact, scrub
+from arpipe.pipeline.config import flatten, redact, scrub
 from arpipe.pipeline.storage import control_uri, is_s3, join, storage_for
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -71,16 +71,10 @@ def git_commit(folder: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def flatten_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(flatten_params(value, name))
-        else:
-            text = value if isinstance(value, str) else json.dumps(value, default=str)
-            out[name] = text[:PARAM_VALUE_MAX]
-    return out
+def flatten_params(config: dict[str, Any]) -> dict[str, str]:
+    """A stage's config as MLflow params: dotted names, JSON text values cut to MLflow's limit."""
+    return {name: (value if isinstance(value, str) else json.dumps(value, default=str))[:PARAM_VALUE_MAX]
+            for name, value in flatten(config).items()}
 
 
 def now_ms() -> int:

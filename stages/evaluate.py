@@ -29,7 +29,6 @@ distributions) and ``cas_<modality>.png`` (the classifier's confusion matrices).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 import math
@@ -92,6 +91,7 @@ class EvaluateStage(Stage):
     @classmethod
     def source_digest(cls, spec: EvaluateSpec, pipeline_dir: Path) -> str | None:
         """Feature networks and the reconstruction source are read from outside the pipeline."""
+        from arpipe.pipeline.digest import digest_bytes
         from arpipe.pipeline.storage import listing_digest
 
         uris = [u for u in (spec.features.image, spec.features.video) if u]
@@ -101,7 +101,7 @@ class EvaluateStage(Stage):
             uris.append(spec.reconstruction.source.uri)
         if not uris:
             return None
-        return hashlib.sha256("\n".join(listing_digest(u, pipeline_dir) for u in uris).encode()).hexdigest()
+        return digest_bytes("\n".join(listing_digest(u, pipeline_dir) for u in uris).encode())
 
     # ------------------------------------------------------------------ likelihood
 

@@ -8,13 +8,13 @@ that imported an older version reloads it).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
 
+from arpipe.pipeline.digest import digest_file
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.lineage import active_run
 from arpipe.pipeline.stage import Output, Stage
@@ -61,7 +61,7 @@ class PythonStage(Stage):
         if path is None:
             raise UserError(f"cannot find module {module_name!r} of callable {spec.callable!r}",
                             fix=f"put {module_name.replace('.', '/')}.py beside the pipeline file or install it")
-        return f"{module_name}:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return f"{module_name}:" + digest_file(str(path))
 
     def _load(self):
         module_name, _, func_name = self.spec.callable.partition(":")
@@ -76,7 +76,7 @@ class PythonStage(Stage):
             current = getattr(module, "__file__", None)
             stale = current is None or expected is None or Path(current).resolve() != expected.resolve()
             if not stale and self.ctx.code_digest:
-                digest = hashlib.sha256(Path(current).read_bytes()).hexdigest()[:16]
+                digest = digest_file(current)
                 stale = f"{module_name}:{digest}" != self.ctx.code_digest
             if stale:
                 _forget(module_name)

@@ -14,14 +14,13 @@ Python API) opens it here::
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from arpipe.pipeline.digest import digest_bytes, hex_of
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.storage import is_s3, join, storage_for
 
@@ -36,14 +35,12 @@ def fetch_model(uri: str) -> Path:
         if not (path / "config.json").exists():
             raise UserError("no model here (config.json is missing)", where=uri, fix=_NO_MODEL_FIX)
         return path
-    local = Path(tempfile.gettempdir()) / "arpipe-models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    local = Path(tempfile.gettempdir()) / "arpipe-models" / hex_of(digest_bytes(uri.encode()))[:16]
     local.mkdir(parents=True, exist_ok=True)
     storage = storage_for(uri)
     for name in MODEL_FILES:
         if not (local / name).exists() and storage.exists(join(uri, name)):
-            tmp = local / f".{name}.{os.getpid()}.tmp"
-            storage.get_file(join(uri, name), tmp)
-            os.replace(tmp, local / name)
+            storage.get_file(join(uri, name), local / name)   # atomic: a temp file renamed into place
     if not (local / "config.json").exists():
         raise UserError("no model here (config.json is missing)", where=uri, fix=_NO_MODEL_FIX)
     return local

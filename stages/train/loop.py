@@ -11,6 +11,7 @@ weights (``model/``), gathered across ranks for ZeRO-3.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -175,21 +176,13 @@ def _save_consolidated(engine, model_config, vocab, scale_inputs, folder: Path, 
     module = engine.module
     params = list(module.parameters())
     gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None) \
-        if engine.zero_optimization_stage() == 3 else _nullcontext()
+        if engine.zero_optimization_stage() == 3 else contextlib.nullcontext()
     with gathered:
         if rank == 0:
             state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
             full = Transformer(model_config)
             full.load_state_dict(state, strict=True)
             save_model(folder, full.to(torch.float32), vocab=vocab, scale_inputs=scale_inputs)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _heldout(cfg: TrainLoopConfig, vocab, model_config, rank: int, world: int):
