@@ -3,7 +3,7 @@
 Errors print one line (where, what, how to fix) and exit 2 for user errors;
 ``--debug`` shows the traceback. ``validate``, ``plan`` and a fully cached
 ``run`` import neither torch nor ray; a fully cached ``run`` not even MLflow (a
-background writer delivers its lineage, see ``pipeline/lineage.py``).
+background writer delivers its lineage, see ``pipeline/lineage_queue.py``).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
 
 def cmd_plan(args) -> int:
     loaded, graph = _load(args)
-    from arpipe.pipeline.lineage import deliver_if_pending
+    from arpipe.pipeline.lineage_queue import deliver_if_pending
     from arpipe.pipeline.plan import Planner
 
     planner = Planner(loaded, graph)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any, BinaryIO
 
 ALGORITHM = "sha256"
@@ -53,3 +55,35 @@ def digest_array(a: Any) -> str:
 def hex_of(digest: str) -> str:
     """The hex part of a digest (also accepts a bare hex digest written by arpipe 0.1 before the prefix)."""
     return digest.removeprefix(PREFIX)
+
+
+def listing_digest(uri: str, base_dir: str | os.PathLike | None = None) -> str:
+    """A digest of what is at ``uri`` (a file or a folder/prefix, relative to ``base_dir``), for fingerprints.
+
+    Keyed on a listing (relative names, sizes, and local modification times), not
+    the path alone: new or changed files at the same place rerun the stage, while
+    hashing every byte of a large dataset on each ``plan`` is avoided. ``"missing"``
+    when nothing is there.
+    """
+    from arpipe.pipeline.storage import is_s3, normalize, storage_for
+
+    uri = normalize(uri, base_dir)
+    if is_s3(uri):
+        storage = storage_for(uri)
+        size = storage.size(uri)
+        entries = [("", size)] if size is not None else [(e.relpath, e.size) for e in storage.list(uri)]
+        return digest_bytes("".join(f"{rel}\0{size}\n" for rel, size in sorted(entries)).encode())
+    path = Path(uri)
+    if path.is_file():
+        st = path.stat()
+        return digest_bytes(f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    if not path.exists():
+        return "missing"
+    lines = []
+    for dirpath, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = Path(dirpath) / name
+            st = full.stat()
+            lines.append(f"{full.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n")
+    return digest_bytes("".join(lines).encode())

@@ -51,7 +51,7 @@ def read_ledger(root: str, pipeline: str) -> dict[str, Any] | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     if data.get("lineage_record") and not data.get("mlflow_parent_run_id"):
-        from arpipe.pipeline.lineage import delivered
+        from arpipe.pipeline.lineage_queue import delivered
 
         ids = delivered(root, data["lineage_record"]) or {}
         data["mlflow_parent_run_id"] = ids.pop("", None)

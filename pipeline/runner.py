@@ -1,7 +1,7 @@
 """Running a pipeline: cached stages are skipped, the rest run on Ray, lineage goes to MLflow.
 
 Lineage waits until a stage has to run: a run that finds everything cached never imports MLflow
-(nor Ray); its record is handed to a detached writer (``pipeline/lineage.py``) and the command
+(nor Ray); its record is handed to a detached writer (``pipeline/lineage_queue.py``) and the command
 returns at once. Once a stage runs, the parent run is created, with the cache hits so far.
 
 Independent branches run concurrently and a failure stops only what depends
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from arpipe.pipeline import lineage as lin
+from arpipe.pipeline import lineage_queue
 from arpipe.pipeline import outputs as out
 from arpipe.pipeline.config import LoadedPipeline, redact, replace_refs
 from arpipe.pipeline.dag import Graph, Selection
@@ -143,12 +144,12 @@ class Runner:
             return self._parent
         record = self._record
         record.status, record.end_ms = status, lin.now_ms()
-        lin.queue(self.root, record)   # kept until it is in MLflow: a writer that dies loses nothing
+        lineage_queue.queue(self.root, record)   # kept until it is in MLflow: a writer that dies loses nothing
         if self.lineage_in_background:
-            lin.deliver_in_background(self.root)
+            lineage_queue.deliver_in_background(self.root)
             return None
-        delivered = (lin.deliver_pending(self.root, self.tracking).get(record.record_id)
-                     or lin.delivered(self.root, record.record_id))   # or another writer got to it first
+        delivered = (lineage_queue.deliver_pending(self.root, self.tracking).get(record.record_id)
+                     or lineage_queue.delivered(self.root, record.record_id))   # or another writer got to it first
         if delivered:
             self._parent = delivered.pop("")
             ledger.data["mlflow_parent_run_id"] = self._parent
@@ -229,7 +230,7 @@ class Runner:
         self.echo(f"arpipe run {self.run_id}: pipeline {spec.name!r}, {len(selected)} stage(s), "
                   f"outputs under {self.root}")
         if self.lineage_in_background:
-            lin.deliver_if_pending(self.root)   # records an earlier run's writer did not get to
+            lineage_queue.deliver_if_pending(self.root)   # records an earlier run's writer did not get to
         secrets = self.loaded.secret_values
         resolved_yaml = json.dumps(redact({"name": spec.name, "storage": spec.storage, "stages": {
             n: s.model_dump(mode="json") for n, s in spec.stages.items()}}, secrets), indent=1)

@@ -8,7 +8,7 @@ from typing import Any
 from arpipe.pipeline.config import LoadedPipeline
 from arpipe.pipeline.dag import Graph
 from arpipe.pipeline.ledger import read_ledger
-from arpipe.pipeline.lineage import deliver_if_pending
+from arpipe.pipeline.lineage_queue import deliver_if_pending
 from arpipe.pipeline.lock import read_lock
 from arpipe.pipeline.plan import Planner
 from arpipe.pipeline.storage import control_uri, storage_for

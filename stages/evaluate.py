@@ -91,8 +91,7 @@ class EvaluateStage(Stage):
     @classmethod
     def source_digest(cls, spec: EvaluateSpec, pipeline_dir: Path) -> str | None:
         """Feature networks and the reconstruction source are read from outside the pipeline."""
-        from arpipe.pipeline.digest import digest_bytes
-        from arpipe.pipeline.storage import listing_digest
+        from arpipe.pipeline.digest import digest_bytes, listing_digest
 
         uris = [u for u in (spec.features.image, spec.features.video) if u]
         # a classifier that is an upstream output is in the fingerprint by its content digest already

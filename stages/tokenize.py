@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from arpipe.pipeline.digest import listing_digest
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.stage import Output, Stage, StageContext
-from arpipe.pipeline.storage import join, listing_digest, normalize
+from arpipe.pipeline.storage import join, normalize
 from arpipe.schemas.tokenize import Source
 from arpipe.schemas.tokenize import TokenizeStage as TokenizeSpec
 

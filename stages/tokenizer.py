@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from arpipe.pipeline.digest import listing_digest
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.stage import Output, Stage
-from arpipe.pipeline.storage import control_uri, listing_digest, normalize
+from arpipe.pipeline.storage import control_uri, normalize
 from arpipe.schemas.tokenize import TokenizerStage as TokenizerSpec
 
 

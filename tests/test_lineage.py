@@ -158,7 +158,7 @@ def test_a_writer_killed_before_delivery_loses_nothing_and_delivers_once(project
 
     # the same record once more (a writer that died after MLflow had it, before it said so): no second parent
     shutil.copy(kept, record)
-    from arpipe.pipeline.lineage import deliver_pending
+    from arpipe.pipeline.lineage_queue import deliver_pending
 
     again = deliver_pending(str(folder / "runs"))
     assert list(again.values())[0][""] == delivered.info.run_id
