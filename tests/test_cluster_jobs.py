@@ -381,3 +381,27 @@ def test_token_auth_cluster(token_head, story):
     wrong = arpipe("jobs", "list", "--address", token_head.address, cwd=project,
                    env={"HOME": str(home), "RAY_AUTH_TOKEN": "not-the-token"})
     assert_one_clear_line(wrong, "rejected the token from RAY_AUTH_TOKEN", "ray get-auth-token")
+
+
+def test_a_project_with_its_own_pipeline_and_stages_modules_runs_as_a_job(open_head, story):
+    """The job's working_dir comes first on the job's sys.path: the user's pipeline/ and stages.py must win
+    for their code, and arpipe (installed as arpipe.*) must still find its own modules."""
+    from test_namespace import USER_MODULES
+
+    project, tracking, tmp, name = story
+    write(project, {**USER_MODULES, "pipeline.yaml": f"""
+    name: {name}
+    storage: {tmp / "runs"}
+    stages:
+      a: {{kind: python, callable: "pipeline.steps:make", config: {{n: 21}}}}
+      b: {{kind: python, callable: "stages:total", inputs: {{n: "${{a.n}}"}}}}
+    """})
+    run = arpipe("submit", "pipeline.yaml", "--address", open_head.address, "--tracking-uri", tracking, "--wait",
+                 cwd=project, timeout=180, check=True)
+    assert f"{submission_id(run.stdout)} SUCCEEDED" in run.stdout
+    made = json.loads(next((tmp / "runs").glob("a/*/outputs.json")).read_text())["outputs"]
+    assert made["who"]["value"] == ["user pipeline package", "user stages module", "user schemas module",
+                                    "user cluster module"]
+    assert made["foreign"]["value"] == []
+    total = json.loads(next((tmp / "runs").glob("b/*/outputs.json")).read_text())["outputs"]
+    assert total["total"]["value"] == 42

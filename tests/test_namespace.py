@@ -16,6 +16,7 @@ from helpers import arpipe, stage_lines, write
 USER_MODULES = {
     "pipeline/__init__.py": 'WHO = "user pipeline package"\n',
     "pipeline/steps.py": """
+        import os
         import sys
 
         import cluster
@@ -24,11 +25,13 @@ USER_MODULES = {
 
         import pipeline
 
+        PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
         def make(config, inputs, out_dir):
-            # every arpipe module this worker holds is arpipe's own, not one of ours
-            foreign = sorted(name for name, module in sys.modules.items()
-                             if name.split(".")[0] == "arpipe" and "/project/" in (getattr(module, "__file__", "") or ""))
+            # every arpipe module this worker holds is arpipe's own, none is a file of this project
+            foreign = sorted(name for name, module in sys.modules.items() if name.split(".")[0] == "arpipe"
+                             and (getattr(module, "__file__", "") or "").startswith(PROJECT + os.sep))
             return {"who": [pipeline.WHO, stages.WHO, schemas.WHO, cluster.WHO], "foreign": foreign,
                     "n": config["n"]}
     """,
