@@ -86,7 +86,7 @@ def kill_writers(folder: Path) -> int:
     killed = 0
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if "arpipe.pipeline.lineage" in cmdline and str(folder / "runs") in cmdline:
+        if "arpipe.pipeline.lineage_queue" in cmdline and str(folder / "runs") in cmdline:
             try:
                 proc.kill()
                 killed += 1
