@@ -30,6 +30,7 @@ schema: setup
 	$(PY) -m arpipe.schemas.export
 
 bench: setup
+	$(VENV)/bin/pip install -q -e '.[bench]'   # dvc, the no-op rerun's anchor
 	$(PY) benchmarks/run_all.py
 
 clean:

@@ -62,6 +62,10 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         Ratio(("per_stage_overhead_beyond_ray_start_ms",), "per-stage overhead beyond Ray start-up",
               "20 functions in one process, plus Ray start-up", None, " ms"),
         Ratio(("noop_rerun_s",), "no-op rerun of 20 cached stages", "absolute wall time", ("<=", 1.5), " s"),
+        Ratio(("noop_arpipe_over_dvc",), "no-op rerun of 3 cached stages / dvc repro (#15)",
+              "dvc repro of 3 cached stages, same machine, same run", ("<=", 1.0)),
+        Ratio(("noop_3_stages_lineage_delivered_s",), "cached run's lineage in MLflow after the command (#15)",
+              "absolute wall time after the command returns", ("<=", 10), " s"),
     )),
     Benchmark("store_read", "store_read.py", "store_read.json", 3, (
         Ratio(("ratios", "sequential / raw"), "sequential read / raw", "raw np.fromfile of the same bytes",
