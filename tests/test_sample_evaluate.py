@@ -160,7 +160,8 @@ def test_a_judge_fitted_on_real_digits_recognises_the_digit_each_sample_was_aske
     def cas(arrays, labels) -> float:
         return float(np.mean(np.asarray(judge.predict("image", arrays, image_size=8)) == labels))
 
-    assert cas(samples, requested) == pytest.approx(m["image/cas"])
+    # the PNGs are the decodes rounded to 8 bits: a sample on the judge's decision boundary may flip
+    assert cas(samples, requested) == pytest.approx(m["image/cas"], abs=1.5 / len(files))
     noise = [rng.random((1, 8, 8), dtype=np.float32) for _ in files]
     shuffled = np.concatenate([rng.permutation(requested) for _ in range(10)])
     assert cas(noise, requested) <= 0.25
