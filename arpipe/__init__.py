@@ -5,6 +5,10 @@ The project's folders install under this one name, so they never collide with a 
 kinds and the domain libraries), ``arpipe.schemas`` (the YAML's pydantic models) and
 ``arpipe.cluster`` (Ray Jobs). The small Python API lives in :mod:`arpipe.api` and is re-exported
 here; it is imported on first use, so ``import arpipe`` stays light.
+
+In the checkout, ``arpipe/pipeline`` (and ``stages``, ``schemas``, ``cluster``) are symlinks to the
+top-level folders, so tools that walk the package on disk (``lint-imports``, IDEs) see the tree an
+install has; the wheel is built from pyproject's ``package-dir`` mapping, not from the links.
 """
 
 from __future__ import annotations
