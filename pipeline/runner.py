@@ -129,13 +129,17 @@ class Runner:
     def _parent_run(self, ledger: Ledger) -> str:
         """The MLflow parent run, created on first need together with the cache hits recorded so far."""
         if self._parent is None:
-            ids = self.lineage.deliver(self._record)
-            self._parent = ids.pop("")
-            ledger.data["mlflow_parent_run_id"] = self._parent
-            for name, run_id in ids.items():
-                ledger.stage(name, mlflow_run_id=run_id)
-            self.echo(f"  MLflow run {self._parent} in experiment {self._record.experiment!r} ({self.tracking})")
+            self._adopt_runs(self.lineage.deliver(self._record), ledger)
         return self._parent
+
+    def _adopt_runs(self, ids: dict[str, str], ledger: Ledger) -> None:
+        """Take a delivered record's run ids (``""``: the parent) into the ledger and say where the run is."""
+        ids = dict(ids)
+        self._parent = ids.pop("")
+        ledger.data["mlflow_parent_run_id"] = self._parent
+        for name, run_id in ids.items():
+            ledger.stage(name, mlflow_run_id=run_id)
+        self.echo(f"  MLflow run {self._parent} in experiment {self._record.experiment!r} ({self.tracking})")
 
     def _end_lineage(self, ledger: Ledger, status: str) -> str | None:
         """Close the parent run; with no parent yet, hand the whole record over. Returns the parent run id."""
@@ -151,11 +155,7 @@ class Runner:
         delivered = (lineage_queue.deliver_pending(self.root, self.tracking).get(record.record_id)
                      or lineage_queue.delivered(self.root, record.record_id))   # or another writer got to it first
         if delivered:
-            self._parent = delivered.pop("")
-            ledger.data["mlflow_parent_run_id"] = self._parent
-            for name, run_id in delivered.items():
-                ledger.stage(name, mlflow_run_id=run_id)
-            self.echo(f"  MLflow run {self._parent} in experiment {record.experiment!r} ({self.tracking})")
+            self._adopt_runs(delivered, ledger)
         return self._parent
 
     def _stage_tags(self, name: str, upstream_runs: list[str]) -> dict[str, str]:
