@@ -28,22 +28,40 @@ MODEL_FILES = ("config.json", "model.safetensors", "vocab.json", "tokenizers.jso
 _NO_MODEL_FIX = "point `model` at a train stage's output, e.g. ${train.model}"
 
 
-def fetch_model(uri: str) -> Path:
-    """A local folder holding the model folder at ``uri`` (downloaded once per process for S3)."""
+def fetch_model(uri: str, *, digests: bool = True) -> Path:
+    """A local folder holding the model folder at ``uri`` (downloaded once per machine for S3), checked
+    against the sizes and (with ``digests``) the digests its ``config.json`` records: a damaged file is refused
+    with one line naming it before anything loads it."""
+    from .io import verify_files
+
     if not is_s3(uri):
         path = Path(uri)
         if not (path / "config.json").exists():
             raise UserError("no model here (config.json is missing)", where=uri, fix=_NO_MODEL_FIX)
+        verify_files(path, digests=digests)
         return path
     local = Path(tempfile.gettempdir()) / "arpipe-models" / hex_of(digest_bytes(uri.encode()))[:16]
     local.mkdir(parents=True, exist_ok=True)
+    _download(uri, local)
+    try:
+        verify_files(local, digests=digests, shown_as=uri)
+    except UserError:
+        # the local copy may be stale (the model was rewritten since) or damaged: fetch it afresh, once
+        for name in MODEL_FILES:
+            (local / name).unlink(missing_ok=True)
+        _download(uri, local)
+        verify_files(local, digests=digests, shown_as=uri)
+    return local
+
+
+def _download(uri: str, local: Path) -> None:
+    """The model folder's files not yet in ``local``, each fetched atomically (a temp file renamed into place)."""
     storage = storage_for(uri)
     for name in MODEL_FILES:
         if not (local / name).exists() and storage.exists(join(uri, name)):
-            storage.get_file(join(uri, name), local / name)   # atomic: a temp file renamed into place
+            storage.get_file(join(uri, name), local / name)
     if not (local / "config.json").exists():
         raise UserError("no model here (config.json is missing)", where=uri, fix=_NO_MODEL_FIX)
-    return local
 
 
 def model_info(folder: Path, *, check_weights: bool = True) -> tuple[Any, Any, dict[str, dict[str, Any]]]:
@@ -132,7 +150,7 @@ def open_model(uri: str, *, device: str = "cpu", dtype=None, check_weights: bool
     """Fetch, check and load the model folder at ``uri`` (local or s3://) onto ``device``."""
     from .io import load_model, load_scale_inputs
 
-    folder = fetch_model(uri)
+    folder = fetch_model(uri, digests=check_weights)
     config, vocab, tokenizers = model_info(folder, check_weights=check_weights)
     model = load_model(folder, device=device, dtype=dtype)
     return ModelFolder(uri=uri, folder=folder, config=config, vocab=vocab, tokenizers=tokenizers, model=model,

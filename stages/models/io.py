@@ -8,6 +8,11 @@ input, ``scale_inputs.safetensors`` (each tokenizer's codebook and input mix,
 :class:`~stages.models.sequence.ScaleInput`, so sampling needs no tokenizer
 to lay out its inputs). Every file is written to a temporary name and
 renamed, so a crash never leaves a half-written model that loads.
+
+``config.json`` is written last and records the size and digest of every
+other file written here (``"files"``): a weights file truncated or changed
+after the fact is refused by :func:`verify_files` before it is used. Folders
+written before the record existed carry none and load as they did.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from arpipe.pipeline.digest import digest_file
+from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.storage import atomic_local_file, storage_for
 
 from .config import ModelConfig
@@ -59,9 +66,41 @@ def save_model(directory: str | Path, model: Transformer, *, vocab: VocabLayout 
         starts = json.dumps({name: si.code_start for name, si in scale_inputs.items()})
         with atomic_local_file(out / SCALE_INPUTS_FILE) as tmp:
             save_file(tables, tmp, metadata={"code_start": starts})
-    files.write_text(str(out / CONFIG_FILE), json.dumps({"format": MODEL_FORMAT, "model_args": model.config.to_dict()},
-                                                        indent=2, sort_keys=True))
+    written = [name for name in (WEIGHTS_FILE, VOCAB_FILE, SCALE_INPUTS_FILE) if (out / name).exists()]
+    record = {name: {"bytes": (out / name).stat().st_size, "digest": digest_file(str(out / name))} for name in written}
+    files.write_text(str(out / CONFIG_FILE), json.dumps({"format": MODEL_FORMAT, "model_args": model.config.to_dict(),
+                                                        "files": record}, indent=2, sort_keys=True))
     return out
+
+
+def verify_files(directory: str | Path, *, digests: bool = True, shown_as: str | None = None) -> None:
+    """Check the files ``config.json`` records (size, and with ``digests`` their sha256) before they are used.
+
+    Raises a :class:`UserError` naming the first damaged file (``shown_as``: the folder as the user named it,
+    e.g. its s3:// URI, when ``directory`` is a local copy). A folder without a record (written before it
+    existed) passes unchecked.
+    """
+    folder = Path(directory)
+    try:
+        recorded = json.loads((folder / CONFIG_FILE).read_text()).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return   # no or unreadable config.json: load_config says so with its own message
+    where = (shown_as or str(folder)).rstrip("/")
+    fix = ("the model folder was damaged after its train stage wrote it: restore it from a copy, or rerun that "
+           "stage (`arpipe run PIPELINE --force STAGE`)")
+    for name, record in sorted(recorded.items()):
+        path = folder / name
+        if not path.exists():
+            raise UserError(f"{name} is missing (config.json records {record['bytes']} bytes)",
+                            where=where, fix=fix)
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            what = "truncated" if size < record["bytes"] else "longer than written"
+            raise UserError(f"{name} is {what}: {size} bytes, config.json records {record['bytes']}",
+                            where=where, fix=fix)
+        if digests and (actual := digest_file(str(path))) != record["digest"]:
+            raise UserError(f"{name} does not match its digest: config.json records {record['digest'][:19]}…, "
+                            f"the file hashes to {actual[:19]}…", where=where, fix=fix)
 
 
 def load_config(directory: str | Path) -> ModelConfig:
