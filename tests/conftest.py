@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -17,6 +19,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+#: caches the tests' processes would otherwise keep in the home folder (torch extensions JIT-built by
+#: DeepSpeed, matplotlib's font cache, ...): one fresh folder per test session, so that nothing left there by
+#: an earlier run (a build lock of a killed process once hung the suite) can change what a run does
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="arpipe-tests-home-"))
+for _name, _sub in (("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("MPLCONFIGDIR", "matplotlib"),
+                    ("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_HOME", "config"), ("HOME", "home")):
+    os.environ[_name] = str(SESSION_HOME / _sub)
+    (SESSION_HOME / _sub).mkdir()
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -74,28 +74,41 @@ def losses(folder: Path, experiment: str) -> dict[str, list[float]]:
     return out
 
 
-def test_zero_stages_with_two_ranks_match_one(digits_project, ray_cluster):
-    folder = digits_project
-    stages = (train_block("single", zero=0, workers=1)
-              + train_block("zero1", zero=1, more="    needs: [single]\n")
-              + train_block("zero2", zero=2, more="    needs: [zero1]\n")
-              + train_block("zero3", zero=3, more="    needs: [zero2]\n")
-              + train_block("zero3_offload", zero=3, extra=", offload_optimizer: true, offload_params: true",
-                            more="    needs: [zero3]\n"))
-    write(folder, {"zero.yaml": DATA.format(name="zero") + stages})
-    run = arpipe("run", "zero.yaml", cwd=folder, env={"RAY_ADDRESS": ray_cluster}, timeout=900, check=True)
+ZERO = {"zero1": (1, ""), "zero2": (2, ""), "zero3": (3, ""),
+        "zero3_offload": (3, ", offload_optimizer: true, offload_params: true")}
+
+
+def two_ranks_match_one(folder: Path, ray_cluster: str, name: str, variants: list[str]) -> None:
+    """Each ZeRO variant on 2 ranks follows the loss curve of one rank without ZeRO, step for step."""
+    stages, after = train_block("single", zero=0, workers=1), "single"
+    for stage in variants:
+        zero, extra = ZERO[stage]
+        stages += train_block(stage, zero=zero, extra=extra, more=f"    needs: [{after}]\n")
+        after = stage
+    write(folder, {f"{name}.yaml": DATA.format(name=name) + stages})
+    run = arpipe("run", f"{name}.yaml", cwd=folder, env={"RAY_ADDRESS": ray_cluster}, timeout=900, check=True)
     assert all(s[-1] == "done" for s in stage_lines(run.stdout).values()), run.stdout
-    curves = losses(folder, "zero")
+    curves = losses(folder, name)
     reference = curves["single"]
     assert len(reference) == 6 and reference[-1] < reference[0]
-    for stage in ("zero1", "zero2", "zero3", "zero3_offload"):
+    for stage in variants:
         # same global batch and data order: only float reduction order differs (gloo all-reduce vs one
         # process), which Adam's normalization lets grow a little; stated tolerance 2e-3 nats per step
         assert np.allclose(curves[stage], reference, rtol=0, atol=2e-3), (stage, curves[stage], reference)
-    model = next(folder.glob("runs/zero3/*/model"))
+
+
+def test_zero_3_with_two_ranks_matches_one(digits_project, ray_cluster):
+    """ZeRO-3 (parameters, gradients and optimizer state partitioned) stands for the stages in CI."""
+    two_ranks_match_one(digits_project, ray_cluster, "zero", ["zero3"])
+    model = next(digits_project.glob("runs/zero3/*/model"))
     # a next_scale model carries VAR's input tables (the tokenizer's codebook and input map) with its weights
     assert {p.name for p in model.iterdir()} == {"model.safetensors", "config.json", "vocab.json", "tokenizers.json",
                                                  "scale_inputs.safetensors"}
+
+
+@pytest.mark.full
+def test_every_zero_stage_with_two_ranks_matches_one(digits_project, ray_cluster):
+    two_ranks_match_one(digits_project, ray_cluster, "zeros", ["zero1", "zero2", "zero3_offload"])
 
 
 def committed_checkpoints(folder: Path, stage: str) -> int:
@@ -123,6 +136,9 @@ def _weights(model_dir: Path) -> dict[str, np.ndarray]:
     return load_file(str(model_dir / "model.safetensors"))
 
 
+# the kill campaign (tests/faults, `train`) kills this stage at seeded moments in CI and checks the
+# resumed model against an undisturbed run's byte for byte; these two stay whole in `make test-full`
+@pytest.mark.full
 def test_kill_9_then_rerun_resumes_exactly(digits_project, ray_cluster):
     folder = digits_project
     write(folder, {"resume.yaml": DATA.format(name="resume") + train_block("train", steps=120, every=20)})
@@ -152,6 +168,7 @@ def test_kill_9_then_rerun_resumes_exactly(digits_project, ray_cluster):
         assert np.array_equal(a[name], b[name]), name
 
 
+@pytest.mark.full
 def test_a_killed_worker_restarts_from_the_last_checkpoint(digits_project, ray_cluster):
     folder = digits_project
     write(folder, {"worker.yaml": DATA.format(name="worker") + train_block("train_w", steps=120, every=20)})
