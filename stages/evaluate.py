@@ -20,6 +20,16 @@ Three independent parts, each run when its inputs are given:
   it was drawn for; scored on the reference too, so the judge's own accuracy
   is in the report.
 
+The work that grows with the samples is done in resumable units of
+``UNIT_SAMPLES`` samples (``stages.store.units``): *decode* units (a chunk of
+one store's selected samples through its tokenizer; the arrays are kept as
+``.arpipe/units/<unit>.npz``) and *NLL* units (a chunk of a held-out store
+under the model; the per-sample values are kept in the unit's record). Each is
+committed by its ``.arpipe/units/<unit>.json`` record, written last, and a
+rerun reuses every committed one, so a crash costs at most the unit in flight;
+the metrics computed from the units are the same whether they were reused or
+not.
+
 ``metrics/`` holds ``metrics.json`` (the summary, also logged to MLflow with
 ``/`` in names, e.g. ``image/fid``), ``scores.parquet`` (one row per sample
 and score: set, key, modality, metric, value), ``scores.png`` (their
@@ -29,14 +39,17 @@ distributions) and ``cas_<modality>.png`` (the classifier's confusion matrices).
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import math
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from arpipe.pipeline.digest import digest_bytes
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.stage import Output, Stage, StageContext
 from arpipe.schemas.base import REF_PATTERN
@@ -44,6 +57,7 @@ from arpipe.schemas.sample import EvaluateStage as EvaluateSpec
 
 CLOUD_POINTS = 512   # points per cloud for Chamfer-based metrics (subsampled, seeded)
 EMD_CLOUDS, EMD_POINTS = 24, 256   # exact EMD is an assignment problem: cheaper sets for its metrics
+UNIT_SAMPLES = 16   # samples per resumable unit (decode or NLL chunk): what a crash can cost at most
 
 
 class Scores:
@@ -87,6 +101,37 @@ class EvaluateStage(Stage):
     def __init__(self, spec: EvaluateSpec, ctx: StageContext) -> None:
         super().__init__(spec, ctx)
         self._decoded_stores: dict[tuple[str, int, bool], dict[str, Decoded]] = {}
+        self._unit_counts = {"done": 0, "reused": 0}
+
+    # ------------------------------------------------------------------ resumable units
+
+    def _unit(self, name: str, work: dict[str, Any],
+              make: Callable[[], tuple[dict[str, Any], bytes | None]]) -> tuple[dict[str, Any], bytes | None]:
+        """Reuse the committed unit ``name`` when it did this ``work`` (a store and its sample indices), else do
+        it: ``make()`` returns what to keep in the record (JSON values) and an optional side file (bytes)."""
+        from arpipe.pipeline.storage import join, storage_for
+        from arpipe.stages.store import StoreUnits, UnitRecord
+
+        ctx = self.ctx
+        units = StoreUnits(out_uri=ctx.out_uri, store="", fingerprint=ctx.fingerprint)
+        storage = storage_for(ctx.out_uri)
+        side = units.side_file(name, ".npz")
+        record = units.reusable(name)
+        if record is not None and record.detail.get("work") == work:
+            self._unit_counts["reused"] += 1
+            kept = {k: v for k, v in record.detail.items() if k != "work"}
+            return kept, storage.read_bytes(join(ctx.out_uri, side)) if side in record.files else None
+        started = time.time()
+        kept, payload = make()
+        files = {}
+        if payload is not None:
+            storage.write_bytes(join(ctx.out_uri, side), payload)
+            files[side] = (len(payload), digest_bytes(payload))
+        units.write(UnitRecord(name=name, fingerprint=ctx.fingerprint, shards=(), samples=len(work["indices"]),
+                               tokens=0, files=files, seconds=time.time() - started,
+                               detail={"work": work, **kept}))
+        self._unit_counts["done"] += 1
+        return kept, payload
 
     @classmethod
     def source_digest(cls, spec: EvaluateSpec, pipeline_dir: Path) -> str | None:
@@ -111,13 +156,11 @@ class EvaluateStage(Stage):
 
         spec = self.spec
         opened = open_model(spec.model)
-        config, vocab, tokenizers, model = opened.config, opened.vocab, opened.tokenizers, opened.model
-        self._scale_inputs = opened.scale_inputs
         nll_all, count_all = 0.0, 0
         with torch.no_grad():
             for uri in spec.heldout or spec.reference:
-                name, keys, nll, counts = self._store_nll(model, config, vocab, tokenizers, uri)
-                modality = tokenizers[name]["modality"]
+                name, keys, nll, counts = self._store_nll(opened, uri)
+                modality = opened.tokenizers[name]["modality"]
                 scores.add("heldout", keys, modality, "nll", nll)
                 scores.add("heldout", keys, modality, "bits_per_token", nll / counts / math.log(2))
                 per_token = float(nll.sum() / counts.sum())
@@ -129,28 +172,46 @@ class EvaluateStage(Stage):
         scores.summary.update({"heldout/nll_per_token": per_token, "heldout/bits_per_token": per_token / math.log(2),
                                "heldout/tokens": float(count_all)})
 
-    def _store_nll(self, model, config, vocab, tokenizers, uri: str):
-        """Per-sample summed NLL (nats) of the first ``max_samples`` samples of a store, and their token counts."""
+    def _store_nll(self, opened, uri: str):
+        """Per-sample summed NLL (nats) of the first ``max_samples`` samples of a store, and their token counts,
+        in NLL units of ``UNIT_SAMPLES`` samples."""
+        import numpy as np
+
+        from arpipe.stages.models.folder import vocab_name_of_store
+        from arpipe.stages.store import TokenStore
+
+        store = TokenStore.open(uri)
+        name = vocab_name_of_store(opened.tokenizers, store, uri)
+        n = min(len(store), self.spec.max_samples)
+        keys, nll, counts = [], [], []
+        plans: dict[int, Any] = {}
+        for lo in range(0, n, UNIT_SAMPLES):
+            indices = list(range(lo, min(n, lo + UNIT_SAMPLES)))
+            kept, _ = self._unit(f"nll-{_tag(uri)}-{lo:06d}", {"store": uri, "indices": indices},
+                                 lambda indices=indices: (self._chunk_nll(opened, store, name, indices, plans), None))
+            keys += kept["keys"]
+            nll += kept["nll"]
+            counts += kept["counts"]
+        return name, keys, np.asarray(nll, dtype=np.float64), np.asarray(counts)
+
+    def _chunk_nll(self, opened, store, name: str, indices: list[int], plans: dict[int, Any]) -> dict[str, list]:
+        """One NLL unit: the samples ``indices`` of ``store`` in batches of ``batch_size``."""
         import numpy as np
         import torch
 
         from arpipe.stages.models import batch_inputs
-        from arpipe.stages.models.folder import plan_for_modality, vocab_name_of_store
-        from arpipe.stages.store import TokenStore
+        from arpipe.stages.models.folder import plan_for_modality
 
-        store = TokenStore.open(uri)
-        name = vocab_name_of_store(tokenizers, store, uri)
-        info = tokenizers[name]
-        n = min(len(store), self.spec.max_samples)
+        config, vocab, model = opened.config, opened.vocab, opened.model
+        info = opened.tokenizers[name]
         keys, nll, counts = [], [], []
-        plans: dict[int, Any] = {}
-        for lo in range(0, n, self.spec.batch_size):
-            samples = [store[i] for i in range(lo, min(n, lo + self.spec.batch_size))]
+        for lo in range(0, len(indices), self.spec.batch_size):
+            samples = [store[i] for i in indices[lo:lo + self.spec.batch_size]]
             for length in sorted({int(s.tokens.size) for s in samples}):
                 group = [s for s in samples if int(s.tokens.size) == length]
                 if length not in plans:
                     plans[length] = plan_for_modality(config, dict(info.get("layout") or {}), length,
-                                                      self._scale_inputs.get(name))
+                                                      opened.scale_inputs.get(name))
                 targets = torch.stack([vocab.to_global(name, torch.from_numpy(
                     s.tokens.reshape(-1).astype(np.int64))) for s in group])
                 labels = [s.condition if vocab.classes else None for s in group]
@@ -163,7 +224,7 @@ class EvaluateStage(Stage):
                 nll += ce.sum(1).tolist()
                 counts += [length] * len(group)
                 keys += [s.key for s in group]
-        return name, keys, np.asarray(nll), np.asarray(counts)
+        return {"keys": keys, "nll": nll, "counts": counts}
 
     # ------------------------------------------------------------------ reconstruction
 
@@ -202,15 +263,14 @@ class EvaluateStage(Stage):
         the store instead (stores written from class folders hold one class after another)."""
         import numpy as np
 
-        from arpipe.stages.modalities import load_tokenizer
         from arpipe.stages.store import TokenStore
 
         store = TokenStore.open(uri)
         meta = store.manifest.metadata or {}
         tokenizers = meta.get("tokenizers") or {meta.get("modality"): {"tokenizer_uri": meta.get("tokenizer_uri"),
                                                                        "modality": meta.get("modality")}}
-        loaded: dict[str, Any] = {}
-        tokens: dict[str, tuple[list[str], list[tuple[str, Any]]]] = {}
+        picked: dict[int, tuple[str, Any]] = {}   # store index -> (tokenizer name, tokens)
+        tokens: dict[str, tuple[list[str], list[int]]] = {}
         conditions: dict[str, list[str | None]] = {}
         wanted = {t.get("modality") for t in tokenizers.values()}
         spread = spread and len(store) > limit
@@ -230,25 +290,56 @@ class EvaluateStage(Stage):
             if info is None or not info.get("tokenizer_uri"):
                 raise UserError(f"sample {sample.key!r}: the store does not name the tokenizer that decodes it",
                                 where=uri, fix="evaluate stores written by tokenize or sample stages")
-            keys, toks = tokens.setdefault(info["modality"], ([], []))
+            keys, at = tokens.setdefault(info["modality"], ([], []))
             if len(keys) < limit:
                 keys.append(sample.key)
-                toks.append((name, sample.tokens.reshape(-1)))
+                at.append(i)
+                picked[i] = (name, sample.tokens.reshape(-1))
                 conditions.setdefault(info["modality"], []).append(
                     None if sample.condition is None else str(sample.condition))
+        decoded = self._decode_units(uri, picked, tokenizers)
         out: dict[str, Decoded] = {}
-        for modality, (keys, toks) in tokens.items():
-            arrays: list[Any] = [None] * len(toks)
-            for name in dict.fromkeys(n for n, _ in toks):   # one decode call per tokenizer, order kept
-                if name not in loaded:
-                    loaded[name] = load_tokenizer(tokenizers[name]["tokenizer_uri"])
-                at = [k for k, (n, _) in enumerate(toks) if n == name]
-                for k, array in zip(at, loaded[name].decode_arrays([toks[k][1] for k in at])):
-                    arrays[k] = array
+        for modality, (keys, at) in tokens.items():
+            arrays = [decoded[i] for i in at]
             if modality != "pointcloud":   # what the media files show: intensities in [0, 1]
                 arrays = [np.clip(a, 0.0, 1.0) for a in arrays]
             out[modality] = Decoded(keys, arrays, conditions[modality])
         self._decoded_stores[uri, limit, spread] = out
+        return out
+
+    def _decode_units(self, uri: str, picked: dict[int, tuple[str, Any]],
+                      tokenizers: dict[str, dict[str, Any]]) -> dict[int, Any]:
+        """The ``picked`` samples of a store decoded, in decode units: the picked ones of each ``UNIT_SAMPLES``-wide
+        block of the store, one decode call per tokenizer, arrays kept beside the unit's record."""
+        import numpy as np
+
+        from arpipe.stages.modalities import load_tokenizer
+
+        loaded: dict[str, Any] = {}
+
+        def decode(indices: list[int]) -> tuple[dict[str, Any], bytes]:
+            arrays: list[Any] = [None] * len(indices)
+            for name in dict.fromkeys(picked[i][0] for i in indices):   # order kept
+                if name not in loaded:
+                    loaded[name] = load_tokenizer(tokenizers[name]["tokenizer_uri"])
+                at = [k for k, i in enumerate(indices) if picked[i][0] == name]
+                for k, array in zip(at, loaded[name].decode_arrays([picked[indices[k]][1] for k in at])):
+                    arrays[k] = np.asarray(array)
+            buf = io.BytesIO()
+            np.savez(buf, *arrays)
+            return {}, buf.getvalue()
+
+        blocks: dict[int, list[int]] = {}
+        for i in sorted(picked):
+            blocks.setdefault(i // UNIT_SAMPLES, []).append(i)
+        out: dict[int, Any] = {}
+        for block, indices in blocks.items():
+            # the parts pick different samples of one store (first ones, spread): one unit per distinct pick
+            name = f"decode-{_tag(uri)}-{block:05d}-{_tag(json.dumps(indices))}"
+            _, payload = self._unit(name, {"store": uri, "indices": indices},
+                                    lambda indices=indices: decode(indices))
+            with np.load(io.BytesIO(payload), allow_pickle=False) as arrays:   # the same, done now or reused
+                out.update((i, arrays[f"arr_{k}"]) for k, i in enumerate(indices))
         return out
 
     def samples(self, scores: Scores) -> None:
@@ -478,6 +569,8 @@ class EvaluateStage(Stage):
             ctx.log_artifact(folder / "metrics.json", "metrics")
         for name, reason in sorted(scores.skipped.items()):
             print(f"[{ctx.name}] skipped {name}: {reason}", flush=True)
+        counts = self._unit_counts
+        print(f"[{ctx.name}] {counts['done'] + counts['reused']} units ({counts['reused']} reused)", flush=True)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if v is not None)
         print(f"[{ctx.name}] {shown}", flush=True)
         return {"metrics": Output(path="metrics")}
@@ -492,6 +585,11 @@ def _as_user_error(where: str):
         yield
     except ClassifierError as err:
         raise UserError(err.what, where=where, fix=err.fix) from None
+
+
+def _tag(text: str) -> str:
+    """A short, stable name part for a store uri or a list of indices."""
+    return digest_bytes(text.encode()).split(":", 1)[1][:10]
 
 
 def _metric_part(label: str) -> str:

@@ -76,7 +76,7 @@ class StoreUnits:
     """
 
     out_uri: str
-    store: str
+    store: str                  # "" for units that build no token store (evaluate's decode and NLL chunks)
     fingerprint: str
 
     @property
@@ -85,6 +85,11 @@ class StoreUnits:
 
     def record_uri(self, name: str) -> str:
         return join(self.out_uri, *UNITS_DIR, f"{name}.json")
+
+    def side_file(self, name: str, suffix: str) -> str:
+        """Relative path of bookkeeping a unit keeps beside its record (evaluate's decoded arrays): list it in
+        the record's ``files`` so that :meth:`reusable` checks it is in place."""
+        return "/".join((*UNITS_DIR, f"{name}{suffix}"))
 
     def write(self, record: UnitRecord) -> None:
         """Commit a unit: call it after its shards and files are written."""
