@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # torch first: a plain `torch` dependency would pull a multi-GB CUDA build
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test quickstart lint schema bench clean
+.PHONY: setup test test-full quickstart lint schema bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# the full fault campaigns too (>= 10 kills per stage kind; `make test` runs a seeded subset)
+test-full: setup
+	$(VENV)/bin/pytest -q -m "full or not full"
 
 quickstart: setup
 	cd examples && ../$(VENV)/bin/arpipe run quickstart.yaml

@@ -1,9 +1,9 @@
 """Fixtures of the fault and bad-input suite, and its one-line summary at the end of the session.
 
 The kill campaigns run on their own local Ray instance (``fault_ray``), started in a
-subprocess with more logical CPUs than cores, so that four campaigns (one per stage
-kind) can each keep a stage running while the others are killed and restarted; its
-worker processes are the only ones the suite ever kills.
+subprocess with more logical CPUs than cores, so that the campaigns (one per group of stage
+kinds) can each keep their stages and an undisturbed reference run going while the others
+are killed and restarted; its worker processes are the only ones the suite ever kills.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def fault_ray(tmp_path_factory) -> FaultRay:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TORCH_EXTENSIONS_DIR": str(extensions)}
     log = open(tmp_path_factory.mktemp("fault-ray") / "head.log", "w")
     # a session of its own: nothing Ray does to its process group can reach the test session's
-    head = subprocess.Popen([sys.executable, "-c", RAY_HEAD, "6"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    head = subprocess.Popen([sys.executable, "-c", RAY_HEAD, "12"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=log, text=True, env=env, start_new_session=True)
     address = head.stdout.readline().strip()
     session = head.stdout.readline().strip()
@@ -128,26 +128,49 @@ def digits(tmp_path_factory) -> Path:
 
 
 class Assets:
-    """The digits, a tokenizer artifact and a token store made from them, prepared in the background."""
+    """The digits, a tokenizer artifact and a token store made from them, prepared in the background;
+    on request (:meth:`with_model`), then a tiny trained model and samples drawn from it."""
 
     def __init__(self, ray: FaultRay, folder: Path, digits: Path):
-        self.digits, self.value, self.error = digits, {}, None
-        self._thread = threading.Thread(target=self._make, args=(ray, folder), name="assets", daemon=True)
+        self.ray, self.folder, self.digits, self.value, self.error = ray, folder, digits, {}, None
+        self._thread = threading.Thread(target=self._make, name="assets", daemon=True)
         self._thread.start()
+        self._model_thread: threading.Thread | None = None
+        self._model_lock = threading.Lock()
+        self.model_value, self.model_error = {}, None
 
-    def _make(self, ray: FaultRay, folder: Path) -> None:
+    def _make(self) -> None:
         from faults.kinds import prepare
 
         try:
-            self.value = {"digits": str(self.digits), **prepare(folder, ray.address, self.digits)}
+            self.value = {"digits": str(self.digits), **prepare(self.folder, self.ray.address, self.digits)}
         except Exception as err:
             self.error = f"{type(err).__name__}: {err}"
+
+    def _make_model(self) -> None:
+        from faults.kinds import prepare_model
+
+        try:
+            self.model_value = prepare_model(self.folder, self.ray.address, self.get()["store"])
+        except Exception as err:
+            self.model_error = f"{type(err).__name__}: {err}"
 
     def get(self) -> dict[str, str]:
         self._thread.join()
         if self.error:
             raise AssertionError(f"preparing the suite's tokenizer and store failed: {self.error}")
         return self.value
+
+    def with_model(self) -> dict[str, str]:
+        """``get()`` and ``model`` (a model folder), ``samples`` (a store drawn from it): made once."""
+        with self._model_lock:
+            if self._model_thread is None:
+                self._model_thread = threading.Thread(target=self._make_model, name="model", daemon=True)
+                self._model_thread.start()
+        self._model_thread.join()
+        if self.model_error:
+            raise AssertionError(f"preparing the suite's model and samples failed: {self.model_error}")
+        return {**self.get(), **self.model_value}
 
 
 @pytest.fixture(scope="session")
@@ -164,15 +187,22 @@ def prepared(assets) -> dict[str, str]:
 KILL_TEST = "test_kill_9_at_random_moments_then_a_killed_worker"
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "full: the full fault campaigns (make test-full); CI runs a seeded subset")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kill_campaigns(request, tmp_path_factory):
     """The kill campaigns of the selected stage kinds, started in the background by the suite's first test.
 
-    They take minutes of mostly waiting (process and Ray Train start-up); the bad-input, outage
-    and security tests run meanwhile, and ``test_stage_kills.py`` (collected last) reads the results.
+    One campaign per group of kinds runs in a session: ``FULL_KILLS`` kills of each kind when the
+    test's ``full`` case is selected, else the seeded subset of ``CI_KILLS``. They take minutes of
+    mostly waiting (process and Ray Train start-up); the bad-input, outage and security tests run
+    meanwhile, and ``test_stage_kills.py`` (collected last) reads the results.
     """
-    selected = {item.callspec.params["kind"] for item in request.session.items
-                if getattr(item, "originalname", "") == KILL_TEST}
+    tests = [item.callspec.params for item in request.session.items
+             if getattr(item, "originalname", "") == KILL_TEST]
+    selected = {params["kind"] for params in tests}
     if not selected:
         yield {}
         return
@@ -181,8 +211,11 @@ def kill_campaigns(request, tmp_path_factory):
 
     ray = request.getfixturevalue("fault_ray")
     ready = request.getfixturevalue("assets")
+    kills = max(params["kills"] for params in tests)   # the full campaign serves the subset's test too
     groups = [[k for k in group if k.kind in selected] for group in GROUPS]
-    handles = start_campaigns([g for g in groups if g], tmp_path_factory.mktemp("kills"), ray, SEED, ready.get)
+    handles = start_campaigns([g for g in groups if g], tmp_path_factory.mktemp("kills"), ray, SEED,
+                              lambda group: ready.with_model() if any(k.needs_model for k in group) else ready.get(),
+                              kills)
     yield handles
     for handle in handles.values():
         handle.thread.join(timeout=600)

@@ -5,7 +5,8 @@ pipeline and folder of its own:
 
 1. an undisturbed reference run (storage ``./ref``), beside the attempts;
 2. attempts on storage ``./runs``, each started as a user would and SIGKILLed (its whole
-   process group) at a seeded moment: once a stage has started, after ``m`` more of its
+   process group) at a seeded moment (the kills each kind gets: ``kinds.CI_KILLS``, or
+   ``kinds.FULL_KILLS`` behind the ``full`` marker): once a stage has started, after ``m`` more of its
    resumable units are committed (``m`` drawn from ``Kind.wait_units``), plus a random
    delay. After each kill, for every stage: ``arpipe plan`` trusts no output that is not
    committed and whole (every file re-hashed), committed units are still there byte for
@@ -227,6 +228,7 @@ class Kind:
     kind: str
     stage: str
     block: str
+    unit: str                                     # its resumable unit, in words (docs/reliability.md)
     units: Callable[[Path], dict[str, Any]]
     worker: str                                   # command line of the stage's Ray worker (ray::...)
     also_quiet: tuple[str, ...] = ()              # other processes of its job that write (a controller)
@@ -240,7 +242,7 @@ class Kind:
     volatile: tuple[str, ...] = ()
     files: dict[str, str] = field(default_factory=dict)
     total_units: int | None = None
-    kills: int = 10
+    needs_model: bool = False                     # its block names {model} / {samples}: a trained model
 
 
 CAMPAIGN_SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAKILLCAMPAIGN0042",
@@ -311,8 +313,8 @@ class Campaign:
 
     PIPELINE = "pipeline.yaml"
 
-    def __init__(self, kinds: list[Kind], folder: Path, ray, seed: int, assets: dict[str, str]):
-        self.kinds, self.folder, self.ray = kinds, folder, ray
+    def __init__(self, kinds: list[Kind], folder: Path, ray, seed: int, assets: dict[str, str], kills: int):
+        self.kinds, self.folder, self.ray, self.kills = kinds, folder, ray, kills
         self.rng = random.Random(f"{seed}:{'+'.join(k.kind for k in kinds)}")
         # credentials in the environment, as on a cloud machine: no file or line the campaign leaves may hold them
         self.env = {"RAY_ADDRESS": ray.address, "ARPIPE_FAULT_LOG": str(folder / "work.log"), **CAMPAIGN_SECRETS}
@@ -354,7 +356,7 @@ class Campaign:
         return any(s in ("running", "resuming") for s in run.states(kind.stage))
 
     def short_of_kills(self) -> list[Kind]:
-        return [k for k in self.kinds if self.result.kills(k.kind) < k.kills]
+        return [k for k in self.kinds if self.result.kills(k.kind) < self.kills]
 
     # -- phases ---------------------------------------------------------------
     def reference(self) -> None:
@@ -467,7 +469,7 @@ class Campaign:
         reference.start()
         try:
             number = 0
-            while self.short_of_kills() and number < 3 * max(k.kills for k in self.kinds):
+            while self.short_of_kills() and number < 3 * self.kills:
                 number += 1
                 self.result.attempts.append(self.attempt(number))
                 for kind in self.short_of_kills():
@@ -503,8 +505,9 @@ class Handle:
 
 
 def start_campaigns(groups: list[list[Kind]], root: Path, ray, seed: int,
-                    assets: Callable[[], dict[str, str]]) -> dict[str, Handle]:
-    """One campaign per group of kinds, each in its thread once ``assets()`` (which may wait) returns.
+                    assets: Callable[[list[Kind]], dict[str, str]], kills: int) -> dict[str, Handle]:
+    """One campaign per group of kinds, ``kills`` kills of each kind, each in its thread once
+    ``assets(group)`` (which may wait) returns.
 
     Returns kind -> the handle of its group's campaign.
     """
@@ -514,7 +517,8 @@ def start_campaigns(groups: list[list[Kind]], root: Path, ray, seed: int,
 
         def work(group: list[Kind] = group, handle: Handle = handle) -> None:
             try:
-                handle.campaign = Campaign(group, root / "-".join(k.kind for k in group), ray, seed, assets())
+                handle.campaign = Campaign(group, root / "-".join(k.kind for k in group), ray, seed, assets(group),
+                                           kills)
             except Exception as err:
                 handle.error = f"the campaign could not start: {type(err).__name__}: {err}"
                 return

@@ -4,6 +4,9 @@ A kind is its stage YAML (one stage, in a pipeline of its own), how to read its 
 resumable units off storage, when to kill it, and what must hold at the end. To put a new
 stage kind under fire, add a ``Kind`` here and list it in ``KINDS``; ``test_stage_kills.py``
 picks it up. ``ARPIPE_FAULT_SEED`` replays the campaigns' kill moments.
+
+Every campaign kills each of its kinds ``CI_KILLS`` times in `make test` (the first kills of the
+seeded sequence) and ``FULL_KILLS`` times behind the ``full`` marker (`make test-full`).
 """
 
 from __future__ import annotations
@@ -11,13 +14,17 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from helpers import arpipe
 
+from arpipe.stages.evaluate import UNIT_SAMPLES
 from faults.harness import Kind
 
 SEED = int(os.environ.get("ARPIPE_FAULT_SEED", "9"))
+#: kills of every kind: the seeded subset in CI, the full campaign behind `pytest -m full`
+CI_KILLS, FULL_KILLS = 3, 10
 
 
 def identity(path: Path) -> tuple[int, int, int]:
@@ -68,6 +75,7 @@ def python_cut_off(out: Path, before: dict, after: dict, since: float) -> int:
 
 
 def python_final(out: Path) -> list[str]:
+    """Every part there once, with its content."""
     names = sorted(p.name for p in out.glob("parts/*"))
     if names != [f"p{i:03d}.json" for i in range(PARTS)]:
         return [f"parts are {names[:3]}...{names[-3:]} ({len(names)}), expected p000..p{PARTS - 1:03d}"]
@@ -78,6 +86,7 @@ def python_final(out: Path) -> list[str]:
 
 PYTHON = Kind(
     kind="python", stage="pystep", worker="ray::arpipe:pystep",
+    unit=f"a part file the callable writes (temp name, then rename); {PARTS} parts of 0.5 s",
     block=f"""
   pystep:
     kind: python
@@ -91,8 +100,13 @@ PYTHON = Kind(
 
 # ------------------------------------------------------------------------------- tokenizer
 
+def whole_fit(out: Path, before: dict, after: dict, since: float) -> int:
+    """The fit is one unit: a kill costs it whole, and nothing of it may be trusted."""
+    return 1
+
+
 TOKENIZER = Kind(
-    kind="tokenizer", stage="fit", worker="ray::arpipe:fit",
+    kind="tokenizer", stage="fit", worker="ray::arpipe:fit", unit="the whole fit (MSVQ, 100 digits)",
     block="""
   fit:
     kind: tokenizer
@@ -100,8 +114,7 @@ TOKENIZER = Kind(
     tokenizer: {{type: msvq, scales: [1, 2, 4, 8], codebook_size: 16}}
     fit: {{max_samples: 100, heldout: 8}}
 """,
-    # the fit is one unit: a kill costs it whole, and nothing of it may be trusted
-    units=lambda out: {}, cut_off=lambda out, before, after, since: 1, start_window=5.0,
+    units=lambda out: {}, cut_off=whole_fit, start_window=5.0,
     # the fit report holds the fit's timings
     volatile=("fit_report.json",))
 
@@ -111,15 +124,22 @@ TOKENIZER = Kind(
 UNITS = 240   # 240 digits, 1 file per unit
 
 
-def tokenize_units(out: Path) -> dict:
-    return {p.name: identity(p) for p in out.glob(".arpipe/units/u*.json")}
+def unit_records(out: Path) -> dict:
+    """Committed units of a sharded stage (tokenize, sample, evaluate): their records in the control folder."""
+    return {p.name: identity(p) for p in out.glob(".arpipe/units/*.json")}
 
 
-def tokenize_resumed(output: str, before: dict) -> str | None:
-    match = re.search(r"(\d+) units from .*: (\d+) reused", output)
-    if match and int(match.group(2)) != len(before):
-        return f"reused {match.group(2)} units, {len(before)} were committed"
-    return None
+def reused_all(pattern: str, at_least: bool = False) -> Callable[[str, dict], str | None]:
+    """The run's line ``pattern`` (group 1: units reused) names every unit committed before it (``at_least``:
+    the line comes after the work, so a retried task counts its own first try's units too)."""
+    def check(output: str, before: dict) -> str | None:
+        match = re.search(pattern, output)
+        if match and (int(match.group(1)) < len(before) if at_least else int(match.group(1)) != len(before)):
+            return f"reused {match.group(1)} units, {len(before)} were committed"
+        return None
+    check.__doc__ = (f"the run says it reused {'at least ' if at_least else ''}every unit committed before it "
+                     f"(`{pattern}`)")
+    return check
 
 
 def tokenize_cut_off(out: Path, before: dict, after: dict, since: float) -> int:
@@ -151,6 +171,7 @@ def tokenize_final(out: Path) -> list[str]:
 
 TOKENIZE = Kind(
     kind="tokenize", stage="encode", worker="ray::arpipe:encode:unit",
+    unit=f"a reader unit (1 image) and its store shard; {UNITS} units",
     block="""
   encode:
     kind: tokenize
@@ -159,8 +180,8 @@ TOKENIZE = Kind(
     shards: {{samples_per_shard: 64}}
     workers: 1
 """,
-    units=tokenize_units, wait_units=(0, 1, 3, 6), start_window=3.0, unit_window=0.15,
-    resumed=tokenize_resumed, cut_off=tokenize_cut_off, final_check=tokenize_final, total_units=UNITS,
+    units=unit_records, wait_units=(0, 1, 3, 6), start_window=3.0, unit_window=0.15,
+    resumed=reused_all(r"\d+ units from .*: (\d+) reused"), cut_off=tokenize_cut_off, final_check=tokenize_final, total_units=UNITS,
     # unit records (with their encode times) are bookkeeping in .arpipe/, not output: every output file,
     # the store's manifest and shards included, must be identical
     volatile=())
@@ -170,6 +191,12 @@ TOKENIZE = Kind(
 
 EVERY = 2
 STEPS_TOTAL = 24
+#: the suite's tiny model, trained on one worker (a train stage block's lines, for str.format)
+TINY_TRAIN = """    model: {{preset: tiny, paradigm: next_scale, n_layer: 1, n_embd: 32, n_head: 2}}
+    optimizer: {{lr: 0.003, warmup_steps: 2}}
+    workers: 1
+    global_batch: 8
+"""
 
 
 def train_units(out: Path) -> dict:
@@ -183,6 +210,7 @@ def train_units(out: Path) -> dict:
 
 
 def train_resumed(output: str, before: dict) -> str | None:
+    """`resumed at step N`: N is the latest committed checkpoint's step, and never goes back."""
     steps = [int(s) for s in re.findall(r"resumed at step (\d+)", output)]
     expected = before.get("latest", 0) * EVERY
     if steps and steps[0] != expected:
@@ -193,6 +221,7 @@ def train_resumed(output: str, before: dict) -> str | None:
 
 
 def train_final(out: Path) -> list[str]:
+    """The model folder holds exactly its five files (weights bitwise equal to the reference's)."""
     files = sorted(p.name for p in (out / "model").iterdir())
     expected = ["config.json", "model.safetensors", "scale_inputs.safetensors", "tokenizers.json", "vocab.json"]
     return [] if files == expected else [f"model folder holds {files}"]
@@ -200,24 +229,98 @@ def train_final(out: Path) -> list[str]:
 
 TRAIN = Kind(
     kind="train", stage="train", worker="RayTrainWorker", also_quiet=("TrainController",),
+    unit=f"a Ray Train checkpoint every {EVERY} steps; {STEPS_TOTAL} steps (DeepSpeed ZeRO-1)",
     block=f"""
   train:
     kind: train
     data: [{{{{store: "{{store}}"}}}}]
-    model: {{{{preset: tiny, paradigm: next_scale, n_layer: 1, n_embd: 32, n_head: 2}}}}
-    optimizer: {{{{lr: 0.003, warmup_steps: 2}}}}
-    deepspeed: {{{{zero_stage: 1}}}}
-    workers: 1
-    global_batch: 8
+{TINY_TRAIN}    deepspeed: {{{{zero_stage: 1}}}}
     steps: {STEPS_TOTAL}
     checkpoint_every: {EVERY}
 """,
     units=train_units, keep="latest", wait_units=(0, 0, 1, 2), start_window=12.0, unit_window=0.6,
     resumed=train_resumed, final_check=train_final, total_units=STEPS_TOTAL // EVERY)
 
-KINDS = [PYTHON, TOKENIZER, TOKENIZE, TRAIN]
+# ---------------------------------------------------------------------------------- sample
+
+SAMPLES, PER_SHARD = 96, 3   # 32 shards of 3 digits
+
+
+def sample_cut_off(out: Path, before: dict, after: dict, since: float) -> int:
+    """Shards whose media the killed attempt began writing and left without a unit record."""
+    begun = {f"image-{int(p.stem.rsplit('-', 1)[1]) // PER_SHARD:04d}.json"
+             for p in out.glob("media/image/image-*.png") if p.stat().st_mtime >= since}
+    return len(begun - set(after))
+
+
+def sample_final(out: Path) -> list[str]:
+    """Every seed index drawn exactly once, in order, each with its PNG."""
+    from arpipe.stages.store import TokenStore
+
+    keys = [TokenStore.open(str(out / "samples"))[i].key for i in range(SAMPLES)]
+    media = sorted(p.stem for p in out.glob("media/image/*.png"))
+    expected = [f"image-{i:06d}" for i in range(SAMPLES)]
+    return [f"{what} are {got[:3]}...{got[-3:]} ({len(got)})" for what, got in (("samples", keys), ("media", media))
+            if got != expected]
+
+
+SAMPLE = Kind(
+    kind="sample", stage="draw", worker="ray::SampleWorker", needs_model=True,
+    unit=f"a sample shard ({PER_SHARD} samples: store shard, PNGs, then its record); {SAMPLES // PER_SHARD} shards",
+    block=f"""
+  draw:
+    kind: sample
+    model: "{{model}}"
+    num_samples: {SAMPLES}
+    samples_per_shard: {PER_SHARD}
+    batch_size: {PER_SHARD}
+    progress: false
+""",
+    units=unit_records, wait_units=(0, 1, 4, 8), start_window=6.0, unit_window=0.3,
+    resumed=reused_all(r"samples in \d+ shards \((\d+) reused\)"), cut_off=sample_cut_off,
+    final_check=sample_final, total_units=SAMPLES // PER_SHARD)
+
+
+# -------------------------------------------------------------------------------- evaluate
+
+EVAL_SAMPLES = 96   # per set: NLL units of the held-out set, decode units of the samples and of the reference
+EVAL_UNITS = 3 * EVAL_SAMPLES // UNIT_SAMPLES
+
+
+def evaluate_cut_off(out: Path, before: dict, after: dict, since: float) -> int:
+    """Decode units whose arrays the killed attempt wrote and left without a unit record (evaluate does its units
+    one at a time in one task, so at most one is ever in flight)."""
+    begun = {p.with_suffix(".json").name for p in out.glob(".arpipe/units/decode-*.npz") if p.stat().st_mtime >= since}
+    return len(begun - set(after))
+
+
+def evaluate_final(out: Path) -> list[str]:
+    """metrics.json holds the held-out bits per token and the intensity gap (scores equal the reference's)."""
+    metrics = json.loads((out / "metrics" / "metrics.json").read_text())["metrics"]
+    wanted = ("heldout/bits_per_token", "image/intensity_mean_gap")
+    return [f"metrics.json has no {name}" for name in wanted if metrics.get(name) is None]
+
+
+EVALUATE = Kind(
+    kind="evaluate", stage="score", worker="ray::arpipe:score", needs_model=True,
+    unit=f"a decode or NLL chunk of {UNIT_SAMPLES} samples (arrays or values, then its record); {EVAL_UNITS} units",
+    block=f"""
+  score:
+    kind: evaluate
+    samples: "{{samples}}"
+    reference: "{{store}}"
+    model: "{{model}}"
+    max_samples: {EVAL_SAMPLES}
+    batch_size: 8
+""",
+    units=unit_records, wait_units=(0, 1, 3, 6, 10), start_window=6.0, unit_window=0.2,
+    # the line comes at the end: in the final run, after its killed worker's retry
+    resumed=reused_all(r"\] \d+ units \((\d+) reused\)", at_least=True),
+    cut_off=evaluate_cut_off, final_check=evaluate_final, total_units=EVAL_UNITS)
+
+KINDS = [PYTHON, TOKENIZER, TOKENIZE, TRAIN, SAMPLE, EVALUATE]
 #: kinds whose stages run side by side in one pipeline (one `arpipe run` per attempt serves them all)
-GROUPS = [[PYTHON, TOKENIZER, TOKENIZE], [TRAIN]]
+GROUPS = [[PYTHON, TOKENIZER, TOKENIZE], [TRAIN], [SAMPLE, EVALUATE]]
 
 
 # ------------------------------------------------------------------------------ the campaigns
@@ -238,6 +341,26 @@ stages:
 """
 
 
+PREP_MODEL = """
+name: fault-prep-model
+storage: ./runs
+stages:
+  model:
+    kind: train
+    data: [{{store: "{store}"}}]
+{tiny}    deepspeed: {{zero_stage: 0}}
+    steps: 4
+    checkpoint_every: 4
+  samples:
+    kind: sample
+    model: ${{model.model}}
+    num_samples: 96
+    samples_per_shard: 96
+    batch_size: 48
+    media: {{}}
+"""
+
+
 def prepare(folder: Path, address: str, digits: Path) -> dict[str, str]:
     """A tokenizer artifact and a token store, made once, for the tokenize and train campaigns."""
     folder.mkdir(parents=True)
@@ -245,3 +368,12 @@ def prepare(folder: Path, address: str, digits: Path) -> dict[str, str]:
     arpipe("run", "prep.yaml", cwd=folder, env={"RAY_ADDRESS": address}, timeout=600, check=True)
     return {"tokenizer": str(next(folder.glob("runs/tok/*/tokenizer"))),
             "store": str(next(folder.glob("runs/store/*/store")))}
+
+
+def prepare_model(folder: Path, address: str, store: str) -> dict[str, str]:
+    """A tiny model trained on the store (4 steps) and 96 samples drawn from it, for the sample and evaluate
+    campaigns: made once, after :func:`prepare`, while the other campaigns run."""
+    (folder / "prep-model.yaml").write_text(PREP_MODEL.format(store=store, tiny=TINY_TRAIN.format()))
+    arpipe("run", "prep-model.yaml", cwd=folder, env={"RAY_ADDRESS": address}, timeout=600, check=True)
+    return {"model": str(next(folder.glob("runs/model/*/model"))),
+            "samples": str(next(folder.glob("runs/samples/*/samples")))}

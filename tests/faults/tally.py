@@ -20,6 +20,8 @@ class Tally:
     secrets_leaked: int = 0
     #: what was injected, by class ("kill -9 driver (train)": 11, ...), for the detailed summary
     by_fault: dict[str, int] = field(default_factory=dict)
+    #: kinds whose kill campaign is counted already (two tests may read one campaign)
+    campaigns_counted: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def fault(self, what: str, survived: bool) -> None:
