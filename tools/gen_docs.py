@@ -2,7 +2,8 @@
 
 - docs/reference.md: the pipeline file's fields, from the pydantic models in ``schemas/``;
 - docs/cli.md: every command and option, from the argparse parsers;
-- docs/troubleshooting.md: every user-facing error message and its fix, from the source.
+- docs/troubleshooting.md: every user-facing error message and its fix, from the source;
+- docs/reliability.md: every fault campaign and test with its counts, from the tests (tests/faults and others).
 
 docs/benchmarks.md is generated too, from measured results: ``benchmarks/run_all --report``.
 """
@@ -18,12 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python tools/gen_docs.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
-from tools import cli_doc, errors_doc, reference_doc  # noqa: E402
+from tools import cli_doc, errors_doc, reference_doc, reliability_doc  # noqa: E402
 
 GENERATED: dict[str, Callable[[], str]] = {
     "docs/reference.md": reference_doc.render,
     "docs/cli.md": cli_doc.render,
     "docs/troubleshooting.md": errors_doc.render,
+    "docs/reliability.md": reliability_doc.render,
 }
 
 
