@@ -8,7 +8,8 @@ model itself (``stages.models``) imports none of it.
 Resumable unit: a checkpoint every ``checkpoint_every`` steps, kept in the
 stage folder's ``.arpipe/ray`` (Ray Train's storage, named ``train``); a
 rerun of the same fingerprint continues from the latest one, data position
-included. The output ``model/`` holds consolidated fp32 weights
+included; a damaged checkpoint is skipped for the newest whole one
+(``checkpoints``). The output ``model/`` holds consolidated fp32 weights
 (``model.safetensors``), ``config.json`` (model_args), ``vocab.json`` and
 ``tokenizers.json`` (which tokenizer made each vocabulary range).
 """
@@ -64,6 +65,9 @@ class TrainStage(Stage):
     kind = "train"
     version = "1"
     placement = "driver"   # it starts a Ray Train worker group
+    #: output files the cache re-hashes before trusting them (pipeline/outputs.py): the weights are read whole
+    #: by every user of the model anyway, and a changed byte must cost a rerun, not a wrong or failing sample
+    rehash_outputs = ("model/*.safetensors",)
     spec: TrainSpec
 
     @classmethod
@@ -84,6 +88,7 @@ class TrainStage(Stage):
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from arpipe.stages.models import count_parameters, preset
+        from arpipe.stages.train.checkpoints import damage
         from arpipe.stages.train.config import TrainLoopConfig
         from arpipe.stages.train.data import build_vocab, default_seq_len, scale_inputs, summarize_store
         from arpipe.stages.train.ds_config import build_ds_config
@@ -110,7 +115,7 @@ class TrainStage(Stage):
             micro_batch=spec.micro, log_every=spec.log_every, eval_every=spec.eval_every,
             checkpoint_every=spec.checkpoint_every, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id,
             n_params=count_parameters(config), scale_inputs=inputs,
-            heldout=summarize_store(spec.heldout) if spec.heldout else None, heldout_name=names[0])
+            heldout=summarize_store(spec.heldout) if spec.heldout else None, heldout_name=names[0], stage=ctx.name)
         print(f"[{ctx.name}] {config.paradigm} model, {count_parameters(config) / 1e6:.2f}M parameters, vocab "
               f"{config.vocab_size}, seq_len {seq_len}; {steps} steps of {spec.global_batch} sequences on "
               f"{spec.workers} worker(s), ZeRO-{spec.deepspeed.zero_stage} {spec.deepspeed.precision}", flush=True)
@@ -129,6 +134,10 @@ class TrainStage(Stage):
         model_dir = ctx.work_dir / "model"
         shutil.rmtree(model_dir, ignore_errors=True)
         with result.checkpoint.as_directory() as folder:
+            problem = damage(Path(folder))
+            if problem is not None:   # damaged after the workers checked it: never hand it on as the model
+                raise RuntimeError(f"the final checkpoint ({result.checkpoint.path}) is damaged ({problem}); "
+                                   "rerun to train from the last whole checkpoint")
             shutil.copytree(Path(folder) / "model", model_dir)
         tokenizers = {name: {"modality": s.modality, "tokenizer_uri": s.tokenizer_uri,
                              "tokenizer_digest": s.tokenizer_digest, "layout": s.layout, "store": s.uri,

@@ -54,6 +54,8 @@ class TrainLoopConfig:
     #: the vocabulary range a held-out store that is not a training store is read as
     heldout_name: str = ""
     heldout_samples: int = HELDOUT_SAMPLES
+    #: the stage's name, for the lines the loop prints (``[name] resumed at step ...``)
+    stage: str = "train"
 
     @property
     def uris(self) -> list[str]:

@@ -5,7 +5,9 @@ on the process group Ray Train set up, and resumes from the latest checkpoint
 if there is one — weights, optimizer, LR schedule *and* the sampler's
 position, which rides in DeepSpeed's ``client_state``. A checkpoint is every
 rank's ``save_checkpoint`` reported to Ray Train together; it counts once
-every rank's part is in. The last checkpoint also holds the consolidated
+every rank's part is in, and each part carries a marker listing its files'
+digests (``checkpoints``): a damaged checkpoint is skipped for the newest
+whole one, and the log says so. The last checkpoint also holds the consolidated
 weights (``model/``), gathered across ranks for ZeRO-3.
 """
 
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 from arpipe.pipeline.lineage import RunLog
+from arpipe.stages.train.checkpoints import restore, write_marker
 from arpipe.stages.train.config import TrainLoopConfig
 
 #: dense bf16 peak FLOP/s by GPU name, for MFU (None on CPU or unknown GPUs)
@@ -104,19 +107,25 @@ def train_loop(cfg: TrainLoopConfig) -> None:
     engine, _opt, _loader, _sched = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                          config=cfg.ds_config)
     step, restarts = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            tag = (Path(folder) / "latest").read_text().strip()
-            _path, client = engine.load_checkpoint(folder, tag=tag)
+    # the checkpoint Ray Train hands over is checked first; a damaged one is skipped for the newest whole one
+    restored = restore(engine, ray.train.get_checkpoint(), world=world)
+    client = restored.client_state
+    if client is not None:
         step, restarts = int(client["step"]), int(client.get("restarts", 0)) + 1
         sampler.load_state_dict(client["sampler"])
     # rank 0 logs to the stage's nested run, batched to keep the tracking store's writes few
     metrics = RunLog(cfg.tracking_uri, cfg.mlflow_run_id if rank == 0 else None)
-    if checkpoint is not None:
+    if restored.skipped:
+        metrics.buffer_metrics({"checkpoints_skipped": len(restored.skipped)}, step)
+        if rank == 0:
+            metrics.set_tag("arpipe.checkpoints_skipped", "; ".join(
+                f"step {s}: {what}" for s, what in restored.skipped)[:5000])
+            for line in restored.lines(cfg.stage):
+                print(line, flush=True)
+    if client is not None:
         metrics.buffer_metrics({"resumed_at_step": step, "restarts": restarts}, step)
         if rank == 0:
-            print(f"[train] resumed at step {step} (restart {restarts}) with the data position of that "
+            print(f"[{cfg.stage}] resumed at step {step} (restart {restarts}) with the data position of that "
                   "checkpoint", flush=True)
     heldout = _heldout(cfg, vocab, model_config, rank, world)
     units = _units(sampler)
@@ -162,6 +171,7 @@ def train_loop(cfg: TrainLoopConfig) -> None:
                 if step == total:
                     _save_consolidated(engine, model_config, vocab, cfg.scale_inputs, Path(folder) / "model",
                                        rank, save_model)
+                write_marker(Path(folder), rank=rank, world=world, step=step)   # last: it vouches for the rest
                 ray.train.report({"step": step, "loss": float(stats[0]) / world}, checkpoint=Checkpoint.from_directory(folder))
     metrics.flush()
 
