@@ -37,6 +37,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
 SCALE_INPUTS_FILE = "scale_inputs.safetensors"
+_DAMAGED_FIX = ("the model folder was damaged after its train stage wrote it: restore it from a copy, or rerun "
+                "that stage (`arpipe run PIPELINE --force STAGE`)")
 
 
 def save_model(directory: str | Path, model: Transformer, *, vocab: VocabLayout | None = None,
@@ -86,21 +88,19 @@ def verify_files(directory: str | Path, *, digests: bool = True, shown_as: str |
     except (OSError, ValueError, AttributeError):
         return   # no or unreadable config.json: load_config says so with its own message
     where = (shown_as or str(folder)).rstrip("/")
-    fix = ("the model folder was damaged after its train stage wrote it: restore it from a copy, or rerun that "
-           "stage (`arpipe run PIPELINE --force STAGE`)")
     for name, record in sorted(recorded.items()):
         path = folder / name
         if not path.exists():
             raise UserError(f"{name} is missing (config.json records {record['bytes']} bytes)",
-                            where=where, fix=fix)
+                            where=where, fix=_DAMAGED_FIX)
         size = path.stat().st_size
         if size != record["bytes"]:
             what = "truncated" if size < record["bytes"] else "longer than written"
             raise UserError(f"{name} is {what}: {size} bytes, config.json records {record['bytes']}",
-                            where=where, fix=fix)
+                            where=where, fix=_DAMAGED_FIX)
         if digests and (actual := digest_file(str(path))) != record["digest"]:
             raise UserError(f"{name} does not match its digest: config.json records {record['digest'][:19]}…, "
-                            f"the file hashes to {actual[:19]}…", where=where, fix=fix)
+                            f"the file hashes to {actual[:19]}…", where=where, fix=_DAMAGED_FIX)
 
 
 def load_config(directory: str | Path) -> ModelConfig:
