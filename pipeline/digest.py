@@ -84,6 +84,9 @@ def listing_digest(uri: str, base_dir: str | os.PathLike | None = None) -> str:
         dirs.sort()
         for name in sorted(files):
             full = Path(dirpath) / name
-            st = full.stat()
+            try:
+                st = full.stat()
+            except FileNotFoundError:   # a link to nothing: the link itself (readers report it as skipped)
+                st = full.lstat()
             lines.append(f"{full.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n")
     return digest_bytes("".join(lines).encode())

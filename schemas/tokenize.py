@@ -24,6 +24,18 @@ class _Source(Strict):
 
 
 class ImageSource(_Source):
+    """Images from a file, or from every file below a folder (recursively).
+
+    A folder's ``.png``, ``.jpg``/``.jpeg``, ``.tif``/``.tiff``, ``.webp``, ``.bmp`` and ``.gif``
+    files are read, a GIF as one image, its first frame (read animated GIFs with a video source);
+    ``webdataset`` reads ``.tar`` shards, ``array`` reads ``.npy``/``.npz``. Every other file is
+    skipped and reported, never dropped silently: other formats, hidden files (a name starting with
+    '.'), the label sidecar, links to nothing. Each gets a row in the stage's ``rejects.arrow`` whose
+    reason starts with ``skipped:``, and is counted per kind (``.doc: 1, hidden: 2``) in the stage's
+    log line and in MLflow (``skipped``, ``skipped_doc``, ...). Skipped files are not rejects:
+    ``max_reject_fraction`` does not count them.
+    """
+
     modality: Literal["image"]
     format: Literal["auto", "folder", "webdataset", "array", "npy", "npz"] = Field(
         "auto", description="How `uri` is read: `auto` goes by suffix (a folder holding .tar files is "
@@ -45,6 +57,9 @@ class ImageSource(_Source):
 
 
 class VideoSource(_Source):
+    """Clips of the ``.mp4``, ``.webm``, ``.mkv``, ``.mov``, ``.avi``, ``.m4v`` and ``.gif`` files below a
+    folder (recursively); other files are skipped and reported as for images."""
+
     modality: Literal["video"]
     clip_len: int = Field(16, ge=1, description="Frames per clip, counted at the output frame rate.")
     stride: int | None = Field(None, ge=1, description="Frames between the starts of consecutive clips "
@@ -68,6 +83,11 @@ class VideoSource(_Source):
 
 
 class VolumeSource(_Source):
+    """Crops of one 3-D volume: a file, a Zarr folder, or a folder of TIFF slices (its top-level ``.tif``
+    files in natural order; other files, hidden ones and sub-folders are skipped and reported as for
+    images). A slice that does not decode loses the crops through it (quarantined), not the volume;
+    the first slice sets the shape, so the stage fails when that one does not."""
+
     modality: Literal["volume"]
     format: Literal["auto", "tiff", "tiff_folder", "hdf5", "zarr", "mrc", "npy"] = Field(
         "auto", description="File format (default: inferred from the suffix; a folder of .tif slices is "
@@ -90,6 +110,10 @@ class VolumeSource(_Source):
 
 
 class PointCloudSource(_Source):
+    """Point clouds from the ``.ply``, ``.npy``/``.npz``, ``.xyz``/``.txt``/``.pts`` and ``.las``/``.laz`` files
+    below a folder (recursively; a ``.txt`` is read as XYZ text); other files are skipped and reported as for
+    images."""
+
     modality: Literal["pointcloud"]
     normalize: Literal["unit_sphere", "none"] = Field(
         "unit_sphere", description="`unit_sphere` centres each cloud on its bounding-box centre and scales its "

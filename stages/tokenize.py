@@ -10,7 +10,10 @@ memory stays bounded however large the source).
 
 A sample that fails to read or encode is quarantined in ``rejects.arrow``
 (source, reason, stage, time); the stage fails only when rejects exceed
-``max_reject_fraction``.
+``max_reject_fraction``. Files below the source that the reader does not read
+(other formats, hidden files, label sidecars) get a ``skipped: ...`` row there
+too and are counted per kind in the log line and in MLflow, never as rejects:
+every file is stored, quarantined or skipped.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def encode_unit(job: EncodeJob) -> UnitRecord:
     import numpy as np
 
     from arpipe.stages.modalities import TokenizerError, open_reader
+    from arpipe.stages.modalities.accounting import read_quarantining
     from arpipe.stages.store import Reject, ShardWriter, UnitRecord
 
     source, unit, store_uri = job.source, job.unit, job.units.store_uri
@@ -142,33 +146,6 @@ def encode_unit(job: EncodeJob) -> UnitRecord:
     return record
 
 
-def read_quarantining(reader, unit, reject):
-    """The unit's samples; a bad one is rejected and reading goes on with the unit's next member.
-
-    A reader raises SampleError for a bad file, which ends its generator; for a unit of several
-    files we resume after the failing member, so one corrupt image does not cost its 63 neighbours.
-    """
-    from dataclasses import replace
-
-    from arpipe.pipeline.storage import join
-    from arpipe.stages.modalities import SampleError
-
-    while unit is not None:
-        current, unit = unit, None
-        try:
-            yield from reader.read(current)
-        except SampleError as err:
-            reject(err.source, err.reason)
-            members = list(current.members)
-            failed = next((k for k, rel in enumerate(members)
-                           if err.source in (join(current.uri, rel), rel) or err.source.endswith("/" + rel)), None)
-            if failed is not None and failed + 1 < len(members):
-                unit = replace(current, members=tuple(members[failed + 1:]))
-            elif failed is None and len(members) > 1:
-                reject(current.uri, f"unit {current.key} abandoned after the error above: {len(members)} files "
-                                    "not read", )
-
-
 class TokenizeStage(Stage):
     kind = "tokenize"
     version = "1"
@@ -182,8 +159,9 @@ class TokenizeStage(Stage):
     def run(self) -> dict[str, Output]:
         import ray
 
-        from arpipe.stages.modalities import open_reader, read_artifact
-        from arpipe.stages.store import StoreUnits, TokenizerRef, fan_out
+        from arpipe.stages.modalities import Unit, open_reader, read_artifact
+        from arpipe.stages.modalities.accounting import skip_metrics, skip_summary
+        from arpipe.stages.store import Reject, StoreUnits, TokenizerRef, fan_out
 
         spec, ctx = self.spec, self.ctx
         source = spec.source.model_copy(update={"uri": normalize(spec.source.uri, ctx.pipeline_dir)})
@@ -191,6 +169,7 @@ class TokenizeStage(Stage):
         units = StoreUnits(out_uri=ctx.out_uri, store="store", fingerprint=ctx.fingerprint)
         reader = open_reader(source.modality, source.uri, **source.reader_options())
         listing = reader.units()
+        skipped = reader.skipped   # known from the listing alone: the same on every rerun
         if not listing:
             raise UserError("the source has no data", where=source.uri, fix="check source.uri and its format")
         if "format" in type(source).model_fields and getattr(reader, "format", None):
@@ -199,7 +178,9 @@ class TokenizeStage(Stage):
         jobs = [EncodeJob(units=units, index=i, unit=unit, source=source, tokenizer_uri=spec.tokenizer,
                           tokenizer_digest=tok_doc["digest"], samples_per_shard=spec.shards.samples_per_shard,
                           stage=ctx.name) for i, unit in enumerate(listing)]
-        records = {job.name: r for job in jobs if (r := units.reusable(job.name)) is not None}
+        # a record is reused only for the very unit it read (a listing that changed shape re-reads it)
+        records = {job.name: r for job in jobs if (r := units.reusable(job.name)) is not None
+                   and isinstance(d := r.detail.get("unit"), dict) and Unit.from_json(d) == job.unit}
         reused = len(records)
         todo = [job for job in jobs if job.name not in records]
         print(f"[{ctx.name}] {len(jobs)} units from {source.uri}: {reused} reused, {len(todo)} to encode "
@@ -224,9 +205,11 @@ class TokenizeStage(Stage):
         ordered = [records[job.name] for job in jobs]
         samples = sum(r.samples for r in ordered)
         tokens = sum(r.tokens for r in ordered)
-        rejects = units.quarantine(ordered)
+        listed_at = time.time()
+        rejects = units.quarantine(ordered, skipped=[Reject.skipped(f.uri, f.reason, ctx.name, listed_at)
+                                                     for f in skipped])
         ctx.log_metrics({"samples": samples, "tokens": tokens, "rejects": len(rejects), "units": len(jobs),
-                         "units_reused": reused,
+                         "units_reused": reused, **skip_metrics(skipped),
                          "samples_per_s": encoded_samples / max(seconds, 1e-9),
                          "tokens_per_s": encoded_tokens / max(seconds, 1e-9)})
         total = samples + len(rejects)
@@ -246,7 +229,10 @@ class TokenizeStage(Stage):
                       "tokens_per_sample": tok_doc.get("tokens_per_sample"),
                       "rejects": len(rejects), "units": len(jobs)},
             known_files=ctx.known_files)
+        # one write with its newline: stages running beside this one print to the same stdout
         print(f"[{ctx.name}] store {units.store_uri}: {samples} samples, {tokens} tokens, {len(rejects)} rejected, "
-              f"{reused} of {len(jobs)} units reused", flush=True)
+              f"{skip_summary(skipped)}, {reused} of {len(jobs)} units reused"
+              + (f"; reasons in {join(ctx.out_uri, 'rejects.arrow')}" if rejects or skipped else "") + "\n",
+              end="", flush=True)
         return {"store": Output(path="store", digest=manifest.digest)}
 

@@ -3,7 +3,9 @@
 Output ``tokenizer``: an artifact folder (``weights.safetensors`` +
 ``tokenizer.json``) whose digest downstream fingerprints depend on. Logged to
 MLflow: reconstruction metrics on held-out samples, codebook usage, the fit
-loss curve (vqvae) and a before/after picture.
+loss curve (vqvae), a before/after picture, and ``fit_report.json`` with the
+samples rejected while reading and the files the reader skips (counted per
+kind in the log line and in the ``skipped`` metrics, as ``tokenize`` does).
 """
 
 from __future__ import annotations
@@ -20,21 +22,22 @@ from arpipe.pipeline.storage import control_uri, normalize
 from arpipe.schemas.tokenize import TokenizerStage as TokenizerSpec
 
 
-def read_for_fit(source, limit: int) -> tuple[list, list[dict[str, str]]]:
-    """The first ``limit`` readable samples in source order, and the rejected ones with reasons."""
-    from arpipe.stages.modalities import SampleError, open_reader
+def read_for_fit(source, limit: int) -> tuple[list, list[dict[str, str]], list]:
+    """The first ``limit`` readable samples in source order, the rejected ones with reasons (as far as it
+    read), and the files the reader skips (``SkippedFile``: every one below the source, listed up front)."""
+    from arpipe.stages.modalities import open_reader
+    from arpipe.stages.modalities.accounting import read_quarantining
 
     reader = open_reader(source.modality, source.uri, **source.reader_options())
-    samples, rejects = [], []
-    for unit in reader.units():
-        try:
-            for sample in reader.read(unit):
-                samples.append(sample)
-                if len(samples) >= limit:
-                    return samples, rejects
-        except SampleError as err:
-            rejects.append({"source": err.source, "reason": err.reason})
-    return samples, rejects
+    samples: list = []
+    rejects: list[dict[str, str]] = []
+    units = reader.units()
+    for unit in units:
+        for sample in read_quarantining(reader, unit, lambda src, why: rejects.append({"source": src, "reason": why})):
+            samples.append(sample)
+            if len(samples) >= limit:
+                return samples, rejects, reader.skipped
+    return samples, rejects, reader.skipped
 
 
 def reconstruction_metrics(tok, modality: str, originals: list, recon: list, tokens: list) -> dict[str, float]:
@@ -71,12 +74,13 @@ class TokenizerStage(Stage):
         import numpy as np
 
         from arpipe.stages.modalities import make_tokenizer
+        from arpipe.stages.modalities.accounting import skip_metrics, skip_summary
         from arpipe.stages.modalities.previews import before_after
 
         spec, ctx = self.spec, self.ctx
         source = spec.source.model_copy(update={"uri": normalize(spec.source.uri, ctx.pipeline_dir)})
         started = time.time()
-        samples, rejects = read_for_fit(source, spec.fit.max_samples + spec.fit.heldout)
+        samples, rejects, skipped = read_for_fit(source, spec.fit.max_samples + spec.fit.heldout)
         if len(samples) <= spec.fit.heldout:
             raise UserError(f"only {len(samples)} readable samples, fewer than fit.heldout + 1", where=source.uri,
                             fix="point source.uri at more data or lower fit.heldout")
@@ -107,19 +111,22 @@ class TokenizerStage(Stage):
             recon = [np.asarray(r) for r in recon]
         metrics = reconstruction_metrics(tok, source.modality, held_arrays, recon, tokens)
         metrics.update({"fit_samples": len(train), "heldout_samples": len(heldout), "rejects": len(rejects),
-                        "fit_seconds": time.time() - started})
+                        **skip_metrics(skipped), "fit_seconds": time.time() - started})
         ctx.log_metrics(metrics)
         for point in getattr(tok, "fit_info", {}).get("curve", []):   # vqvae: {step, recon, commitment}
             ctx.log_metrics({f"fit_{k}": float(v) for k, v in point.items() if k != "step"}, step=int(point["step"]))
-        report = {"metrics": metrics, "rejects": rejects, "digest": digest, "vocab_size": tok.vocab_size}
+        report = {"metrics": metrics, "rejects": rejects, "digest": digest, "vocab_size": tok.vocab_size,
+                  "skipped": [{"source": f.uri, "kind": f.kind, "reason": f.reason} for f in skipped]}
         (ctx.work_dir / "fit_report.json").write_text(json.dumps(report, indent=1, default=float))
         if held_arrays:
             picture = ctx.work_dir / "before_after.png"
             before_after(held_arrays, recon, source.modality).save(picture)
             ctx.log_artifact(picture)
         ctx.log_artifact(ctx.work_dir / "fit_report.json")
+        print(f"[{ctx.name}] read {len(samples)} samples from {source.uri}: {len(rejects)} rejected, "
+              f"{skip_summary(skipped)}" + ("; reasons in fit_report.json" if rejects or skipped else ""), flush=True)
         print(f"[{ctx.name}] fitted {spec.tokenizer.type} on {len(train)} samples: "
-              + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+              + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("skipped_")), flush=True)
         return {"tokenizer": Output(path="tokenizer", digest=digest)}
 
 

@@ -94,6 +94,21 @@ class Unit:
                    start=tuple(d.get("start", ())), stop=tuple(d.get("stop", ())), size=int(d.get("size", 0)))
 
 
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file below a source that its reader does not read, and why: reported, never dropped silently.
+
+    ``kind`` is what the stage counts it under: the suffix (``.gif``), ``hidden``,
+    ``broken link``, ``label sidecar`` ...; ``reason`` says what is wrong and how to
+    have the file read.
+    """
+
+    uri: str
+    relpath: str
+    kind: str
+    reason: str
+
+
 @dataclass
 class Sample:
     """One item to tokenize.
@@ -123,12 +138,18 @@ class Sample:
 
 
 class Reader(ABC):
-    """Streams samples of one modality from a URI, unit by unit, in bounded memory."""
+    """Streams samples of one modality from a URI, unit by unit, in bounded memory.
+
+    :meth:`units` also sets :attr:`skipped`: the files below the source that no
+    unit reads (other formats, hidden files, sidecars it consumes), for the stage
+    to report, so that every file is stored, quarantined or counted as skipped.
+    """
 
     modality: ClassVar[str]
 
     def __init__(self, uri: str):
         self.uri = uri
+        self.skipped: list[SkippedFile] = []
 
     @abstractmethod
     def units(self) -> list[Unit]:

@@ -1,4 +1,4 @@
-"""Image reader: folders of PNG/JPEG/TIFF/WebP, WebDataset tar shards, and .npy/.npz arrays.
+"""Image reader: folders of PNG/JPEG/TIFF/WebP/BMP/GIF, WebDataset tar shards, and .npy/.npz arrays.
 
 Samples are ``x_CHW`` float32 in [0, 1], resized and/or center-cropped to the
 configured size so that a fixed-grid tokenizer can take them. Units are
@@ -6,7 +6,10 @@ groups of ``files_per_unit`` files (folders), one shard (tars), ``rows_per_unit`
 rows (.npy, read by byte range so a huge array never loads whole) or one
 file (.npz, which numpy cannot read partially). Labels come from the
 sub-folder name, a CSV/JSON sidecar, a shard's ``.cls``/``.json`` member or
-an npz ``labels`` array.
+an npz ``labels`` array. A GIF is read as one image, its first frame (animated
+GIFs are videos: read them with the video reader). Files of other formats,
+hidden files and the label sidecar are not read: ``units()`` lists them in
+``skipped`` with the reason, for the stage to report.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from arpipe.pipeline.digest import digest_array, digest_bytes
 from arpipe.pipeline.storage import is_s3, join, storage_for
 
 from .base import Reader, Sample, SampleError, Unit
-from .sources import SourceFile, is_dir, list_files, read_bytes
+from .sources import SourceFile, is_dir, read_bytes, scan_files
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif")
+_MEMBER_EXTS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)   # a shard sample's image member, in preference order
 ARRAY_SUFFIXES = (".npy", ".npz")
 SIDECARS = ("labels.csv", "labels.json")
 RESIZE_MODES = ("resize_crop", "resize", "center_crop", "none")
@@ -250,11 +254,12 @@ class ImageReader(Reader):
 
     def units(self) -> list[Unit]:
         if self.format == "webdataset":
-            return [Unit(f.uri, "tar", f.relpath, size=f.size)
-                    for f in list_files(self.uri, (".tar",), "WebDataset shard")]
+            files, self.skipped = scan_files(self.uri, (".tar",), "WebDataset shard")
+            return [Unit(f.uri, "tar", f.relpath, size=f.size) for f in files]
         if self.format == "array":
-            return [u for f in list_files(self.uri, ARRAY_SUFFIXES, "array") for u in self._array_units(f)]
-        files = list_files(self.uri, IMAGE_SUFFIXES, "image")
+            files, self.skipped = scan_files(self.uri, ARRAY_SUFFIXES, "array", sidecars=self._sidecars())
+            return [u for f in files for u in self._array_units(f)]
+        files, self.skipped = scan_files(self.uri, IMAGE_SUFFIXES, "image", sidecars=self._sidecars())
         single = not is_dir(self.uri)
         base = self.uri if not single else self.uri[: -len(files[0].relpath)].rstrip("/")
         out = []
@@ -311,19 +316,32 @@ class ImageReader(Reader):
         parent = PurePosixPath(f.relpath).parent
         return parent.name if str(parent) not in ("", ".") else None
 
-    def _load_sidecar(self, root: str) -> dict[str, Any]:
-        if self.labels == "folder" or str(self.labels).endswith(".npy") or not is_dir(root):
-            return {}
+    def _sidecar_uri(self, root: str) -> str | None:
+        """The CSV/JSON label sidecar a folder's images take their labels from, if any."""
+        if self.labels in (None, "none", "folder") or str(self.labels).endswith(".npy") or not is_dir(root):
+            return None
         if self.labels == "auto":
-            for name in SIDECARS:
-                uri = join(root, name)
-                if storage_for(uri).exists(uri):
-                    return parse_sidecar(read_bytes(uri).decode("utf-8"), name, uri)
-            return {}
+            return next((uri for name in SIDECARS if storage_for(uri := join(root, name)).exists(uri)), None)
         uri = self.labels if (is_s3(self.labels) or self.labels.startswith("/")) else join(root, self.labels)
         if not storage_for(uri).exists(uri):
             raise SampleError(uri, "label sidecar not found", fix="fix the labels path or set labels: folder")
-        return parse_sidecar(read_bytes(uri).decode("utf-8"), uri, uri)
+        return uri
+
+    def _sidecars(self) -> dict[str, str]:
+        """Label files inside the source folder (relpath -> what they are), reported as skipped, not read as data."""
+        if not is_dir(self.uri):
+            return {}
+        if self.format == "array":
+            labels = str(self.labels)
+            inside = labels.endswith(".npy") and not (is_s3(labels) or labels.startswith("/"))
+            return {labels: "label sidecar"} if inside else {}
+        uri = self._sidecar_uri(self.uri)
+        prefix = self.uri.rstrip("/") + "/"
+        return {uri[len(prefix):]: "label sidecar"} if uri and uri.startswith(prefix) else {}
+
+    def _load_sidecar(self, root: str) -> dict[str, Any]:
+        uri = self._sidecar_uri(root)
+        return {} if uri is None else parse_sidecar(read_bytes(uri).decode("utf-8"), uri, uri)
 
     def _read_tar(self, unit: Unit) -> Iterator[Sample]:
         from webdataset.tariterators import base_plus_ext
@@ -369,7 +387,7 @@ class ImageReader(Reader):
 
     def _tar_sample(self, unit: Unit, key: str, group: dict[str, bytes]) -> Sample:
         source = f"{unit.uri}#{key}"
-        ext = next((e for e in ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp") if e in group), None)
+        ext = next((e for e in _MEMBER_EXTS if e in group), None)
         if ext is None:
             raise SampleError(source, f"shard sample has no image member (has {', '.join(sorted(group))})",
                               fix="store images as .png/.jpg/.webp/.tif members")

@@ -8,7 +8,8 @@ frame. A unit is one file; a file may hold several clouds (an ``(B, N, 3)``
 array, several arrays in an .npz).
 
 Clouds with no points, NaN/inf coordinates or more than ``max_points``
-points raise :class:`SampleError`; nothing is dropped silently.
+points raise :class:`SampleError`; files of other formats and hidden files are
+listed in ``skipped`` with the reason: nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from arpipe.pipeline.digest import digest_array, digest_bytes
 from arpipe.pipeline.storage import storage_for
 
 from .base import Reader, Sample, SampleError, Unit
-from .sources import list_files, read_bytes
+from .sources import read_bytes, scan_files
 
 POINT_SUFFIXES = (".ply", ".npy", ".npz", ".xyz", ".txt", ".pts", ".las", ".laz")
 NORMALIZATIONS = ("unit_sphere", "none")
@@ -107,8 +108,8 @@ class PointCloudReader(Reader):
         self.normalize, self.max_points, self.labels = normalize, int(max_points), labels
 
     def units(self) -> list[Unit]:
-        return [Unit(f.uri, "file", f.relpath, members=(f.relpath,), size=f.size)
-                for f in list_files(self.uri, POINT_SUFFIXES, "point cloud")]
+        files, self.skipped = scan_files(self.uri, POINT_SUFFIXES, "point cloud")
+        return [Unit(f.uri, "file", f.relpath, members=(f.relpath,), size=f.size) for f in files]
 
     def _declared_points(self, uri: str, suffix: str) -> int | None:
         """The point count a PLY/LAS/.npy header declares, read before the body (None if unknown)."""

@@ -10,7 +10,8 @@ convolutions and tubelet tokenizers want them).
 A unit is one file, or with ``clips_per_unit`` a window of clips of one file
 (the frame count comes from container metadata; the last window of a file is
 open-ended, so a short count never drops clips). Windows decode from the
-file's start, so every unit sees the same frame timeline.
+file's start, so every unit sees the same frame timeline. Files of other
+formats and hidden files are listed in ``skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from arpipe.pipeline.digest import digest_file
 
 from .base import Reader, Sample, SampleError, Unit
 from .image import RESIZE_MODES, as_size, fit_to_size
-from .sources import list_files, local_file
+from .sources import local_file, scan_files
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif", ".m4v")
 
@@ -60,7 +61,8 @@ class VideoReader(Reader):
 
     def units(self) -> list[Unit]:
         out = []
-        for f in list_files(self.uri, VIDEO_SUFFIXES, "video"):
+        files, self.skipped = scan_files(self.uri, VIDEO_SUFFIXES, "video")
+        for f in files:
             if not self.clips_per_unit:
                 out.append(Unit(f.uri, "clips", f.relpath, members=(f.relpath,), size=f.size))
                 continue

@@ -31,9 +31,10 @@ import numpy as np
 from arpipe.pipeline.digest import digest_array
 
 from .base import Reader, Sample, SampleError, Unit
-from .sources import is_dir, local_file, local_tree
+from .sources import is_dir, local_file, local_tree, scan_files
 
 FORMATS = ("tiff", "tiff_folder", "hdf5", "zarr", "mrc", "npy")
+TIFF_SLICE_SUFFIXES = (".tif", ".tiff")
 _SUFFIX_FORMAT = {".tif": "tiff", ".tiff": "tiff", ".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5",
                   ".zarr": "zarr", ".mrc": "mrc", ".map": "mrc", ".rec": "mrc", ".npy": "npy"}
 
@@ -104,9 +105,20 @@ class _TiffStack(_Volume):
                                   fix="re-save it as a multi-page TIFF (tifffile.imwrite of a (z, y, x) array)")
         else:
             self._tif = None
-            with tifffile.TiffFile(paths[0]) as first:
-                page_shape, self.dtype = tuple(first.series[0].shape), np.dtype(first.series[0].dtype)
+            try:
+                with tifffile.TiffFile(paths[0]) as first:
+                    page_shape, self.dtype = tuple(first.series[0].shape), np.dtype(first.series[0].dtype)
+            except Exception as err:
+                raise self._unreadable(paths[0], err) from None
             self.shape = (len(paths), *page_shape)  # slices say nothing of the z spacing: voxel_size unknown
+
+    def _slice_uri(self, path: str) -> str:
+        """A slice named by its place in the source (not by a temporary copy of an s3 folder)."""
+        return f"{self.source.rstrip('/')}/{os.path.basename(path)}"
+
+    def _unreadable(self, path: str, err: Exception) -> SampleError:
+        return SampleError(self._slice_uri(path), f"cannot read TIFF slice ({type(err).__name__}: {err})",
+                           fix="re-export the slice, or move it out of the folder (the crops through it are lost)")
 
     def read(self, z0, z1, y0, y1, x0, x1):
         import tifffile
@@ -116,9 +128,12 @@ class _TiffStack(_Volume):
             if self._tif is not None:
                 plane = self._tif.series[0].pages[z].asarray()
             else:
-                plane = tifffile.imread(self.paths[z])
+                try:
+                    plane = tifffile.imread(self.paths[z])
+                except Exception as err:
+                    raise self._unreadable(self.paths[z], err) from None
                 if plane.shape != self.shape[1:]:
-                    raise SampleError(self.paths[z], f"slice has shape {plane.shape}, the first slice {self.shape[1:]}",
+                    raise SampleError(self._slice_uri(self.paths[z]), f"slice has shape {plane.shape}, the first slice {self.shape[1:]}",
                                       fix="all slices of a stack must have one shape")
             out[i] = plane[y0:y1, x0:x1]
         return out
@@ -259,8 +274,9 @@ class VolumeReader(Reader):
             return _ArrayVolume(node, self.voxel_size or _attrs_voxel_size(dict(node.attrs)))
         if fmt == "tiff":
             return _TiffStack([path], self.uri)
-        names = sorted((n for n in os.listdir(path) if n.lower().endswith((".tif", ".tiff")) and not n.startswith(".")),
-                       key=_natural_key)
+        # the slices scan_files lists in units(): top-level regular .tif files, hidden ones left out
+        names = sorted((n for n in os.listdir(path) if n.lower().endswith(TIFF_SLICE_SUFFIXES)
+                        and not n.startswith(".") and os.path.isfile(os.path.join(path, n))), key=_natural_key)
         if not names:
             raise SampleError(self.uri, "folder holds no .tif slices", fix="point to a folder of TIFF slices")
         return _TiffStack([os.path.join(path, n) for n in names], self.uri)
@@ -275,7 +291,12 @@ class VolumeReader(Reader):
         return [window_origins(n, c, s, self.cover) for n, c, s in zip(shape, self.crop, self.stride, strict=True)]
 
     def units(self) -> list[Unit]:
-        """Blocks of crops: one z origin, runs of y and x origins sized to ``max_unit_bytes``."""
+        """Blocks of crops: one z origin, runs of y and x origins sized to ``max_unit_bytes``.
+
+        For a folder of slices, the files that are not slices go to ``skipped`` (a Zarr folder is one store).
+        """
+        if self.format == "tiff_folder":
+            self.skipped = scan_files(self.uri, TIFF_SLICE_SUFFIXES, "TIFF slice", recursive=False)[1]
         with self.open() as vol:
             shape, itemsize = vol.shape, vol.dtype.itemsize
         oz, oy, ox = self._origins(shape)

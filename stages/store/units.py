@@ -23,7 +23,7 @@ checksums (``known_files``) so it need not download and rehash them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -118,10 +118,12 @@ class StoreUnits:
                 return None
         return record
 
-    def quarantine(self, records: Iterable[UnitRecord], filename: str = REJECTS_FILE) -> list[Reject]:
-        """Every unit's rejects, in unit order, written to ``filename`` in the stage folder (empty when none)."""
+    def quarantine(self, records: Iterable[UnitRecord], filename: str = REJECTS_FILE,
+                   skipped: Sequence[Reject] = ()) -> list[Reject]:
+        """Every unit's rejects, in unit order, written to ``filename`` in the stage folder (empty when none)
+        after the ``skipped`` files' rows (:meth:`Reject.skipped`); returns the rejects alone."""
         rejects = [r for record in records for r in record.rejects]
-        write_rejects(join(self.out_uri, filename), rejects)
+        write_rejects(join(self.out_uri, filename), [*skipped, *rejects])
         return rejects
 
     def commit_store(self, records: Iterable[UnitRecord], *, vocab: VocabLayout | int,
