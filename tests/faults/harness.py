@@ -376,6 +376,8 @@ class Campaign:
         trigger, sent = f"{trigger_kind.kind}: never started", False
         if run.wait_until(lambda: self.started(run, trigger_kind), timeout=180):
             m = self.rng.choice(trigger_kind.wait_units)
+            if trigger_kind.total_units is not None:   # units left over from an earlier attempt: kill during the rest
+                m = min(m, max(0, trigger_kind.total_units - start_progress))
             window = trigger_kind.start_window if m == 0 else trigger_kind.unit_window
             delay = self.rng.uniform(0, window)
             trigger = f"{trigger_kind.kind}: after {m} unit(s) + {delay:.2f} s"
