@@ -232,6 +232,22 @@ def test_a_crashed_sample_stage_redoes_only_its_missing_shard(project, ray_clust
     assert json.loads((folder / "outputs.json").read_text())["files"] == before["files"]
 
 
+def test_a_crashed_evaluate_stage_reuses_its_units_and_scores_the_same(project, ray_cluster):
+    """Evaluate decodes and scores in units of 16 samples; after a crash the rerun redoes only the units not
+    committed, and its metrics, scores and plots equal the first run's byte for byte."""
+    folder = out(project, "evaluate")
+    before = json.loads((folder / "outputs.json").read_text())
+    records = sorted((folder / ".arpipe" / "units").glob("*.json"))
+    assert any(r.name.startswith("decode-") for r in records) and any(r.name.startswith("nll-") for r in records)
+    (folder / "outputs.json").unlink()
+    records[0].unlink()
+    rerun = arpipe("run", "digits.yaml", "--until", "evaluate", cwd=project, env={"RAY_ADDRESS": ray_cluster},
+                   check=True)
+    assert stage_lines(rerun.stdout)["evaluate"] == ["resuming", "done"]
+    assert f"{len(records)} units ({len(records) - 1} reused)" in rerun.stdout
+    assert json.loads((folder / "outputs.json").read_text())["files"] == before["files"]
+
+
 def test_evaluate_scores_likelihood_reconstruction_and_distributions(project):
     metrics = json.loads((out(project, "evaluate") / "metrics" / "metrics.json").read_text())
     m = metrics["metrics"]
