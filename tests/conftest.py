@@ -80,3 +80,47 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ two workers (`make test`: -n 2)
+#
+# `make test` runs the suite on two pytest-xdist workers, `--dist loadgroup`: a test module is one group
+# (its module fixtures are made once, on one worker) and the fault suite is one group (its Ray instance,
+# its prepared assets and the kill campaigns it starts in the background live on one worker). The fault
+# tally travels from that worker to the controller, which prints it.
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if not any(m.name == "xdist_group" for m in item.iter_markers()):
+            parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+            item.add_marker(pytest.mark.xdist_group("faults" if parts[0] == "faults" else "/".join(parts)))
+
+
+def pytest_sessionfinish(session) -> None:
+    from faults.tally import TALLY
+
+    output = getattr(session.config, "workeroutput", None)   # set on an xdist worker only
+    if output is not None and TALLY.used:
+        output["arpipe_tally"] = TALLY.counts()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    from faults.tally import TALLY
+
+    counts = getattr(node, "workeroutput", {}).get("arpipe_tally")
+    if counts:
+        TALLY.merge(counts)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    from faults.tally import TALLY
+
+    if not TALLY.used:
+        return
+    terminalreporter.write_sep("-", "fault and bad-input suite")
+    if TALLY.by_fault and config.option.verbose > 0:
+        detail = ", ".join(f"{what}: {n}" for what, n in sorted(TALLY.by_fault.items()))
+        terminalreporter.write_line(f"faults by class: {detail}")
+    terminalreporter.write_line(TALLY.line())
