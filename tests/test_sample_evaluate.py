@@ -208,6 +208,9 @@ def test_the_python_api_samples_what_the_sample_stage_sampled(project):
     assert [x.shape for x in images] == [(1, 8, 8)] * 3
 
 
+# in CI the kill campaigns (tests/faults, `sample` and `evaluate`) kill these stages at seeded moments and check
+# unit reuse and outputs against an undisturbed run's; these one-crash stories run in `make test-full`
+@pytest.mark.full
 def test_a_crashed_sample_stage_redoes_only_its_missing_shard(project, ray_cluster):
     """A crash leaves no outputs.json; a rerun reuses the committed shards and reproduces the rest exactly."""
     folder = out(project, "sample")
@@ -232,6 +235,7 @@ def test_a_crashed_sample_stage_redoes_only_its_missing_shard(project, ray_clust
     assert json.loads((folder / "outputs.json").read_text())["files"] == before["files"]
 
 
+@pytest.mark.full
 def test_a_crashed_evaluate_stage_reuses_its_units_and_scores_the_same(project, ray_cluster):
     """Evaluate decodes and scores in units of 16 samples; after a crash the rerun redoes only the units not
     committed, and its metrics, scores and plots equal the first run's byte for byte."""
