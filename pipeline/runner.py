@@ -34,7 +34,7 @@ from arpipe.pipeline.errors import ArpipeError, StageFailed, UserError
 from arpipe.pipeline.execute import StagePayload, execute_stage, forwarded_env
 from arpipe.pipeline.ledger import Ledger
 from arpipe.pipeline.lineage import Lineage, RunRecord, git_commit, tracking_uri
-from arpipe.pipeline.lock import Heartbeats, StageLock
+from arpipe.pipeline.lock import Heartbeats, StageLock, check_exclusive_creates
 from arpipe.pipeline.plan import Planner, StagePlan
 from arpipe.pipeline.registry import stage_class
 from arpipe.pipeline.storage import CONTROL_DIR, control_uri, is_s3, join, storage_for
@@ -229,6 +229,7 @@ class Runner:
                     if n in selected or any(n in self.graph.ancestors(s) for s in selected)]
         self.echo(f"arpipe run {self.run_id}: pipeline {spec.name!r}, {len(selected)} stage(s), "
                   f"outputs under {self.root}")
+        check_exclusive_creates(self.root)   # a store that cannot make locks exclusive: refuse before any work
         if self.lineage_in_background:
             lineage_queue.deliver_if_pending(self.root)   # records an earlier run's writer did not get to
         secrets = self.loaded.secret_values

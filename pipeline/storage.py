@@ -257,6 +257,11 @@ class S3Storage(Storage):
         )
         self.client = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
+    @property
+    def endpoint(self) -> str:
+        """The server's URL (AWS's own when no custom endpoint is set): names the store in messages."""
+        return self.client.meta.endpoint_url
+
     def _missing(self, err: Exception) -> bool:
         code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
         return code in ("404", "NoSuchKey", "NotFound")
