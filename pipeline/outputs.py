@@ -9,6 +9,7 @@ committed fingerprint document so that ``plan`` can say what changed.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import socket
@@ -147,7 +148,27 @@ def inspect(out_uri: str) -> Verdict:
             return Verdict("corrupt", f"output missing: {rel}")
         if sizes[rel] != info.bytes:
             return Verdict("corrupt", f"output corrupt: {rel} has {sizes[rel]} bytes, expected {info.bytes}")
+    for rel in _rehashed(record, out_uri):
+        with open(storage.local_path(join(out_uri, rel)), "rb") as f:
+            if digest_stream(f) != record.files[rel].digest:
+                return Verdict("corrupt", f"output corrupt: {rel} does not match its recorded digest")
     return Verdict("committed", record=record)
+
+
+def _rehashed(record: OutputsRecord, out_uri: str) -> list[str]:
+    """Files the cache re-hashes besides checking sizes: those the producing kind names in ``rehash_outputs``
+    (globs; a train stage's weights), on local storage (an S3 object is not rewritten in place unnoticed,
+    and downloading it for every plan would cost more than the check is worth)."""
+    if is_s3(out_uri):
+        return []
+    from arpipe.pipeline.registry import stage_class
+
+    try:
+        patterns = getattr(stage_class(record.kind), "rehash_outputs", ())
+    except (KeyError, ImportError):
+        return []
+    return [rel for rel, info in record.files.items()
+            if info.digest.startswith("sha256:") and any(fnmatch.fnmatchcase(rel, p) for p in patterns)]
 
 
 def read_latest(storage_root: str, stage: str) -> dict[str, Any] | None:

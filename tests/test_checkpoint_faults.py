@@ -1,0 +1,193 @@
+"""Damaged checkpoints and models: each is found before anything reads it, and the user is told.
+
+A train stage's checkpoints carry a marker per rank listing every file's size and digest; a
+rerun checks the checkpoint Ray Train hands over and, when a shard was truncated or the marker
+deleted, resumes from the previous whole checkpoint and says so in one line (and in MLflow). A
+model folder records its weights' digests: a flipped byte is refused with one line by
+``arpipe.load_model`` and the sample stage, and the cache does not trust the train stage's output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import arpipe, stage_lines, write
+from realdata import digits_folder
+
+PIPELINE = """
+name: ckpt
+storage: ./runs
+stages:
+  tok:
+    kind: tokenizer
+    source: {modality: image, uri: ./data/digits, channels: 1, size: 8}
+    tokenizer: {type: msvq, scales: [1, 2, 4, 8], codebook_size: 16}
+    fit: {max_samples: 100, heldout: 8}
+  digits:
+    kind: tokenize
+    source: {modality: image, uri: ./data/digits, channels: 1, size: 8}
+    tokenizer: ${tok.tokenizer}
+  train:
+    kind: train
+    data: [{store: "${digits.store}"}]
+    model: {preset: tiny, paradigm: next_scale, n_layer: 1, n_embd: 32, n_head: 2}
+    optimizer: {lr: 0.003, warmup_steps: 2}
+    deepspeed: {zero_stage: 1}
+    workers: 1
+    global_batch: 8
+    steps: 8
+    checkpoint_every: 4
+"""
+
+#: the line a rerun prints for each damaged checkpoint it skipped (Ray prefixes a worker's lines with its name)
+DAMAGED = re.compile(r"\[train\] checkpoint step (\d+) is damaged \((.+)\): resuming from step (\d+)$", re.M)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ray_cluster) -> Path:
+    """A project whose train stage ran undisturbed: checkpoints at steps 4 and 8 (both kept), a model."""
+    root = tmp_path_factory.mktemp("ckpt") / "project"
+    digits_folder(root / "data" / "digits", count=160)
+    write(root, {"pipeline.yaml": PIPELINE})
+    arpipe("run", "pipeline.yaml", cwd=root, env={"RAY_ADDRESS": ray_cluster}, timeout=600, check=True)
+    return root
+
+
+@pytest.fixture
+def project(trained, tmp_path) -> Path:
+    """A copy of the trained project (Ray Train's storage names its checkpoints relative to it)."""
+    return Path(shutil.copytree(trained, tmp_path / "project", symlinks=True))
+
+
+def train_dir(project: Path) -> Path:
+    [out] = [p for p in (project / "runs" / "train").iterdir() if p.is_dir()]
+    return out
+
+
+def checkpoints(project: Path) -> list[tuple[int, Path]]:
+    """Ray Train's committed checkpoints of the train stage, (step, folder), oldest first."""
+    experiment = train_dir(project) / ".arpipe" / "ray" / "train"
+    snapshot = json.loads((experiment / "checkpoint_manager_snapshot.json").read_text())
+    return [(int(r["metrics"]["step"]), experiment / r["checkpoint_dir_name"]) for r in snapshot["checkpoint_results"]]
+
+
+def weights(project: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(train_dir(project) / "model" / "model.safetensors"))
+
+
+def rerun_after(project: Path, ray_cluster: str) -> str:
+    """Uncommit the train stage (as if the run was cut off after its last checkpoint) and run again."""
+    (train_dir(project) / "outputs.json").unlink()
+    run = arpipe("run", "pipeline.yaml", cwd=project, env={"RAY_ADDRESS": ray_cluster}, timeout=600, check=True)
+    assert stage_lines(run.stdout)["train"] == ["resuming", "done"], run.stdout
+    return run.stdout
+
+
+def skipped_tag(project: Path) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ckpt")
+    [latest, *_] = client.search_runs([exp.experiment_id], filter_string="tags.`arpipe.stage` = 'train'",
+                                      order_by=["attributes.start_time DESC"])
+    assert latest.data.metrics.get("checkpoints_skipped") == 1
+    return latest.data.tags.get("arpipe.checkpoints_skipped", "")
+
+
+def test_a_truncated_deepspeed_shard_is_skipped_for_the_previous_checkpoint(project, trained, ray_cluster):
+    (older, _), (newest, folder) = checkpoints(project)
+    assert (older, newest) == (4, 8)
+    shard = next(folder.rglob("zero_pp_rank_0_*optim_states.pt"))   # the ZeRO optimizer partition
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    out = rerun_after(project, ray_cluster)
+    rel = shard.relative_to(folder).as_posix()
+    assert DAMAGED.findall(out) == [("8", f"{rel} is truncated: {size // 2} of {size} bytes", "4")], out
+    assert "[train] resumed at step 4 (restart 1)" in out
+    assert "step 8: " + rel in skipped_tag(project)
+    # the resume is exact (data position, optimizer, schedule): the model equals the undisturbed run's
+    ours, undisturbed = weights(project), weights(trained)
+    assert ours.keys() == undisturbed.keys()
+    assert all(np.array_equal(ours[k], undisturbed[k]) for k in ours)
+
+
+def test_a_checkpoint_without_its_marker_is_never_loaded(project, ray_cluster):
+    _older, (newest, folder) = checkpoints(project)
+    (folder / "arpipe-checkpoint-0.json").unlink()
+    out = rerun_after(project, ray_cluster)
+    assert DAMAGED.findall(out) == [("8", "its marker arpipe-checkpoint-0.json is missing", "4")], out
+    assert "[train] resumed at step 4" in out
+
+
+def test_a_flipped_byte_in_the_weights_is_refused_and_not_trusted_by_the_cache(project, ray_cluster):
+    import arpipe as api
+    from arpipe.pipeline.errors import UserError
+
+    model = train_dir(project) / "model"
+    weights_file = model / "model.safetensors"
+    good = weights_file.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0x5A   # same size: only the digest can tell
+    weights_file.write_bytes(bytes(data))
+
+    with pytest.raises(UserError) as refused:
+        api.load_model(model)
+    line = str(refused.value)
+    assert "\n" not in line and line.startswith(f"{model}: model.safetensors does not match its digest"), line
+
+    # a sample stage pointed at the folder stops with that one line (exit 2), before any worker starts
+    write(project, {"sample.yaml": f"""
+        name: ckpt-sample
+        storage: ./sampled
+        stages:
+          draw: {{kind: sample, model: "{model}", num_samples: 4}}
+        """})
+    sample = arpipe("run", "sample.yaml", cwd=project, env={"RAY_ADDRESS": ray_cluster}, timeout=300)
+    assert sample.returncode == 2, sample.stdout + sample.stderr
+    assert "model.safetensors does not match its digest" in sample.stdout + sample.stderr
+    assert "Traceback" not in sample.stdout + sample.stderr
+
+    # the train stage's own output is not trusted: plan says why, and a run restores the weights from the
+    # final checkpoint (no step is trained again)
+    plan = arpipe("plan", "pipeline.yaml", cwd=project, check=True)
+    [row] = [line for line in plan.stdout.splitlines() if line.split()[:1] == ["train"]]
+    assert "model/model.safetensors does not match its recorded digest" in row and " cached " not in row, row
+    run = arpipe("run", "pipeline.yaml", cwd=project, env={"RAY_ADDRESS": ray_cluster}, timeout=600, check=True)
+    assert stage_lines(run.stdout)["train"] == ["running", "done"], run.stdout
+    assert "[train] resumed at step 8" in run.stdout
+    assert weights_file.read_bytes() == good
+
+
+def test_models_written_before_digests_still_load_and_truncation_is_named(tmp_path, single_torch_thread):
+    import arpipe as api
+    from arpipe.pipeline.errors import UserError
+    from arpipe.stages.models import ModelConfig, Transformer, VocabLayout
+    from arpipe.stages.models.io import save_model
+
+    vocab = VocabLayout.build({"image": 4}, classes=range(2))
+    model = Transformer(ModelConfig(vocab_size=vocab.vocab_size, n_layer=1, n_head=2, n_embd=32, max_seq_len=16))
+    folder = save_model(tmp_path / "model", model, vocab=vocab)
+    (folder / "tokenizers.json").write_text("{}")
+    config = json.loads((folder / "config.json").read_text())
+    assert set(config["files"]) == {"model.safetensors", "vocab.json"}
+
+    weights_file = folder / "model.safetensors"
+    size = weights_file.stat().st_size
+    weights_file.write_bytes(weights_file.read_bytes()[:-64])
+    with pytest.raises(UserError, match=f"model.safetensors is truncated: {size - 64} bytes, config.json "
+                                        f"records {size}"):
+        api.load_model(folder)
+
+    # a folder from before the record: no digests to check, it loads as it always did
+    save_model(folder, model, vocab=vocab)
+    del config["files"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert api.load_model(folder) is not None
