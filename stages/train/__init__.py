@@ -54,10 +54,13 @@ def _ray_storage(out_uri: str) -> tuple[str, Any]:
     import pyarrow.fs as pafs
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    # checkpoints are written through this filesystem: a brief outage of the store (seconds) is retried
+    # with backoff instead of failing the worker group (pyarrow's default gives up after 3 attempts)
     fs = pafs.S3FileSystem(endpoint_override=endpoint, region=os.environ.get("AWS_REGION", "us-east-1"),
                            access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
                            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                           scheme="http" if endpoint and endpoint.startswith("http://") else "https")
+                           scheme="http" if endpoint and endpoint.startswith("http://") else "https",
+                           retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=10))
     return control_uri(out_uri, "ray")[len("s3://"):], fs
 
 
