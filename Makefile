@@ -17,9 +17,8 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# two workers (pytest-xdist): a test module, or the whole fault suite, stays on one worker (tests/conftest.py)
 test: setup
-	$(VENV)/bin/pytest -q -n 2 --dist loadgroup
+	$(VENV)/bin/pytest -q
 
 # the full fault campaigns too (>= 10 kills per stage kind; `make test` runs a seeded subset)
 test-full: setup

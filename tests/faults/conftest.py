@@ -1,4 +1,4 @@
-"""Fixtures of the fault and bad-input suite (its one-line summary: tests/conftest.py).
+"""Fixtures of the fault and bad-input suite, and its one-line summary at the end of the session.
 
 The kill campaigns run on their own local Ray instance (``fault_ray``), started in a
 subprocess with more logical CPUs than cores, so that the campaigns (one per group of stage
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from faults.tally import TALLY
 
 RAY_HEAD = textwrap.dedent("""
     import sys
@@ -185,6 +187,10 @@ def prepared(assets) -> dict[str, str]:
 KILL_TEST = "test_kill_9_at_random_moments_then_a_killed_worker"
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "full: the full fault campaigns (make test-full); CI runs a seeded subset")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kill_campaigns(request, tmp_path_factory):
     """The kill campaigns of the selected stage kinds, started in the background by the suite's first test.
@@ -213,3 +219,13 @@ def kill_campaigns(request, tmp_path_factory):
     yield handles
     for handle in handles.values():
         handle.thread.join(timeout=600)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if not TALLY.used:
+        return
+    terminalreporter.write_sep("-", "fault and bad-input suite")
+    if TALLY.by_fault and config.option.verbose > 0:
+        detail = ", ".join(f"{what}: {n}" for what, n in sorted(TALLY.by_fault.items()))
+        terminalreporter.write_line(f"faults by class: {detail}")
+    terminalreporter.write_line(TALLY.line())

@@ -39,20 +39,6 @@ class Tally:
         with self._lock:
             self.secrets_leaked += count
 
-    def counts(self) -> dict:
-        """What a pytest-xdist worker hands the controller (``merge`` adds it there)."""
-        with self._lock:
-            return {"faults_injected": self.faults_injected, "faults_survived": self.faults_survived,
-                    "bad_tried": self.bad_tried, "bad_handled": self.bad_handled,
-                    "secrets_leaked": self.secrets_leaked, "by_fault": dict(self.by_fault)}
-
-    def merge(self, counts: dict) -> None:
-        with self._lock:
-            for name in ("faults_injected", "faults_survived", "bad_tried", "bad_handled", "secrets_leaked"):
-                setattr(self, name, getattr(self, name) + counts[name])
-            for what, n in counts["by_fault"].items():
-                self.by_fault[what] = self.by_fault.get(what, 0) + n
-
     @property
     def used(self) -> bool:
         return bool(self.faults_injected or self.bad_tried or self.secrets_leaked)
