@@ -20,14 +20,16 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
-#: caches the tests' processes would otherwise keep in the home folder (torch extensions JIT-built by
-#: DeepSpeed, matplotlib's font cache, ...): one fresh folder per test session, so that nothing left there by
-#: an earlier run (a build lock of a killed process once hung the suite) can change what a run does
+#: what the tests' processes would otherwise keep in the home folder (matplotlib's font cache, ~/.ray, ...):
+#: a fresh folder per test session, so that nothing an earlier run left there can change what a run does.
+#: DeepSpeed's JIT-built op (40 s to build) is kept in the checkout instead (.cache/, git-ignored): a build
+#: lock a killed process leaves there is taken over by `load_jit_ops` (it once hung the suite in ~/.cache)
 SESSION_HOME = Path(tempfile.mkdtemp(prefix="arpipe-tests-home-"))
-for _name, _sub in (("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("MPLCONFIGDIR", "matplotlib"),
-                    ("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_HOME", "config"), ("HOME", "home")):
+for _name, _sub in (("MPLCONFIGDIR", "matplotlib"), ("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_HOME", "config"),
+                    ("HOME", "home")):
     os.environ[_name] = str(SESSION_HOME / _sub)
     (SESSION_HOME / _sub).mkdir()
+os.environ["TORCH_EXTENSIONS_DIR"] = str(ROOT / ".cache" / "torch_extensions")
 
 
 def pytest_unconfigure(config) -> None:
@@ -59,7 +61,17 @@ def s3_bucket(s3_server, s3_env) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def deepspeed_ops() -> None:
+    """DeepSpeed's JIT-built CPU op, built (once per checkout) before any Ray instance starts, so that train
+    workers load it rather than each waiting on one build."""
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", "from arpipe.stages.train.loop import load_jit_ops; load_jit_ops()"],
+                   check=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(deepspeed_ops):
     """One local Ray instance for the session; yields its GCS address for subprocess drivers."""
     import ray
 

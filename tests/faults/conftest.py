@@ -98,7 +98,7 @@ def extensions_with_a_stale_lock(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def fault_ray(tmp_path_factory) -> FaultRay:
+def fault_ray(tmp_path_factory, deepspeed_ops) -> FaultRay:
     extensions = extensions_with_a_stale_lock(tmp_path_factory.mktemp("torch_extensions"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TORCH_EXTENSIONS_DIR": str(extensions)}
     log = open(tmp_path_factory.mktemp("fault-ray") / "head.log", "w")
