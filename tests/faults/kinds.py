@@ -243,7 +243,7 @@ TRAIN = Kind(
 
 # ---------------------------------------------------------------------------------- sample
 
-SAMPLES, PER_SHARD = 96, 3   # 32 shards of 3 digits
+SAMPLES, PER_SHARD = 192, 3   # 64 shards of 3 digits: work left for the final run's worker kill after the kills
 
 
 def sample_cut_off(out: Path, before: dict, after: dict, since: float) -> int:
