@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 
+from arpipe.pipeline.console import flush_pending, whole_lines
 from arpipe.pipeline.errors import ArpipeError
 
 #: subcommands that live with their domain: name -> (module exposing register(subparsers), help).
@@ -109,8 +110,7 @@ def cmd_run(args) -> int:
         runner.run()
     except KeyboardInterrupt:
         print("arpipe: interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        flush_pending()   # every thread's unfinished line: os._exit skips atexit
         # a stage running in a driver thread (a trainer) cannot be cancelled from here, and Python
         # would wait for it at exit: leave now; locks are released and the work stays resumable
         os._exit(130)
@@ -233,6 +233,12 @@ def _check_cluster(loaded, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the runner's status lines and Ray's worker lines (another thread) share stdout: keep each line whole
+    with whole_lines():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     head, rest = _split_external(argv)

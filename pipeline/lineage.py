@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ except ImportError:   # Windows: no advisory locks; concurrent first runs there 
 
 from arpipe.pipeline import __version__
 from arpipe.pipeline.config import flatten, redact, scrub
-from arpipe.pipeline.storage import is_s3
+from arpipe.pipeline.storage import is_s3, user_cache
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 #: MLflow stores dataset digests in 36 characters; the full digest goes into the dataset profile
@@ -158,7 +159,41 @@ def _first_open_lock(uri: str) -> Iterator[None]:
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with file_lock(path + ".lock"):
+        if not os.path.exists(path):
+            _seed_sqlite(path)
         yield
+
+
+def _seed_sqlite(path: str) -> None:
+    """Start a new SQLite tracking file as a copy of an empty, migrated one kept in the user's cache.
+
+    MLflow builds a new file by running every schema migration (2.7 s of CPU, on each new project's first
+    run); the copy takes milliseconds. The template is built by MLflow's own table set-up, once per MLflow
+    version, and holds no experiment: MLflow adds its Default experiment (with this project's artifact
+    location) when it first opens the copy, as it does for a file it built itself. Anything unexpected
+    leaves the path untouched, and MLflow builds the file as before.
+    """
+    import mlflow
+
+    template = user_cache(f"mlflow-{mlflow.__version__}-empty.db")
+    building, copying = template.with_name(f".{template.name}.{os.getpid()}.tmp"), Path(f"{path}.{os.getpid()}.tmp")
+    try:
+        if not template.is_file():
+            import sqlalchemy
+            from mlflow.store.db.utils import _initialize_tables
+
+            template.parent.mkdir(parents=True, exist_ok=True)
+            engine = sqlalchemy.create_engine(f"sqlite:///{building}")
+            try:
+                _initialize_tables(engine)
+            finally:
+                engine.dispose()
+            os.replace(building, template)   # whole or absent: two first runs may both build it
+        shutil.copyfile(template, copying)
+        os.replace(copying, path)
+    except Exception:   # an MLflow whose internals moved, an unwritable cache: MLflow builds the file itself
+        building.unlink(missing_ok=True)
+        copying.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

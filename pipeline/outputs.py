@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from arpipe.pipeline import __version__
 from arpipe.pipeline.digest import digest_bytes, digest_json, digest_stream, hex_of
 from arpipe.pipeline.stage import Output
-from arpipe.pipeline.storage import CONTROL_DIR, is_s3, join, storage_for
+from arpipe.pipeline.storage import CONTROL_DIR, is_s3, join, storage_for, user_cache
 from arpipe.schemas.outputs import FileRecord, OutputsRecord, OutputValue
 
 OUTPUTS_FILE = "outputs.json"
@@ -41,7 +41,7 @@ def staging_dir(out_uri: str) -> Path:
     """Local folder a stage writes into: the output folder itself when local, a cache folder for S3."""
     if not is_s3(out_uri):
         return Path(out_uri)
-    base = Path(os.environ.get("ARPIPE_STAGING", Path.home() / ".cache" / "arpipe" / "staging"))
+    base = Path(os.environ.get("ARPIPE_STAGING") or user_cache("staging"))
     return base / hex_of(digest_bytes(out_uri.encode()))[:24]
 
 

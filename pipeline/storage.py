@@ -33,6 +33,11 @@ def control_uri(base: str, *parts: str) -> str:
     return join(base, CONTROL_DIR, *parts)
 
 
+def user_cache(*parts: str) -> Path:
+    """arpipe's folder in the user's cache (``$XDG_CACHE_HOME/arpipe``, else ``~/.cache/arpipe``), joined with parts."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "arpipe", *parts)
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 

@@ -176,3 +176,30 @@ def test_inside_a_ray_job_a_cached_run_writes_its_lineage_before_it_returns(proj
     assert f"MLflow run {parents[1].info.run_id} in experiment 'lineage-story'" in rerun.stdout
     ledger = json.loads((folder / "runs" / ".arpipe" / "ledger" / "lineage-story.json").read_text())
     assert ledger["mlflow_parent_run_id"] == parents[1].info.run_id
+
+
+def test_a_new_projects_tracking_file_is_a_copy_of_a_migrated_one(tmp_path, monkeypatch):
+    """The first project builds MLflow's tables once (into the cache); the next starts from a copy, and MLflow
+    opens it as its own: the Default experiment at that project's artifact location, runs logged as usual."""
+    from mlflow.tracking import MlflowClient
+
+    from arpipe.pipeline.lineage import Lineage
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first, second = tmp_path / "first", tmp_path / "second"
+    for project in (first, second):
+        project.mkdir()
+        monkeypatch.chdir(project)
+        started = time.perf_counter()
+        lineage = Lineage(f"sqlite:///{project / 'mlflow.db'}", "story")
+        seconds = time.perf_counter() - started
+        run = lineage.start_parent("story", "stages: {}\n", {})
+        lineage.client.log_metric(run, "rows", 3.0)
+    print(f"\nnew tracking file: {seconds:.2f} s from the cached template")
+    assert [p.name for p in (tmp_path / "cache" / "arpipe").iterdir()] == [
+        f"mlflow-{__import__('mlflow').__version__}-empty.db"]
+    client = MlflowClient(f"sqlite:///{second / 'mlflow.db'}")
+    default = client.get_experiment("0")
+    assert default.name == "Default" and default.artifact_location == str(second / "mlruns" / "0")
+    [story] = client.search_runs([client.get_experiment_by_name("story").experiment_id])
+    assert story.data.metrics == {"rows": 3.0}
