@@ -19,6 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+# Ray Train's controller notices a finished (or failed) worker group at its next health check, 2 s by
+# default: every train stage in the suite would wait ~1-2 s for nothing. One node and no preemption here:
+# the preemption watcher is one more actor process (~2.5 s of CPU) per train stage
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")   # no Prometheus metrics export per train run
+# Ray runs its workers at niceness 15 by default; the suite's own instance runs them at 0, in front of the
+# background work (tests/faults/fixtures.py: the kill campaigns' instance, at 19)
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 #: what the tests' processes would otherwise keep in the home folder (matplotlib's font cache, ~/.ray, ...):
 #: a fresh folder per test session, so that nothing an earlier run left there can change what a run does.
@@ -32,7 +41,44 @@ for _name, _sub in (("MPLCONFIGDIR", "matplotlib"), ("XDG_CACHE_HOME", "cache"),
 os.environ["TORCH_EXTENSIONS_DIR"] = str(ROOT / ".cache" / "torch_extensions")
 
 
+#: the fault suite's fixtures (its Ray instance, prepared assets, the kill campaigns) and the fixtures built ahead
+#: (tests/background.py) serve the whole session: they start with its first test and run in the background,
+#: at low priority, while the rest of the suite runs
+pytest_plugins = ["faults.fixtures", "background"]
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """The modules whose fixtures are built in the background (tests/background.py) run after the others, the
+    fault suite after them, and its kill-campaign test (which waits for the campaigns) at the very end: the
+    background work started by the first test overlaps everything else."""
+    from background import builders
+
+    def place(item) -> int:
+        path = Path(str(item.fspath))
+        if path.parent.name == "faults":
+            return 3 if path.name == "test_stage_kills.py" else 2
+        return 1 if builders(getattr(item, "module", None)) else 0
+    items.sort(key=place)   # stable: the order within each part is kept
+
+
+#: past this, the session is stopped with every thread's traceback on stderr: a hang (a deadlock that holds the
+#: GIL, which no per-test timeout can interrupt) must fail CI with its place named, not run out its clock
+SESSION_LIMIT_S = 3600
+
+
+def pytest_sessionstart(session) -> None:
+    import faulthandler
+
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():   # the real stderr, not a test's capture file
+        session.config._watchdog_stream = os.fdopen(os.dup(2), "w")
+    faulthandler.dump_traceback_later(SESSION_LIMIT_S, exit=True, file=session.config._watchdog_stream)
+
+
 def pytest_unconfigure(config) -> None:
+    import faulthandler
+
+    faulthandler.cancel_dump_traceback_later()
     shutil.rmtree(SESSION_HOME, ignore_errors=True)
 
 

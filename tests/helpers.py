@@ -3,12 +3,49 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 ARPIPE = [sys.executable, "-m", "arpipe.pipeline.cli"]
+#: the niceness of the suite's background work (kill campaigns, fixtures built ahead): it takes the cores only
+#: while the tests in front wait (on process and Ray start-up, mostly)
+BACKGROUND_NICE = 19
+
+
+def niced(command: list[str], nice: int) -> list[str]:
+    """``command`` run at niceness ``nice`` (0, or a machine without ``nice``: as it is).
+
+    coreutils' ``nice`` sets it and execs the command. A ``preexec_fn`` would do it in Python between fork
+    and exec, and a fork of this process is not safe: gRPC (Ray's driver) and torch keep threads here, and
+    gRPC's fork handlers can abort or hang the parent (one hung CI for an hour). Without a ``preexec_fn``
+    Python starts children with vfork and exec, and no fork handler runs.
+    """
+    nice_binary = shutil.which("nice")
+    return [nice_binary, "-n", str(nice), *command] if nice and nice_binary else command
+
+
+def lower_group(proc: subprocess.Popen, nice: int) -> None:
+    """Lower the scheduling group of a child that started a session of its own (``start_new_session``).
+
+    Where Linux groups processes by session (autogroup), groups share the cores equally whatever their
+    processes' niceness, so a niced child in a session of its own needs its group lowered too. The kernel
+    takes one such change per 100 ms from an unprivileged user (EAGAIN otherwise): try for a few seconds.
+    """
+    if not nice:
+        return
+    for _ in range(50):
+        try:
+            with open(f"/proc/{proc.pid}/autogroup", "w") as f:
+                f.write(str(nice))
+            return
+        except BlockingIOError:
+            time.sleep(0.1)
+        except OSError:   # no autogroup (a kernel without it, or turned off), or the child is gone
+            return
 
 
 def write(folder: Path, files: dict[str, str]) -> Path:
@@ -21,10 +58,10 @@ def write(folder: Path, files: dict[str, str]) -> Path:
 
 
 def arpipe(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 240,
-           check: bool | None = None) -> subprocess.CompletedProcess:
+           check: bool | None = None, nice: int = 0) -> subprocess.CompletedProcess:
     """Run `arpipe ARGS` in cwd; check=True asserts exit 0 and shows the output if not."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([*ARPIPE, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+    proc = subprocess.run(niced([*ARPIPE, *args], nice), cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if check:
         assert proc.returncode == 0, f"arpipe {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"

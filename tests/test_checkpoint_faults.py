@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import arpipe, stage_lines, write
+from helpers import BACKGROUND_NICE, arpipe, stage_lines, write
 from realdata import digits_folder
 
 PIPELINE = """
@@ -48,14 +48,23 @@ stages:
 DAMAGED = re.compile(r"\[train\] checkpoint step (\d+) is damaged \((.+)\): resuming from step (\d+)$", re.M)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_cluster) -> Path:
-    """A project whose train stage ran undisturbed: checkpoints at steps 4 and 8 (both kept), a model."""
-    root = tmp_path_factory.mktemp("ckpt") / "project"
+def build_trained(folder: Path, ray_address: str) -> Path:
+    """A project whose train stage ran undisturbed: checkpoints at steps 4 and 8 (both kept), a model (built in
+    the background, tests/background.py)."""
+    root = folder / "project"
     digits_folder(root / "data" / "digits", count=160)
     write(root, {"pipeline.yaml": PIPELINE})
-    arpipe("run", "pipeline.yaml", cwd=root, env={"RAY_ADDRESS": ray_cluster}, timeout=600, check=True)
+    arpipe("run", "pipeline.yaml", cwd=root, env={"RAY_ADDRESS": ray_address}, timeout=1800, check=True,
+           nice=BACKGROUND_NICE)
     return root
+
+
+BUILT_IN_BACKGROUND = {"checkpointed-project": build_trained}
+
+
+@pytest.fixture(scope="module")
+def trained(background) -> Path:
+    return background.result("checkpointed-project")
 
 
 @pytest.fixture

@@ -70,7 +70,13 @@ def start_with_b_paused(folder, env):
     pause = folder / "pause-b"
     pause.write_text("1")
     env = {**env, "ARPIPE_TEST_PAUSE": str(pause)}
-    proc = spawn("run", "pipeline.yaml", cwd=folder, env=env)
+    # started as from a terminal, where Ctrl-C raises KeyboardInterrupt: a suite started in the background
+    # (`make test &`, some CI runners) has SIGINT ignored, children inherit that, and Python then keeps it
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = spawn("run", "pipeline.yaml", cwd=folder, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 120
     while not list(folder.glob("runs/b/*/partial.txt")):
         assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""

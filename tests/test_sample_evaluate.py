@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import arpipe, stage_lines, write
+from helpers import BACKGROUND_NICE, arpipe, stage_lines, write
 from PIL import Image
 from realdata import digits_folder
 
@@ -89,17 +89,25 @@ class TinyFeatures(torch.nn.Module):
         return self.conv(x).mean(dim=(2, 3))
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, ray_cluster):
-    root = tmp_path_factory.mktemp("sample")
+def build_project(root: Path, ray_address: str) -> Path:
+    """The digits project, run through: 600 training steps (built in the background, tests/background.py)."""
     digits_folder(root / "data" / "digits", count=1200)
     digits_folder(root / "data" / "heldout", count=200, start=1500)
     torch.jit.save(torch.jit.script(TinyFeatures()), str(root / "features.pt"))
     shutil.copyfile(Path(__file__).parent.parent / "examples" / "digits_steps.py", root / "digits_steps.py")
     write(root, {"digits.yaml": PIPELINE.replace("DIGITS", str(root / "data" / "digits"))})
-    run = arpipe("run", "digits.yaml", cwd=root, env={"RAY_ADDRESS": ray_cluster}, timeout=900, check=True)
+    run = arpipe("run", "digits.yaml", cwd=root, env={"RAY_ADDRESS": ray_address}, timeout=1800, check=True,
+                 nice=BACKGROUND_NICE)
     assert all(states[-1] == "done" for states in stage_lines(run.stdout).values()), run.stdout
     return root
+
+
+BUILT_IN_BACKGROUND = {"digits-project": build_project}
+
+
+@pytest.fixture(scope="module")
+def project(background):
+    return background.result("digits-project")
 
 
 def out(root: Path, stage: str) -> Path:

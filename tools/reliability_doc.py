@@ -6,7 +6,9 @@ docstrings say what they check) and ``harness.py`` (its docstring: what every ca
 Every other fault test module (``tests/faults/test_*.py`` and ``FAULT_MODULES`` outside it) is
 read without importing it: its docstring says what it covers, each test's name (or docstring)
 what it checks, and its ``pytest.mark.parametrize`` values (a literal, or a module-level
-list/dict they are built from) how many cases it runs and which. So the page follows the tests:
+list/dict they are built from) how many cases it runs and which; a test that strikes several faults
+in turn counts each one it tallies (its ``TALLY.fault`` calls, or the cases of the loop around one).
+So the page follows the tests:
 a new case, kind or test module shows up at the next ``python -m tools.gen_docs``, and
 ``tests/test_docs.py`` fails while the page is stale.
 """
@@ -182,6 +184,23 @@ def _parametrize(func: ast.FunctionDef, names: dict[str, ast.expr]) -> tuple[int
     return count, ids, full
 
 
+def _faults_struck(func: ast.FunctionDef, names: dict[str, ast.expr]) -> list[str]:
+    """The faults one case of a test counts in the tally: each ``TALLY.fault(...)`` call, or the cases of
+    the ``for`` loop around one (a test that strikes several faults in turn in one project)."""
+    def tallies(node: ast.AST) -> list[ast.Call]:
+        return [c for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)
+                and c.func.attr == "fault" and isinstance(c.func.value, ast.Name) and c.func.value.id == "TALLY"]
+
+    struck, seen = [], set()
+    for loop in (n for n in ast.walk(func) if isinstance(n, ast.For)):
+        calls = [c for c in tallies(loop) if id(c) not in seen]
+        if calls:
+            struck += _literal_cases(loop.iter, names) or ["?"]
+            seen.update(id(c) for c in calls)
+    struck += [_case_id(c.args[0]) if c.args else "?" for c in tallies(func) if id(c) not in seen]
+    return struck
+
+
 def _sentence(name: str) -> str:
     words = name.removeprefix("test_").replace("_", " ")
     return words[:1].upper() + words[1:]
@@ -203,11 +222,17 @@ def module_section(rel: str) -> tuple[str, int]:
         if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
             continue
         count, ids, full = _parametrize(node, names)
+        struck = _faults_struck(node, names)
+        if count and len(struck) > 1:
+            count *= len(struck)
+            ids = struck if not ids else [f"{a}-{b}" for a in ids for b in struck]
         total += count or 0
         cases = "?" if count is None else str(count)
         if ids and count and count > 1:
             shown = ", ".join(f"`{i}`" for i in ids[:24]) + (f", ... ({count - 24} more)" if count > 24 else "")
             cases += f": {shown}"
+        if len(struck) > 1:
+            cases += " (faults struck in turn in one project)"
         if full:
             cases += " (marker `full`)"
         checks = _first_paragraph(ast.get_docstring(node)) or _sentence(node.name)
