@@ -31,8 +31,7 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 
 #: what the tests' processes would otherwise keep in the home folder (matplotlib's font cache, ~/.ray, ...):
 #: a fresh folder per test session, so that nothing an earlier run left there can change what a run does.
-#: DeepSpeed's JIT-built op (40 s to build) is kept in the checkout instead (.cache/, git-ignored): a build
-#: lock a killed process leaves there is taken over by `load_jit_ops` (it once hung the suite in ~/.cache)
+#: an op DeepSpeed JIT-builds (CPU Adam for optimizer offload) is kept in the checkout (.cache/, git-ignored)
 SESSION_HOME = Path(tempfile.mkdtemp(prefix="arpipe-tests-home-"))
 for _name, _sub in (("MPLCONFIGDIR", "matplotlib"), ("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_HOME", "config"),
                     ("HOME", "home")):
@@ -107,17 +106,7 @@ def s3_bucket(s3_server, s3_env) -> str:
 
 
 @pytest.fixture(scope="session")
-def deepspeed_ops() -> None:
-    """DeepSpeed's JIT-built CPU op, built (once per checkout) before any Ray instance starts, so that train
-    workers load it rather than each waiting on one build."""
-    import subprocess
-
-    subprocess.run([sys.executable, "-c", "from arpipe.stages.train.loop import load_jit_ops; load_jit_ops()"],
-                   check=True, timeout=900)
-
-
-@pytest.fixture(scope="session")
-def ray_cluster(deepspeed_ops):
+def ray_cluster():
     """One local Ray instance for the session; yields its GCS address for subprocess drivers."""
     import ray
 

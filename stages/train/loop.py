@@ -45,38 +45,26 @@ def _units(sampler):
             raise RuntimeError("the sampler gave this rank no data: fewer samples than workers x micro_batch")
 
 
-def load_jit_ops() -> None:
-    """Load DeepSpeed's JIT-compiled CPU communication op under a lock that dies with its holder.
+def skip_inference_comm_op() -> None:
+    """Tell DeepSpeed not to build its shared-memory communication op: training never uses it.
 
-    torch guards a JIT build with a plain ``lock`` file in the op's build folder; a worker killed
-    while building (kill -9, a preempted node) leaves it behind, and every later load on that
-    machine waits for it forever: training hangs before its first step. arpipe workers load the op
-    holding an flock in the extensions folder, so a ``lock`` file found meanwhile belongs to no
-    live arpipe worker: it is removed, then the op is built or loaded (DeepSpeed keeps it loaded).
+    On CPU, DeepSpeed's ``TorchBackend`` JIT-compiles ``deepspeed_shm_comm`` when the first engine is
+    made (40-50 s of C++ on a fresh machine or container, in every worker at once) for one caller,
+    ``inference_all_reduce``, which training does not reach: gradients go through ``torch.distributed``
+    (gloo here). The build also guarded itself with a plain ``lock`` file that a worker killed mid-build
+    left behind, and every later train stage on that machine then waited for it forever. Marking the
+    op incompatible is what DeepSpeed itself does where the op cannot build (non-Linux); the engine then
+    uses ``torch.distributed`` alone. Another DeepSpeed layout: left as DeepSpeed decides.
     """
     try:
-        import fcntl
-
         import deepspeed.ops
         from deepspeed.accelerator import get_accelerator
-        from torch.utils.cpp_extension import _get_build_directory
 
         builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-            return
-        folder = Path(_get_build_directory(builder.name, verbose=False))
-    except Exception:   # another DeepSpeed or torch layout: load as DeepSpeed itself would
+        if builder is not None:
+            deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    except Exception:   # noqa: BLE001 - an optimisation only
         return
-    with open(folder.parent / "arpipe-jit.lock", "a") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
-        try:
-            stale = folder / "lock"
-            if stale.exists():
-                print(f"[train] removing {stale}, left by a process killed while building", flush=True)
-                stale.unlink(missing_ok=True)
-            builder.load(verbose=False)
-        finally:
-            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 def train_loop(cfg: TrainLoopConfig) -> None:
@@ -103,7 +91,7 @@ def train_loop(cfg: TrainLoopConfig) -> None:
                                  seq_len=cfg.seq_len if cfg.packing else None,
                                  lengths=docs.lengths() if cfg.packing else None)
     model = Transformer(model_config)
-    load_jit_ops()
+    skip_inference_comm_op()
     engine, _opt, _loader, _sched = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                          config=cfg.ds_config)
     step, restarts = 0, 0
