@@ -40,9 +40,10 @@ from typing import Any
 from helpers import ARPIPE, BACKGROUND_NICE, arpipe, lower_group, niced
 
 STAGE_STATES = ("running", "resuming", "done", "failed", "cached", "skipped")
-#: how long a campaign waits for a stage to start or reach a unit: its runs are background work, at the lowest
-#: priority, and wait minutes for a core while the tests in front are busy
-PATIENCE = 900.0
+#: how long a campaign waits for a run, or for a stage to start or reach a unit: its runs are background work,
+#: at the lowest priority, and can wait ten minutes and more for a core while the tests in front are busy (the
+#: prepared model once took over 600 s); a hang is still caught, by the session's watchdog (tests/conftest.py)
+PATIENCE = 1800.0
 
 
 # ----------------------------------------------------------------------------- one `arpipe run`
@@ -456,7 +457,7 @@ class Campaign:
                             pass
                     del pending[name]
             time.sleep(0.05)
-        code = run.finish(timeout=600)
+        code = run.finish(timeout=PATIENCE)
         self.outputs["final run"] = run.output
         for kind in self.kinds:
             problems = self.result.final_problems.setdefault(kind.kind, [])

@@ -20,7 +20,7 @@ from pathlib import Path
 from helpers import BACKGROUND_NICE, arpipe
 
 from arpipe.stages.evaluate import UNIT_SAMPLES
-from faults.harness import Kind
+from faults.harness import PATIENCE, Kind
 
 SEED = int(os.environ.get("ARPIPE_FAULT_SEED", "9"))
 #: kills of every kind: the seeded subset in CI, the full campaign behind `pytest -m full`
@@ -365,7 +365,7 @@ def prepare(folder: Path, address: str, digits: Path) -> dict[str, str]:
     """A tokenizer artifact and a token store, made once, for the tokenize and train campaigns."""
     folder.mkdir(parents=True)
     (folder / "prep.yaml").write_text(PREP.format(digits=digits))
-    arpipe("run", "prep.yaml", cwd=folder, env={"RAY_ADDRESS": address}, timeout=600, check=True,
+    arpipe("run", "prep.yaml", cwd=folder, env={"RAY_ADDRESS": address}, timeout=PATIENCE, check=True,
            nice=BACKGROUND_NICE)
     return {"tokenizer": str(next(folder.glob("runs/tok/*/tokenizer"))),
             "store": str(next(folder.glob("runs/store/*/store")))}
@@ -375,7 +375,7 @@ def prepare_model(folder: Path, address: str, store: str) -> dict[str, str]:
     """A tiny model trained on the store (4 steps) and 96 samples drawn from it, for the sample and evaluate
     campaigns: made once, after :func:`prepare`, while the other campaigns run."""
     (folder / "prep-model.yaml").write_text(PREP_MODEL.format(store=store, tiny=TINY_TRAIN.format()))
-    arpipe("run", "prep-model.yaml", cwd=folder, env={"RAY_ADDRESS": address}, timeout=600, check=True,
+    arpipe("run", "prep-model.yaml", cwd=folder, env={"RAY_ADDRESS": address}, timeout=PATIENCE, check=True,
            nice=BACKGROUND_NICE)
     return {"model": str(next(folder.glob("runs/model/*/model"))),
             "samples": str(next(folder.glob("runs/samples/*/samples")))}
