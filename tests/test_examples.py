@@ -40,3 +40,23 @@ def test_quickstart_runs_end_to_end(tmp_path, ray_cluster):
     assert {"images", "train", "sample", "evaluate"} <= set(runs)
     sheets = {a.path for a in client.list_artifacts(runs["sample"].info.run_id, "contact_sheets")}
     assert len(sheets) == 4
+
+
+def test_every_example_validates_and_plans(tmp_path):
+    """Each example as a user first meets it: `arpipe validate` accepts it and `arpipe plan` lists every stage to
+    run. (The quickstart runs above; every other example runs end to end in `make test-full`,
+    tests/test_examples_more.py, where its stage kinds and modalities are the quickstart's.)"""
+    folder = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, folder, ignore=shutil.ignore_patterns("arpipe-runs", "mlflow.db", "mlruns"))
+    pipelines = sorted(p.name for p in folder.glob("*.yaml"))
+    assert {"quickstart.yaml", "faces_next_scale.yaml", "em_volume.yaml", "point_clouds.yaml",
+            "s3_storage.yaml"} <= set(pipelines)
+    for name in pipelines:
+        env = {"ARPIPE_STORAGE": str(tmp_path / "storage")}   # s3_storage.yaml's storage, here a local folder
+        validated = arpipe("validate", name, cwd=folder, env=env, check=True)
+        assert ": ok: " in validated.stdout, validated.stdout
+        stages = validated.stdout.split(" in order ")[1].strip().split(" -> ")
+        planned = arpipe("plan", name, cwd=folder, env=env, check=True)
+        rows = {line.split()[0]: line.split()[2] for line in planned.stdout.splitlines()
+                if line.split() and line.split()[0] in stages}
+        assert rows == {stage: "run" for stage in stages}, planned.stdout

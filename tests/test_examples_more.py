@@ -1,7 +1,12 @@
 """Every example in examples/ beyond the quickstart runs as a user runs it, with tiny budgets (`-s`):
 faces with next-scale prediction, an anisotropic MRC volume, octree point clouds, S3 storage, and a
 submission to a Ray cluster. Each checks what a user would look at: stages done, files in their formats,
-the metrics the evaluate stage reports."""
+the metrics the evaluate stage reports.
+
+They run in `make test-full` (about 5 minutes of the two cores). `make test` (CI) runs the quickstart end to end,
+whose stage kinds and modalities these share, and checks that every example validates and plans
+(tests/test_examples.py); S3 storage, training on S3 and `arpipe submit` have their own CI tests
+(test_pipeline_s3, faults/test_train_s3, test_cluster_jobs)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import pytest
 from helpers import arpipe, stage_lines
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+pytestmark = pytest.mark.full
 
 
 def copy_examples(tmp_path: Path) -> Path:
