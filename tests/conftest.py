@@ -28,6 +28,10 @@ os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")   # no Prometheus metric
 # Ray runs its workers at niceness 15 by default; the suite's own instance runs them at 0, in front of the
 # background work (tests/faults/fixtures.py: the kill campaigns' instance, at 19)
 os.environ.setdefault("RAY_worker_niceness", "0")
+# the suite's Ray instances are started by drivers that run few tasks themselves (pytest; the background
+# instance's holder runs none): the two idle workers Ray prestarts for a first driver would poll for the whole
+# session (~0.8 CPU-s a minute each); the `arpipe run` drivers that connect get the workers they ask for
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 #: what the tests' processes would otherwise keep in the home folder (matplotlib's font cache, ~/.ray, ...):
 #: a fresh folder per test session, so that nothing an earlier run left there can change what a run does.
