@@ -27,6 +27,8 @@ from arpipe.pipeline.storage import CONTROL_DIR, is_s3, join, storage_for, user_
 from arpipe.schemas.outputs import FileRecord, OutputsRecord, OutputValue
 
 OUTPUTS_FILE = "outputs.json"
+#: what a stage folder may hold besides its work: the lock of the run that holds it and a failure note
+NOT_WORK = (f"{CONTROL_DIR}/lock", f"{CONTROL_DIR}/failed.json")
 
 
 def stage_dir(storage_root: str, stage: str) -> str:
@@ -133,8 +135,7 @@ def inspect(out_uri: str) -> Verdict:
     except FileNotFoundError:
         # work an interrupted run left: outputs in progress, or resumable state such as checkpoints
         # under .arpipe/ (a lock or a failure note alone is not work)
-        present = [e for e in storage.list(out_uri)
-                   if e.relpath not in (f"{CONTROL_DIR}/lock", f"{CONTROL_DIR}/failed.json")]
+        present = [e for e in storage.list(out_uri) if e.relpath not in NOT_WORK]
         return Verdict("partial" if present else "missing")
     try:
         record = OutputsRecord.model_validate_json(text)

@@ -37,7 +37,7 @@ from arpipe.pipeline.lineage import Lineage, RunRecord, git_commit, tracking_uri
 from arpipe.pipeline.lock import Heartbeats, StageLock, check_exclusive_creates
 from arpipe.pipeline.plan import Planner, StagePlan
 from arpipe.pipeline.registry import stage_class
-from arpipe.pipeline.storage import CONTROL_DIR, control_uri, is_s3, join, storage_for
+from arpipe.pipeline.storage import control_uri, is_s3, join, storage_for
 from arpipe.schemas.outputs import OutputsRecord
 
 #: set by Ray Jobs in a job's entrypoint process
@@ -208,12 +208,14 @@ class Runner:
             self.echo(f"  stages run on {where}")
 
     def _clear_for_force(self, uri: str) -> None:
+        """A forced stage starts over: its outputs and its resumable work (checkpoints, unit records) go; the
+        lock this run holds and a failure note stay."""
         if is_s3(uri):
             shutil.rmtree(out.staging_dir(uri), ignore_errors=True)
         storage = storage_for(uri)
         storage.delete(join(uri, out.OUTPUTS_FILE))
         for entry in list(storage.list(uri)):
-            if not entry.relpath.startswith(CONTROL_DIR + "/"):
+            if entry.relpath not in out.NOT_WORK:
                 storage.delete(join(uri, entry.relpath))
 
     def _line(self, name: str, state: str, detail: str = "") -> None:

@@ -136,6 +136,30 @@ def test_a_checkpoint_without_its_marker_is_never_loaded(project, ray_cluster):
     assert "[train] resumed at step 4" in out
 
 
+def test_force_trains_again_from_step_0_and_gets_the_same_model(project, ray_cluster):
+    """`--force train` reruns the stage: its checkpoints go with its outputs, so it trains every step again (it
+    used to resume from the final checkpoint and train none), and the same seed gives the same model."""
+    from mlflow.tracking import MlflowClient
+
+    before = weights(project)
+    stale = {folder.name for _step, folder in checkpoints(project)}
+    run = arpipe("run", "pipeline.yaml", "--force", "train", cwd=project, env={"RAY_ADDRESS": ray_cluster},
+                 timeout=600, check=True)
+    assert stage_lines(run.stdout)["train"] == ["running", "done"], run.stdout
+    assert "resumed at step" not in run.stdout, run.stdout
+    again = checkpoints(project)
+    assert [step for step, _ in again] == [4, 8] and not stale & {folder.name for _, folder in again}
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ckpt")
+    [latest, *_] = client.search_runs([exp.experiment_id], filter_string="tags.`arpipe.stage` = 'train'",
+                                      order_by=["attributes.start_time DESC"])
+    assert [m.step for m in client.get_metric_history(latest.info.run_id, "loss")][:1] == [1]
+    after = weights(project)
+    assert before.keys() == after.keys()
+    assert all(np.allclose(before[k], after[k], rtol=0, atol=1e-6) for k in before)
+
+
 def test_a_flipped_byte_in_the_weights_is_refused_and_not_trusted_by_the_cache(project, ray_cluster):
     import arpipe as api
     from arpipe.pipeline.errors import UserError
