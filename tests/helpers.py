@@ -48,6 +48,14 @@ def lower_group(proc: subprocess.Popen, nice: int) -> None:
             return
 
 
+def start_in_own_session(command: list[str], nice: int = 0, **popen_kwargs) -> subprocess.Popen:
+    """``command`` started in a session of its own (nothing sent to its process group reaches the suite's) at
+    niceness ``nice``, its scheduling group lowered to match (:func:`niced`, :func:`lower_group`)."""
+    proc = subprocess.Popen(niced(command, nice), start_new_session=True, **popen_kwargs)
+    lower_group(proc, nice)
+    return proc
+
+
 def write(folder: Path, files: dict[str, str]) -> Path:
     """Write dedented files into folder; return the folder."""
     for name, text in files.items():

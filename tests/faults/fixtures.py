@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import BACKGROUND_NICE, lower_group, niced
+from helpers import BACKGROUND_NICE, start_in_own_session
 
 RAY_HEAD = textwrap.dedent("""
     import sys
@@ -108,9 +108,8 @@ def fault_ray(tmp_path_factory) -> FaultRay:
            "RAY_worker_niceness": str(BACKGROUND_NICE)}
     log = open(tmp_path_factory.mktemp("fault-ray") / "head.log", "w")
     # a session of its own: nothing Ray does to its process group can reach the test session's
-    head = subprocess.Popen(niced([sys.executable, "-c", RAY_HEAD, "12"], BACKGROUND_NICE), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
-    lower_group(head, BACKGROUND_NICE)
+    head = start_in_own_session([sys.executable, "-c", RAY_HEAD, "12"], BACKGROUND_NICE, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     address = head.stdout.readline().strip()
     session = head.stdout.readline().strip()
     if not address or not session:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers import ARPIPE, BACKGROUND_NICE, arpipe, lower_group, niced
+from helpers import ARPIPE, BACKGROUND_NICE, arpipe, start_in_own_session
 
 STAGE_STATES = ("running", "resuming", "done", "failed", "cached", "skipped")
 #: how long a campaign waits for a run, or for a stage to start or reach a unit: its runs are background work,
@@ -54,10 +54,8 @@ class LiveRun:
 
     def __init__(self, folder: Path, args: list[str], env: dict[str, str], nice: int = 0):
         self.started = time.time()
-        self.proc = subprocess.Popen(niced([*ARPIPE, *args], nice), cwd=folder, env={**os.environ, **env},
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
-        lower_group(self.proc, nice)
+        self.proc = start_in_own_session([*ARPIPE, *args], nice, cwd=folder, env={**os.environ, **env},
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
