@@ -67,12 +67,13 @@ def parents_and_children(folder: Path) -> tuple[list, dict[str, dict[str, object
 
 
 def wait_for_parents(folder: Path, count: int, within: float = 10.0) -> tuple[list, dict]:
-    """Poll MLflow until ``count`` finished parent runs are there, each with its three stage runs."""
+    """Poll MLflow until ``count`` finished parent runs are there, each with its three stage runs, and no
+    lineage record is pending (the writer removes a record once MLflow holds all of it, a moment after)."""
     deadline = time.time() + within
     while True:
         parents, children = parents_and_children(folder)
         done = [p for p in parents if p.info.status == "FINISHED" and len(children[p.info.run_id]) == 3]
-        if len(done) >= count or time.time() > deadline:
+        if (len(done) >= count and not pending_records(folder)) or time.time() > deadline:
             return parents, children
         time.sleep(0.25)
 
