@@ -24,7 +24,7 @@ from faults.harness import PATIENCE, Kind
 
 SEED = int(os.environ.get("ARPIPE_FAULT_SEED", "9"))
 #: kills of every kind: the seeded subset in CI, the full campaign behind `pytest -m full`
-CI_KILLS, FULL_KILLS = 3, 10
+CI_KILLS, FULL_KILLS = 2, 10
 
 
 def identity(path: Path) -> tuple[int, int, int]:
