@@ -51,16 +51,18 @@ pytest_plugins = ["faults.fixtures", "background"]
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """The modules whose fixtures are built in the background (tests/background.py) run after the others, the
-    fault suite after them, and its kill-campaign test (which waits for the campaigns) at the very end: the
-    background work started by the first test overlaps everything else."""
+    """The tests that wait for background work (a module's fixtures built by tests/background.py, the fault
+    suite's prepared assets) run after the others, the fault suite after them, and its kill-campaign test
+    (which waits for the campaigns) at the very end: the background work started by the first test overlaps
+    everything else."""
     from background import builders
 
     def place(item) -> int:
         path = Path(str(item.fspath))
         if path.parent.name == "faults":
             return 3 if path.name == "test_stage_kills.py" else 2
-        return 1 if builders(getattr(item, "module", None)) else 0
+        waits = builders(getattr(item, "module", None)) or "assets" in getattr(item, "fixturenames", ())
+        return 1 if waits else 0
     items.sort(key=place)   # stable: the order within each part is kept
 
 

@@ -16,61 +16,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import BACKGROUND_NICE, arpipe, stage_lines, write
-from realdata import digits_folder
-
-PIPELINE = """
-name: ckpt
-storage: ./runs
-stages:
-  tok:
-    kind: tokenizer
-    source: {modality: image, uri: ./data/digits, channels: 1, size: 8}
-    tokenizer: {type: msvq, scales: [1, 2, 4, 8], codebook_size: 16}
-    fit: {max_samples: 100, heldout: 8}
-  digits:
-    kind: tokenize
-    source: {modality: image, uri: ./data/digits, channels: 1, size: 8}
-    tokenizer: ${tok.tokenizer}
-  train:
-    kind: train
-    data: [{store: "${digits.store}"}]
-    model: {preset: tiny, paradigm: next_scale, n_layer: 1, n_embd: 32, n_head: 2}
-    optimizer: {lr: 0.003, warmup_steps: 2}
-    deepspeed: {zero_stage: 1}
-    workers: 1
-    global_batch: 8
-    steps: 8
-    checkpoint_every: 4
-"""
+from faults.kinds import MODEL_EXPERIMENT, MODEL_PIPELINE
+from helpers import arpipe, stage_lines, write
 
 #: the line a rerun prints for each damaged checkpoint it skipped (Ray prefixes a worker's lines with its name)
 DAMAGED = re.compile(r"\[train\] checkpoint step (\d+) is damaged \((.+)\): resuming from step (\d+)$", re.M)
 
 
-def build_trained(folder: Path, ray_address: str) -> Path:
-    """A project whose train stage ran undisturbed: checkpoints at steps 4 and 8 (both kept), a model (built in
-    the background, tests/background.py)."""
-    root = folder / "project"
-    digits_folder(root / "data" / "digits", count=160)
-    write(root, {"pipeline.yaml": PIPELINE})
-    arpipe("run", "pipeline.yaml", cwd=root, env={"RAY_ADDRESS": ray_address}, timeout=1800, check=True,
-           nice=BACKGROUND_NICE)
-    return root
-
-
-BUILT_IN_BACKGROUND = {"checkpointed-project": build_trained}
-
-
 @pytest.fixture(scope="module")
-def trained(background) -> Path:
-    return background.result("checkpointed-project")
+def trained(assets) -> Path:
+    """The suite's small digits model (``faults.kinds.PREP_MODEL``, trained once in the background): a project
+    whose train stage ran undisturbed, checkpoints at steps 4 and 8 (both kept), ZeRO-1, one worker."""
+    return Path(assets.with_model()["project"])
 
 
 @pytest.fixture
 def project(trained, tmp_path) -> Path:
     """A copy of the trained project (Ray Train's storage names its checkpoints relative to it)."""
     return Path(shutil.copytree(trained, tmp_path / "project", symlinks=True))
+
+
+def run(project: Path, ray_cluster: str, *args: str, **kwargs):
+    """``arpipe run`` of the project's pipeline up to its train stage (its sample stage is the campaigns')."""
+    return arpipe("run", MODEL_PIPELINE, "--until", "train", *args, cwd=project, env={"RAY_ADDRESS": ray_cluster},
+                  timeout=600, **kwargs)
 
 
 def train_dir(project: Path) -> Path:
@@ -94,16 +63,16 @@ def weights(project: Path) -> dict[str, np.ndarray]:
 def rerun_after(project: Path, ray_cluster: str) -> str:
     """Uncommit the train stage (as if the run was cut off after its last checkpoint) and run again."""
     (train_dir(project) / "outputs.json").unlink()
-    run = arpipe("run", "pipeline.yaml", cwd=project, env={"RAY_ADDRESS": ray_cluster}, timeout=600, check=True)
-    assert stage_lines(run.stdout)["train"] == ["resuming", "done"], run.stdout
-    return run.stdout
+    rerun = run(project, ray_cluster, check=True)
+    assert stage_lines(rerun.stdout)["train"] == ["resuming", "done"], rerun.stdout
+    return rerun.stdout
 
 
 def skipped_tag(project: Path) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("ckpt")
+    exp = client.get_experiment_by_name(MODEL_EXPERIMENT)
     [latest, *_] = client.search_runs([exp.experiment_id], filter_string="tags.`arpipe.stage` = 'train'",
                                       order_by=["attributes.start_time DESC"])
     assert latest.data.metrics.get("checkpoints_skipped") == 1
@@ -143,15 +112,14 @@ def test_force_trains_again_from_step_0_and_gets_the_same_model(project, ray_clu
 
     before = weights(project)
     stale = {folder.name for _step, folder in checkpoints(project)}
-    run = arpipe("run", "pipeline.yaml", "--force", "train", cwd=project, env={"RAY_ADDRESS": ray_cluster},
-                 timeout=600, check=True)
-    assert stage_lines(run.stdout)["train"] == ["running", "done"], run.stdout
-    assert "resumed at step" not in run.stdout, run.stdout
+    forced = run(project, ray_cluster, "--force", "train", check=True)
+    assert stage_lines(forced.stdout)["train"] == ["running", "done"], forced.stdout
+    assert "resumed at step" not in forced.stdout, forced.stdout
     again = checkpoints(project)
     assert [step for step, _ in again] == [4, 8] and not stale & {folder.name for _, folder in again}
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("ckpt")
+    exp = client.get_experiment_by_name(MODEL_EXPERIMENT)
     [latest, *_] = client.search_runs([exp.experiment_id], filter_string="tags.`arpipe.stage` = 'train'",
                                       order_by=["attributes.start_time DESC"])
     assert [m.step for m in client.get_metric_history(latest.info.run_id, "loss")][:1] == [1]
@@ -190,12 +158,12 @@ def test_a_flipped_byte_in_the_weights_is_refused_and_not_trusted_by_the_cache(p
 
     # the train stage's own output is not trusted: plan says why, and a run restores the weights from the
     # final checkpoint (no step is trained again)
-    plan = arpipe("plan", "pipeline.yaml", cwd=project, check=True)
+    plan = arpipe("plan", MODEL_PIPELINE, cwd=project, check=True)
     [row] = [line for line in plan.stdout.splitlines() if line.split()[:1] == ["train"]]
     assert "model/model.safetensors does not match its recorded digest" in row and " cached " not in row, row
-    run = arpipe("run", "pipeline.yaml", cwd=project, env={"RAY_ADDRESS": ray_cluster}, timeout=600, check=True)
-    assert stage_lines(run.stdout)["train"] == ["running", "done"], run.stdout
-    assert "[train] resumed at step 8" in run.stdout
+    restored = run(project, ray_cluster, check=True)
+    assert stage_lines(restored.stdout)["train"] == ["running", "done"], restored.stdout
+    assert "[train] resumed at step 8" in restored.stdout
     assert weights_file.read_bytes() == good
 
 

@@ -167,7 +167,8 @@ class Assets:
         return self.value
 
     def with_model(self) -> dict[str, str]:
-        """``get()`` and ``model`` (a model folder), ``samples`` (a store drawn from it): made once."""
+        """``get()`` and ``model`` (a model folder), ``samples`` (a store drawn from it), ``project`` (the folder
+        that trained it, ``kinds.MODEL_PIPELINE``): made once, the suite's one small trained digits model."""
         with self._model_lock:
             if self._model_thread is None:
                 self._model_thread = threading.Thread(target=self._make_model, name="model", daemon=True)

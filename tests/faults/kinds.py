@@ -341,19 +341,23 @@ stages:
 """
 
 
+#: the suite's one small trained digits model: the sample and evaluate campaigns draw from it, and
+#: ``tests/test_checkpoint_faults.py`` damages copies of its project (ZeRO-1, so the optimizer state is a
+#: partition file of its own; checkpoints at steps 4 and 8, both kept)
+MODEL_PIPELINE, MODEL_EXPERIMENT = "prep-model.yaml", "fault-prep-model"
 PREP_MODEL = """
 name: fault-prep-model
 storage: ./runs
 stages:
-  model:
+  train:
     kind: train
     data: [{{store: "{store}"}}]
-{tiny}    deepspeed: {{zero_stage: 0}}
-    steps: 4
+{tiny}    deepspeed: {{zero_stage: 1}}
+    steps: 8
     checkpoint_every: 4
   samples:
     kind: sample
-    model: ${{model.model}}
+    model: ${{train.model}}
     num_samples: 96
     samples_per_shard: 96
     batch_size: 48
@@ -372,10 +376,11 @@ def prepare(folder: Path, address: str, digits: Path) -> dict[str, str]:
 
 
 def prepare_model(folder: Path, address: str, store: str) -> dict[str, str]:
-    """A tiny model trained on the store (4 steps) and 96 samples drawn from it, for the sample and evaluate
-    campaigns: made once, after :func:`prepare`, while the other campaigns run."""
-    (folder / "prep-model.yaml").write_text(PREP_MODEL.format(store=store, tiny=TINY_TRAIN.format()))
-    arpipe("run", "prep-model.yaml", cwd=folder, env={"RAY_ADDRESS": address}, timeout=PATIENCE, check=True,
+    """A tiny model trained on the store (8 steps) and 96 samples drawn from it, made once, after :func:`prepare`,
+    while the other campaigns run: ``model`` (its folder), ``samples`` (a store) and ``project`` (the folder
+    whose ``MODEL_PIPELINE`` trained it)."""
+    (folder / MODEL_PIPELINE).write_text(PREP_MODEL.format(store=store, tiny=TINY_TRAIN.format()))
+    arpipe("run", MODEL_PIPELINE, cwd=folder, env={"RAY_ADDRESS": address}, timeout=PATIENCE, check=True,
            nice=BACKGROUND_NICE)
-    return {"model": str(next(folder.glob("runs/model/*/model"))),
-            "samples": str(next(folder.glob("runs/samples/*/samples")))}
+    return {"model": str(next(folder.glob("runs/train/*/model"))),
+            "samples": str(next(folder.glob("runs/samples/*/samples"))), "project": str(folder)}
