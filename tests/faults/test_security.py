@@ -233,18 +233,33 @@ def listening(pid: int) -> set[tuple[str, int]]:
     return out
 
 
-def test_the_mlflow_ui_binds_localhost_only(tmp_path):
+def test_arpipe_ui_serves_mlflow_on_localhost_only(tmp_path):
+    """`arpipe ui` serves the MLflow UI (and its REST API) for the project's tracking database, bound to
+    127.0.0.1 and nothing else."""
+    import urllib.request
+
     from s3server import free_port
 
     port = free_port()
     proc = spawn("ui", "--port", str(port), cwd=tmp_path)
     try:
         deadline = time.time() + 240   # a loaded machine: the test suite's other half runs meanwhile
-        while not any(p == port for _ip, p in listening(proc.pid)):
-            assert proc.poll() is None and time.time() < deadline, "arpipe ui did not start listening"
-            time.sleep(0.3)
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "MLflow UI did not come up"
+                time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5",
+                                    timeout=5) as response:
+            assert b"experiments" in response.read()
+        assert (tmp_path / "mlflow.db").exists()
         addresses = {ip for ip, p in listening(proc.pid)}
-        assert addresses <= {"127.0.0.1"}, f"arpipe ui listens on {addresses}"
+        assert port in {p for _ip, p in listening(proc.pid)} and addresses <= {"127.0.0.1"}, \
+            f"arpipe ui listens on {addresses}"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
