@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from arpipe.pipeline import outputs as out
+from arpipe.pipeline.lineage import StageLog
 from arpipe.pipeline.registry import stage_class
 from arpipe.pipeline.stage import StageContext
 from arpipe.schemas.pipeline import stage_kinds
@@ -41,23 +42,33 @@ class StagePayload:
     env: dict[str, str]
 
 
-def execute_stage(payload: StagePayload) -> str:
-    """Run a stage into its folder and commit it. Returns the committed ``outputs.json`` text."""
+@dataclass(frozen=True)
+class StageResult:
+    """What the task that ran a stage hands back: the committed ``outputs.json`` text, and what the stage logged
+    for the driver to write to its MLflow run (stages on a Ray task do not open MLflow)."""
+
+    outputs_json: str
+    log: StageLog | None = None
+
+
+def execute_stage(payload: StagePayload) -> StageResult:
+    """Run a stage into its folder and commit it."""
     return with_env(payload.env, _execute, payload)
 
 
-def _execute(payload: StagePayload) -> str:
+def _execute(payload: StagePayload) -> StageResult:
     started = time.time()
     kind = payload.kind
     spec = stage_kinds()[kind].model_validate(payload.config)
     out_uri = payload.out_uri
     work_dir = out.staging_dir(out_uri)
     work_dir.mkdir(parents=True, exist_ok=True)
+    cls = stage_class(kind)
     ctx = StageContext(
         name=payload.name, kind=kind, fingerprint=payload.fingerprint, out_uri=out_uri, work_dir=work_dir,
         pipeline_dir=payload.pipeline_dir, inputs=payload.inputs, tracking_uri=payload.tracking_uri,
-        mlflow_run_id=payload.mlflow_run_id, code_digest=payload.code_digest)
-    stage = stage_class(kind)(spec, ctx)
+        mlflow_run_id=payload.mlflow_run_id, code_digest=payload.code_digest, defer_lineage=cls.placement == "task")
+    stage = cls(spec, ctx)
     produced = stage.run()
     record = out.commit(
         stage=ctx.name, kind=kind, fingerprint=ctx.fingerprint, fingerprint_doc=payload.fingerprint_doc,
@@ -65,4 +76,4 @@ def _execute(payload: StagePayload) -> str:
         mlflow_run_id=ctx.mlflow_run_id)
     if work_dir != Path(out_uri):
         shutil.rmtree(work_dir, ignore_errors=True)   # S3 staging: everything is uploaded and committed
-    return record.model_dump_json(indent=1)
+    return StageResult(record.model_dump_json(indent=1), ctx.deferred_log())

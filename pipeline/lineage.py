@@ -2,8 +2,15 @@
 
 Everything arpipe sends to MLflow goes through this module: the runner's parent and stage runs
 (:class:`Lineage`), a stage's own metrics, tags, artifacts and logged models (:class:`RunLog`, which
-``StageContext``, the train loop's rank 0 and evaluate use), and the run a ``python`` stage's user
-code logs to with plain ``mlflow.log_metric`` (:func:`active_run`).
+``StageContext`` and the train loop's rank 0 use), and the run a ``python`` stage's user code logs to
+with plain ``mlflow.log_metric`` (:func:`active_run`).
+
+A stage that runs as a Ray task (a tokenizer's fit, evaluate) does not open MLflow itself: importing
+it and opening the tracking store take ~3 s of CPU in each new worker, longer than many such stages
+run. Its :class:`DeferredRunLog` keeps what the stage logs in a :class:`StageLog` that travels back
+with the stage's outputs, and the driver, whose MLflow is open already, writes it
+(:meth:`Lineage.write_log`) before it closes the stage's run. Workers then need no access to the
+tracking server either.
 
 Cache hits get a nested run too, tagged ``arpipe.cache=hit`` with the id of the run that produced
 the output. Params are the flattened stage config with secrets redacted; inputs are the upstream
@@ -275,6 +282,27 @@ class Lineage:
             self.client.set_tag(run_id, "arpipe.error", self.scrub(error)[:4000])
         self.client.set_terminated(run_id, status, end_time=now_ms())
 
+    def write_log(self, run_id: str, log: StageLog) -> None:
+        """What a stage on a Ray task logged (:class:`DeferredRunLog`), written to its run as it would have."""
+        import tempfile
+
+        from mlflow.entities import Metric, RunTag
+
+        metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in log.metrics]
+        for lo in range(0, len(metrics), METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[lo:lo + METRICS_PER_BATCH])
+        if log.tags:
+            self.client.log_batch(run_id, tags=[RunTag(k, self.scrub(v)) for k, v in log.tags.items()])
+        for table in log.tables:
+            self.client.log_table(run_id, table.columns, artifact_file=table.artifact_file)
+        if log.artifacts:
+            with tempfile.TemporaryDirectory(prefix="arpipe-artifacts-") as folder:
+                for i, item in enumerate(log.artifacts):   # a folder each: two files may share a name
+                    path = Path(folder) / str(i) / item.name
+                    path.parent.mkdir()
+                    path.write_bytes(item.data)
+                    self.client.log_artifact(run_id, str(path), item.artifact_path)
+
     def finish_parent(self, run_id: str, status: str, end_ms: int | None = None) -> None:
         self.client.set_terminated(run_id, status, end_time=end_ms or now_ms())
 
@@ -311,6 +339,34 @@ class Lineage:
 
 
 # ------------------------------------------------------------------------- a stage's own run
+
+
+class LoggedFile(BaseModel):
+    """A file a stage logged as an artifact, carried by content (the task's folder may be on another node)."""
+
+    name: str
+    artifact_path: str | None = None
+    data: bytes
+
+
+class LoggedTable(BaseModel):
+    """A table a stage logged (``MlflowClient.log_table``), by column."""
+
+    columns: dict[str, list[Any]]
+    artifact_file: str
+
+
+class StageLog(BaseModel):
+    """What a stage on a Ray task logged to its run, for the driver to write (:meth:`Lineage.write_log`)."""
+
+    #: (key, value, timestamp in ms, step), in the order logged
+    metrics: list[tuple[str, float, int, int]] = Field(default_factory=list)
+    tags: dict[str, str] = Field(default_factory=dict)
+    artifacts: list[LoggedFile] = Field(default_factory=list)
+    tables: list[LoggedTable] = Field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.metrics or self.tags or self.artifacts or self.tables)
 
 
 class RunLog:
@@ -389,6 +445,55 @@ class RunLog:
         self.client.log_model_artifacts(model.model_id, str(folder))
         self.client.finalize_logged_model(model.model_id, "READY")
         return model.model_id
+
+
+class DeferredRunLog(RunLog):
+    """A :class:`RunLog` that never opens MLflow: what the stage logs is kept in :attr:`record` (a
+    :class:`StageLog`) for the driver to write. Reads answer from what was logged here; a logged model
+    needs the live run (a stage kind that logs one runs in the driver, ``placement = "driver"``)."""
+
+    def __init__(self, run_id: str | None):
+        super().__init__(None, run_id)
+        self.record = StageLog()
+
+    @property
+    def client(self):
+        raise RuntimeError("a stage on a Ray task does not open MLflow; its log goes back to the driver")
+
+    def buffer_metrics(self, metrics: dict[str, float | None], step: int) -> None:
+        if self.enabled:
+            stamp = now_ms()
+            self.record.metrics += [(k, float(v), stamp, step) for k, v in metrics.items() if v is not None]
+
+    def flush(self) -> None:
+        pass
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self.record.tags[key] = value
+
+    def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            path = Path(local_path)
+            self.record.artifacts.append(LoggedFile(name=path.name, artifact_path=artifact_path,
+                                                    data=path.read_bytes()))
+
+    def log_table(self, columns: dict[str, list[Any]], artifact_file: str) -> None:
+        if self.enabled:
+            self.record.tables.append(LoggedTable(columns=columns, artifact_file=artifact_file))
+
+    def metrics(self) -> dict[str, float]:
+        return {key: value for key, value, _stamp, _step in self.record.metrics}
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return [(step, value) for k, value, _stamp, step in self.record.metrics if k == key]
+
+    def log_model(self, folder: str | os.PathLike, *, name: str, params: dict[str, str], tags: dict[str, str],
+                  model_type: str) -> str | None:
+        if not self.enabled:
+            return None
+        raise RuntimeError(f"logging the model {name!r} needs the stage's live MLflow run: a stage kind that "
+                           "logs models runs in the driver (placement = 'driver')")
 
 
 @contextlib.contextmanager

@@ -396,11 +396,13 @@ class Runner:
         name = item.plan.name
         seconds = time.time() - item.started
         try:
-            text = future.result()
-            record = OutputsRecord.model_validate_json(text)
+            result = future.result()
+            record = OutputsRecord.model_validate_json(result.outputs_json)
             records[name] = record
             states[name] = "done"
-            self.lineage.finish_stage(item.mlflow_run_id, "FINISHED", text)
+            if result.log:
+                self.lineage.write_log(item.mlflow_run_id, result.log)
+            self.lineage.finish_stage(item.mlflow_run_id, "FINISHED", result.outputs_json)
             self._line(name, "done", f"{seconds:.1f} s")
             ledger.stage(name, state="done", duration_s=seconds, finished=time.time())
         except Exception as err:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from arpipe.pipeline.lineage import RunLog
+from arpipe.pipeline.lineage import DeferredRunLog, RunLog, StageLog
 from arpipe.schemas.base import StageBase
 
 
@@ -61,14 +61,24 @@ class StageContext:
     #: files the stage wrote straight to storage with digests it already knows:
     #: relpath -> (bytes, '<algorithm>:<hex>'); they are not downloaded again to be hashed
     known_files: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: True on a Ray task: what the stage logs goes back to the driver, which writes it to MLflow
+    #: (``lineage.DeferredRunLog``; opening MLflow would cost each new worker ~3 s)
+    defer_lineage: bool = False
     _run_log: RunLog | None = field(default=None, repr=False)
 
     @property
     def run_log(self) -> RunLog:
         """This stage's MLflow run: metrics, tags, artifacts, tables, logged models (no-ops when lineage is off)."""
         if self._run_log is None:
-            self._run_log = RunLog(self.tracking_uri, self.mlflow_run_id)
+            self._run_log = (DeferredRunLog(self.mlflow_run_id) if self.defer_lineage
+                             else RunLog(self.tracking_uri, self.mlflow_run_id))
         return self._run_log
+
+    def deferred_log(self) -> StageLog | None:
+        """What the stage logged for the driver to write (``defer_lineage``); None when there is nothing."""
+        if isinstance(self._run_log, DeferredRunLog) and self._run_log.record:
+            return self._run_log.record
+        return None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.run_log.log_metrics(metrics, step)

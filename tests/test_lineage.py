@@ -204,3 +204,53 @@ def test_a_new_projects_tracking_file_is_a_copy_of_a_migrated_one(tmp_path, monk
     assert default.name == "Default" and default.artifact_location == str(second / "mlruns" / "0")
     [story] = client.search_runs([client.get_experiment_by_name("story").experiment_id])
     assert story.data.metrics == {"rows": 3.0}
+
+
+DEFERRED = r"""
+import pickle, sys
+from pathlib import Path
+
+from arpipe.pipeline.lineage import DeferredRunLog
+
+folder = Path(sys.argv[1])
+log = DeferredRunLog("the-stage-run")
+log.log_metrics({"psnr": 31.5})
+for step in (1, 2, 3):
+    log.buffer_metrics({"fit_loss": 1.0 / step}, step)
+log.flush()
+log.set_tag("arpipe.skipped_metrics", "image/fid: no features.image")
+(folder / "fit_report.json").write_text('{"codes": 64}')
+log.log_artifact(folder / "fit_report.json", "reports")
+log.log_table({"step": [1, 2], "loss": [0.5, 0.25]}, "curve.json")
+assert log.metric_history("fit_loss") == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
+assert "mlflow" not in sys.modules, "the task opened MLflow"
+sys.stdout.buffer.write(pickle.dumps(log.record))
+"""
+
+
+def test_what_a_stage_on_a_ray_task_logs_reaches_its_run_through_the_driver(tmp_path):
+    """A stage placed on a Ray task (a tokenizer's fit, evaluate) never opens MLflow: importing it and opening the
+    store cost each new worker ~3 s of CPU. What it logs goes back (pickled, as Ray carries it) with its outputs,
+    and the driver writes it to the stage's run: metrics with their steps, tags, artifacts, tables."""
+    import pickle
+    import subprocess
+    import sys
+
+    from arpipe.pipeline.lineage import Lineage
+
+    task = subprocess.run([sys.executable, "-c", DEFERRED, str(tmp_path)], capture_output=True, timeout=120)
+    assert task.returncode == 0, task.stderr.decode()
+    record = pickle.loads(task.stdout)
+    lineage = Lineage(f"sqlite:///{tmp_path / 'mlflow.db'}", "deferred")
+    run_id = lineage.client.create_run(lineage.experiment_id).info.run_id
+    lineage.write_log(run_id, record)
+
+    client = lineage.client
+    run = client.get_run(run_id)
+    assert run.data.metrics == {"psnr": 31.5, "fit_loss": pytest.approx(1 / 3)}
+    assert [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, "fit_loss"), key=lambda m: m.step)] \
+        == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    assert run.data.tags["arpipe.skipped_metrics"] == "image/fid: no features.image"
+    assert Path(client.download_artifacts(run_id, "reports/fit_report.json")).read_text() == '{"codes": 64}'
+    table = json.loads(Path(client.download_artifacts(run_id, "curve.json")).read_text())
+    assert table["columns"] == ["step", "loss"] and table["data"] == [[1, 0.5], [2, 0.25]]
