@@ -70,11 +70,13 @@ def test_two_gloo_ranks_end_with_identical_weights_and_a_falling_loss(two_rank_f
         info0, info1 = (json.loads((two_rank_fits / f"{name}-{r}.json").read_text()) for r in (0, 1))
         assert info0["fit"] == info1["fit"]  # same steps, restarts and all-reduced loss curve on both ranks
         assert info0["prov"]["workers"] == 2
-        curve = info0["fit"]["curve"]
-        assert curve[-1]["recon"] < 0.5 * curve[0]["recon"], curve
 
     by_steps = json.loads((two_rank_fits / "steps-0.json").read_text())["fit"]
     assert by_steps["steps"] == 150 and [p["step"] for p in by_steps["curve"]] == [25, 50, 75, 100, 125, 150]
+    # the fit by steps halves its loss; the fit by the clock (1.5 s) gets as many steps as the machine's load
+    # leaves it (56 on a busy CI machine, its loss then down by 49%): it is here for its code restarts
+    curve = by_steps["curve"]
+    assert curve[-1]["recon"] < 0.5 * curve[0]["recon"], curve
     by_clock = json.loads((two_rank_fits / "clock-0.json").read_text())["fit"]
     assert by_clock["dead_code_restarts"] > 0  # replacements chosen on rank 0 reached rank 1
 
