@@ -195,7 +195,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(digits_project, ray_c
 def test_digits_next_scale_learns_below_unigram_entropy_and_mixes_modalities(digits_project, ray_cluster):
     folder = digits_project
     brain_clouds(folder / "data" / "clouds", count=24, points=1024)
-    stages = train_block("train", steps=150, every=150, more='    heldout: "${heldout.store}"\n    eval_every: 50\n') + """
+    stages = train_block("train", workers=1, steps=150, every=150,
+                         more='    heldout: "${heldout.store}"\n    eval_every: 50\n') + """
   tok_points:
     kind: tokenizer
     source: {modality: pointcloud, uri: ./data/clouds}
