@@ -51,18 +51,19 @@ pytest_plugins = ["faults.fixtures", "background"]
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """The tests that wait for background work (a module's fixtures built by tests/background.py, the fault
-    suite's prepared assets) run after the others, the fault suite after them, and its kill-campaign test
-    (which waits for the campaigns) at the very end: the background work started by the first test overlaps
-    everything else."""
+    """The fault suite runs after the others, then the tests that wait for background work (a module's fixtures
+    built by tests/background.py, the fault suite's prepared model), and the kill-campaign test (which waits for
+    the campaigns) at the very end. The background work started by the first test overlaps everything else;
+    the fault tests, which wait on servers and on Ray a lot, run while it still has work for the idle core, and
+    the tests at the end keep the cores busy while the campaigns, mostly waiting by then, finish."""
     from background import builders
 
     def place(item) -> int:
         path = Path(str(item.fspath))
         if path.parent.name == "faults":
-            return 3 if path.name == "test_stage_kills.py" else 2
+            return 3 if path.name == "test_stage_kills.py" else 1
         waits = builders(getattr(item, "module", None)) or "assets" in getattr(item, "fixturenames", ())
-        return 1 if waits else 0
+        return 2 if waits else 0
     items.sort(key=place)   # stable: the order within each part is kept
 
 

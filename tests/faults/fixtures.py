@@ -8,7 +8,7 @@ Ray job's processes). It is the suite's background instance: it, its workers and
 drivers run at the lowest priority (``helpers.BACKGROUND_NICE``), and the fixtures built ahead
 (``tests/background.py``) run their pipelines on it too. The campaigns start with the session's
 first test and run through the rest of the suite, on the cores the tests in front leave idle;
-``tests/conftest.py`` orders the fault tests last and ``test_stage_kills.py`` at the very end,
+``tests/conftest.py`` orders the fault tests after the others and ``test_stage_kills.py`` at the very end,
 where it reads their results.
 """
 
