@@ -149,28 +149,37 @@ def test_unconditional_samples_are_skipped_with_a_reason(project):
     assert "CAS skips 40 unconditional image samples" in log
 
 
-@pytest.mark.parametrize(("setting", "message"), [
+BAD_CLASSIFIERS = [
     ("classifier: {image: ./junk.skops}", "junk.skops: the .skops file is not a skops archive"),
     ("classifier: {image: ./missing.skops}", "missing.skops: classifier file not found"),
     ('classifier: {image: "${fit_judge.classifier}", image_size: 12}',
      "the classifier takes 256 features; 12 x 12 images with 1 channel(s) give 144; set classifier.image_size "
      "to 16"),
-])
-def test_a_bad_classifier_fails_in_one_line_naming_the_file(project, ray_cluster, setting, message):
+]
+
+
+@pytest.fixture(scope="module")
+def bad_run(project, ray_cluster):
+    """One run of an evaluate stage per bad classifier setting (independent stages: each fails on its own)."""
     (project / "junk.skops").write_bytes(b"not a zip archive")
-    text = (project / "cas.yaml").read_text() + f"""
-  bad:
+    text = (project / "cas.yaml").read_text() + "".join(f"""
+  bad{i}:
     kind: evaluate
     samples: ${{real.store}}
     reference: ${{real.store}}
     {setting}
-"""
+""" for i, (setting, _message) in enumerate(BAD_CLASSIFIERS))
     write(project, {"bad.yaml": text})
-    run = arpipe("run", "bad.yaml", "--only", "bad", cwd=project, env={"RAY_ADDRESS": ray_cluster})
-    output = run.stdout + run.stderr
-    assert run.returncode == 2, output
-    [line] = [ln for ln in output.splitlines() if ln.split()[:2] == ["bad", "failed"]]
-    assert message in line
+    stages = ",".join(f"bad{i}" for i in range(len(BAD_CLASSIFIERS)))
+    return arpipe("run", "bad.yaml", "--only", stages, cwd=project, env={"RAY_ADDRESS": ray_cluster})
+
+
+@pytest.mark.parametrize("case", range(len(BAD_CLASSIFIERS)), ids=[s for s, _m in BAD_CLASSIFIERS])
+def test_a_bad_classifier_fails_in_one_line_naming_the_file(bad_run, case):
+    output = bad_run.stdout + bad_run.stderr
+    assert bad_run.returncode == 2, output
+    [line] = [ln for ln in output.splitlines() if ln.split()[:2] == [f"bad{case}", "failed"]]
+    assert BAD_CLASSIFIERS[case][1] in line
     assert line.split()[2].endswith((".skops:", "classifier.skops:"))   # the line starts with the file
     assert "Traceback" not in output
 

@@ -290,25 +290,36 @@ def test_without_a_feature_network_evaluate_says_what_it_skipped(project):
     assert "image/fid: no features.image" in run.data.tags["arpipe.skipped_metrics"]
 
 
-@pytest.mark.parametrize(("settings", "message"), [
+BAD_SETTINGS = [
     ("decoder: sjd", "decoder sjd applies to next_token models; this model is next_scale"),
     ("classes: {'11': 4}", "class '11' is not one the model knows"),
     ("prefix: {store: '${digits.store}', tokens: 3}", "prefix of 3 tokens does not end a next_scale group"),
     ("modalities: [video]", "modality 'video' is not in the model's vocabulary (image)"),
-])
-def test_bad_sampling_settings_fail_with_one_clear_line(project, ray_cluster, settings, message):
-    text = (project / "digits.yaml").read_text() + f"""
-  bad:
+]
+
+
+@pytest.fixture(scope="module")
+def bad_run(project, ray_cluster):
+    """One run of a sample stage per bad setting (independent stages: each fails on its own)."""
+    text = (project / "digits.yaml").read_text() + "".join(f"""
+  bad{i}:
     kind: sample
     model: ${{train.model}}
     num_samples: 4
     {settings}
-"""
+""" for i, (settings, _message) in enumerate(BAD_SETTINGS))
     write(project, {"bad.yaml": text})
-    run = arpipe("run", "bad.yaml", "--only", "bad", cwd=project, env={"RAY_ADDRESS": ray_cluster})
-    assert run.returncode == 2, run.stdout + run.stderr
-    assert message in run.stdout + run.stderr
-    assert "Traceback" not in run.stdout + run.stderr
+    stages = ",".join(f"bad{i}" for i in range(len(BAD_SETTINGS)))
+    return arpipe("run", "bad.yaml", "--only", stages, cwd=project, env={"RAY_ADDRESS": ray_cluster})
+
+
+@pytest.mark.parametrize("case", range(len(BAD_SETTINGS)), ids=[s for s, _m in BAD_SETTINGS])
+def test_bad_sampling_settings_fail_with_one_clear_line(bad_run, case):
+    output = bad_run.stdout + bad_run.stderr
+    assert bad_run.returncode == 2, output
+    [line] = [ln for ln in output.splitlines() if ln.split()[:2] == [f"bad{case}", "failed"]]
+    assert BAD_SETTINGS[case][1] in line
+    assert "Traceback" not in output
 
 
 def test_continuing_real_digits_keeps_their_coarse_scales(project, ray_cluster):
