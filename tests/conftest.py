@@ -32,6 +32,14 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 # instance's holder runs none): the two idle workers Ray prestarts for a first driver would poll for the whole
 # session (~0.8 CPU-s a minute each); the `arpipe run` drivers that connect get the workers they ask for
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+# Ray's log monitor globs the session's log folder for new worker files ten times a second while it holds fewer
+# than this many files; the suite's instances collect hundreds (one pair per worker process), ~3 ms a glob, ~30
+# CPU-s per instance per session. Over it, Ray globs every 0.5 s (a new worker's file is found within 0.5 s;
+# its lines are read from the start, none are lost)
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+# the dashboard agent's reporter samples every process of the node for the dashboard's charts every 5 s; no test
+# reads them: once a minute
+os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
 
 #: what the tests' processes would otherwise keep in the home folder (matplotlib's font cache, ~/.ray, ...):
 #: a fresh folder per test session, so that nothing an earlier run left there can change what a run does.
