@@ -189,6 +189,27 @@ def test_training_logged_held_out_loss_and_accuracy_per_scale(project):
     assert {row[1] for row in table["data"]} == {"scale_1", "scale_2", "scale_3", "scale_4"}
 
 
+def test_the_model_predicts_held_out_digits_well_below_their_unigram_entropy(project):
+    """Held-out loss (nats per token) well below the entropy of the digits' tokens taken one at a time: the model
+    learned how tokens depend on the coarser scales and the class, not only how often each code occurs. An
+    untrained model scores about log(vocabulary), above that entropy."""
+    from mlflow.tracking import MlflowClient
+
+    from arpipe.stages.store import TokenStore
+
+    store = TokenStore.open(str(out(project, "digits") / "store"))
+    counts = np.bincount(store.gather(np.arange(len(store))).tokens.astype(np.int64), minlength=64)
+    p = counts[counts > 0] / counts.sum()
+    unigram_entropy = float(-(p * np.log(p)).sum())
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("digits")
+    [trained] = client.search_runs([exp.experiment_id],
+                                   filter_string="tags.`arpipe.stage` = 'train' and tags.`arpipe.cache` = 'miss'")
+    heldout = trained.data.metrics["heldout_loss"]
+    print(f"held-out loss {heldout:.3f} nats/token vs unigram entropy {unigram_entropy:.3f}")   # 2.42 vs 4.02
+    assert heldout < 0.8 * unigram_entropy < np.log(64)
+
+
 def test_samples_are_a_token_store_with_their_classes_and_sampling_config(project):
     from arpipe.stages.store import TokenStore
 

@@ -192,11 +192,12 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(digits_project, ray_c
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")][-1] == 120
 
 
-def test_digits_next_scale_learns_below_unigram_entropy_and_mixes_modalities(digits_project, ray_cluster):
+def test_one_model_trains_on_digits_and_point_clouds_packed_together(digits_project, ray_cluster):
+    """Two stores of two modalities, weighted, packed into sequences of 256 tokens: one vocabulary holds both.
+    (That a model learns: tests/test_sample_evaluate.py, on the suite's digits model trained for 600 steps.)"""
     folder = digits_project
     brain_clouds(folder / "data" / "clouds", count=24, points=1024)
-    stages = train_block("train", workers=1, steps=150, every=150,
-                         more='    heldout: "${heldout.store}"\n    eval_every: 50\n') + """
+    stages = """
   tok_points:
     kind: tokenizer
     source: {modality: pointcloud, uri: ./data/clouds}
@@ -216,27 +217,18 @@ def test_digits_next_scale_learns_below_unigram_entropy_and_mixes_modalities(dig
     global_batch: 8
     steps: 5
 """
-    write(folder, {"learn.yaml": DATA.format(name="learn") + stages})
-    arpipe("run", "learn.yaml", cwd=folder, env={"RAY_ADDRESS": ray_cluster}, timeout=900, check=True)
+    write(folder, {"mixed.yaml": DATA.format(name="mixed") + stages})
+    arpipe("run", "mixed.yaml", cwd=folder, env={"RAY_ADDRESS": ray_cluster}, timeout=900, check=True)
 
     from mlflow.tracking import MlflowClient
 
-    from arpipe.stages.store import TokenStore
-
-    store = TokenStore.open(str(next(folder.glob("runs/digits/*/store"))))
-    counts = np.bincount(store.gather(np.arange(len(store))).tokens.astype(np.int64), minlength=32)
-    p = counts[counts > 0] / counts.sum()
-    unigram_entropy = float(-(p * np.log(p)).sum())
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("learn")
-    [run] = client.search_runs([exp.experiment_id], filter_string="tags.`arpipe.stage` = 'train'")
-    heldout = run.data.metrics["heldout_loss"]
-    print(f"held-out loss {heldout:.3f} nats/token vs unigram entropy {unigram_entropy:.3f}")
-    assert heldout < 0.9 * unigram_entropy
     vocab = json.loads((next(folder.glob("runs/mixed/*/model")) / "vocab.json").read_text())
     assert [m for m, _ in vocab["modalities"]] == ["image", "pointcloud"]
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mixed")
     [mixed] = client.search_runs([exp.experiment_id], filter_string="tags.`arpipe.stage` = 'mixed'")
-    assert math.isfinite(mixed.data.metrics["loss"])
+    losses = [m.value for m in client.get_metric_history(mixed.info.run_id, "loss")]
+    assert len(losses) == 5 and all(math.isfinite(v) for v in losses)
 
 
 def test_the_end_of_training_says_whether_the_budget_was_right():
