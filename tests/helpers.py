@@ -82,6 +82,11 @@ def spawn(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproces
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def committed_output(root: Path, stage: str) -> Path:
+    """The folder of ``stage``'s committed output in a project whose storage is ``./runs``."""
+    return next(p.parent for p in root.glob(f"runs/{stage}/*/outputs.json"))
+
+
 def stage_lines(stdout: str) -> dict[str, list[str]]:
     """stage -> the states it went through, read off `arpipe run` output."""
     states: dict[str, list[str]] = {}
