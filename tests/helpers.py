@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 ARPIPE = [sys.executable, "-m", "arpipe.pipeline.cli"]
@@ -74,6 +75,26 @@ def arpipe(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: fl
     if check:
         assert proc.returncode == 0, f"arpipe {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+class RunsAhead:
+    """`arpipe` commands started ahead of the tests that read them, ``at_once`` at a time: a run that mostly waits
+    (on process, Ray and Ray Train start-up) leaves a core idle, which the next one takes. ``result(name)`` waits
+    for one and returns what :func:`arpipe` would have."""
+
+    def __init__(self, at_once: int = 2):
+        self._pool = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="arpipe-ahead")
+        self._runs: dict[str, Future] = {}
+
+    def start(self, name: str, *args: str, cwd: Path, env: dict[str, str] | None = None,
+              timeout: float = 600) -> None:
+        self._runs[name] = self._pool.submit(arpipe, *args, cwd=cwd, env=env, timeout=timeout)
+
+    def result(self, name: str) -> subprocess.CompletedProcess:
+        return self._runs[name].result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def spawn(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from faults.kinds import MODEL_EXPERIMENT, MODEL_PIPELINE
-from helpers import arpipe, stage_lines, write
+from helpers import RunsAhead, arpipe, stage_lines, write
 
 #: the line a rerun prints for each damaged checkpoint it skipped (Ray prefixes a worker's lines with its name)
 DAMAGED = re.compile(r"\[train\] checkpoint step (\d+) is damaged \((.+)\): resuming from step (\d+)$", re.M)
@@ -30,16 +30,14 @@ def trained(assets) -> Path:
     return Path(assets.with_model()["project"])
 
 
+def copy_of(trained: Path, folder: Path) -> Path:
+    """A copy of the trained project (Ray Train's storage names its checkpoints relative to it)."""
+    return Path(shutil.copytree(trained, folder / "project", symlinks=True))
+
+
 @pytest.fixture
 def project(trained, tmp_path) -> Path:
-    """A copy of the trained project (Ray Train's storage names its checkpoints relative to it)."""
-    return Path(shutil.copytree(trained, tmp_path / "project", symlinks=True))
-
-
-def run(project: Path, ray_cluster: str, *args: str, **kwargs):
-    """``arpipe run`` of the project's pipeline up to its train stage (its sample stage is the campaigns')."""
-    return arpipe("run", MODEL_PIPELINE, "--until", "train", *args, cwd=project, env={"RAY_ADDRESS": ray_cluster},
-                  timeout=600, **kwargs)
+    return copy_of(trained, tmp_path)
 
 
 def train_dir(project: Path) -> Path:
@@ -60,12 +58,68 @@ def weights(project: Path) -> dict[str, np.ndarray]:
     return load_file(str(train_dir(project) / "model" / "model.safetensors"))
 
 
-def rerun_after(project: Path, ray_cluster: str) -> str:
-    """Uncommit the train stage (as if the run was cut off after its last checkpoint) and run again."""
+def uncommit(project: Path) -> None:
+    """As if the run was cut off after its last checkpoint: the train stage's outputs are not committed."""
     (train_dir(project) / "outputs.json").unlink()
-    rerun = run(project, ray_cluster, check=True)
-    assert stage_lines(rerun.stdout)["train"] == ["resuming", "done"], rerun.stdout
-    return rerun.stdout
+
+
+def truncate_the_optimizer_shard(project: Path) -> dict:
+    """The newest checkpoint's ZeRO optimizer partition cut to half its size."""
+    _older, (_newest, folder) = checkpoints(project)
+    shard = next(folder.rglob("zero_pp_rank_0_*optim_states.pt"))
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    uncommit(project)
+    return {"shard": shard.relative_to(folder).as_posix(), "size": size}
+
+
+def delete_the_marker(project: Path) -> dict:
+    _older, (_newest, folder) = checkpoints(project)
+    (folder / "arpipe-checkpoint-0.json").unlink()
+    uncommit(project)
+    return {}
+
+
+def flip_a_weights_byte(project: Path) -> dict:
+    """One byte of the model's weights changed, the size kept: only the digest can tell."""
+    weights_file = train_dir(project) / "model" / "model.safetensors"
+    good = weights_file.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0x5A
+    weights_file.write_bytes(bytes(data))
+    return {"good": good}
+
+
+def nothing(project: Path) -> dict:
+    return {"stale": {folder.name for _step, folder in checkpoints(project)}}
+
+
+#: each story's damage, done to a copy of the trained project, and the options of the user's `arpipe run`
+DAMAGE = {"truncated": (truncate_the_optimizer_shard, []), "no_marker": (delete_the_marker, []),
+          "forced": (nothing, ["--force", "train"]), "flipped": (flip_a_weights_byte, [])}
+
+
+@pytest.fixture(scope="module")
+def reruns(trained, tmp_path_factory, ray_cluster):
+    """Each story's damaged project and the user's `arpipe run` of it up to its train stage (its sample stage is
+    the campaigns'), the runs started together ahead of the tests: each mostly waits on Ray Train's start-up.
+    ``reruns(name)`` -> (project, what the damage recorded, the finished run)."""
+    ahead = RunsAhead()
+    projects = {}
+    for name, (damage, options) in DAMAGE.items():
+        project = copy_of(trained, tmp_path_factory.mktemp(name))
+        projects[name] = project, damage(project)
+        ahead.start(name, "run", MODEL_PIPELINE, "--until", "train", *options, cwd=project,
+                    env={"RAY_ADDRESS": ray_cluster}, timeout=600)
+    yield lambda name: (*projects[name], ahead.result(name))
+    ahead.close()
+
+
+def resumed(run) -> str:
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert stage_lines(run.stdout)["train"] == ["resuming", "done"], run.stdout
+    return run.stdout
 
 
 def skipped_tag(project: Path) -> str:
@@ -79,66 +133,55 @@ def skipped_tag(project: Path) -> str:
     return latest.data.tags.get("arpipe.checkpoints_skipped", "")
 
 
-def test_a_truncated_deepspeed_shard_is_skipped_for_the_previous_checkpoint(project, trained, ray_cluster):
-    (older, _), (newest, folder) = checkpoints(project)
-    assert (older, newest) == (4, 8)
-    shard = next(folder.rglob("zero_pp_rank_0_*optim_states.pt"))   # the ZeRO optimizer partition
-    size = shard.stat().st_size
-    with open(shard, "r+b") as f:
-        f.truncate(size // 2)
-    out = rerun_after(project, ray_cluster)
-    rel = shard.relative_to(folder).as_posix()
-    assert DAMAGED.findall(out) == [("8", f"{rel} is truncated: {size // 2} of {size} bytes", "4")], out
+def test_a_truncated_deepspeed_shard_is_skipped_for_the_previous_checkpoint(reruns, trained):
+    assert [step for step, _folder in checkpoints(trained)] == [4, 8]   # the newest, 8, is the one damaged
+    project, damage, rerun = reruns("truncated")
+    out = resumed(rerun)
+    shard, size = damage["shard"], damage["size"]
+    assert DAMAGED.findall(out) == [("8", f"{shard} is truncated: {size // 2} of {size} bytes", "4")], out
     assert "[train] resumed at step 4 (restart 1)" in out
-    assert "step 8: " + rel in skipped_tag(project)
+    assert "step 8: " + shard in skipped_tag(project)
     # the resume is exact (data position, optimizer, schedule): the model equals the undisturbed run's
     ours, undisturbed = weights(project), weights(trained)
     assert ours.keys() == undisturbed.keys()
     assert all(np.array_equal(ours[k], undisturbed[k]) for k in ours)
 
 
-def test_a_checkpoint_without_its_marker_is_never_loaded(project, ray_cluster):
-    _older, (newest, folder) = checkpoints(project)
-    (folder / "arpipe-checkpoint-0.json").unlink()
-    out = rerun_after(project, ray_cluster)
+def test_a_checkpoint_without_its_marker_is_never_loaded(reruns):
+    _project, _damage, rerun = reruns("no_marker")
+    out = resumed(rerun)
     assert DAMAGED.findall(out) == [("8", "its marker arpipe-checkpoint-0.json is missing", "4")], out
     assert "[train] resumed at step 4" in out
 
 
-def test_force_trains_again_from_step_0_and_gets_the_same_model(project, ray_cluster):
+def test_force_trains_again_from_step_0_and_gets_the_same_model(reruns, trained):
     """`--force train` reruns the stage: its checkpoints go with its outputs, so it trains every step again (it
     used to resume from the final checkpoint and train none), and the same seed gives the same model."""
     from mlflow.tracking import MlflowClient
 
-    before = weights(project)
-    stale = {folder.name for _step, folder in checkpoints(project)}
-    forced = run(project, ray_cluster, "--force", "train", check=True)
+    project, damage, forced = reruns("forced")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
     assert stage_lines(forced.stdout)["train"] == ["running", "done"], forced.stdout
     assert "resumed at step" not in forced.stdout, forced.stdout
     again = checkpoints(project)
-    assert [step for step, _ in again] == [4, 8] and not stale & {folder.name for _, folder in again}
+    assert [step for step, _ in again] == [4, 8] and not damage["stale"] & {folder.name for _, folder in again}
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name(MODEL_EXPERIMENT)
     [latest, *_] = client.search_runs([exp.experiment_id], filter_string="tags.`arpipe.stage` = 'train'",
                                       order_by=["attributes.start_time DESC"])
     assert [m.step for m in client.get_metric_history(latest.info.run_id, "loss")][:1] == [1]
-    after = weights(project)
+    before, after = weights(trained), weights(project)
     assert before.keys() == after.keys()
     assert all(np.allclose(before[k], after[k], rtol=0, atol=1e-6) for k in before)
 
 
-def test_a_flipped_byte_in_the_weights_is_refused_and_not_trusted_by_the_cache(project, ray_cluster):
+def test_a_flipped_byte_in_the_weights_is_refused_and_not_trusted_by_the_cache(project, reruns, ray_cluster):
     import arpipe as api
     from arpipe.pipeline.errors import UserError
 
+    flip_a_weights_byte(project)     # the damage the rerun below met, on a copy of its own
     model = train_dir(project) / "model"
-    weights_file = model / "model.safetensors"
-    good = weights_file.read_bytes()
-    data = bytearray(good)
-    data[len(data) // 2] ^= 0x5A   # same size: only the digest can tell
-    weights_file.write_bytes(bytes(data))
-
     with pytest.raises(UserError) as refused:
         api.load_model(model)
     line = str(refused.value)
@@ -161,10 +204,11 @@ def test_a_flipped_byte_in_the_weights_is_refused_and_not_trusted_by_the_cache(p
     plan = arpipe("plan", MODEL_PIPELINE, cwd=project, check=True)
     [row] = [line for line in plan.stdout.splitlines() if line.split()[:1] == ["train"]]
     assert "model/model.safetensors does not match its recorded digest" in row and " cached " not in row, row
-    restored = run(project, ray_cluster, check=True)
+    restored_project, damage, restored = reruns("flipped")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
     assert stage_lines(restored.stdout)["train"] == ["running", "done"], restored.stdout
     assert "[train] resumed at step 8" in restored.stdout
-    assert weights_file.read_bytes() == good
+    assert (train_dir(restored_project) / "model" / "model.safetensors").read_bytes() == damage["good"]
 
 
 def test_models_written_before_digests_still_load_and_truncation_is_named(tmp_path, single_torch_thread):
