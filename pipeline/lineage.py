@@ -27,11 +27,14 @@ the record's id, and a second delivery completes the first instead of starting a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,8 +225,40 @@ def _client(uri: str | None):
     return MlflowClient(uri)
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C during the block takes effect when it ends (in the main thread, where Python raises it).
+
+    A KeyboardInterrupt raised inside SQLAlchemy's transaction handling makes it log the interrupted
+    transaction's traceback on stderr ("Exception during reset or similar"), and leaves a run half-written.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield          # another thread, Ctrl-C ignored or already deferred by an enclosing block
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def _whole(write):
+    """A write to the tracking store, never cut in the middle by Ctrl-C (:func:`interrupts_deferred`)."""
+    @functools.wraps(write)
+    def wrapper(*args, **kwargs):
+        with interrupts_deferred():
+            return write(*args, **kwargs)
+    return wrapper
+
+
 class Lineage:
-    """Writes runs through MlflowClient with explicit run ids (no global active run)."""
+    """Writes runs through MlflowClient with explicit run ids (no global active run).
+
+    Each write is whole: Ctrl-C takes effect after it (:func:`interrupts_deferred`)."""
 
     def __init__(self, uri: str, experiment: str, secrets: set[str] = frozenset()):
         self.uri = uri
@@ -236,6 +271,7 @@ class Lineage:
     def scrub(self, text: str) -> str:
         return scrub(text, self.secrets)
 
+    @_whole
     def start_parent(self, pipeline: str, resolved_yaml: str, tags: dict[str, str],
                      start_ms: int | None = None) -> str:
         run = self.client.create_run(self.experiment_id, run_name=pipeline, start_time=start_ms, tags={
@@ -243,12 +279,14 @@ class Lineage:
         self.client.log_text(run.info.run_id, self.scrub(resolved_yaml), "pipeline.yaml")
         return run.info.run_id
 
+    @_whole
     def start_stage(self, parent_id: str, name: str, kind: str, fingerprint: str, config: dict[str, Any],
                     inputs: list[dict[str, str]], tags: dict[str, str]) -> str:
         """A live stage's nested run, left RUNNING for the stage to log into."""
         record = stage_record(name, kind, fingerprint, config, inputs, tags, self.secrets)
         return self._create_stage(parent_id, record)
 
+    @_whole
     def write_stage(self, parent_id: str, record: StageRecord) -> str:
         """A stage run that is complete as recorded (a cache hit): created and terminated."""
         run_id = self._create_stage(parent_id, record)
@@ -274,6 +312,7 @@ class Lineage:
             self.client.log_inputs(run_id, datasets=datasets)
         return run_id
 
+    @_whole
     def finish_stage(self, run_id: str, status: str, outputs_json: str | None = None,
                      error: str | None = None) -> None:
         if outputs_json is not None:
@@ -282,6 +321,7 @@ class Lineage:
             self.client.set_tag(run_id, "arpipe.error", self.scrub(error)[:4000])
         self.client.set_terminated(run_id, status, end_time=now_ms())
 
+    @_whole
     def write_log(self, run_id: str, log: StageLog) -> None:
         """What a stage on a Ray task logged (:class:`DeferredRunLog`), written to its run as it would have."""
         import tempfile
@@ -303,9 +343,11 @@ class Lineage:
                     path.write_bytes(item.data)
                     self.client.log_artifact(run_id, str(path), item.artifact_path)
 
+    @_whole
     def finish_parent(self, run_id: str, status: str, end_ms: int | None = None) -> None:
         self.client.set_terminated(run_id, status, end_time=end_ms or now_ms())
 
+    @_whole
     def deliver(self, record: RunRecord) -> dict[str, str]:
         """Write ``record`` to MLflow; returns ``{"": parent_run_id, stage: run_id, ...}``.
 

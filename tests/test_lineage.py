@@ -254,3 +254,56 @@ def test_what_a_stage_on_a_ray_task_logs_reaches_its_run_through_the_driver(tmp_
     assert Path(client.download_artifacts(run_id, "reports/fit_report.json")).read_text() == '{"codes": 64}'
     table = json.loads(Path(client.download_artifacts(run_id, "curve.json")).read_text())
     assert table["columns"] == ["step", "loss"] and table["data"] == [[1, 0.5], [2, 0.25]]
+
+
+def test_ctrl_c_while_a_stage_run_is_written_takes_effect_after_the_write(tmp_path, capfd):
+    """Ctrl-C that lands while arpipe writes a stage's run to MLflow stops it once the write is done: every run
+    in the store is whole (all its parameters), and SQLAlchemy prints no traceback of a transaction cut short
+    (a Ctrl-C test through `arpipe run` once failed on one). Ctrl-C is sent at 60 moments spread over a write."""
+    import os
+    import random
+    import signal
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from arpipe.pipeline.lineage import Lineage
+
+    config = {f"option_{i}": i for i in range(12)}
+    lineage = Lineage(f"sqlite:///{tmp_path / 'mlflow.db'}", "ctrl-c")
+    parent = lineage.start_parent("ctrl-c", "{}", {})
+
+    def write_stage(name: str) -> None:
+        lineage.start_stage(parent, name, "python", "f" * 16, config, [], {"arpipe.stage": name})
+
+    durations = []
+    for i in range(3):
+        started = time.perf_counter()
+        write_stage(f"timing{i}")
+        durations.append(time.perf_counter() - started)
+    duration = min(durations)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # as from a terminal
+    rng, interrupted = random.Random(0), 0
+    try:
+        for i in range(60):
+            timer = threading.Timer(rng.uniform(0.1, 0.9) * duration, os.kill, (os.getpid(), signal.SIGINT))
+            try:
+                timer.start()
+                write_stage(f"s{i}")
+                timer.join()
+                time.sleep(duration + 0.05)    # a Ctrl-C that comes after a quick write lands here
+            except KeyboardInterrupt:
+                interrupted += 1
+                timer.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert interrupted == 60
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([lineage.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                              max_results=1000)
+    written = {r.data.tags.get("arpipe.stage") for r in runs}
+    missing = sorted({f"s{i}" for i in range(60)} - written, key=lambda name: int(name[1:]))
+    assert not missing, f"writes cut off by Ctrl-C: {missing}"
+    half = [r.data.tags.get("arpipe.stage") for r in runs if len(r.data.params) < len(config)]
+    assert not half, f"runs cut off half-written: {half}"
+    assert "Traceback" not in capfd.readouterr().err
