@@ -259,51 +259,60 @@ def test_what_a_stage_on_a_ray_task_logs_reaches_its_run_through_the_driver(tmp_
 def test_ctrl_c_while_a_stage_run_is_written_takes_effect_after_the_write(tmp_path, capfd):
     """Ctrl-C that lands while arpipe writes a stage's run to MLflow stops it once the write is done: every run
     in the store is whole (all its parameters), and SQLAlchemy prints no traceback of a transaction cut short
-    (a Ctrl-C test through `arpipe run` once failed on one). Ctrl-C is sent at 60 moments spread over a write."""
+    (a Ctrl-C test through `arpipe run` once failed on one). Ctrl-C lands before each of the write's calls to
+    the tracking store in turn, as from a terminal (Python's default SIGINT handler)."""
     import os
-    import random
     import signal
-    import threading
 
     from mlflow.tracking import MlflowClient
 
     from arpipe.pipeline.lineage import Lineage
 
+    class Interrupting:
+        """The tracking client, sending this process Ctrl-C just before its ``at``-th call."""
+
+        def __init__(self, client):
+            self.client, self.calls, self.at = client, 0, -1
+
+        def __getattr__(self, name):
+            method = getattr(self.client, name)
+            if not callable(method):
+                return method
+
+            def call(*args, **kwargs):
+                if self.calls == self.at:
+                    os.kill(os.getpid(), signal.SIGINT)
+                self.calls += 1
+                return method(*args, **kwargs)
+            return call
+
     config = {f"option_{i}": i for i in range(12)}
     lineage = Lineage(f"sqlite:///{tmp_path / 'mlflow.db'}", "ctrl-c")
     parent = lineage.start_parent("ctrl-c", "{}", {})
+    lineage.client = client = Interrupting(lineage.client)
 
     def write_stage(name: str) -> None:
         lineage.start_stage(parent, name, "python", "f" * 16, config, [], {"arpipe.stage": name})
 
-    durations = []
-    for i in range(3):
-        started = time.perf_counter()
-        write_stage(f"timing{i}")
-        durations.append(time.perf_counter() - started)
-    duration = min(durations)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # as from a terminal
-    rng, interrupted = random.Random(0), 0
+    write_stage("counted")
+    calls = client.calls
+    assert calls >= 2                  # a run is created, then its parameters logged: there is a middle
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupted = []
     try:
-        for i in range(60):
-            timer = threading.Timer(rng.uniform(0.1, 0.9) * duration, os.kill, (os.getpid(), signal.SIGINT))
+        for k in range(calls):
+            client.calls, client.at = 0, k
             try:
-                timer.start()
-                write_stage(f"s{i}")
-                timer.join()
-                time.sleep(duration + 0.05)    # a Ctrl-C that comes after a quick write lands here
+                write_stage(f"s{k}")
             except KeyboardInterrupt:
-                interrupted += 1
-                timer.join()
+                interrupted.append(k)
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert interrupted == 60
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([lineage.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
-                              max_results=1000)
+    assert interrupted == list(range(calls))          # Ctrl-C still stops arpipe
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
+        [lineage.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
     written = {r.data.tags.get("arpipe.stage") for r in runs}
-    missing = sorted({f"s{i}" for i in range(60)} - written, key=lambda name: int(name[1:]))
-    assert not missing, f"writes cut off by Ctrl-C: {missing}"
+    assert not [k for k in range(calls) if f"s{k}" not in written], f"writes cut off by Ctrl-C ({calls} calls)"
     half = [r.data.tags.get("arpipe.stage") for r in runs if len(r.data.params) < len(config)]
     assert not half, f"runs cut off half-written: {half}"
     assert "Traceback" not in capfd.readouterr().err
