@@ -23,7 +23,19 @@ class _Source(Strict):
         return self.model_dump(exclude={"modality", "uri"}, exclude_none=True)
 
 
-class ImageSource(_Source):
+class _Captioned(_Source):
+    captions: str | None = Field(
+        None, description="Where each sample's caption is read, to be stored with its tokens (docs/conditioning.md): "
+                          "`auto` (a `captions.csv`/`.json`/`.jsonl` sidecar keyed by file name at the folder root, "
+                          "or beside a one-file source; else a `.txt` beside each file with its stem), `beside`, or "
+                          "a sidecar's path; in WebDataset shards a sample's `.txt` member or the `caption`/`text` "
+                          "field of its `.json`. A video's clips and a volume's crops carry its caption. Null: none.")
+    captions_required: bool = Field(False, description="Quarantine a sample whose caption is missing or empty (a "
+                                                       "volume without one fails the stage); default: such a "
+                                                       "sample is stored without a caption.")
+
+
+class ImageSource(_Captioned):
     """Images from a file, or from every file below a folder (recursively).
 
     A folder's ``.png``, ``.jpg``/``.jpeg``, ``.tif``/``.tiff``, ``.webp``, ``.bmp`` and ``.gif``
@@ -56,7 +68,7 @@ class ImageSource(_Source):
                                                        "byte range; an .npz is always one unit).")
 
 
-class VideoSource(_Source):
+class VideoSource(_Captioned):
     """Clips of the ``.mp4``, ``.webm``, ``.mkv``, ``.mov``, ``.avi``, ``.m4v`` and ``.gif`` files below a
     folder (recursively); other files are skipped and reported as for images."""
 
@@ -82,7 +94,7 @@ class VideoSource(_Source):
                                                                "by several tasks (default: one unit per file).")
 
 
-class VolumeSource(_Source):
+class VolumeSource(_Captioned):
     """Crops of one 3-D volume: a file, a Zarr folder, or a folder of TIFF slices (its top-level ``.tif``
     files in natural order; other files, hidden ones and sub-folders are skipped and reported as for
     images). A slice that does not decode loses the crops through it (quarantined), not the volume;
@@ -221,7 +233,23 @@ class OctreeConfig(_Tokenizer):
         return self.model_dump(exclude={"type", "input_shape"})
 
 
-TokenizerConfig = Annotated[Union[PatchVQConfig, MSVQConfig, VQVAEConfig, OctreeConfig],  # noqa: UP007
+class TextConfig(Strict):
+    """Captions to tokens: fitted on the source's captions with Hugging Face `tokenizers`, or a given file."""
+
+    type: Literal["text"]
+    model: Literal["bpe", "unigram"] = Field("bpe", description="Subword model fitted on the captions (byte-level: "
+                                                               "any UTF-8 text encodes, nothing is unknown).")
+    vocab_size: int = Field(1024, ge=260, description="Vocabulary size the fit aims at (the 256 byte tokens and "
+                                                      "[PAD], [UNK] included; a small corpus may give fewer).")
+    lowercase: bool = Field(False, description="Lower-case texts before tokenizing (NFKC normalisation always).")
+    file: str | None = Field(None, description="A Hugging Face tokenizer.json to use as it is instead of fitting "
+                                               "(a local path or s3:// URI; never downloaded from a hub).")
+
+    def constructor_args(self, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
+        return self.model_dump(exclude={"type"})
+
+
+TokenizerConfig = Annotated[Union[PatchVQConfig, MSVQConfig, VQVAEConfig, OctreeConfig, TextConfig],  # noqa: UP007
                             Field(discriminator="type")]
 
 
@@ -261,6 +289,9 @@ class TokenizeStage(StageBase):
     kind: Literal["tokenize"]
     source: Source = Field(description="Data to tokenize; `modality` picks the reader.")
     tokenizer: str = Field(description="Tokenizer artifact, usually `${fit_tok.tokenizer}`.")
+    text_tokenizer: str | None = Field(
+        None, description="A `text` tokenizer artifact (e.g. `${fit_text.tokenizer}`) that encodes each sample's "
+                          "caption into the store beside its tokens (needs `source.captions`).")
     shards: ShardSpec = Field(default_factory=ShardSpec, description="How encoded samples are cut into "
                                                                      "store shards.")
     workers: int = Field(2, ge=1, description="Concurrent Ray tasks (one CPU each).")

@@ -66,6 +66,7 @@ class EncodeJob:
     source: Source              # the resolved source (its format inferred once by the driver)
     tokenizer_uri: str
     tokenizer_digest: str       # read once by the driver: a worker loads the artifact only on a miss
+    text_tokenizer: tuple[str, str] | None   # (uri, digest) of the tokenizer of the captions, if any
     samples_per_shard: int
     stage: str                  # named in the rejects
 
@@ -85,6 +86,7 @@ def encode_unit(job: EncodeJob) -> UnitRecord:
     source, unit, store_uri = job.source, job.unit, job.units.store_uri
     reader = open_reader(source.modality, source.uri, **source.reader_options())
     tok = _tokenizer(job.tokenizer_uri, job.tokenizer_digest)
+    text_tok = _tokenizer(*job.text_tokenizer) if job.text_tokenizer else None
     layout = tok.layout()
     # single-grid tokenizers (patch_vq, vqvae) store tokens in their grid shape; scales/octree stay flat
     grid = tuple(layout["grid"]) if "grid" in layout and "scales" not in layout else None
@@ -120,12 +122,15 @@ def encode_unit(job: EncodeJob) -> UnitRecord:
                     pairs.append((sample, tok.encode_arrays([sample.data])[0]))
                 except (TokenizerError, ValueError, RuntimeError) as err:
                     reject(f"{sample.source_uri}#{sample.key}", f"encode failed: {err}")
+        captioned = [s.caption for s, _idx in pairs if s.caption is not None]
+        caption_ids = iter(text_tok.encode_texts(captioned) if text_tok is not None and captioned else [])
         for sample, idx in pairs:
             condition = sample.label if sample.label is None or isinstance(sample.label, (int, str)) else str(sample.label)
             if grid is not None and int(np.prod(grid)) == idx.size:
                 idx = idx.reshape(grid)
             writer().append(idx, key=sample.key, modality=sample.modality, condition=condition,
-                            source_uri=sample.source_uri, source_digest=sample.source_digest)
+                            source_uri=sample.source_uri, source_digest=sample.source_digest, caption=sample.caption,
+                            caption_tokens=next(caption_ids) if text_tok and sample.caption is not None else None)
             state["count"] += 1
             samples += 1
             tokens += int(idx.size)
@@ -166,6 +171,17 @@ class TokenizeStage(Stage):
         spec, ctx = self.spec, self.ctx
         source = spec.source.model_copy(update={"uri": normalize(spec.source.uri, ctx.pipeline_dir)})
         tok_doc = read_artifact(spec.tokenizer)[0]
+        if tok_doc["type"] == "text":
+            raise UserError("tokenizer is a text tokenizer: it encodes captions, not the source's samples",
+                            where=spec.tokenizer, fix="give it as text_tokenizer:, and a tokenizer of the "
+                                                      f"{source.modality} modality as tokenizer:")
+        text_doc = read_artifact(spec.text_tokenizer)[0] if spec.text_tokenizer else None
+        if text_doc is not None and text_doc["type"] != "text":
+            raise UserError(f"text_tokenizer is a {text_doc['type']} tokenizer, not a text one",
+                            where=spec.text_tokenizer, fix="point text_tokenizer at a tokenizer stage of type: text")
+        if text_doc is not None and getattr(source, "captions", None) is None:
+            raise UserError("text_tokenizer is set but the source reads no captions", where=source.uri,
+                            fix="set source.captions (auto, beside or a sidecar path)")
         units = StoreUnits(out_uri=ctx.out_uri, store="store", fingerprint=ctx.fingerprint)
         reader = open_reader(source.modality, source.uri, **source.reader_options())
         listing = reader.units()
@@ -177,6 +193,7 @@ class TokenizeStage(Stage):
             source = source.model_copy(update={"format": reader.format})
         jobs = [EncodeJob(units=units, index=i, unit=unit, source=source, tokenizer_uri=spec.tokenizer,
                           tokenizer_digest=tok_doc["digest"], samples_per_shard=spec.shards.samples_per_shard,
+                          text_tokenizer=(spec.text_tokenizer, text_doc["digest"]) if text_doc else None,
                           stage=ctx.name) for i, unit in enumerate(listing)]
         # a record is reused only for the very unit it read (a listing that changed shape re-reads it)
         records = {job.name: r for job in jobs if (r := units.reusable(job.name)) is not None
@@ -227,7 +244,10 @@ class TokenizeStage(Stage):
                       "source_digest": listing_digest(source.uri, ctx.pipeline_dir),
                       "tokenizer_uri": spec.tokenizer, "tokenizer_layout": tok_doc.get("layout"),
                       "tokens_per_sample": tok_doc.get("tokens_per_sample"),
-                      "rejects": len(rejects), "units": len(jobs)},
+                      "rejects": len(rejects), "units": len(jobs),
+                      **({"text_tokenizer": {"id": f"text:{text_doc['digest'][:12]}", "digest": text_doc["digest"],
+                                             "uri": spec.text_tokenizer, "vocab_size": text_doc["vocab_size"]}}
+                         if text_doc else {})},
             known_files=ctx.known_files)
         # one write with its newline: stages running beside this one print to the same stdout
         print(f"[{ctx.name}] store {units.store_uri}: {samples} samples, {tokens} tokens, {len(rejects)} rejected, "

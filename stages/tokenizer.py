@@ -74,7 +74,7 @@ class TokenizerStage(Stage):
         import numpy as np
 
         from arpipe.stages.modalities import make_tokenizer
-        from arpipe.stages.modalities.accounting import skip_metrics, skip_summary
+        from arpipe.stages.modalities.accounting import skip_metrics
         from arpipe.stages.modalities.previews import before_after
 
         spec, ctx = self.spec, self.ctx
@@ -89,6 +89,8 @@ class TokenizerStage(Stage):
         held_idx = {int(k * step) for k in range(spec.fit.heldout)}
         train = [s for i, s in enumerate(samples) if i not in held_idx]
         heldout = [s for i, s in enumerate(samples) if i in held_idx]
+        if spec.tokenizer.type == "text":
+            return self._fit_text(source, train, heldout, rejects, skipped, len(samples), started)
         args = spec.tokenizer.constructor_args(train[0].shape if source.modality != "pointcloud" else None)
         if "modality" in _init_params(spec.tokenizer.type):
             args["modality"] = source.modality
@@ -112,22 +114,54 @@ class TokenizerStage(Stage):
         metrics = reconstruction_metrics(tok, source.modality, held_arrays, recon, tokens)
         metrics.update({"fit_samples": len(train), "heldout_samples": len(heldout), "rejects": len(rejects),
                         **skip_metrics(skipped), "fit_seconds": time.time() - started})
-        ctx.log_metrics(metrics)
         for point in getattr(tok, "fit_info", {}).get("curve", []):   # vqvae: {step, recon, commitment}
             ctx.log_metrics({f"fit_{k}": float(v) for k, v in point.items() if k != "step"}, step=int(point["step"]))
-        report = {"metrics": metrics, "rejects": rejects, "digest": digest, "vocab_size": tok.vocab_size,
-                  "skipped": [{"source": f.uri, "kind": f.kind, "reason": f.reason} for f in skipped]}
-        (ctx.work_dir / "fit_report.json").write_text(json.dumps(report, indent=1, default=float))
         if held_arrays:
             picture = ctx.work_dir / "before_after.png"
             before_after(held_arrays, recon, source.modality).save(picture)
             ctx.log_artifact(picture)
+        return self._report(source, tok, digest, metrics, rejects, skipped, read=len(samples),
+                            fitted=f"{spec.tokenizer.type} on {len(train)} samples")
+
+    def _report(self, source, tok, digest: str, metrics: dict[str, float], rejects: list, skipped: list, *,
+                read: int, fitted: str) -> dict[str, Output]:
+        """Log the fit's metrics and fit_report.json, print its two lines; the stage's output."""
+        from arpipe.stages.modalities.accounting import skip_summary
+
+        ctx = self.ctx
+        ctx.log_metrics(metrics)
+        report = {"metrics": metrics, "rejects": rejects, "digest": digest, "vocab_size": tok.vocab_size,
+                  "skipped": [{"source": f.uri, "kind": f.kind, "reason": f.reason} for f in skipped]}
+        (ctx.work_dir / "fit_report.json").write_text(json.dumps(report, indent=1, default=float))
         ctx.log_artifact(ctx.work_dir / "fit_report.json")
-        print(f"[{ctx.name}] read {len(samples)} samples from {source.uri}: {len(rejects)} rejected, "
+        print(f"[{ctx.name}] read {read} samples from {source.uri}: {len(rejects)} rejected, "
               f"{skip_summary(skipped)}" + ("; reasons in fit_report.json" if rejects or skipped else ""), flush=True)
-        print(f"[{ctx.name}] fitted {spec.tokenizer.type} on {len(train)} samples: "
+        print(f"[{ctx.name}] fitted {fitted}: "
               + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("skipped_")), flush=True)
         return {"tokenizer": Output(path="tokenizer", digest=digest)}
+
+    def _fit_text(self, source, train: list, heldout: list, rejects: list, skipped: list, read: int,
+                  started: float) -> dict[str, Output]:
+        """A text tokenizer learns from the samples' captions; held-out captions measure its round trip."""
+        import numpy as np
+
+        from arpipe.stages.modalities import make_tokenizer
+        from arpipe.stages.modalities.accounting import skip_metrics
+
+        spec, ctx = self.spec, self.ctx
+        texts = [s.caption for s in train if s.caption]
+        held = [s.caption for s in heldout if s.caption]
+        tok = make_tokenizer("text", **spec.tokenizer.constructor_args(None)).fit(texts)
+        digest = tok.save(str(ctx.work_dir / "tokenizer"))
+        tokens = tok.encode_texts(held or texts[:64])
+        metrics = {"fit_samples": len(train), "fit_captions": len(texts), "heldout_captions": len(held),
+                   "vocab_size": tok.vocab_size, "tokens_per_caption": float(np.mean([len(t) for t in tokens])),
+                   "rejects": len(rejects), **skip_metrics(skipped), "fit_seconds": time.time() - started}
+        if held:   # byte-level: a caption decodes to itself up to normalisation (NFKC, lower-case)
+            metrics["heldout_exact"] = float(np.mean([d == t for d, t in zip(tok.decode_texts(tokens),
+                                                                             tok.normalize_all(held))]))
+        return self._report(source, tok, digest, metrics, rejects, skipped, read=read,
+                            fitted=f"text on {len(texts)} captions")
 
 
 def _init_params(type_: str) -> set[str]:

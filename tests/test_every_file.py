@@ -6,7 +6,9 @@ do not decode (garbage and zero bytes with a valid suffix), files of other forma
 a stray PNG), and hostile ones (a dotfile, a name with spaces and non-ASCII letters, a symlink to
 nothing, a nested folder). One `arpipe run` tokenizes all five; each test then accounts for every
 file in its folder: stored + quarantined + skipped == the files present, with each skipped file
-named in `rejects.arrow`, counted in the stage's log line and in MLflow.
+named in `rejects.arrow`, counted in the stage's log line and in MLflow. Captioned folders (issue 17) add
+the caption files to the account: each read as its image's caption, stored with its tokens (and, with a
+`text` tokenizer fitted on them, as caption tokens), or its image quarantined with the reason.
 """
 
 from __future__ import annotations
@@ -66,10 +68,59 @@ def _shards(folder: Path) -> None:
     _hostile(folder, "missing.tar")
 
 
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def _captioned(folder: Path) -> None:
+    """Digits with a caption file beside each (`.txt`, same stem), and the ways captions go wrong."""
+    digits_folder(folder, count=8)
+    for png in folder.glob("[0-9]/*.png"):
+        png.with_suffix(".txt").write_text(f"a handwritten {NUMBERS[int(png.parent.name)]}\n")
+    png = (folder / "0" / "0000.png").read_bytes()
+    for name in ("latin1", "blank", "alone"):
+        (folder / f"{name}.png").write_bytes(png)
+    (folder / "latin1.txt").write_bytes("un zéro écrit à la main".encode("latin-1"))   # not UTF-8
+    (folder / "blank.txt").write_text("  \n")
+    (folder / "notes.txt").write_text("captions written by hand\n")   # beside no image: not a caption
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+
+
+def _caption_sidecar(folder: Path) -> None:
+    """Digits whose captions are one JSON Lines sidecar; one image has no line there."""
+    digits_folder(folder, count=6)
+    pngs = sorted(folder.glob("[0-9]/*.png"))
+    lines = [f'{{"file": "{p.relative_to(folder).as_posix()}", "caption": "digit {NUMBERS[int(p.parent.name)]}"}}'
+             for p in pngs[1:]]
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _captioned_shards(folder: Path) -> None:
+    """A WebDataset shard whose samples carry captions as `.txt` or in `.json`, one without, one not UTF-8."""
+    import webdataset as wds
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    folder.mkdir(parents=True)
+    with wds.TarWriter(str(folder / "train-000.tar")) as sink:
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(buf, format="PNG")
+            sample = {"__key__": f"d{i:04d}", "png": buf.getvalue(), "cls": int(digits.target[i])}
+            if i < 3:
+                sample["txt"] = f"a handwritten {NUMBERS[digits.target[i]]}"
+            elif i == 3:
+                sample["json"] = {"caption": "a digit told in JSON", "label": int(digits.target[i])}
+            elif i == 4:
+                sample["txt"] = "ein Zähler".encode("latin-1")
+            sink.write(sample)
+
+
 def _video(folder: Path) -> None:
     (folder / "nested" / "sub").mkdir(parents=True)
     for name in ("clip.gif", f"{GOOD_NAME}.gif", "nested/sub/clip.gif"):
         shutil.copy(gif_path(), folder / name)
+    (folder / "clip.txt").write_text("a man shrugs\n")   # its caption; the others have none
     (folder / "garbage.mp4").write_bytes(os.urandom(4096))
     (folder / "empty.webm").write_bytes(b"")
     from PIL import Image
@@ -92,6 +143,7 @@ def _slices(folder: Path) -> None:
     (folder / "nested").mkdir()
     tifffile.imwrite(folder / "nested" / "extra.tif", planes[0])   # a slice stack is the top level only
     _hostile(folder, "missing.tif")
+    (folder.parent / "slices.txt").write_text("six axial slices of an MNI brain\n")   # the volume's caption
 
 
 def _clouds(folder: Path) -> None:
@@ -128,14 +180,37 @@ stages:
     progress: false
   video:
     kind: tokenize
-    source: {{modality: video, uri: ./data/video, clip_len: 4, size: 8}}
+    source: {{modality: video, uri: ./data/video, clip_len: 4, size: 8, captions: auto}}
     tokenizer: {root}/tok_video
     max_reject_fraction: 0.5
     progress: false
   volume:
     kind: tokenize
-    source: {{modality: volume, uri: ./data/slices, crop: [1, 32, 32], stride: [1, 48, 48]}}
+    source: {{modality: volume, uri: ./data/slices, crop: [1, 32, 32], stride: [1, 48, 48], captions: auto}}
     tokenizer: {root}/tok_volume
+    max_reject_fraction: 0.5
+    progress: false
+  fit_text:
+    kind: tokenizer
+    source: {{modality: image, uri: ./data/captioned, channels: 1, size: 8, captions: auto}}
+    tokenizer: {{type: text, vocab_size: 280}}
+    fit: {{heldout: 2}}
+  captioned:
+    kind: tokenize
+    source: {{modality: image, uri: ./data/captioned, channels: 1, size: 8, captions: auto, captions_required: true}}
+    tokenizer: ${{tok.tokenizer}}
+    text_tokenizer: ${{fit_text.tokenizer}}
+    max_reject_fraction: 0.5
+    progress: false
+  caption_sidecar:
+    kind: tokenize
+    source: {{modality: image, uri: ./data/caption_sidecar, channels: 1, size: 8, captions: auto}}
+    tokenizer: ${{tok.tokenizer}}
+    progress: false
+  captioned_shards:
+    kind: tokenize
+    source: {{modality: image, uri: ./data/captioned_shards, channels: 1, size: 8, captions: auto}}
+    tokenizer: ${{tok.tokenizer}}
     max_reject_fraction: 0.5
     progress: false
   points:
@@ -159,6 +234,9 @@ def project(tmp_path_factory, ray_cluster):
     _video(data / "video")
     _slices(data / "slices")
     _clouds(data / "clouds")
+    _captioned(data / "captioned")
+    _caption_sidecar(data / "caption_sidecar")
+    _captioned_shards(data / "captioned_shards")
     rng = np.random.default_rng(0)
     make_tokenizer("patch_vq", input_shape=[3, 4, 8, 8], patch=[2, 4, 4], codebook_size=8, modality="video",
                    fit_iters=5).fit(rng.random((8, 3, 4, 8, 8), dtype=np.float32)).save(str(root / "tok_video"))
@@ -264,8 +342,13 @@ def test_image_shards_every_file_accounted_for(project):
 def test_video_every_file_accounted_for(project):
     account(project, "video", "video", samples=18,   # 24 frames: 6 clips of 4 per GIF
             stored={"clip.gif", f"{GOOD_NAME}.gif", "nested/sub/clip.gif"},
-            quarantined={"garbage.mp4", "empty.webm"}, skipped=HOSTILE_SKIPS | {"missing.mp4", "poster.png"},
-            skip_counts=".doc: 1, .png: 1, .txt: 1, broken link: 1, hidden: 1")
+            quarantined={"garbage.mp4", "empty.webm"},
+            skipped=HOSTILE_SKIPS | {"missing.mp4", "poster.png", "clip.txt"},
+            skip_counts=".doc: 1, .png: 1, .txt: 1, broken link: 1, caption: 1, hidden: 1")
+    # every clip of the captioned video carries its caption; the other videos' clips have none
+    captions = _captions(project, "video")
+    assert {key: text for key, text in captions.items() if text} == {
+        f"clip.gif/clip{k:06d}": "a man shrugs" for k in range(6)}
 
 
 def test_volume_slices_every_file_accounted_for(project):
@@ -284,6 +367,8 @@ def test_volume_slices_every_file_accounted_for(project):
     reasons = {r["source"].rsplit("/", 1)[1]: r["reason"] for r in rows}
     assert reasons["slice_03.tif"].startswith("cannot read TIFF slice")
     assert reasons["extra.tif"].startswith("skipped: in a sub-folder")
+    # the volume's caption, beside its folder, is every crop's
+    assert set(_captions(project, "volume").values()) == {"six axial slices of an MNI brain"}
 
 
 def test_point_clouds_every_file_accounted_for(project):
@@ -293,3 +378,105 @@ def test_point_clouds_every_file_accounted_for(project):
             quarantined={"garbage.ply", "empty.npy", "README.txt"},
             skipped={".DS_Store", "notes.doc", "mesh.obj", "missing.ply"},
             skip_counts=".doc: 1, .obj: 1, broken link: 1, hidden: 1")
+
+
+def _captions(project, stage: str) -> dict[str, str | None]:
+    out = next(project[0].glob(f"runs/{stage}/*/outputs.json")).parent
+    return {row["key"]: row["caption"] for idx in sorted((out / "store").glob("*.idx.arrow")) for row in _table(idx)}
+
+
+def test_captions_beside_images_are_stored_with_their_tokens_and_bad_ones_quarantine_the_image(project):
+    """A caption `.txt` beside each image is read as its caption (and counted as such, not as an unread file);
+    with captions required, an image whose caption is not UTF-8, blank or missing is quarantined, naming why."""
+    root, stdout, env = project
+    folder = root / "data" / "captioned"
+    digits = {p.relative_to(folder).as_posix() for p in folder.glob("[0-9]/*.png")}
+    captions = {p.relative_to(folder).as_posix() for p in folder.glob("*/*.txt")} | {"latin1.txt", "blank.txt"}
+    rows = account(project, "captioned", "captioned", samples=8, stored=digits,
+                   quarantined={"latin1.png", "blank.png", "alone.png"},
+                   skipped=captions | {"notes.txt", ".DS_Store"}, skip_counts=".txt: 1, caption: 10, hidden: 1")
+    reasons = {r["source"].rsplit("/", 1)[1]: r["reason"] for r in rows}
+    assert reasons["latin1.png"].startswith("its caption file latin1.txt is not UTF-8 text"), reasons
+    assert reasons["blank.png"].startswith("caption is empty, and captions_required is set")
+    assert reasons["alone.png"].startswith("sample has no caption file beside it (alone.txt)")
+    assert reasons["0000.txt"] == "skipped: caption: read as the caption of 0000.png, not a sample"
+    stored = _captions(project, "captioned")
+    assert stored == {key: f"a handwritten {NUMBERS[int(key.split('/')[0])]}" for key in digits}
+
+    # `arpipe store head` shows a user each sample's caption with its tokens
+    store = next(root.glob("runs/captioned/*/outputs.json")).parent / "store"
+    head = arpipe("store", "head", str(store), "-n", "2", cwd=root, env=env, check=True).stdout
+    first = sorted(digits)[0]
+    assert f"key={first} " in head and f"    caption: a handwritten {NUMBERS[int(first[0])]}" in head, head
+
+
+def test_a_caption_sidecar_names_captions_by_file_and_shard_members_carry_their_own(project):
+    root = project[0]
+    folder = root / "data" / "caption_sidecar"
+    pngs = sorted(p.relative_to(folder).as_posix() for p in folder.glob("[0-9]/*.png"))
+    account(project, "caption_sidecar", "caption_sidecar", samples=6, stored=set(pngs), quarantined=set(),
+            skipped={"captions.jsonl"}, skip_counts="caption sidecar: 1")
+    # not required: the image without a line is stored, without a caption
+    assert _captions(project, "caption_sidecar") == {
+        key: None if key == pngs[0] else f"digit {NUMBERS[int(key[0])]}" for key in pngs}
+
+    # a shard's sample with a bad caption is quarantined, and the shard's later samples are still read
+    from sklearn.datasets import load_digits
+
+    rows = _table(next(root.glob("runs/captioned_shards/*/outputs.json")).parent / "rejects.arrow")
+
+    target = load_digits().target
+    assert _captions(project, "captioned_shards") == {
+        **{f"train-000.tar/d{i:04d}": f"a handwritten {NUMBERS[target[i]]}" for i in range(3)},
+        "train-000.tar/d0003": "a digit told in JSON", "train-000.tar/d0005": None}
+    [bad] = rows
+    assert bad["source"].endswith("train-000.tar#d0004") and bad["reason"].startswith("caption is not UTF-8 text")
+
+
+def test_a_text_tokenizer_fitted_on_the_captions_encodes_them_into_the_store(project):
+    """A `text` tokenizer stage fits a byte-level BPE on the folder's captions; the tokenize stage stores each
+    caption's ids with the image's tokens, and they decode back to the caption. The artifact carries the
+    standard Hugging Face tokenizer.json, which `tokenizers` reads as it is."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from arpipe.stages.modalities import load_tokenizer
+    from arpipe.stages.store import TokenStore
+
+    root, stdout, env = project
+    artifact = next(root.glob("runs/fit_text/*/outputs.json")).parent / "tokenizer"
+    text = load_tokenizer(str(artifact))
+    # 10 samples read (latin1.png's caption is not UTF-8: rejected), 2 held out; 6 of the 8 others have captions
+    [line] = [ln for ln in stdout.splitlines() if "[fit_text] fitted text on 6 captions: " in ln]
+    assert line.endswith(", heldout_exact=1"), line     # every held-out caption decodes back to itself
+    store = TokenStore.open(str(next(root.glob("runs/captioned/*/outputs.json")).parent / "store"))
+    assert store.manifest.metadata["text_tokenizer"]["digest"] == text.digest
+    samples = list(store)
+    assert len(samples) == 8 and all(s.caption_tokens for s in samples)
+    assert [text.decode_texts([np.asarray(s.caption_tokens)])[0] for s in samples] == [s.caption for s in samples]
+    hf = HFTokenizer.from_file(str(artifact / "huggingface" / "tokenizer.json"))
+    assert [tuple(hf.encode(s.caption).ids) for s in samples] == [s.caption_tokens for s in samples]
+    # a byte-level vocabulary beyond the bytes: common words are single tokens, so captions are short
+    assert max(len(s.caption_tokens) for s in samples) < min(len(s.caption) for s in samples) / 2
+
+
+
+def test_a_text_tokenizer_without_captions_of_another_type_or_in_the_wrong_place_fails_with_one_line(project):
+    root, _stdout, env = project
+    tok, text = (next(root.glob(f"runs/{s}/*/outputs.json")).parent / "tokenizer" for s in ("tok", "fit_text"))
+    source = "{modality: image, uri: ./data/caption_sidecar, channels: 1, size: 8"
+    write(root, {"refused.yaml": f"""
+name: every-file
+storage: ./runs
+stages:
+  no_captions: {{kind: tokenize, source: {source}}}, tokenizer: {tok}, text_tokenizer: {text}}}
+  not_text: {{kind: tokenize, source: {source}, captions: auto}}, tokenizer: {tok}, text_tokenizer: {tok}}}
+  text_first: {{kind: tokenize, source: {source}, captions: auto}}, tokenizer: {text}}}
+"""})
+    run = arpipe("run", "refused.yaml", cwd=root, env=env)
+    output = run.stdout + run.stderr
+    assert run.returncode == 2 and "Traceback" not in output, output
+    lines = {ln.split()[0]: ln for ln in output.splitlines() if ln.split()[1:2] == ["failed"]}
+    assert "text_tokenizer is set but the source reads no captions" in lines["no_captions"]
+    assert "set source.captions" in lines["no_captions"]
+    assert "text_tokenizer is a msvq tokenizer, not a text one" in lines["not_text"]
+    assert "tokenizer is a text tokenizer: it encodes captions, not the source's samples" in lines["text_first"]

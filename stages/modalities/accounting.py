@@ -54,7 +54,11 @@ def read_quarantining(reader: Reader, unit: Unit, reject: Callable[[str, str], N
     while current is not None:
         this, current = current, None
         try:
-            yield from reader.read(this)
+            for item in reader.read(this):
+                if isinstance(item, SampleError):   # a bad sample the reader read on past (a tar member)
+                    reject(item.source, item.reason)
+                else:
+                    yield item
         except SampleError as err:
             reject(err.source, err.reason)
             members = list(this.members)

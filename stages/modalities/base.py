@@ -119,6 +119,7 @@ class Sample:
     ``data`` layouts (float32): image ``x_CHW`` and video ``x_CTHW`` in [0, 1],
     volume ``x_CDHW`` (C = 1) scaled by the reader's intensity rule, point
     cloud ``xyz_N3`` normalized as ``meta['center']``/``meta['scale']`` say.
+    ``caption`` is the text describing it, when the reader's ``captions`` option is set (captions.py).
     ``source_digest`` is the sha256 of the bytes the sample came from: the
     file for whole-file samples and video clips, the raw array region
     (dtype, shape, values) for rows of an array file and volume crops.
@@ -131,6 +132,7 @@ class Sample:
     source_digest: str
     label: str | int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    caption: str | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -156,12 +158,19 @@ class Reader(ABC):
         """The source's partition units, listed from metadata only (no pixel is decoded)."""
 
     @abstractmethod
-    def read(self, unit: Unit) -> Iterator[Sample]:
-        """The samples of one unit; memory stays bounded by the unit, not the source."""
+    def read(self, unit: Unit) -> Iterator[Sample | SampleError]:
+        """The samples of one unit; memory stays bounded by the unit, not the source.
+
+        A bad file ends the unit with a raised SampleError; a bad sample the reader can read on past
+        (a member of a tar shard) is yielded as its SampleError instead, for the stage to quarantine.
+        """
 
     def __iter__(self) -> Iterator[Sample]:
         for unit in self.units():
-            yield from self.read(unit)
+            for item in self.read(unit):
+                if isinstance(item, SampleError):
+                    raise item
+                yield item
 
 
 # ------------------------------------------------------------------ tokenizers
@@ -172,6 +181,7 @@ TOKENIZER_TYPES: dict[str, str] = {
     "msvq": "arpipe.stages.modalities.msvq:MultiScaleVQ",
     "vqvae": "arpipe.stages.modalities.vqvae:VQVAE",
     "octree": "arpipe.stages.modalities.octree:OctreeTokenizer",
+    "text": "arpipe.stages.modalities.text:TextTokenizer",
 }
 
 

@@ -30,6 +30,7 @@ from arpipe.pipeline.digest import digest_array, digest_bytes
 from arpipe.pipeline.storage import is_s3, join, storage_for
 
 from .base import Reader, Sample, SampleError, Unit
+from .captions import Captions, check_caption, tar_caption
 from .sources import SourceFile, is_dir, read_bytes, scan_files
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif")
@@ -218,7 +219,8 @@ class ImageReader(Reader):
     def __init__(self, uri: str, *, format: str = "auto", size: int | Sequence[int] | None = None,
                  resize: str = "resize_crop", channels: int = 3, labels: str | None = "auto",
                  value_range: Sequence[float] | None = None, max_pixels: int = 1 << 26,
-                 files_per_unit: int = 64, rows_per_unit: int = 1024):
+                 files_per_unit: int = 64, rows_per_unit: int = 1024, captions: str | None = None,
+                 captions_required: bool = False):
         super().__init__(uri)
         if resize not in RESIZE_MODES:
             raise SampleError(uri, f"unknown resize mode {resize!r}", fix=f"use one of {', '.join(RESIZE_MODES)}")
@@ -229,6 +231,11 @@ class ImageReader(Reader):
         self.files_per_unit, self.rows_per_unit = int(files_per_unit), int(rows_per_unit)
         self.format = self._infer_format(format)
         self._label_table: dict[str, Any] | None = None
+        if captions is not None and self.format == "array":
+            raise SampleError(uri, "captions are read for image folders and WebDataset shards, not array files",
+                              fix="remove captions:, or store the images as files with a caption sidecar")
+        self.captions, self.captions_required = captions, bool(captions_required)
+        self._captions: Captions | None = None
 
     def _infer_format(self, format: str) -> str:
         if format in ("npy", "npz"):  # the array file's own name for it
@@ -259,7 +266,12 @@ class ImageReader(Reader):
         if self.format == "array":
             files, self.skipped = scan_files(self.uri, ARRAY_SUFFIXES, "array", sidecars=self._sidecars())
             return [u for f in files for u in self._array_units(f)]
-        files, self.skipped = scan_files(self.uri, IMAGE_SUFFIXES, "image", sidecars=self._sidecars())
+        captions = self._captions_below(self.uri) if is_dir(self.uri) else None
+        sidecars = {**self._sidecars(), **(captions.sidecars() if captions else {})}
+        files, self.skipped = scan_files(self.uri, IMAGE_SUFFIXES, "image", sidecars=sidecars)
+        if captions is not None:
+            captions.table()   # a sidecar that does not parse fails the listing, not every unit
+            self.skipped = captions.relabel(files, self.skipped)
         single = not is_dir(self.uri)
         base = self.uri if not single else self.uri[: -len(files[0].relpath)].rstrip("/")
         out = []
@@ -280,7 +292,7 @@ class ImageReader(Reader):
 
     # ------------------------------------------------------------------- read
 
-    def read(self, unit: Unit) -> Iterator[Sample]:
+    def read(self, unit: Unit) -> Iterator[Sample | SampleError]:
         if unit.kind == "tar":
             yield from self._read_tar(unit)
         elif unit.kind == "rows":
@@ -291,17 +303,27 @@ class ImageReader(Reader):
             for rel in unit.members:
                 f = SourceFile(join(unit.uri, rel), rel, 0)
                 data = read_bytes(f.uri)
+                caption = None if self.captions is None else self._captions_below(unit.uri).of(rel, f.uri)
                 yield self._sample(decode_image(data, rel, f.uri, self.max_pixels), f.relpath, f.uri,
-                                   digest_bytes(data), self._folder_label(unit.uri, f))
+                                   digest_bytes(data), self._folder_label(unit.uri, f), caption=caption)
 
     def _sample(self, x_HWC: np.ndarray, key: str, source: str, digest: str, label: Any,
-                value_range: Sequence[float] | None = None) -> Sample:
+                value_range: Sequence[float] | None = None, caption: str | None = None) -> Sample:
         h, w = x_HWC.shape[:2]
         x = to_channels(to_unit_range(x_HWC, source, value_range or self.value_range), self.channels, source)
         x_1CHW = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
         x_CHW = fit_to_size(x_1CHW, self.size, self.resize, source)[0].numpy()
         return Sample(key=key, data=np.ascontiguousarray(x_CHW, dtype=np.float32), modality=self.modality,
-                      source_uri=source, source_digest=digest, label=label, meta={"source_size": [h, w]})
+                      source_uri=source, source_digest=digest, label=label, caption=caption,
+                      meta={"source_size": [h, w]})
+
+    def _captions_below(self, root: str) -> Captions | None:
+        """How the files below ``root`` find their captions (None without ``captions``); found once per reader."""
+        if self.captions is None:
+            return None
+        if self._captions is None or self._captions.root != root:
+            self._captions = Captions(root, self.captions, self.captions_required)
+        return self._captions
 
     def _folder_label(self, root: str, f: SourceFile) -> Any:
         mode = self.labels
@@ -363,7 +385,7 @@ class ImageReader(Reader):
                     if prefix is None or PurePosixPath(member.name).name.startswith("__"):
                         continue
                     if prefix != current and group:
-                        yield self._tar_sample(unit, current, group)
+                        yield self._tar_sample_or_error(unit, current, group)
                         group = {}
                     current = prefix
                     group[suffix.lower()] = tar.extractfile(member).read()
@@ -379,11 +401,18 @@ class ImageReader(Reader):
         finally:
             stream.close()
         if group:
-            yield self._tar_sample(unit, current, group)
+            yield self._tar_sample_or_error(unit, current, group)
         if refused:   # after the shard's good samples: they are kept, the refusal is quarantined
             raise SampleError(unit.uri, f"refused {len(refused)} member(s) that would leave the shard: "
                               f"{', '.join(refused[:3])}", fix="re-create the shard with relative member names "
                               "and no links pointing out of it")
+
+    def _tar_sample_or_error(self, unit: Unit, key: str, group: dict[str, bytes]) -> Sample | SampleError:
+        """One shard sample, or why it is bad: the shard's other samples are read on (see Reader.read)."""
+        try:
+            return self._tar_sample(unit, key, group)
+        except SampleError as err:
+            return err
 
     def _tar_sample(self, unit: Unit, key: str, group: dict[str, bytes]) -> Sample:
         source = f"{unit.uri}#{key}"
@@ -401,9 +430,13 @@ class ImageReader(Reader):
             except (json.JSONDecodeError, AttributeError):
                 raise SampleError(source, "shard sample's .json member is not a JSON object",
                                   fix="write a JSON object such as {\"label\": 3}") from None
+        caption = None
+        if self.captions is not None:
+            caption = check_caption(tar_caption(group, source), self.captions_required, source,
+                                    "has no caption (a .txt member, or caption/text in its .json)")
         data = group[ext]
         return self._sample(decode_image(data, f"x.{ext}", source, self.max_pixels), f"{unit.key}/{key}", source,
-                            digest_bytes(data), label)
+                            digest_bytes(data), label, caption=caption)
 
     # ----------------------------------------------------------------- arrays
 

@@ -11,7 +11,8 @@ A unit is one file, or with ``clips_per_unit`` a window of clips of one file
 (the frame count comes from container metadata; the last window of a file is
 open-ended, so a short count never drops clips). Windows decode from the
 file's start, so every unit sees the same frame timeline. Files of other
-formats and hidden files are listed in ``skipped`` with the reason.
+formats and hidden files are listed in ``skipped`` with the reason. With
+``captions`` set, every clip carries its video's caption (see captions.py).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import torch
 from arpipe.pipeline.digest import digest_file
 
 from .base import Reader, Sample, SampleError, Unit
+from .captions import Captions
 from .image import RESIZE_MODES, as_size, fit_to_size
-from .sources import local_file, scan_files
+from .sources import is_dir, local_file, scan_files
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif", ".m4v")
 
@@ -41,7 +43,7 @@ class VideoReader(Reader):
     def __init__(self, uri: str, *, clip_len: int = 16, stride: int | None = None, fps: float | None = None,
                  size: int | Sequence[int] | None = None, resize: str = "resize_crop", channels: int = 3,
                  labels: str | None = "folder", max_pixels: int = 1 << 24, max_frames: int | None = None,
-                 clips_per_unit: int | None = None):
+                 clips_per_unit: int | None = None, captions: str | None = None, captions_required: bool = False):
         super().__init__(uri)
         if clip_len < 1 or (stride is not None and stride < 1):
             raise SampleError(uri, "clip_len and stride must be at least 1", fix="set clip_len/stride >= 1")
@@ -56,12 +58,19 @@ class VideoReader(Reader):
         self.size, self.resize, self.channels, self.labels = as_size(size), resize, channels, labels
         self.max_pixels, self.max_frames = int(max_pixels), max_frames
         self.clips_per_unit = clips_per_unit
+        self.captions, self.captions_required = captions, bool(captions_required)
+        self._captions: Captions | None = None
 
     # ------------------------------------------------------------------ units
 
     def units(self) -> list[Unit]:
         out = []
-        files, self.skipped = scan_files(self.uri, VIDEO_SUFFIXES, "video")
+        captions = self._caption_finder()
+        files, self.skipped = scan_files(self.uri, VIDEO_SUFFIXES, "video",
+                                         sidecars=captions.sidecars() if captions else None)
+        if captions is not None:
+            captions.table()   # a sidecar that does not parse fails the listing, not every unit
+            self.skipped = captions.relabel(files, self.skipped)
         for f in files:
             if not self.clips_per_unit:
                 out.append(Unit(f.uri, "clips", f.relpath, members=(f.relpath,), size=f.size))
@@ -74,6 +83,14 @@ class VideoReader(Reader):
                 out.append(Unit(f.uri, "clips", f.relpath, members=(f.relpath,), start=(c,), stop=stop,
                                 size=f.size // len(starts)))
         return out
+
+    def _caption_finder(self) -> Captions | None:
+        """How each video finds its caption (None without ``captions``): below the source folder, or beside
+        the one video a file source names."""
+        if self.captions is not None and self._captions is None:
+            root = self.uri if is_dir(self.uri) else self.uri.rsplit("/", 1)[0]
+            self._captions = Captions(root, self.captions, self.captions_required)
+        return self._captions
 
     def count_clips(self, uri: str) -> int:
         """Clip count from container metadata (no decoding); an estimate the last unit absorbs."""
@@ -104,6 +121,8 @@ class VideoReader(Reader):
         label = None
         if self.labels == "folder" and str(PurePosixPath(rel).parent) not in ("", "."):
             label = PurePosixPath(rel).parent.name
+        captions = self._caption_finder()
+        caption = None if captions is None else captions.of(unit.uri[len(captions.root.rstrip("/")) + 1:], unit.uri)
         with local_file(unit.uri) as path:
             digest = digest_file(path)
             window: deque[torch.Tensor] = deque(maxlen=self.clip_len)
@@ -123,6 +142,7 @@ class VideoReader(Reader):
                     continue
                 yield Sample(key=f"{unit.key}/clip{k:06d}", data=torch.stack(list(window), dim=1).numpy(),
                              modality=self.modality, source_uri=unit.uri, source_digest=digest, label=label,
+                             caption=caption,
                              meta={"clip": k, "start_frame": k * self.stride, "start_time": round(times[0], 6),
                                    "fps": info["fps"], "frames": self.clip_len, "source_size": info["source_size"]})
             if seen < self.clip_len:

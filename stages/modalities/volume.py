@@ -31,6 +31,7 @@ import numpy as np
 from arpipe.pipeline.digest import digest_array
 
 from .base import Reader, Sample, SampleError, Unit
+from .captions import Captions
 from .sources import is_dir, local_file, local_tree, scan_files
 
 FORMATS = ("tiff", "tiff_folder", "hdf5", "zarr", "mrc", "npy")
@@ -186,7 +187,8 @@ class VolumeReader(Reader):
     def __init__(self, uri: str, *, format: str = "auto", dataset: str | None = None,
                  crop: int | Sequence[int] = 64, stride: int | Sequence[int] | None = None, cover: bool = True,
                  intensity_range: Sequence[float] | None = None, voxel_size: Sequence[float] | None = None,
-                 max_unit_bytes: int = 256 << 20, max_voxels: int | None = None):
+                 max_unit_bytes: int = 256 << 20, max_voxels: int | None = None, captions: str | None = None,
+                 captions_required: bool = False):
         super().__init__(uri)
         self.format = self._infer_format(format)
         self.dataset = dataset
@@ -196,6 +198,7 @@ class VolumeReader(Reader):
         self.intensity_range = None if intensity_range is None else (float(intensity_range[0]), float(intensity_range[1]))
         self.voxel_size = None if voxel_size is None else tuple(float(v) for v in voxel_size)
         self.max_unit_bytes, self.max_voxels = int(max_unit_bytes), max_voxels
+        self.captions, self.captions_required = captions, bool(captions_required)
 
     def _infer_format(self, format: str) -> str:
         if format != "auto":
@@ -297,6 +300,7 @@ class VolumeReader(Reader):
         """
         if self.format == "tiff_folder":
             self.skipped = scan_files(self.uri, TIFF_SLICE_SUFFIXES, "TIFF slice", recursive=False)[1]
+        self.caption()   # a required caption that is missing fails the listing: every crop would lack it
         with self.open() as vol:
             shape, itemsize = vol.shape, vol.dtype.itemsize
         oz, oy, ox = self._origins(shape)
@@ -324,7 +328,16 @@ class VolumeReader(Reader):
 
     # ------------------------------------------------------------------- read
 
+    def caption(self) -> str | None:
+        """The volume's caption (every crop carries it): the ``.txt`` beside the volume file or folder
+        (``brain.mrc`` -> ``brain.txt``), or its row in a caption sidecar of the folder holding it."""
+        if self.captions is None:
+            return None
+        root, _, name = self.uri.rstrip("/").rpartition("/")
+        return Captions(root, self.captions, self.captions_required).of(name, self.uri)
+
     def read(self, unit: Unit) -> Iterator[Sample]:
+        caption = self.caption()
         with self.open() as vol:
             (z0, y0, x0), (z1, y1, x1) = unit.start, unit.stop
             region = vol.read(z0, z1, y0, y1, x0, x1)
@@ -339,7 +352,7 @@ class VolumeReader(Reader):
                         source = f"{self.uri}#z{z}_y{y}_x{x}"
                         yield Sample(key=f"{unit.key}/z{z:05d}_y{y:05d}_x{x:05d}",
                                      data=self._intensity(raw, source)[None], modality=self.modality,
-                                     source_uri=self.uri, source_digest=digest_array(raw),
+                                     source_uri=self.uri, source_digest=digest_array(raw), caption=caption,
                                      meta={"origin": [z, y, x], "crop": list(self.crop),
                                            "volume_shape": list(vol.shape), "voxel_size":
                                            None if vol.voxel_size is None else list(vol.voxel_size)})

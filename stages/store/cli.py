@@ -138,6 +138,12 @@ def cmd_head(args: argparse.Namespace) -> int:
         shown = " ".join(str(int(t)) for t in flat[: args.tokens]) + (" ..." if flat.size > args.tokens else "")
         cond = "" if s.condition is None else f" condition={json.dumps(s.condition)}"
         print(f"[{i}] key={s.key} modality={s.modality} shape={list(s.shape)}{cond} shard={s.shard}")
+        if s.caption is not None:
+            print(f"    caption: {s.caption}")
+        if s.caption_tokens is not None:
+            ids = s.caption_tokens
+            print(f"    caption tokens: {' '.join(str(t) for t in ids[: args.tokens])}"
+                  + (" ..." if len(ids) > args.tokens else ""))
         print(f"    tokens: {shown}")
     return 0
 

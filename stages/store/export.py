@@ -46,7 +46,7 @@ def _write_tar(store: TokenStore, shard: int, path: str) -> int:
             for j, i in enumerate(ids.tolist()):
                 sample = store[i]
                 meta = {"key": sample.key, "modality": sample.modality, "shape": list(sample.shape),
-                        "condition": sample.condition, "source_uri": sample.source_uri,
+                        "condition": sample.condition, "caption": sample.caption, "source_uri": sample.source_uri,
                         "source_digest": sample.source_digest, "index": i, "shard": sample.shard}
                 _member(tar, f"{i:09d}.npy", _npy(batch[j]))
                 _member(tar, f"{i:09d}.json", json.dumps(meta, sort_keys=True).encode())

@@ -31,6 +31,8 @@ INDEX_SCHEMA = pa.schema([
     pa.field("condition", pa.string()),  # JSON text of the label/condition, null when unconditional
     pa.field("source_uri", pa.string()),
     pa.field("source_digest", pa.string()),
+    pa.field("caption", pa.string()),    # the text describing the sample, null without one (stores before it lack it)
+    pa.field("caption_tokens", pa.list_(pa.int32())),   # the caption's text-tokenizer ids, null without them
 ])
 
 

@@ -82,6 +82,8 @@ class Sample:
     source_uri: str | None
     source_digest: str | None
     shard: str
+    caption: str | None = None
+    caption_tokens: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -252,6 +254,8 @@ class TokenStore:
             tokens=shard.token_range(row).reshape(shape),
             condition=None if meta["condition"] is None else json.loads(meta["condition"]),
             source_uri=meta["source_uri"], source_digest=meta["source_digest"], shard=shard.entry.name,
+            caption=meta.get("caption"),   # stores written before captions have no such columns
+            caption_tokens=None if meta.get("caption_tokens") is None else tuple(meta["caption_tokens"]),
         )
 
     def __iter__(self) -> Iterator[Sample]:

@@ -129,11 +129,14 @@ class ShardWriter:
         condition: Any = None,
         source_uri: str | None = None,
         source_digest: str | None = None,
+        caption: str | None = None,
+        caption_tokens: Any = None,
     ) -> None:
         """Add one sample. ``tokens`` is any integer array (numpy or torch) of any shape.
 
         ``shape`` defaults to the array's shape; pass it when ``tokens`` is flat.
-        ``condition`` is a JSON value (a class label, a prompt, a dict).
+        ``condition`` is a JSON value (a class label, a prompt, a dict); ``caption`` the text describing the sample
+        and ``caption_tokens`` its ids under the store's text tokenizer.
         """
         if self.done:
             raise StoreError("append after commit", where=self.bin_uri, fix="open a new ShardWriter for more samples")
@@ -178,6 +181,8 @@ class ShardWriter:
         cols["condition"].append(condition_json)
         cols["source_uri"].append(source_uri)
         cols["source_digest"].append(source_digest)
+        cols["caption"].append(caption)
+        cols["caption_tokens"].append(None if caption_tokens is None else np.asarray(caption_tokens).tolist())
         self._keys.add(key)
         self.samples += 1
         self.tokens += flat.size
