@@ -243,3 +243,23 @@ def test_cluster_submit(s3_example, ray_head, tmp_path):
 
     listed = arpipe("jobs", "list", "--address", ray_head.address, cwd=folder, env=client_env, check=True)
     assert any(line.startswith(job) and "SUCCEEDED" in line for line in listed.stdout.splitlines())
+
+
+def test_captioned_digits(tmp_path, ray_cluster):
+    """The captioned-digits example to its token store: every image stored with its measured caption and the
+    caption's text tokens, which decode back to it."""
+    from arpipe.stages.modalities import load_tokenizer
+    from arpipe.stages.store import TokenStore
+
+    folder = copy_examples(tmp_path)
+    states = run_example(folder, "captioned_digits.yaml", "stages.data.config.count=300",
+                         "stages.fit_tok.fit.max_samples=200", "stages.fit_text.fit.heldout=16",
+                         env={"RAY_ADDRESS": ray_cluster})
+    assert set(states) == {"data", "fit_tok", "fit_text", "tokenize"}
+    store = TokenStore.open(str(only(folder, "arpipe-runs/tokenize/*/store")))
+    text = load_tokenizer(str(only(folder, "arpipe-runs/fit_text/*/tokenizer")))
+    samples = list(store)
+    assert len(samples) == 300 and all(s.caption and s.caption_tokens for s in samples)
+    assert all(s.caption.endswith(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
+               for s in samples)
+    assert text.decode_texts([np.asarray(s.caption_tokens) for s in samples]) == [s.caption for s in samples]
