@@ -66,6 +66,11 @@ class ImageSource(_Captioned):
                                                       "folder.")
     rows_per_unit: int = Field(1024, ge=1, description="Rows per work unit when reading an .npy array (read by "
                                                        "byte range; an .npz is always one unit).")
+    transform: Literal["none", "canny", "sobel"] = Field(
+        "none", description="Read each image as its control map (ControlAR) instead: `canny` edges or `sobel` "
+                            "gradient magnitude of its luma at the output size (scikit-image); to fit a control "
+                            "tokenizer. See docs/conditioning.md.")
+    transform_sigma: float = Field(1.0, gt=0, description="Gaussian smoothing of the Canny edge detector.")
 
 
 class VideoSource(_Captioned):
@@ -280,6 +285,16 @@ class ShardSpec(Strict):
                                                            "fills shards of this size, its last may be smaller.")
 
 
+class ControlSpec(Strict):
+    """A control map computed from each image and encoded by its own tokenizer (fitted with `transform` set)."""
+
+    transform: Literal["canny", "sobel"] = Field(description="`canny` edges or `sobel` gradient magnitude of the "
+                                                             "image's luma at its stored size (scikit-image).")
+    sigma: float = Field(1.0, gt=0, description="Gaussian smoothing of the Canny edge detector.")
+    tokenizer: str = Field(description="Image tokenizer of the control maps, e.g. `${fit_edges.tokenizer}` from a "
+                                       "tokenizer stage whose source has the same `transform`.")
+
+
 class TokenizeStage(StageBase):
     """Applies a tokenizer to a source on Ray; output ``store`` (a token store)."""
 
@@ -292,6 +307,8 @@ class TokenizeStage(StageBase):
     text_tokenizer: str | None = Field(
         None, description="A `text` tokenizer artifact (e.g. `${fit_text.tokenizer}`) that encodes each sample's "
                           "caption into the store beside its tokens (needs `source.captions`).")
+    control: ControlSpec | None = Field(None, description="Also store each image's control map (ControlAR: "
+                                                          "edges computed from it), tokenized, beside its tokens.")
     shards: ShardSpec = Field(default_factory=ShardSpec, description="How encoded samples are cut into "
                                                                      "store shards.")
     workers: int = Field(2, ge=1, description="Concurrent Ray tasks (one CPU each).")

@@ -67,6 +67,7 @@ class EncodeJob:
     tokenizer_uri: str
     tokenizer_digest: str       # read once by the driver: a worker loads the artifact only on a miss
     text_tokenizer: tuple[str, str] | None   # (uri, digest) of the tokenizer of the captions, if any
+    control: tuple[str, float, str, str] | None   # (transform, sigma, tokenizer uri, digest) of control maps
     samples_per_shard: int
     stage: str                  # named in the rejects
 
@@ -87,6 +88,7 @@ def encode_unit(job: EncodeJob) -> UnitRecord:
     reader = open_reader(source.modality, source.uri, **source.reader_options())
     tok = _tokenizer(job.tokenizer_uri, job.tokenizer_digest)
     text_tok = _tokenizer(*job.text_tokenizer) if job.text_tokenizer else None
+    control_tok = _tokenizer(*job.control[2:]) if job.control else None
     layout = tok.layout()
     # single-grid tokenizers (patch_vq, vqvae) store tokens in their grid shape; scales/octree stay flat
     grid = tuple(layout["grid"]) if "grid" in layout and "scales" not in layout else None
@@ -124,13 +126,20 @@ def encode_unit(job: EncodeJob) -> UnitRecord:
                     reject(f"{sample.source_uri}#{sample.key}", f"encode failed: {err}")
         captioned = [s.caption for s, _idx in pairs if s.caption is not None]
         caption_ids = iter(text_tok.encode_texts(captioned) if text_tok is not None and captioned else [])
-        for sample, idx in pairs:
+        controls = [None] * len(pairs)
+        if control_tok is not None and pairs:
+            from arpipe.stages.modalities.controls import control_image
+
+            transform, sigma = job.control[:2]
+            controls = control_tok.encode_arrays([control_image(s.data, transform, sigma) for s, _idx in pairs])
+        for (sample, idx), control in zip(pairs, controls, strict=True):
             condition = sample.label if sample.label is None or isinstance(sample.label, (int, str)) else str(sample.label)
             if grid is not None and int(np.prod(grid)) == idx.size:
                 idx = idx.reshape(grid)
             writer().append(idx, key=sample.key, modality=sample.modality, condition=condition,
                             source_uri=sample.source_uri, source_digest=sample.source_digest, caption=sample.caption,
-                            caption_tokens=next(caption_ids) if text_tok and sample.caption is not None else None)
+                            caption_tokens=next(caption_ids) if text_tok and sample.caption is not None else None,
+                            control_tokens=control)
             state["count"] += 1
             samples += 1
             tokens += int(idx.size)
@@ -176,6 +185,12 @@ class TokenizeStage(Stage):
                             where=spec.tokenizer, fix="give it as text_tokenizer:, and a tokenizer of the "
                                                       f"{source.modality} modality as tokenizer:")
         text_doc = read_artifact(spec.text_tokenizer)[0] if spec.text_tokenizer else None
+        control_doc = read_artifact(spec.control.tokenizer)[0] if spec.control else None
+        if control_doc is not None and (source.modality != "image" or control_doc["type"] == "text"):
+            raise UserError(f"control maps are computed from images by an image tokenizer, here a "
+                            f"{control_doc['type']} tokenizer on a {source.modality} source", where=spec.control.tokenizer,
+                            fix="give control: to an image source, with a tokenizer fitted on its control maps "
+                                "(a tokenizer stage whose source sets transform:)")
         if text_doc is not None and text_doc["type"] != "text":
             raise UserError(f"text_tokenizer is a {text_doc['type']} tokenizer, not a text one",
                             where=spec.text_tokenizer, fix="point text_tokenizer at a tokenizer stage of type: text")
@@ -194,6 +209,8 @@ class TokenizeStage(Stage):
         jobs = [EncodeJob(units=units, index=i, unit=unit, source=source, tokenizer_uri=spec.tokenizer,
                           tokenizer_digest=tok_doc["digest"], samples_per_shard=spec.shards.samples_per_shard,
                           text_tokenizer=(spec.text_tokenizer, text_doc["digest"]) if text_doc else None,
+                          control=(spec.control.transform, spec.control.sigma, spec.control.tokenizer,
+                                   control_doc["digest"]) if control_doc else None,
                           stage=ctx.name) for i, unit in enumerate(listing)]
         # a record is reused only for the very unit it read (a listing that changed shape re-reads it)
         records = {job.name: r for job in jobs if (r := units.reusable(job.name)) is not None
@@ -247,7 +264,11 @@ class TokenizeStage(Stage):
                       "rejects": len(rejects), "units": len(jobs),
                       **({"text_tokenizer": {"id": f"text:{text_doc['digest'][:12]}", "digest": text_doc["digest"],
                                              "uri": spec.text_tokenizer, "vocab_size": text_doc["vocab_size"]}}
-                         if text_doc else {})},
+                         if text_doc else {}),
+                      **({"control": {"transform": spec.control.transform, "sigma": spec.control.sigma,
+                                      "id": f"{control_doc['type']}:{control_doc['digest'][:12]}",
+                                      "digest": control_doc["digest"], "uri": spec.control.tokenizer,
+                                      "vocab_size": control_doc["vocab_size"]}} if control_doc else {})},
             known_files=ctx.known_files)
         # one write with its newline: stages running beside this one print to the same stdout
         print(f"[{ctx.name}] store {units.store_uri}: {samples} samples, {tokens} tokens, {len(rejects)} rejected, "

@@ -202,10 +202,16 @@ stages:
     text_tokenizer: ${{fit_text.tokenizer}}
     max_reject_fraction: 0.5
     progress: false
+  fit_edges:
+    kind: tokenizer
+    source: {{modality: image, uri: ./data/images, channels: 1, size: 8, transform: canny}}
+    tokenizer: {{type: msvq, scales: [1, 2, 4, 8], codebook_size: 16, fit_iters: 10}}
+    fit: {{max_samples: 40, heldout: 4}}
   caption_sidecar:
     kind: tokenize
     source: {{modality: image, uri: ./data/caption_sidecar, channels: 1, size: 8, captions: auto}}
     tokenizer: ${{tok.tokenizer}}
+    control: {{transform: canny, tokenizer: "${{fit_edges.tokenizer}}"}}
     progress: false
   captioned_shards:
     kind: tokenize
@@ -480,3 +486,26 @@ stages:
     assert "set source.captions" in lines["no_captions"]
     assert "text_tokenizer is a msvq tokenizer, not a text one" in lines["not_text"]
     assert "tokenizer is a text tokenizer: it encodes captions, not the source's samples" in lines["text_first"]
+
+
+def test_each_image_keeps_the_tokens_of_its_canny_edges_which_decode_to_its_own_edges(project):
+    """With `control: {transform: canny}` a store keeps each image's edge map (ControlAR's control), encoded by a
+    tokenizer fitted on edge maps (`transform: canny` on its source). Decoded, each image's control tokens match
+    its own Canny edges better than any other image's."""
+    from arpipe.stages.modalities import load_tokenizer, open_reader
+    from arpipe.stages.modalities.controls import control_image
+    from arpipe.stages.store import TokenStore
+
+    root = project[0]
+    store = TokenStore.open(str(next(root.glob("runs/caption_sidecar/*/outputs.json")).parent / "store"))
+    edges_tok = load_tokenizer(str(next(root.glob("runs/fit_edges/*/outputs.json")).parent / "tokenizer"))
+    assert store.manifest.metadata["control"]["digest"] == edges_tok.digest
+    samples = list(store)
+    reader = open_reader("image", str(root / "data" / "caption_sidecar"), channels=1, size=8)
+    images = {s.key: s.data for s in reader}
+    edges = np.stack([control_image(images[s.key], "canny") for s in samples])
+    decoded = np.stack(edges_tok.decode_arrays([np.asarray(s.control_tokens) for s in samples]))
+    error = ((decoded[:, None] - edges[None]) ** 2).mean(axis=(2, 3, 4))   # [decoded i, edges of j]
+    assert (error.argmin(axis=1) == np.arange(len(samples))).all(), error
+    assert np.diag(error).mean() < 0.5 * error[~np.eye(len(samples), dtype=bool)].mean()
+

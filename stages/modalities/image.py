@@ -31,6 +31,7 @@ from arpipe.pipeline.storage import is_s3, join, storage_for
 
 from .base import Reader, Sample, SampleError, Unit
 from .captions import Captions, check_caption, tar_caption
+from .controls import TRANSFORMS, control_image
 from .sources import SourceFile, is_dir, read_bytes, scan_files
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif")
@@ -220,7 +221,7 @@ class ImageReader(Reader):
                  resize: str = "resize_crop", channels: int = 3, labels: str | None = "auto",
                  value_range: Sequence[float] | None = None, max_pixels: int = 1 << 26,
                  files_per_unit: int = 64, rows_per_unit: int = 1024, captions: str | None = None,
-                 captions_required: bool = False):
+                 captions_required: bool = False, transform: str = "none", transform_sigma: float = 1.0):
         super().__init__(uri)
         if resize not in RESIZE_MODES:
             raise SampleError(uri, f"unknown resize mode {resize!r}", fix=f"use one of {', '.join(RESIZE_MODES)}")
@@ -236,6 +237,9 @@ class ImageReader(Reader):
                               fix="remove captions:, or store the images as files with a caption sidecar")
         self.captions, self.captions_required = captions, bool(captions_required)
         self._captions: Captions | None = None
+        if transform not in ("none", *TRANSFORMS):
+            raise SampleError(uri, f"unknown transform {transform!r}", fix=f"use none, {', '.join(TRANSFORMS)}")
+        self.transform, self.transform_sigma = transform, float(transform_sigma)
 
     def _infer_format(self, format: str) -> str:
         if format in ("npy", "npz"):  # the array file's own name for it
@@ -313,6 +317,8 @@ class ImageReader(Reader):
         x = to_channels(to_unit_range(x_HWC, source, value_range or self.value_range), self.channels, source)
         x_1CHW = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
         x_CHW = fit_to_size(x_1CHW, self.size, self.resize, source)[0].numpy()
+        if self.transform != "none":
+            x_CHW = control_image(x_CHW, self.transform, self.transform_sigma)
         return Sample(key=key, data=np.ascontiguousarray(x_CHW, dtype=np.float32), modality=self.modality,
                       source_uri=source, source_digest=digest, label=label, caption=caption,
                       meta={"source_size": [h, w]})

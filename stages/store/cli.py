@@ -140,10 +140,10 @@ def cmd_head(args: argparse.Namespace) -> int:
         print(f"[{i}] key={s.key} modality={s.modality} shape={list(s.shape)}{cond} shard={s.shard}")
         if s.caption is not None:
             print(f"    caption: {s.caption}")
-        if s.caption_tokens is not None:
-            ids = s.caption_tokens
-            print(f"    caption tokens: {' '.join(str(t) for t in ids[: args.tokens])}"
-                  + (" ..." if len(ids) > args.tokens else ""))
+        for what, ids in (("caption tokens", s.caption_tokens), ("control tokens", s.control_tokens)):
+            if ids is not None:
+                print(f"    {what}: {' '.join(str(t) for t in ids[: args.tokens])}"
+                      + (" ..." if len(ids) > args.tokens else ""))
         print(f"    tokens: {shown}")
     return 0
 

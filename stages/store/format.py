@@ -33,6 +33,7 @@ INDEX_SCHEMA = pa.schema([
     pa.field("source_digest", pa.string()),
     pa.field("caption", pa.string()),    # the text describing the sample, null without one (stores before it lack it)
     pa.field("caption_tokens", pa.list_(pa.int32())),   # the caption's text-tokenizer ids, null without them
+    pa.field("control_tokens", pa.list_(pa.int32())),   # its control map's ids (ControlAR), null without one
 ])
 
 

@@ -84,6 +84,7 @@ class Sample:
     shard: str
     caption: str | None = None
     caption_tokens: tuple[int, ...] | None = None
+    control_tokens: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -256,6 +257,7 @@ class TokenStore:
             source_uri=meta["source_uri"], source_digest=meta["source_digest"], shard=shard.entry.name,
             caption=meta.get("caption"),   # stores written before captions have no such columns
             caption_tokens=None if meta.get("caption_tokens") is None else tuple(meta["caption_tokens"]),
+            control_tokens=None if meta.get("control_tokens") is None else tuple(meta["control_tokens"]),
         )
 
     def __iter__(self) -> Iterator[Sample]:

@@ -131,12 +131,14 @@ class ShardWriter:
         source_digest: str | None = None,
         caption: str | None = None,
         caption_tokens: Any = None,
+        control_tokens: Any = None,
     ) -> None:
         """Add one sample. ``tokens`` is any integer array (numpy or torch) of any shape.
 
         ``shape`` defaults to the array's shape; pass it when ``tokens`` is flat.
         ``condition`` is a JSON value (a class label, a prompt, a dict); ``caption`` the text describing the sample
-        and ``caption_tokens`` its ids under the store's text tokenizer.
+        and ``caption_tokens`` its ids under the store's text tokenizer; ``control_tokens`` are those of its
+        control map (ControlAR) under the store's control tokenizer.
         """
         if self.done:
             raise StoreError("append after commit", where=self.bin_uri, fix="open a new ShardWriter for more samples")
@@ -183,6 +185,7 @@ class ShardWriter:
         cols["source_digest"].append(source_digest)
         cols["caption"].append(caption)
         cols["caption_tokens"].append(None if caption_tokens is None else np.asarray(caption_tokens).tolist())
+        cols["control_tokens"].append(None if control_tokens is None else np.asarray(control_tokens).reshape(-1).tolist())
         self._keys.add(key)
         self.samples += 1
         self.tokens += flat.size
