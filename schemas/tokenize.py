@@ -20,7 +20,10 @@ class _Source(Strict):
     uri: str = Field(description="A local path or s3:// URI (file or folder).")
 
     def reader_options(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"modality", "uri"}, exclude_none=True)
+        options = self.model_dump(exclude={"modality", "uri"}, exclude_none=True)
+        if "labels" in type(self).model_fields and self.labels is None:
+            options["labels"] = None   # null means unlabelled: not the reader's default
+        return options
 
 
 class _Captioned(_Source):
