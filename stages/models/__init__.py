@@ -58,6 +58,8 @@ _EXPORTS: dict[str, str] = {
     "Plan": "sequence",
     "ScaleInput": "sequence",
     "batch_inputs": "sequence",
+    "context_coords": "sequence",
+    "known_cells": "sequence",
     "make_plan": "sequence",
     "pack_documents": "sequence",
     "plan_for": "sequence",
@@ -88,8 +90,8 @@ def __getattr__(name: str):
 __all__ = [
     "BOS", "EOS", "IGNORE_INDEX", "NULL", "PAD", "PARADIGMS", "PRESETS", "PRESET_SIZES", "Generation", "KVCache",
     "ModelConfig", "ModelFolder", "ModelInputs", "Paradigm", "Plan", "Prompt", "SamplingOptions", "ScaleInput", "Transformer", "VocabLayout",
-    "apply_rope", "attention_mask", "batch_inputs", "cached_attention_mask", "count_parameters", "draw",
-    "drop_conditions", "fetch_model", "generate", "generate_sjd", "load_config", "load_model", "load_scale_inputs", "load_vocab", "make_plan",
+    "apply_rope", "attention_mask", "batch_inputs", "cached_attention_mask", "context_coords", "count_parameters", "draw",
+    "drop_conditions", "fetch_model", "generate", "generate_sjd", "known_cells", "load_config", "load_model", "load_scale_inputs", "load_vocab", "make_plan",
     "open_model", "pack_documents", "plan_for", "plan_for_modality", "plan_from_layout", "preset", "process_logits", "rope_angles", "rope_sections",
     "sample_generator", "save_model", "segment_names", "segment_scores",
 ]

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .sequence import Plan
+from .sequence import Plan, context_coords
 from .transformer import KVCache, Transformer
 from .vocab import BOS, PAD, VocabLayout
 
@@ -69,6 +69,10 @@ class Prompt:
     ``allowed`` is the ``[start, stop)`` id range sampling may emit (the
     modality's codes); ``prefix_BM`` holds the first ``M`` target tokens
     (global ids), continued rather than generated; ``M`` must end a group.
+    ``known_BN`` (global ids, ``-1`` where free) are target tokens kept
+    exactly wherever they stand (in/out-painting): each group is drawn as
+    usual, then its known positions take their known tokens, which the later
+    groups read as their inputs (VAR's masked inference, scale by scale).
     """
 
     context_BP: torch.Tensor
@@ -76,12 +80,19 @@ class Prompt:
     prefix_BM: torch.Tensor | None = None
     allowed: tuple[int, int] | None = None
     bos_id: int = BOS
+    known_BN: torch.Tensor | None = None
 
     @classmethod
     def from_vocab(cls, vocab: VocabLayout, modality: str, labels: Sequence[Any],
-                   prefix_local_BM: torch.Tensor | None = None) -> Prompt:
-        """One sample per label (``None`` = unconditional), restricted to ``modality``'s codes."""
-        context = torch.tensor([vocab.context(modality, label) for label in labels], dtype=torch.long)
+                   prefix_local_BM: torch.Tensor | None = None,
+                   prompts: Sequence[dict[str, Sequence[int]] | None] | None = None) -> Prompt:
+        """One sample per label (``None`` = unconditional), restricted to ``modality``'s codes; ``prompts``
+        gives each sample's prompt-stream tokens (``{"text": ids}``, local ids of the text tokenizer)."""
+        prompts = list(prompts) if prompts is not None else [None] * len(labels)
+        if len(prompts) != len(labels):
+            raise ValueError(f"{len(prompts)} prompts for {len(labels)} labels; give one per sample")
+        context = torch.tensor([vocab.context(modality, label, prompt) for label, prompt in zip(labels, prompts)],
+                               dtype=torch.long)
         prefix = vocab.to_global(modality, prefix_local_BM) if prefix_local_BM is not None else None
         return cls(context, vocab.unconditional(context), prefix, vocab.code_range(modality))
 
@@ -193,6 +204,7 @@ class Session:
             self.feature_mask_T[self.P:self.P + N] = plan.feature_mask_N.to(dev)
         A = plan.coords_NA.shape[1]
         self.coords_TA = torch.zeros(self.T, A, device=dev)
+        self.coords_TA[:self.P] = context_coords(self.P, A).to(dev)
         self.coords_TA[self.P:self.P + N] = plan.coords_NA.to(dev)
         self.group_T = torch.full((self.T,), plan.n_groups + 1, dtype=torch.long, device=dev)
         self.group_T[:self.P] = 0
@@ -209,6 +221,12 @@ class Session:
                                  f"of {N} tokens")
             self.tokens_BN[:, :M] = prompt.prefix_BM.long().to(dev)
             self.known = M
+        self.known_BN = None
+        if prompt.known_BN is not None:
+            if tuple(prompt.known_BN.shape) != (B, N):
+                raise ValueError(f"known tokens of shape {tuple(prompt.known_BN.shape)} do not fit {B} samples "
+                                 f"of {N} tokens")
+            self.known_BN = prompt.known_BN.long().to(dev)
         self.cache: KVCache | None = model.new_cache(self.R, self.T) if options.use_cache else None
         self.forward_passes = 0
 
@@ -300,7 +318,12 @@ def generate(model: Transformer, plan: Plan, prompt: Prompt, options: SamplingOp
         probs_BQV = s.probs(logits_RQV, scale_BQ)
         for b, gen in enumerate(gens):
             tok_Q = draw(probs_BQV[b], gen)
+            logp_Q = probs_BQV[b].gather(-1, tok_Q[:, None]).squeeze(-1).log()
+            if s.known_BN is not None:   # in-painting: known positions keep their tokens
+                known_Q = s.known_BN[b, lo:hi]
+                tok_Q = torch.where(known_Q >= 0, known_Q, tok_Q)
+                logp_Q = torch.where(known_Q >= 0, torch.zeros_like(logp_Q), logp_Q)
             s.tokens_BN[b, lo:hi] = tok_Q
-            s.logprobs_BN[b, lo:hi] = probs_BQV[b].gather(-1, tok_Q[:, None]).squeeze(-1).log()
+            s.logprobs_BN[b, lo:hi] = logp_Q
         done = end
     return s.result()

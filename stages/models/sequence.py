@@ -146,6 +146,17 @@ class Plan:
         return torch.where(source_N >= 0, gathered_BN, torch.full_like(gathered_BN, bos_id))
 
 
+def context_coords(P: int, n_axes: int) -> torch.Tensor:
+    """Coordinates ``(P, n_axes)`` of a document's context: the tag and class at the origin, the prompt
+    positions that follow (``VocabLayout.context``) as a 1-D sequence on the level axis before the targets
+    (levels -1, -2, ...: position ``j`` at ``-1 - j``), so a prompt's word order reaches the model, its tokens
+    never sit on a target's coordinates, and a word relates to every image position alike on the grid axes."""
+    coords = torch.zeros(P, n_axes)
+    if P > 2:
+        coords[2:, 0] = -1.0 - torch.arange(P - 2, dtype=torch.float32)
+    return coords
+
+
 def _grid_cells(shape: Sequence[int]) -> torch.Tensor:
     """Integer cell coordinates ``(prod(shape), len(shape))`` in row-major order."""
     axes = torch.meshgrid(*[torch.arange(n) for n in shape], indexing="ij")
@@ -220,6 +231,28 @@ def make_plan(paradigm: str, *, grid: Sequence[int] | None = None,
     return Plan(paradigm=paradigm, group_sizes=sizes, source_N=source.long().clamp_min(-1), coords_NA=coords_NA)
 
 
+def known_cells(shapes: Sequence[Sequence[int]], keep: Any) -> torch.Tensor:
+    """Which tokens of a layout lie wholly in the kept region: ``(N,)`` bool over the tokens of ``shapes``
+    (one grid, or the scales coarse -> fine), for ``keep`` a boolean array over the samples' pixels (or voxels)
+    of the same rank. A cell of a ``n``-cell axis over ``S`` pixels covers ``[i S / n, (i + 1) S / n)``; a token
+    is known only when every pixel it covers is kept (in-painting keeps it exactly)."""
+    import numpy as np
+
+    keep = np.asarray(keep, dtype=bool)
+    out = []
+    for shape in shapes:
+        shape = tuple(int(n) for n in shape)
+        if len(shape) != keep.ndim:
+            raise ValueError(f"a mask of {keep.ndim} axes {keep.shape} does not fit tokens on a grid of "
+                             f"{len(shape)} axes {shape}")
+        cells = np.zeros(shape, dtype=bool)
+        for idx in np.ndindex(*shape):
+            block = tuple(slice(i * S // n, -(-(i + 1) * S // n)) for i, S, n in zip(idx, keep.shape, shape))
+            cells[idx] = bool(keep[block].all())
+        out.append(cells.reshape(-1))
+    return torch.from_numpy(np.concatenate(out))
+
+
 def plan_for(config: ModelConfig, *, grid: Sequence[int] | None = None,
              scales: Sequence[Sequence[int] | int] | None = None, n_tokens: int | None = None) -> Plan:
     """The plan of ``config``'s paradigm, block size and coordinate axes for one token layout."""
@@ -277,7 +310,7 @@ def batch_inputs(plan: Plan, targets_BN: torch.Tensor, context_BP: torch.Tensor,
     dev = targets_BN.device
     input_ids = torch.cat([context_BP.long(), plan.inputs(targets_BN.long(), bos_id)], dim=1)
     target_ids = torch.cat([torch.full_like(context_BP, IGNORE_INDEX).long(), targets_BN.long()], dim=1)
-    coords_LA = torch.cat([torch.zeros(P, plan.coords_NA.shape[1]), plan.coords_NA]).to(dev)
+    coords_LA = torch.cat([context_coords(P, plan.coords_NA.shape[1]), plan.coords_NA]).to(dev)
     group_L = torch.cat([torch.zeros(P, dtype=torch.long), plan.group_N + 1]).to(dev)
     features = feature_mask = None
     if plan.scale_input is not None:

@@ -41,6 +41,8 @@ def generate_sjd(model: Transformer, plan: Plan, prompt: Prompt, options: Sampli
                          "use generate() for block and scale paradigms (already one pass per group)")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    if prompt.known_BN is not None:
+        raise ValueError("in-painting keeps known tokens group by group; use generate() (decoder: plain)")
     s = Session(model, plan, prompt, options, extra=window)
     gens = s.generators(seed, sample_indices)
     B, N, P, W = s.B, s.N, s.P, window

@@ -339,6 +339,18 @@ class TokenStore:
                 out[p] = conds[r]
         return out
 
+    def caption_lengths(self) -> np.ndarray:
+        """Caption tokens per sample (0 without a caption, or in stores written before captions)."""
+        import pyarrow.compute as pc
+
+        out = np.zeros(len(self), np.int64)
+        for s in range(len(self.manifest.shards)):
+            shard = self._shard(s)
+            if "caption_tokens" in shard.table.column_names:
+                counts = pc.fill_null(pc.list_value_length(shard.table.column("caption_tokens")), 0)
+                out[shard.start:shard.start + len(counts)] = counts.to_numpy()
+        return out
+
     def prefetch(self, indices: Sequence[int] | np.ndarray) -> None:
         """Hint: these samples come next. Remote stores start fetching their blocks; local ones need nothing."""
         if self.local:

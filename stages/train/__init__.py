@@ -93,14 +93,21 @@ class TrainStage(Stage):
         from arpipe.stages.models import count_parameters, preset
         from arpipe.stages.train.checkpoints import damage
         from arpipe.stages.train.config import TrainLoopConfig
-        from arpipe.stages.train.data import build_vocab, default_seq_len, scale_inputs, summarize_store
+        from arpipe.stages.train.data import (
+            build_vocab,
+            default_seq_len,
+            scale_inputs,
+            summarize_store,
+            text_tokenizer,
+        )
         from arpipe.stages.train.ds_config import build_ds_config
         from arpipe.stages.train.loop import train_loop
 
         spec, ctx = self.spec, self.ctx
         summaries = [summarize_store(d.store) for d in spec.data]
-        vocab, names = build_vocab(summaries)
-        seq_len = spec.seq_len or default_seq_len(summaries)
+        heldout = summarize_store(spec.heldout) if spec.heldout else None
+        vocab, names = build_vocab(summaries, heldout)
+        seq_len = spec.seq_len or default_seq_len(summaries, vocab)
         inputs = scale_inputs(summaries, names, vocab) if spec.model.paradigm == "next_scale" else {}
         feature_dim = max((si.feature_dim for si in inputs.values()), default=0)
         try:
@@ -118,7 +125,7 @@ class TrainStage(Stage):
             micro_batch=spec.micro, log_every=spec.log_every, eval_every=spec.eval_every,
             checkpoint_every=spec.checkpoint_every, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id,
             n_params=count_parameters(config), scale_inputs=inputs,
-            heldout=summarize_store(spec.heldout) if spec.heldout else None, heldout_name=names[0], stage=ctx.name)
+            heldout=heldout, heldout_name=names[0], stage=ctx.name)
         print(f"[{ctx.name}] {config.paradigm} model, {count_parameters(config) / 1e6:.2f}M parameters, vocab "
               f"{config.vocab_size}, seq_len {seq_len}; {steps} steps of {spec.global_batch} sequences on "
               f"{spec.workers} worker(s), ZeRO-{spec.deepspeed.zero_stage} {spec.deepspeed.precision}", flush=True)
@@ -146,6 +153,10 @@ class TrainStage(Stage):
                              "tokenizer_digest": s.tokenizer_digest, "layout": s.layout, "store": s.uri,
                              "classes": s.labels}
                       for name, s in zip(names, summaries)}
+        text = text_tokenizer(summaries)
+        if text:   # the prompt stream's tokenizer: sample tokenizes prompts with it
+            tokenizers["text"] = {"modality": "text", "prompt": True, "tokenizer_uri": text["uri"],
+                                  "tokenizer_digest": text["digest"]}
         (model_dir / "tokenizers.json").write_text(json.dumps(tokenizers, indent=1, sort_keys=True))
         self._log_model(model_dir, config)
         self._report_progress(steps)

@@ -1,7 +1,8 @@
 """From token stores to model inputs: one vocabulary over all stores, plans per token layout, rows per step.
 
-A *document* is one sample laid out as ``[modality tag, class] + targets`` (see
-``stages.models.sequence``); a *row* holds one document padded to ``seq_len``
+A *document* is one sample laid out as ``[modality tag, class, caption tokens] + targets`` (see
+``stages.models.sequence``; the caption positions exist when a store was tokenized with a
+``text_tokenizer``); a *row* holds one document padded to ``seq_len``
 or, with packing, several documents with document ids so attention never
 crosses them. The sampler deals rows (not samples) to ranks, so a step
 consumes one contiguous run of the global order whatever the world size, and
@@ -17,8 +18,6 @@ import numpy as np
 
 from arpipe.pipeline.errors import UserError
 
-CONTEXT_TOKENS = 2   # [modality tag, class or NULL]
-
 
 @dataclass
 class StoreSummary:
@@ -33,6 +32,8 @@ class StoreSummary:
     samples: int
     max_tokens: int
     labels: list[str]
+    text_tokenizer: dict[str, Any] | None = None   # the manifest's text_tokenizer: id, digest, uri, vocab_size
+    caption_tokens: int = 0                         # the longest caption, in text tokens
 
     @property
     def variable_length(self) -> bool:
@@ -50,7 +51,8 @@ def summarize_store(uri: str) -> StoreSummary:
         layout=dict(meta.get("tokenizer_layout") or {}),
         tokenizer_digest=store.manifest.tokenizer.digest if store.manifest.tokenizer else None,
         tokenizer_uri=meta.get("tokenizer_uri"), samples=len(store), max_tokens=int(store.lengths().max()),
-        labels=labels)
+        labels=labels, text_tokenizer=meta.get("text_tokenizer"),
+        caption_tokens=int(store.caption_lengths().max()) if meta.get("text_tokenizer") else 0)
 
 
 def modality_names(summaries: list[StoreSummary]) -> list[str]:
@@ -66,7 +68,20 @@ def modality_names(summaries: list[StoreSummary]) -> list[str]:
     return names
 
 
-def build_vocab(summaries: list[StoreSummary]):
+def text_tokenizer(summaries: list[StoreSummary]) -> dict[str, Any] | None:
+    """The text tokenizer of the stores' captions (one for all of them), or None when no store has captions."""
+    found = {s.text_tokenizer["digest"]: s for s in summaries if s.text_tokenizer}
+    if len(found) > 1:
+        a, b = list(found.values())[:2]
+        raise UserError(f"the stores' captions were tokenized by different text tokenizers ({a.uri} and {b.uri}); "
+                        "one model has one text vocabulary", where=b.uri,
+                        fix="tokenize every store with the same text_tokenizer")
+    return next(iter(found.values())).text_tokenizer if found else None
+
+
+def build_vocab(summaries: list[StoreSummary], heldout: StoreSummary | None = None):
+    """One vocabulary over the stores' codes, their classes and, when they have captions, a text prompt
+    stream as long as the longest caption (the held-out store's included)."""
     from arpipe.stages.models import VocabLayout
 
     names = modality_names(summaries)
@@ -74,7 +89,10 @@ def build_vocab(summaries: list[StoreSummary]):
     for name, s in zip(names, summaries):
         sizes[name] = max(sizes.get(name, 0), s.vocab_size)
     classes = sorted({label for s in summaries for label in s.labels})
-    return VocabLayout.build(list(sizes.items()), classes=classes), names
+    text = text_tokenizer(summaries)
+    longest = max(s.caption_tokens for s in [*summaries, *([heldout] if heldout else [])])
+    prompts = [("text", int(text["vocab_size"]), max(1, longest))] if text else []
+    return VocabLayout.build(list(sizes.items()), classes=classes, prompts=prompts), names
 
 
 def scale_inputs(summaries: list[StoreSummary], names: list[str], vocab) -> dict[str, Any]:
@@ -99,8 +117,8 @@ def scale_inputs(summaries: list[StoreSummary], names: list[str], vocab) -> dict
     return {name: si.padded(width) for name, si in found.items()}
 
 
-def default_seq_len(summaries: list[StoreSummary]) -> int:
-    return CONTEXT_TOKENS + max(s.max_tokens for s in summaries)
+def default_seq_len(summaries: list[StoreSummary], vocab) -> int:
+    return vocab.context_len + max(s.max_tokens for s in summaries)
 
 
 class Documents:
@@ -153,12 +171,13 @@ class Documents:
         tokens = torch.from_numpy(np.asarray(sample.tokens).reshape(-1).astype(np.int64))
         targets = self.vocab.to_global(self.names[k], tokens)
         label = sample.condition if self.vocab.classes else None
-        context = torch.tensor(self.vocab.context(self.names[k], label), dtype=torch.long)
+        prompts = {"text": sample.caption_tokens} if self.vocab.prompts and sample.caption_tokens else None
+        context = torch.tensor(self.vocab.context(self.names[k], label, prompts), dtype=torch.long)
         return self.plan(k, int(tokens.numel())), targets, context
 
     def lengths(self) -> np.ndarray:
         """Positions each sample occupies (context + tokens), for packing."""
-        return np.asarray(self.source.lengths(), dtype=np.int64) + CONTEXT_TOKENS
+        return np.asarray(self.source.lengths(), dtype=np.int64) + self.vocab.context_len
 
     def rows(self, units: list) -> Any:
         """Model inputs for a micro-batch of units (a sample id, or a list of ids with packing)."""
