@@ -137,3 +137,31 @@ def test_known_cells_are_the_tokens_wholly_inside_the_kept_region():
     assert int(cells[21:].sum()) == 32
     with pytest.raises(ValueError, match=r"a mask of 3 axes \(2, 8, 8\) does not fit tokens on a grid of 2 axes"):
         known_cells([[4, 4]], np.ones((2, 8, 8), dtype=bool))
+
+
+@pytest.mark.parametrize("paradigm", ["next_scale", "next_token"])
+def test_lookahead_draws_tokens_that_agree_with_the_known_ones_after_them(paradigm):
+    """The known tokens are likelier (teacher-forced, under the same model) after tokens drawn with lookahead
+    than after tokens drawn blind: a token drawn before known ones is chosen to fit them."""
+    plan, block = PLANS[paradigm]
+    model = tiny_model(paradigm, block)
+    shapes = [[1, 1], [2, 2], [4, 4]] if paradigm == "next_scale" else [[4, 4]]
+    keep = np.zeros((8, 8), dtype=bool)
+    keep[4:] = True                                        # the bottom half known: drawn tokens come first
+    known_N = known_cells(shapes, keep)
+    lo, _hi = VOCAB.code_range("image")
+    original = lo + (torch.arange(plan.n_tokens) * 7).remainder(10).repeat(32, 1)
+    prompt = Prompt.from_vocab(VOCAB, "image", [None] * 32)
+    prompt.known_BN = torch.where(known_N, original, torch.full_like(original, -1))
+
+    def known_loglik(options: SamplingOptions) -> float:
+        out = generate(model, plan, prompt, options, seed=5)
+        assert torch.equal(out.tokens[:, known_N], original[:, known_N])
+        batch = batch_inputs(plan, out.tokens, prompt.context_BP)
+        with torch.no_grad():
+            logits, _ = model(**{**batch.as_kwargs(), "targets_BL": None})
+        logp = torch.log_softmax(logits[:, prompt.context_BP.shape[1]:].double(), -1)
+        picked = logp.gather(-1, out.tokens[:, :, None]).squeeze(-1)
+        return float(picked[:, known_N].sum(1).mean())
+
+    assert known_loglik(SamplingOptions(lookahead=16)) > known_loglik(SamplingOptions()) + 0.5

@@ -32,7 +32,13 @@ from .vocab import BOS, PAD, VocabLayout
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How logits become a distribution; ``temperature=0`` is greedy, ``top_k=0`` and ``top_p=1`` are off."""
+    """How logits become a distribution; ``temperature=0`` is greedy, ``top_k=0`` and ``top_p=1`` are off.
+
+    ``lookahead`` (in-painting): when the next group holds known tokens, each sample draws this many
+    candidates for the current group's free tokens and keeps the one under which the next group's known
+    tokens are most likely (one extra forward per candidate), so tokens drawn before known ones agree with
+    them; 1 is off.
+    """
 
     temperature: float = 1.0
     top_k: int = 0
@@ -40,6 +46,7 @@ class SamplingOptions:
     cfg_scale: float = 1.0
     cfg_schedule: Literal["constant", "linear"] = "constant"
     use_cache: bool = True
+    lookahead: int = 1
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -50,6 +57,8 @@ class SamplingOptions:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.cfg_schedule not in ("constant", "linear"):
             raise ValueError(f"cfg_schedule {self.cfg_schedule!r} is unknown; use 'constant' or 'linear'")
+        if self.lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1 (1 = off), got {self.lookahead}")
 
     def guidance(self, position: float, last: float) -> float:
         """Guidance scale at group (or token) ``position`` of ``0..last``."""
@@ -295,6 +304,50 @@ class Session:
                           self.sample_passes_B)
 
 
+def _draw_group(s: Session, probs_QV: torch.Tensor, gen: torch.Generator, b: int, lo: int,
+                hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``b``'s tokens of one group and their log-probabilities; known tokens (in-painting) kept, at 0."""
+    tok_Q = draw(probs_QV, gen)
+    logp_Q = probs_QV.gather(-1, tok_Q[:, None]).squeeze(-1).log()
+    if s.known_BN is not None:
+        known_Q = s.known_BN[b, lo:hi]
+        tok_Q = torch.where(known_Q >= 0, known_Q, tok_Q)
+        logp_Q = torch.where(known_Q >= 0, torch.zeros_like(logp_Q), logp_Q)
+    return tok_Q, logp_Q
+
+
+def _known_ahead(s: Session, bounds: list[int], g: int) -> bool:
+    """Whether group ``g`` has free tokens and the next group known ones (where lookahead can choose)."""
+    if s.known_BN is None or g + 2 >= len(bounds):
+        return False
+    here, ahead = s.known_BN[:, bounds[g]:bounds[g + 1]], s.known_BN[:, bounds[g + 1]:bounds[g + 2]]
+    return bool((here < 0).any()) and bool((ahead >= 0).any())
+
+
+def _look_ahead(s: Session, probs_BQV: torch.Tensor, gens: list[torch.Generator], bounds: list[int], g: int,
+                first: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Of ``lookahead`` candidate draws of group ``g`` per sample (``first`` and more), the one under which the
+    next group's known tokens are most likely. Each scoring pass writes the next group's cache slots, which
+    the next group's own pass writes again."""
+    lo, hi, nxt = bounds[g], bounds[g + 1], bounds[g + 2]
+    candidates = [first] + [[_draw_group(s, probs_BQV[b], gen, b, lo, hi) for b, gen in enumerate(gens)]
+                            for _ in range(s.options.lookahead - 1)]
+    known_BQ = s.known_BN[:, hi:nxt]
+    scale_BQ = torch.full((s.B, nxt - hi), s.options.guidance(g + 1, len(bounds) - 2), dtype=torch.float64)
+    scores = torch.empty(len(candidates), s.B, dtype=torch.float64)
+    for k, drawn in enumerate(candidates):
+        for b, (tok_Q, _logp) in enumerate(drawn):
+            s.tokens_BN[b, lo:hi] = tok_Q
+        s.refresh_inputs()
+        begin = s.P + hi if s.cache is not None else 0
+        probs_next = s.probs(s.run(begin, s.P + nxt - begin)[:, -(nxt - hi):], scale_BQ)
+        logp_BQ = probs_next.gather(-1, known_BQ.clamp_min(0)[:, :, None]).squeeze(-1).clamp_min(1e-300).log()
+        scores[k] = torch.where(known_BQ >= 0, logp_BQ, torch.zeros_like(logp_BQ)).sum(1).cpu()
+    s.sample_passes_B += len(candidates)
+    best_B = scores.argmax(0)
+    return [candidates[int(best_B[b])][b] for b in range(s.B)]
+
+
 @torch.no_grad()
 def generate(model: Transformer, plan: Plan, prompt: Prompt, options: SamplingOptions = SamplingOptions(), *,
              seed: int = 0, sample_indices: Sequence[int] | None = None) -> Generation:
@@ -316,13 +369,10 @@ def generate(model: Transformer, plan: Plan, prompt: Prompt, options: SamplingOp
         s.sample_passes_B += 1
         scale_BQ = torch.full((s.B, hi - lo), options.guidance(g, plan.n_groups - 1), dtype=torch.float64)
         probs_BQV = s.probs(logits_RQV, scale_BQ)
-        for b, gen in enumerate(gens):
-            tok_Q = draw(probs_BQV[b], gen)
-            logp_Q = probs_BQV[b].gather(-1, tok_Q[:, None]).squeeze(-1).log()
-            if s.known_BN is not None:   # in-painting: known positions keep their tokens
-                known_Q = s.known_BN[b, lo:hi]
-                tok_Q = torch.where(known_Q >= 0, known_Q, tok_Q)
-                logp_Q = torch.where(known_Q >= 0, torch.zeros_like(logp_Q), logp_Q)
+        drawn = [_draw_group(s, probs_BQV[b], gen, b, lo, hi) for b, gen in enumerate(gens)]
+        if options.lookahead > 1 and _known_ahead(s, bounds, g):
+            drawn = _look_ahead(s, probs_BQV, gens, bounds, g, drawn)
+        for b, (tok_Q, logp_Q) in enumerate(drawn):
             s.tokens_BN[b, lo:hi] = tok_Q
             s.logprobs_BN[b, lo:hi] = logp_Q
         done = end
