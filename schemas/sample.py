@@ -22,6 +22,29 @@ class PrefixSpec(Strict):
                                                         "num_samples, cycling through the store).")
 
 
+class InpaintSpec(Strict):
+    """Complete samples of a token store: keep every token of the known region exactly, draw the rest
+    (VAR's masked inference, scale by scale; in raster or block order for next_token and next_block)."""
+
+    store: str = Field(description="Token store of the samples to complete, e.g. `${tokenize_val.store}`.")
+    box: list[int] | None = Field(None, min_length=4, max_length=4,
+                                  description="`[top, left, bottom, right]`: the pixel rectangle to draw "
+                                              "(bottom and right exclusive); the rest is kept.")
+    mask: str | None = Field(None, description="An image the size of the samples: white pixels are drawn, "
+                                               "black ones kept (instead of `box`).")
+    samples: int | None = Field(None, ge=1, description="How many store samples to complete (default: "
+                                                        "num_samples, cycling through the store).")
+    lookahead: int = Field(1, ge=1, description="Candidate draws of a group whose next group holds known tokens; "
+                                                "the one that makes those known tokens likeliest is kept (1: off).")
+
+    @model_validator(mode="after")
+    def _one_region(self) -> InpaintSpec:
+        if (self.box is None) == (self.mask is None):
+            raise ValueError("give the region to draw as box: [top, left, bottom, right] or as mask: <image>, "
+                             "one of them")
+        return self
+
+
 class SampleStage(StageBase):
     """Draws samples from a trained model on a Ray actor pool; outputs ``samples`` (a token store) and ``media``."""
 
@@ -33,12 +56,21 @@ class SampleStage(StageBase):
     model: str = Field(description="A model folder, usually `${train.model}`.")
     modalities: list[str] | None = Field(None, description="Vocabulary modalities to sample (default: all of the "
                                                            "model's), e.g. `[image]`.")
-    num_samples: int = Field(64, ge=1, description="Samples per modality (when `classes` is not given).")
+    num_samples: int = Field(64, ge=1, description="Samples per modality (when neither `classes` nor `prompts` "
+                                                   "is given).")
     classes: dict[str, int] | Literal["all", "none"] | None = Field(
         None, description="Class label -> sample count; `all`: num_samples over every class in turn; `none`: "
                           "unconditional (default: `all` when the model has classes, else `none`).")
     prefix: PrefixSpec | None = Field(None, description="Continue samples of a token store instead of starting "
                                                         "from nothing (not with `classes`).")
+    prompts: list[str] | str | None = Field(
+        None, description="Text prompts for a model trained on captions: a list, or a `.txt` file (one prompt a "
+                          "line) or `.jsonl` file (`{\"prompt\": ...}` a line). Each prompt is drawn "
+                          "`samples_per_prompt` times; its text is kept with the sample (the store's caption, "
+                          "a `.txt` beside each media file, the contact sheet).")
+    samples_per_prompt: int = Field(1, ge=1, description="Samples drawn for each prompt.")
+    inpaint: InpaintSpec | None = Field(None, description="Complete samples of a token store in a region (in- "
+                                                          "or out-painting): known tokens are kept exactly.")
     length: int | None = Field(None, ge=1, description="Tokens per sample for variable-length tokenizers "
                                                        "(octree; default: the longest sample the model saw).")
     temperature: float = Field(1.0, ge=0, description="0 is greedy.")
@@ -80,6 +112,15 @@ class SampleStage(StageBase):
                                  f"{' or '.join(allowed)}")
         if self.prefix is not None and self.classes is not None:
             raise ValueError("give classes or prefix, not both: a prefix sample brings its own class")
+        if self.inpaint is not None and (self.prefix is not None or self.classes is not None
+                                         or self.prompts is not None):
+            raise ValueError("inpaint takes each sample's class and caption from its store: give it without "
+                             "prefix, classes or prompts")
+        if self.prompts is not None:
+            if self.prefix is not None:
+                raise ValueError("give prompts or prefix, not both: a prefix sample brings its own caption")
+            if isinstance(self.prompts, list) and not self.prompts:
+                raise ValueError("prompts is an empty list; give at least one prompt")
         return self
 
     def media_formats(self, modality: str) -> tuple[str, ...]:
@@ -112,6 +153,11 @@ class ClassifierSpec(Strict):
                                                  "4 x 4 x 4 block means).")
     pointcloud: str | None = Field(None, description="Point-cloud classifier on 19 shape statistics (covariance "
                                                      "eigenvalues, radial-distance histogram).")
+
+    prompt_classes: dict[str, str] | None = Field(
+        None, description="For samples drawn from text prompts: class label -> the word that names it in a "
+                          "prompt, e.g. `{\"7\": seven}`; a prompted sample is checked against the one class its "
+                          "prompt names (samples naming none or several are skipped and counted).")
 
     def files(self) -> dict[str, str]:
         """modality -> classifier file, for the modalities that have one."""

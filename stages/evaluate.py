@@ -82,11 +82,23 @@ class Scores:
 
 
 class Decoded(NamedTuple):
-    """Samples of one modality of a store, decoded: keys, arrays and class labels (None: unconditional)."""
+    """Samples of one modality of a store, decoded: keys, arrays, class labels (None: unconditional) and
+    captions (the prompts of prompted samples; None without one)."""
 
     keys: list[str]
     arrays: list[Any]
     conditions: list[str | None]
+    captions: list[str | None] | None = None
+
+
+def prompt_class(caption: str | None, words: dict[str, str]) -> str | None:
+    """The class whose word (``words``: label -> word) the caption names, as a whole word; None when it names
+    no class or several."""
+    if not caption:
+        return None
+    said = set(re.findall(r"[\w']+", caption.lower()))
+    named = [label for label, word in words.items() if word.lower() in said]
+    return named[0] if len(named) == 1 else None
 
 
 def _finite(x: float) -> float | None:
@@ -272,6 +284,7 @@ class EvaluateStage(Stage):
         picked: dict[int, tuple[str, Any]] = {}   # store index -> (tokenizer name, tokens)
         tokens: dict[str, tuple[list[str], list[int]]] = {}
         conditions: dict[str, list[str | None]] = {}
+        captions: dict[str, list[str | None]] = {}
         wanted = {t.get("modality") for t in tokenizers.values()}
         spread = spread and len(store) > limit
         if (uri, limit, spread) in self._decoded_stores:   # the parts read the same sets: decode them once
@@ -297,13 +310,14 @@ class EvaluateStage(Stage):
                 picked[i] = (name, sample.tokens.reshape(-1))
                 conditions.setdefault(info["modality"], []).append(
                     None if sample.condition is None else str(sample.condition))
+                captions.setdefault(info["modality"], []).append(sample.caption)
         decoded = self._decode_units(uri, picked, tokenizers)
         out: dict[str, Decoded] = {}
         for modality, (keys, at) in tokens.items():
             arrays = [decoded[i] for i in at]
             if modality != "pointcloud":   # what the media files show: intensities in [0, 1]
                 arrays = [np.clip(a, 0.0, 1.0) for a in arrays]
-            out[modality] = Decoded(keys, arrays, conditions[modality])
+            out[modality] = Decoded(keys, arrays, conditions[modality], captions[modality])
         self._decoded_stores[uri, limit, spread] = out
         return out
 
@@ -349,12 +363,12 @@ class EvaluateStage(Stage):
         generated = self._decoded(spec.samples, spec.max_samples)
         reference: dict[str, tuple[list[str], list[Any]]] = {}
         for uri in spec.reference:
-            for modality, (keys, arrays, _) in self._decoded(uri, spec.max_samples).items():
+            for modality, (keys, arrays, *_) in self._decoded(uri, spec.max_samples).items():
                 have = reference.setdefault(modality, ([], []))
                 room = spec.max_samples - len(have[0])
                 have[0].extend(keys[:room])
                 have[1].extend(arrays[:room])
-        for modality, (keys, arrays, _) in generated.items():
+        for modality, (keys, arrays, *_) in generated.items():
             if modality not in reference:
                 scores.skipped[f"{modality}/*"] = f"the reference store has no {modality} samples"
                 continue
@@ -460,15 +474,20 @@ class EvaluateStage(Stage):
             else:
                 sets.append(("reference", reference))
             for set_, decoded in sets:
-                at = [i for i, c in enumerate(decoded.conditions) if c is not None]
+                labels = decoded.conditions
+                words = spec.classifier.prompt_classes
+                if set_ == "samples" and words and decoded.captions:   # prompted samples: the class they name
+                    labels = [c if c is not None else prompt_class(t, words)
+                              for c, t in zip(decoded.conditions, decoded.captions, strict=True)]
+                at = [i for i, c in enumerate(labels) if c is not None]
                 if set_ == "samples" and len(at) < len(decoded.keys):
-                    print(f"[{ctx.name}] CAS skips {len(decoded.keys) - len(at)} unconditional {modality} samples "
-                          "(no class to check)", flush=True)
+                    print(f"[{ctx.name}] CAS skips {len(decoded.keys) - len(at)} {modality} samples with no class "
+                          "to check (unconditional, or a prompt naming no class of prompt_classes)", flush=True)
                 if not at:
-                    scores.skipped[f"{modality}/cas"] = ("the samples are unconditional: sample with classes "
-                                                         "to score CAS")
+                    scores.skipped[f"{modality}/cas"] = ("the samples are unconditional: sample with classes (or "
+                                                         "prompts and classifier.prompt_classes) to score CAS")
                     break
-                requested = [decoded.conditions[i] for i in at]
+                requested = [labels[i] for i in at]
                 with _as_user_error(where):
                     judge.check_classes(requested, "reference" if set_ == "reference" else "samples")
                     predicted = judge.predict(modality, [decoded.arrays[i] for i in at], image_size=size)

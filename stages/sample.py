@@ -15,6 +15,11 @@ paradigm (one forward per token, block or scale), with a KV cache, CFG
 (constant or linear ramp) and, for next-token models, optional speculative
 Jacobi decoding (``decoder: sjd``).
 
+With ``prompts`` (a model trained on captions), each prompt is tokenized by the
+model's text tokenizer and fills the context's text positions; the prompt is
+kept as the sample's ``caption`` in the store and as ``media/<modality>/<key>.txt``
+beside the media file (the caption layout the image readers read back).
+
 Outputs: ``samples/`` is a token store (tokenizer-local codes, one
 ``condition`` per sample, the sampling config in its metadata) and
 ``media/<modality>/<key>.<ext>`` the decoded files plus
@@ -25,15 +30,18 @@ whose tokens do not decode (an octree that never closes) is quarantined in
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from arpipe.pipeline.digest import digest_bytes
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.stage import Output, Stage
-from arpipe.pipeline.storage import CONTROL_DIR, join, storage_for
+from arpipe.pipeline.storage import CONTROL_DIR, join, normalize, storage_for
+from arpipe.schemas.base import REF_PATTERN
 from arpipe.schemas.sample import SampleStage as SampleSpec
 
 if TYPE_CHECKING:
@@ -49,6 +57,15 @@ class PrefixJob:
 
     store: str
     tokens: int
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class InpaintJob:
+    """Samples complete samples ``ids`` of the token store ``store``, keeping the tokens where ``known``."""
+
+    store: str
+    known: tuple[bool, ...]   # per target token
     ids: tuple[int, ...]
 
 
@@ -73,6 +90,51 @@ class ShardJob:
     prefix: PrefixJob | None
     formats: tuple[str, ...]      # media formats to write per sample
     store_vocab: int
+    prompts: tuple[str, ...] = ()                  # each sample's prompt text (empty: no prompts)
+    prompt_tokens: tuple[tuple[int, ...], ...] = ()   # and its text tokens
+    inpaint: InpaintJob | None = None
+
+
+def read_prompts(prompts: list[str] | str, base_dir: Path) -> list[tuple[str, str]]:
+    """``(where, text)`` of each prompt: a YAML list, or a ``.txt`` (a prompt a line) or ``.jsonl`` file
+    (``{"prompt": ...}`` a line); ``where`` names the file and line (or list index) for errors."""
+    if isinstance(prompts, list):
+        found = [(f"prompts[{i}]", str(p)) for i, p in enumerate(prompts)]
+    else:
+        uri = normalize(prompts, base_dir)
+        try:
+            text = storage_for(uri).read_bytes(uri).decode("utf-8")
+        except FileNotFoundError:
+            raise UserError("prompts file not found", where=prompts,
+                            fix="point prompts at a .txt or .jsonl file, or give a list") from None
+        except UnicodeDecodeError as err:
+            raise UserError(f"the prompts file is not UTF-8 ({err.reason} at byte {err.start})", where=prompts,
+                            fix="save it as UTF-8") from None
+        if not prompts.endswith((".txt", ".jsonl")):
+            raise UserError("a prompts file is a .txt (one prompt a line) or a .jsonl file", where=prompts,
+                            fix="rename it or convert it")
+        found = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{prompts}:{n}"
+            if prompts.endswith(".jsonl"):
+                try:
+                    row = json.loads(line)
+                except ValueError as err:
+                    raise UserError(f"not a JSON object ({err})", where=where,
+                                    fix='write one {"prompt": "..."} object a line') from None
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                    raise UserError("the line has no \"prompt\" text", where=where,
+                                    fix='write one {"prompt": "..."} object a line')
+                line = row["prompt"]
+            found.append((where, line))
+    for where, text in found:
+        if not text.strip():
+            raise UserError("the prompt is empty", where=where, fix="write a prompt, or remove it")
+    if not found:
+        raise UserError("the prompts file holds no prompt", where=str(prompts), fix="write one prompt a line")
+    return found
 
 
 class SampleWorker:
@@ -112,6 +174,7 @@ class SampleWorker:
         plan = plan_for_modality(self.config, job.layout, job.length, self.scale_inputs.get(name))
         grid = tuple(job.layout["grid"]) if "grid" in job.layout and "scales" not in job.layout else None
         prefix_store = TokenStore.open(job.prefix.store) if job.prefix else None
+        inpaint_store = TokenStore.open(job.inpaint.store) if job.inpaint else None
         out_storage = storage_for(out_uri)
         media_files: dict[str, tuple[int, str]] = {}
         rejects: list[Reject] = []
@@ -127,7 +190,16 @@ class SampleWorker:
                 M = job.prefix.tokens
                 prefix = torch.stack([torch.from_numpy(prefix_store.tokens(int(s)).reshape(-1)[:M].astype(np.int64))
                                       for s in job.prefix.ids[a:a + B]])
-            prompt = Prompt.from_vocab(self.vocab, name, labels, prefix)
+            texts = job.prompts[a:a + B] if job.prompts else None
+            prompt = Prompt.from_vocab(self.vocab, name, labels, prefix,
+                                       [{"text": ids} for ids in job.prompt_tokens[a:a + B]] if texts else None)
+            if inpaint_store is not None:
+                import torch
+
+                known_N = torch.tensor(job.inpaint.known)
+                originals = torch.stack([self.vocab.to_global(name, torch.from_numpy(
+                    inpaint_store.tokens(int(s)).reshape(-1).astype(np.int64))) for s in job.inpaint.ids[a:a + B]])
+                prompt.known_BN = torch.where(known_N, originals, torch.full_like(originals, -1))
             if job.decoder == "sjd":
                 gen = generate_sjd(self.model, plan, prompt, job.options, seed=job.seed, sample_indices=indices,
                                    window=job.window)
@@ -149,11 +221,16 @@ class SampleWorker:
                 if grid is not None and int(np.prod(grid)) == idx.size:
                     idx = idx.reshape(grid)
                 writer.append(idx, key=key, modality=job.modality, condition=labels[k],
-                              source_uri=job.prefix.store if job.prefix else None)
+                              source_uri=(job.prefix.store if job.prefix else
+                                          f"{job.inpaint.store}#{job.inpaint.ids[a + k]}" if job.inpaint else None),
+                              caption=texts[k] or None if texts else None,
+                              caption_tokens=job.prompt_tokens[a + k] or None if texts else None)
                 tokens += int(idx.size)
-                for fmt in job.formats:
-                    data = media.encode(decoded, fmt)
-                    rel = f"media/{name}/{key}{media.EXTENSIONS[fmt]}"
+                files = [(f"media/{name}/{key}{media.EXTENSIONS[fmt]}", media.encode(decoded, fmt))
+                         for fmt in job.formats]
+                if texts and texts[k] and job.formats:   # the prompt beside its picture, as captions sit beside images
+                    files.append((f"media/{name}/{key}.txt", texts[k].encode("utf-8")))
+                for rel, data in files:
                     out_storage.write_bytes(join(out_uri, rel), data, durable=False)
                     media_files[rel] = (len(data), digest_bytes(data))
         writer.commit()
@@ -170,9 +247,12 @@ class SampleStage(Stage):
     placement = "driver"   # it runs its own actor pool
     spec: SampleSpec
 
-    def _labels(self, vocab, trained: list[str] | None, n: int, name: str) -> list[Any]:
-        """One label per sample; ``trained`` are the classes this modality's data had (None: unknown)."""
+    def _labels(self, vocab, trained: list[str] | None, n: int, name: str, *, prompted: bool = False) -> list[Any]:
+        """One label per sample; ``trained`` are the classes this modality's data had (None: unknown).
+        With prompts the default is no class (the prompts condition the samples)."""
         spec, where = self.spec, f"stages.{self.ctx.name}.classes"
+        if prompted and spec.classes is None:
+            return [None] * n
         known = list(vocab.classes) if trained is None else list(trained)
         if isinstance(spec.classes, dict):
             labels = []
@@ -189,6 +269,17 @@ class SampleStage(Stage):
         if known and spec.classes != "none":
             return [known[i % len(known)] for i in range(n)]
         return [None] * n
+
+    @classmethod
+    def source_digest(cls, spec: SampleSpec, pipeline_dir: Path) -> str | None:
+        """A prompts file and a mask image are read from outside the pipeline: their listings key the cache."""
+        from arpipe.pipeline.digest import listing_digest
+
+        files = [f for f in (spec.prompts if isinstance(spec.prompts, str) else None,
+                             spec.inpaint.mask if spec.inpaint else None) if f and not REF_PATTERN.search(f)]
+        if not files:
+            return None
+        return digest_bytes("\n".join(listing_digest(f, pipeline_dir) for f in files).encode())
 
     def _jobs(self, config, vocab, tokenizers: dict[str, dict[str, Any]], units: StoreUnits) -> list[ShardJob]:
         from arpipe.stages.models import SamplingOptions
@@ -209,11 +300,17 @@ class SampleStage(Stage):
             raise UserError(f"decoder sjd applies to next_token models; this model is {config.paradigm} "
                             "(already one forward per group)", where=f"{where}.decoder", fix="use decoder: plain")
         options = SamplingOptions(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
-                                  cfg_scale=spec.cfg_scale, cfg_schedule=spec.cfg_schedule, use_cache=spec.use_cache)
-        if options.guided and not vocab.classes:
-            raise UserError("cfg_scale needs a class-conditional model; this one has no classes",
+                                  cfg_scale=spec.cfg_scale, cfg_schedule=spec.cfg_schedule, use_cache=spec.use_cache,
+                                  lookahead=spec.inpaint.lookahead if spec.inpaint else 1)
+        if options.guided and not vocab.classes and not vocab.prompts:
+            raise UserError("cfg_scale needs a conditional model; this one has no classes and no prompts",
                             where=f"{where}.cfg_scale", fix="set cfg_scale: 1")
+        if spec.inpaint and spec.decoder == "sjd":
+            raise UserError("in-painting keeps known tokens group by group; speculative Jacobi decoding drafts "
+                            "past them", where=f"{where}.decoder", fix="use decoder: plain with inpaint")
         prefix_info = self._prefix(config, vocab, tokenizers) if spec.prefix else None
+        texts, prompt_tokens = self._prompts(vocab, tokenizers) if spec.prompts is not None else ([], [])
+        inpaint = self._inpaint(config, vocab, tokenizers) if spec.inpaint else None
         store_vocab = max(dict(vocab.modalities)[n] for n in names)
         jobs, offset = [], 0
         for name in names:
@@ -222,11 +319,14 @@ class SampleStage(Stage):
             length = spec.length or (None if layout.get("scales") or layout.get("grid") else
                                      self._longest(info.get("store"), name))
             plan = plan_for_modality(config, layout, length)
-            if 2 + plan.n_tokens > config.max_seq_len:
+            if vocab.context_len + plan.n_tokens > config.max_seq_len:
                 raise UserError(f"{plan.n_tokens} tokens per {name} sample exceed the model's max_seq_len "
                                 f"{config.max_seq_len}", where=f"{where}.length", fix="sample fewer tokens")
             if prefix_info is not None and prefix_info["name"] != name:
                 continue
+            if inpaint is not None and inpaint["name"] != name:
+                continue
+            inpaint_ids: list[int] = []
             if prefix_info is not None:
                 n = spec.prefix.samples or spec.num_samples
                 ids = [i % prefix_info["size"] for i in range(n)]
@@ -235,6 +335,17 @@ class SampleStage(Stage):
                     raise UserError(f"prefix of {spec.prefix.tokens} tokens does not end a {config.paradigm} group "
                                     f"(groups end at {plan.group_bounds[1:8]}...)", where=f"{where}.prefix.tokens",
                                     fix="keep a whole number of scales/blocks")
+            elif inpaint is not None:
+                n = spec.inpaint.samples or spec.num_samples
+                inpaint_ids = [i % inpaint["size"] for i in range(n)]
+                labels = [inpaint["labels"][i] if vocab.classes else None for i in inpaint_ids]
+                stored = [inpaint["store"][i] for i in inpaint_ids] if inpaint["store"] is not None else []
+                texts = [s.caption or "" for s in stored]
+                prompt_tokens = [tuple(s.caption_tokens or ()) for s in stored]
+                ids = []
+            elif texts:
+                labels = self._labels(vocab, info.get("classes"), len(texts), name, prompted=True)
+                ids = []
             else:
                 labels = self._labels(vocab, info.get("classes"), spec.num_samples, name)
                 ids = []
@@ -248,11 +359,94 @@ class SampleStage(Stage):
                     seed=spec.seed, batch_size=spec.batch_size,
                     prefix=(PrefixJob(store=spec.prefix.store, tokens=spec.prefix.tokens, ids=tuple(ids[lo:lo + S]))
                             if prefix_info else None),
-                    formats=tuple(spec.media_formats(info["modality"])), store_vocab=store_vocab))
+                    formats=tuple(spec.media_formats(info["modality"])), store_vocab=store_vocab,
+                    prompts=tuple(texts[lo:lo + S]), prompt_tokens=tuple(prompt_tokens[lo:lo + S]),
+                    inpaint=(InpaintJob(store=spec.inpaint.store, known=inpaint["known"],
+                                        ids=tuple(inpaint_ids[lo:lo + S])) if inpaint else None)))
             offset += len(labels)
         if not jobs:
             raise UserError("nothing to sample", where=where, fix="check modalities, classes and prefix")
         return jobs
+
+    def _prompts(self, vocab, tokenizers) -> tuple[list[str], list[tuple[int, ...]]]:
+        """Each sample's prompt text and text tokens (every prompt ``samples_per_prompt`` times in a row)."""
+        from arpipe.stages.modalities import load_tokenizer
+
+        spec, where = self.spec, f"stages.{self.ctx.name}.prompts"
+        if not vocab.prompts or "text" not in tokenizers:
+            raise UserError("prompts need a model trained on captions; this one was not", where=where,
+                            fix="train on a store tokenized with a text_tokenizer, or remove prompts")
+        found = read_prompts(spec.prompts, self.ctx.pipeline_dir)
+        tok = load_tokenizer(tokenizers["text"]["tokenizer_uri"])
+        encoded = tok.encode_texts([text for _where, text in found])
+        length = dict((n, k) for n, _s, k in vocab.prompts)["text"]
+        for (at, text), ids in zip(found, encoded, strict=True):
+            if len(ids) > length:
+                raise UserError(f"the prompt {text[:40]!r} is {len(ids)} text tokens; the model was trained on "
+                                f"captions of at most {length}", where=at, fix="shorten the prompt")
+        n = spec.samples_per_prompt
+        return ([text for _at, text in found for _ in range(n)],
+                [tuple(int(t) for t in ids) for ids in encoded for _ in range(n)])
+
+    def _inpaint(self, config, vocab, tokenizers) -> dict[str, Any]:
+        """The store to complete and, from ``box`` or ``mask``, which of its tokens are kept."""
+        import numpy as np
+
+        from arpipe.stages.modalities import load_tokenizer
+        from arpipe.stages.models import known_cells
+        from arpipe.stages.models.folder import vocab_name_of_store
+        from arpipe.stages.store import TokenStore
+
+        spec, where = self.spec.inpaint, f"stages.{self.ctx.name}.inpaint"
+        store = TokenStore.open(spec.store)
+        name = vocab_name_of_store(tokenizers, store, spec.store)
+        info = tokenizers[name]
+        layout = dict(info.get("layout") or {})
+        shapes = layout.get("scales") or ([layout["grid"]] if layout.get("grid") else None)
+        tok = load_tokenizer(info["tokenizer_uri"])
+        if info["modality"] != "image" or not shapes:
+            raise UserError(f"in-painting takes images on a token grid; this model's {name!r} is "
+                            f"{info['modality']} with {'no fixed grid' if not shapes else 'a grid'}", where=where,
+                            fix="in-paint an image model (msvq, patch_vq or vqvae tokens)")
+        shapes = [[s, s] if isinstance(s, int) else s for s in shapes]
+        height, width = (int(n) for n in tok.input_shape[-2:])
+        if spec.box is not None:
+            top, left, bottom, right = spec.box
+            if not (0 <= top < bottom <= height and 0 <= left < right <= width):
+                raise UserError(f"box {spec.box} is not a rectangle inside the {height}x{width} samples",
+                                where=f"{where}.box", fix=f"give [top, left, bottom, right] within {height}x{width}")
+            keep = np.ones((height, width), dtype=bool)
+            keep[top:bottom, left:right] = False
+        else:
+            keep = self._mask(spec.mask, height, width)
+        known = tuple(bool(k) for k in known_cells(shapes, keep).tolist())
+        if all(known):
+            raise UserError("the region to draw covers no whole token: every token is kept", where=where,
+                            fix="draw a larger region")
+        indices = np.arange(len(store))
+        return {"name": name, "size": len(store), "known": known,
+                "labels": [None if c is None else str(c) for c in store.conditions(indices)],
+                "store": store if vocab.prompts else None}   # a captioned model completes with the stored captions
+
+    def _mask(self, mask: str, height: int, width: int):
+        """A mask image as a boolean ``keep`` array (black = kept), checked against the samples' size."""
+        import io
+
+        import numpy as np
+        from PIL import Image, UnidentifiedImageError
+
+        uri = normalize(mask, self.ctx.pipeline_dir)
+        try:
+            image = Image.open(io.BytesIO(storage_for(uri).read_bytes(uri))).convert("L")
+        except FileNotFoundError:
+            raise UserError("mask image not found", where=mask, fix="point mask at an image file") from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise UserError(f"the mask is not an image ({err})", where=mask,
+                            fix="give a PNG: white pixels are drawn, black ones kept") from None
+        if image.size != (width, height):
+            raise UserError(f"the mask is {image.size[0]}x{image.size[1]} pixels but the samples are "
+                            f"{width}x{height}", where=mask, fix=f"resize the mask to {width}x{height}")
+        return np.asarray(image) < 128
 
     def _prefix(self, config, vocab, tokenizers) -> dict[str, Any]:
         import numpy as np
@@ -350,6 +544,7 @@ class SampleStage(Stage):
 
         store = TokenStore.open(store_uri)
         by_name: dict[str, list] = {n: [] for n in names}
+        captions: dict[str, list[str | None]] = {n: [] for n in names}
         for i in range(len(store)):
             if all(len(t) >= CONTACT_SAMPLES for t in by_name.values()):
                 break   # enough for every sheet: do not read the rest of the store
@@ -357,11 +552,12 @@ class SampleStage(Stage):
             name = sample.key.rsplit("-", 1)[0]
             if len(by_name[name]) < CONTACT_SAMPLES:
                 by_name[name].append(sample.tokens.reshape(-1))
+                captions[name].append(sample.caption)
         for name, tokens in by_name.items():
             if not tokens:
                 continue
             tok = load_tokenizer(tokenizers[name]["tokenizer_uri"])
-            sheet = contact_sheet(tok.decode_arrays(tokens), tokenizers[name]["modality"])
+            sheet = contact_sheet(tok.decode_arrays(tokens), tokenizers[name]["modality"], captions=captions[name])
             buf = io.BytesIO()
             sheet.save(buf, format="PNG")
             rel = f"media/contact_{name}.png"

@@ -57,6 +57,25 @@ def start_in_own_session(command: list[str], nice: int = 0, **popen_kwargs) -> s
     return proc
 
 
+def background_script(script: str, out: Path, what: str) -> Path:
+    """``python script OUT`` run at background priority (tests/background.py) from the tests folder, its output in
+    ``OUT.log``; asserts it succeeded, saying ``what`` failed with the log's end. Returns ``out``."""
+    log = out.with_suffix(".log")
+    with open(log, "w") as f:
+        proc = subprocess.run(niced([sys.executable, script, str(out)], BACKGROUND_NICE), stdout=f,
+                              stderr=subprocess.STDOUT, cwd=Path(script).parent, timeout=1800)
+    assert proc.returncode == 0, f"{what} failed:\n{log.read_text()[-3000:]}"
+    return out
+
+
+def background_project(root: Path, pipeline: str, ray_address: str) -> subprocess.CompletedProcess:
+    """`arpipe run PIPELINE` in ``root`` at background priority on the background Ray instance; every stage done."""
+    run = arpipe("run", pipeline, cwd=root, env={"RAY_ADDRESS": ray_address}, timeout=1800, check=True,
+                 nice=BACKGROUND_NICE)
+    assert all(states[-1] == "done" for states in stage_lines(run.stdout).values()), run.stdout
+    return run
+
+
 def write(folder: Path, files: dict[str, str]) -> Path:
     """Write dedented files into folder; return the folder."""
     for name, text in files.items():

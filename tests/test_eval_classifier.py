@@ -371,3 +371,14 @@ def test_a_classifier_without_samples_is_a_config_error():
 
     with pytest.raises(ValidationError, match="a classifier judges generated samples"):
         Spec(kind="evaluate", model="./model", reference="./store", classifier={"image": "./judge.skops"})
+
+
+def test_a_prompted_sample_is_checked_against_the_one_digit_its_prompt_names():
+    from arpipe.stages.evaluate import prompt_class
+
+    words = {"7": "seven", "2": "two"}
+    assert prompt_class("a thick, slanted seven", words) == "7"
+    assert prompt_class("Seven!", words) == "7"
+    assert prompt_class("a sevenfold two", words) == "2"   # whole words only
+    assert prompt_class("a two or a seven", words) is None   # two classes: nothing to check
+    assert prompt_class("an eight", words) is None and prompt_class(None, words) is None

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import BACKGROUND_NICE, arpipe, stage_lines, write
+from helpers import arpipe, background_project, stage_lines, write
 from helpers import committed_output as out
 from PIL import Image
 from realdata import digits_folder
@@ -97,9 +97,7 @@ def build_project(root: Path, ray_address: str) -> Path:
     torch.jit.save(torch.jit.script(TinyFeatures()), str(root / "features.pt"))
     shutil.copyfile(Path(__file__).parent.parent / "examples" / "digits_steps.py", root / "digits_steps.py")
     write(root, {"digits.yaml": PIPELINE.replace("DIGITS", str(root / "data" / "digits"))})
-    run = arpipe("run", "digits.yaml", cwd=root, env={"RAY_ADDRESS": ray_address}, timeout=1800, check=True,
-                 nice=BACKGROUND_NICE)
-    assert all(states[-1] == "done" for states in stage_lines(run.stdout).values()), run.stdout
+    background_project(root, "digits.yaml", ray_address)
     return root
 
 

@@ -71,8 +71,44 @@ def grid(rows: Sequence[Sequence[np.ndarray]], scale: int = 1, pad: int = 2) -> 
     return image
 
 
-def contact_sheet(samples: Sequence[np.ndarray], modality: str, columns: int = 8) -> Image.Image:
-    """Many samples of one modality on one sheet (video: one row of frames per clip)."""
+def captioned(tile_HWC: np.ndarray, caption: str, *, min_width: int = 96) -> np.ndarray:
+    """``tile`` above ``caption`` in black on white, wrapped to the tile's width (at least ``min_width``)."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    width = max(tile_HWC.shape[1], min_width)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines, line = [], ""
+    for word in caption.split():
+        wider = f"{line} {word}".strip()
+        if line and draw.textlength(wider, font=font) > width - 4:
+            lines.append(line)
+            line = word
+        else:
+            line = wider
+    lines.append(line)
+    step = int(font.getbbox("Ag")[3]) + 2
+    strip = Image.new("RGB", (width, step * len(lines) + 4), "white")
+    pen = ImageDraw.Draw(strip)
+    for k, text in enumerate(lines):
+        pen.text((2, 2 + k * step), text, fill="black", font=font)
+    top = np.full((tile_HWC.shape[0], width, 3), 255, np.uint8)
+    top[:, :tile_HWC.shape[1]] = tile_HWC
+    return np.concatenate([top, np.asarray(strip)], axis=0)
+
+
+def contact_sheet(samples: Sequence[np.ndarray], modality: str, columns: int = 8,
+                  captions: Sequence[str | None] | None = None) -> Image.Image:
+    """Many samples of one modality on one sheet (video: one row of frames per clip); with ``captions``
+    (the prompts), each sample's text is written under its picture."""
+    if captions is not None and any(captions):
+        scale = _scale(samples, modality)
+        pictures = []
+        for s, text in zip(samples, captions, strict=True):
+            row = tiles(s, modality)
+            tile = np.asarray(grid([row], scale=scale))
+            pictures.append(captioned(tile, text or ""))
+        return grid([pictures[i:i + columns] for i in range(0, len(pictures), columns)], pad=4)
     if modality in ("video", "volume"):
         rows = [tiles(s, modality) for s in samples]
     else:
