@@ -138,6 +138,10 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     ), ("--quick",), table=(("row", "paradigm"), ("tokenizer", "tokenizer"), ("steps", "steps"),
                             ("train_seconds", "training s"), ("heldout_nll_per_token", "held-out NLL/token"),
                             ("cas", "CAS"), ("contact_sheet", "contact sheet"))),
+    Benchmark("text_conditioning", "text_conditioning.py", "text_conditioning.json", 17, (
+        Ratio(("ratios", "text_over_class"), "training tokens/s, captions / class labels",
+              "class-conditioned training on the same images", (">=", 0.85)),
+    )),
 )
 
 

@@ -45,6 +45,27 @@ class InpaintSpec(Strict):
         return self
 
 
+class ControlsSpec(Strict):
+    """Control maps (ControlAR) that steer the samples of a model trained on a store with `control:`; each
+    control map is drawn `samples_per_control` times in a row."""
+
+    store: str | None = Field(None, description="A token store tokenized with the model's `control:`, whose "
+                                                "samples' control maps are used, e.g. `${tokenize_val.store}`.")
+    images: str | None = Field(None, description="A folder of control images (edge maps as the model's control "
+                                                 "transform draws them), or of pictures with `transform`.")
+    transform: Literal["none", "canny", "sobel"] = Field(
+        "none", description="With `images`: `none` reads them as control maps; `canny`/`sobel` computes each "
+                            "picture's map (use the model's own transform).")
+    samples: int | None = Field(None, ge=1, description="How many control maps to use (default: all of them).")
+    samples_per_control: int = Field(1, ge=1, description="Samples drawn for each control map.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ControlsSpec:
+        if (self.store is None) == (self.images is None):
+            raise ValueError("give the control maps as store: <token store> or images: <folder>, one of them")
+        return self
+
+
 class SampleStage(StageBase):
     """Draws samples from a trained model on a Ray actor pool; outputs ``samples`` (a token store) and ``media``."""
 
@@ -69,6 +90,9 @@ class SampleStage(StageBase):
                           "`samples_per_prompt` times; its text is kept with the sample (the store's caption, "
                           "a `.txt` beside each media file, the contact sheet).")
     samples_per_prompt: int = Field(1, ge=1, description="Samples drawn for each prompt.")
+    controls: ControlsSpec | None = Field(None, description="Control maps for a model trained with `control:`; "
+                                                            "with `prompts` too, control k goes with prompt k "
+                                                            "(cycling the prompts).")
     inpaint: InpaintSpec | None = Field(None, description="Complete samples of a token store in a region (in- "
                                                           "or out-painting): known tokens are kept exactly.")
     length: int | None = Field(None, ge=1, description="Tokens per sample for variable-length tokenizers "
@@ -112,6 +136,8 @@ class SampleStage(StageBase):
                                  f"{' or '.join(allowed)}")
         if self.prefix is not None and self.classes is not None:
             raise ValueError("give classes or prefix, not both: a prefix sample brings its own class")
+        if self.controls is not None and (self.prefix is not None or self.inpaint is not None):
+            raise ValueError("controls go with prompts and classes, not with prefix or inpaint")
         if self.inpaint is not None and (self.prefix is not None or self.classes is not None
                                          or self.prompts is not None):
             raise ValueError("inpaint takes each sample's class and caption from its store: give it without "

@@ -481,8 +481,9 @@ class EvaluateStage(Stage):
                               for c, t in zip(decoded.conditions, decoded.captions, strict=True)]
                 at = [i for i, c in enumerate(labels) if c is not None]
                 if set_ == "samples" and len(at) < len(decoded.keys):
-                    print(f"[{ctx.name}] CAS skips {len(decoded.keys) - len(at)} {modality} samples with no class "
-                          "to check (unconditional, or a prompt naming no class of prompt_classes)", flush=True)
+                    why = " or prompted with no one class of classifier.prompt_classes" if words else ""
+                    print(f"[{ctx.name}] CAS skips {len(decoded.keys) - len(at)} unconditional{why} {modality} "
+                          "samples (no class to check)", flush=True)
                 if not at:
                     scores.skipped[f"{modality}/cas"] = ("the samples are unconditional: sample with classes (or "
                                                          "prompts and classifier.prompt_classes) to score CAS")

@@ -92,6 +92,7 @@ class ShardJob:
     store_vocab: int
     prompts: tuple[str, ...] = ()                  # each sample's prompt text (empty: no prompts)
     prompt_tokens: tuple[tuple[int, ...], ...] = ()   # and its text tokens
+    controls: tuple[tuple[int, ...], ...] = ()        # each sample's control-map tokens (empty: none)
     inpaint: InpaintJob | None = None
 
 
@@ -191,8 +192,9 @@ class SampleWorker:
                 prefix = torch.stack([torch.from_numpy(prefix_store.tokens(int(s)).reshape(-1)[:M].astype(np.int64))
                                       for s in job.prefix.ids[a:a + B]])
             texts = job.prompts[a:a + B] if job.prompts else None
-            prompt = Prompt.from_vocab(self.vocab, name, labels, prefix,
-                                       [{"text": ids} for ids in job.prompt_tokens[a:a + B]] if texts else None)
+            streams = [{**({"text": job.prompt_tokens[a + k]} if texts else {}),
+                        **({"control": job.controls[a + k]} if job.controls else {})} for k in range(len(labels))]
+            prompt = Prompt.from_vocab(self.vocab, name, labels, prefix, streams)
             if inpaint_store is not None:
                 import torch
 
@@ -230,6 +232,9 @@ class SampleWorker:
                          for fmt in job.formats]
                 if texts and texts[k] and job.formats:   # the prompt beside its picture, as captions sit beside images
                     files.append((f"media/{name}/{key}.txt", texts[k].encode("utf-8")))
+                if job.controls and job.formats:   # and the control map it was drawn under
+                    control = self.tokenizer("control").decode_arrays([np.asarray(job.controls[a + k])])[0]
+                    files.append((f"media/{name}/{key}.control.png", media.encode(np.clip(control, 0, 1), "png")))
                 for rel, data in files:
                     out_storage.write_bytes(join(out_uri, rel), data, durable=False)
                     media_files[rel] = (len(data), digest_bytes(data))
@@ -310,6 +315,15 @@ class SampleStage(Stage):
                             "past them", where=f"{where}.decoder", fix="use decoder: plain with inpaint")
         prefix_info = self._prefix(config, vocab, tokenizers) if spec.prefix else None
         texts, prompt_tokens = self._prompts(vocab, tokenizers) if spec.prompts is not None else ([], [])
+        controls = self._controls(vocab, tokenizers) if spec.controls else []
+        if controls:   # each control map samples_per_control times, control k with prompt k (cycling)
+            n = spec.controls.samples_per_control
+            if texts:
+                unique = texts[::spec.samples_per_prompt]
+                tokens = prompt_tokens[::spec.samples_per_prompt]
+                texts = [unique[k % len(unique)] for k in range(len(controls)) for _ in range(n)]
+                prompt_tokens = [tokens[k % len(tokens)] for k in range(len(controls)) for _ in range(n)]
+            controls = [c for c in controls for _ in range(n)]
         inpaint = self._inpaint(config, vocab, tokenizers) if spec.inpaint else None
         store_vocab = max(dict(vocab.modalities)[n] for n in names)
         jobs, offset = [], 0
@@ -343,8 +357,8 @@ class SampleStage(Stage):
                 texts = [s.caption or "" for s in stored]
                 prompt_tokens = [tuple(s.caption_tokens or ()) for s in stored]
                 ids = []
-            elif texts:
-                labels = self._labels(vocab, info.get("classes"), len(texts), name, prompted=True)
+            elif texts or controls:
+                labels = self._labels(vocab, info.get("classes"), len(texts or controls), name, prompted=True)
                 ids = []
             else:
                 labels = self._labels(vocab, info.get("classes"), spec.num_samples, name)
@@ -361,6 +375,7 @@ class SampleStage(Stage):
                             if prefix_info else None),
                     formats=tuple(spec.media_formats(info["modality"])), store_vocab=store_vocab,
                     prompts=tuple(texts[lo:lo + S]), prompt_tokens=tuple(prompt_tokens[lo:lo + S]),
+                    controls=tuple(controls[lo:lo + S]),
                     inpaint=(InpaintJob(store=spec.inpaint.store, known=inpaint["known"],
                                         ids=tuple(inpaint_ids[lo:lo + S])) if inpaint else None)))
             offset += len(labels)
@@ -387,6 +402,42 @@ class SampleStage(Stage):
         n = spec.samples_per_prompt
         return ([text for _at, text in found for _ in range(n)],
                 [tuple(int(t) for t in ids) for ids in encoded for _ in range(n)])
+
+    def _controls(self, vocab, tokenizers) -> list[tuple[int, ...]]:
+        """The control maps' tokens, from a store tokenized with the model's ``control:`` or from images."""
+        import numpy as np
+
+        from arpipe.stages.modalities import SampleError, load_tokenizer, open_reader
+        from arpipe.stages.store import TokenStore
+
+        spec, where = self.spec.controls, f"stages.{self.ctx.name}.controls"
+        info = tokenizers.get("control")
+        if "control" not in {n for n, _s, _k in vocab.prompts} or info is None:
+            raise UserError("controls need a model trained on a store with control maps; this one was not",
+                            where=where, fix="train on a store tokenized with control:, or remove controls")
+        if spec.store is not None:
+            store = TokenStore.open(spec.store)
+            meta = (store.manifest.metadata or {}).get("control") or {}
+            if meta.get("digest") != info["tokenizer_digest"] or meta.get("transform") != info["transform"]:
+                raise UserError("the store holds no control maps made as the model's were (its tokenize stage "
+                                f"needs control: {{transform: {info['transform']}, tokenizer: <the model's>}})",
+                                where=spec.store, fix="tokenize the store with the model's control setting")
+            n = min(spec.samples or len(store), len(store))
+            return [tuple(int(t) for t in store[i].control_tokens) for i in range(n)]
+        tok = load_tokenizer(info["tokenizer_uri"])
+        channels, height, width = (int(n) for n in tok.input_shape[-3:])
+        uri = normalize(spec.images, self.ctx.pipeline_dir)
+        try:
+            reader = open_reader("image", uri, channels=channels, size=[height, width], labels=None,
+                                 transform=spec.transform)
+            samples = [s.data for s in reader]
+        except SampleError as err:
+            raise UserError(f"a control image does not read: {err}", where=spec.images,
+                            fix="give a folder of images (PNG, JPEG, ...)") from None
+        if not samples:
+            raise UserError("the folder holds no control image", where=spec.images, fix="add control images")
+        samples = samples[:spec.samples or len(samples)]
+        return [tuple(int(t) for t in np.asarray(ids).reshape(-1)) for ids in tok.encode_arrays(samples)]
 
     def _inpaint(self, config, vocab, tokenizers) -> dict[str, Any]:
         """The store to complete and, from ``box`` or ``mask``, which of its tokens are kept."""

@@ -246,16 +246,20 @@ def test_cluster_submit(s3_example, ray_head, tmp_path):
 
 
 def test_captioned_digits(tmp_path, ray_cluster):
-    """The captioned-digits example to its token store: every image stored with its measured caption and the
-    caption's text tokens, which decode back to it."""
+    """The captioned-digits example, shortened: every image stored with its measured caption and the caption's
+    text tokens, which decode back to it; a model trained on them; a sample drawn for every prompt of the file."""
     from arpipe.stages.modalities import load_tokenizer
     from arpipe.stages.store import TokenStore
 
     folder = copy_examples(tmp_path)
     states = run_example(folder, "captioned_digits.yaml", "stages.data.config.count=300",
                          "stages.fit_tok.fit.max_samples=200", "stages.fit_text.fit.heldout=16",
-                         env={"RAY_ADDRESS": ray_cluster})
-    assert set(states) == {"data", "fit_tok", "fit_text", "tokenize"}
+                         "stages.train.steps=20", "stages.train.checkpoint_every=20",
+                         "stages.sample.samples_per_prompt=1", env={"RAY_ADDRESS": ray_cluster})
+    assert set(states) == {"data", "fit_tok", "fit_text", "tokenize", "train", "sample"}
+    prompts = (folder / "captioned_digits_prompts.txt").read_text().splitlines()
+    drawn = TokenStore.open(str(only(folder, "arpipe-runs/sample/*/samples")))
+    assert [s.caption for s in drawn] == prompts
     store = TokenStore.open(str(only(folder, "arpipe-runs/tokenize/*/store")))
     text = load_tokenizer(str(only(folder, "arpipe-runs/fit_text/*/tokenizer")))
     samples = list(store)

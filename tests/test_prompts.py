@@ -38,12 +38,18 @@ stages:
     source: {modality: image, uri: "${data.images}", channels: 1, size: 8, captions: auto}
     tokenizer: {type: text, vocab_size: 280}
     fit: {heldout: 16}
+  fit_edges:
+    kind: tokenizer
+    source: {modality: image, uri: "${data.images}", channels: 1, size: 8, transform: canny}
+    tokenizer: {type: patch_vq, patch: [2, 2], codebook_size: 16, fit_iters: 10}
+    fit: {max_samples: 300, heldout: 16}
   tokenize:
     kind: tokenize
     source: {modality: image, uri: "${data.images}", channels: 1, size: 8, labels: null, captions: auto,
              captions_required: true}
     tokenizer: ${fit_tok.tokenizer}
     text_tokenizer: ${fit_text.tokenizer}
+    control: {transform: canny, tokenizer: "${fit_edges.tokenizer}"}
     progress: false
   train:
     kind: train
@@ -59,6 +65,17 @@ stages:
     prompts: ./prompts.txt
     samples_per_prompt: 2
     cfg_scale: 2.0
+    progress: false
+  controlled:
+    kind: sample
+    model: ${train.model}
+    controls: {store: "${tokenize.store}", samples: 2, samples_per_control: 2}
+    prompts: ./prompts.txt
+    progress: false
+  from_pictures:
+    kind: sample
+    model: ${train.model}
+    controls: {images: ./pictures, transform: canny}
     progress: false
   inpaint:
     kind: sample
@@ -79,6 +96,9 @@ stages:
 
 
 def build_project(root: Path, ray_address: str) -> Path:
+    from realdata import digits_folder
+
+    digits_folder(root / "pictures", count=2, start=1700)   # two pictures whose edges steer two samples
     for steps in ("captioned_digits_steps.py", "digits_steps.py"):
         shutil.copyfile(Path(__file__).parent.parent / "examples" / steps, root / steps)
     write(root, {"prompts.yaml": PIPELINE, "prompts.txt": "\n".join(PROMPTS) + "\n"})
@@ -94,14 +114,17 @@ def project(background):
     return background.result("prompts-project")
 
 
-def test_the_model_names_its_text_tokenizer_and_prompt_positions(project):
+def test_the_model_names_its_text_and_control_tokenizers_and_their_positions(project):
     model = out(project, "train") / "model"
     vocab = json.loads((model / "vocab.json").read_text())
-    [[name, size, positions]] = vocab["prompts"]
+    [[text_name, text_size, text_positions], control_stream] = vocab["prompts"]
     text = json.loads((next(project.glob("runs/fit_text/*/tokenizer/tokenizer.json"))).read_text())
-    assert name == "text" and size == text["vocab_size"] and 2 <= positions <= 12
+    assert text_name == "text" and text_size == text["vocab_size"] and 2 <= text_positions <= 12
+    assert control_stream == ["control", 16, 16]   # 2x2 patches of the 8x8 edge map, 16 codes
     tokenizers = json.loads((model / "tokenizers.json").read_text())
     assert tokenizers["text"]["tokenizer_uri"] == str(out(project, "fit_text") / "tokenizer")
+    assert tokenizers["control"]["tokenizer_uri"] == str(out(project, "fit_edges") / "tokenizer")
+    assert tokenizers["control"]["transform"] == "canny"
     assert vocab["classes"] == []   # labels: null: the captions are the only condition
 
 
@@ -118,6 +141,38 @@ def test_every_sample_is_kept_with_its_prompt(project):
         key = store[i].key
         assert (media / f"{key}.png").exists()
         assert (media / f"{key}.txt").read_text() == prompt   # the caption layout the readers read back
+
+
+def test_controlled_samples_are_kept_with_their_control_map_and_prompt(project):
+    from arpipe.stages.store import TokenStore
+
+    folder = out(project, "controlled")
+    store = TokenStore.open(str(folder / "samples"))
+    assert [store[i].caption for i in range(len(store))] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    media = folder / "media" / "image"
+    for i in range(len(store)):
+        key = store[i].key
+        assert {p.name for p in media.glob(f"{key}.*")} == {f"{key}.png", f"{key}.txt", f"{key}.control.png"}
+
+
+def test_control_maps_computed_from_pictures_steer_the_samples(project):
+    """`controls: {images: ./pictures, transform: canny}`: each picture's Canny edges, tokenized by the model's
+    control tokenizer, is the control map written beside its sample."""
+    import numpy as np
+    from PIL import Image
+
+    from arpipe.stages.modalities.controls import control_image
+    from arpipe.stages.store import TokenStore
+
+    folder = out(project, "from_pictures")
+    store = TokenStore.open(str(folder / "samples"))
+    assert len(store) == 2
+    pictures = sorted((project / "pictures").glob("*/*.png"))
+    edges = [control_image(np.asarray(Image.open(p), dtype=np.float32)[None] / 255, "canny") for p in pictures]
+    shown = [np.asarray(Image.open(folder / "media" / "image" / f"{store[i].key}.control.png").convert("L"),
+                        dtype=np.float32) / 255 for i in range(2)]
+    error = [[float(((s - e[0]) ** 2).mean()) for e in edges] for s in shown]
+    assert error[0][0] < error[0][1] and error[1][1] < error[1][0]   # each shows its own picture's edges
 
 
 def test_the_contact_sheet_shows_each_prompt_under_its_picture(project):

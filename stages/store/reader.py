@@ -339,15 +339,16 @@ class TokenStore:
                 out[p] = conds[r]
         return out
 
-    def caption_lengths(self) -> np.ndarray:
-        """Caption tokens per sample (0 without a caption, or in stores written before captions)."""
+    def condition_lengths(self, column: str = "caption_tokens") -> np.ndarray:
+        """Tokens per sample of a condition column, ``caption_tokens`` or ``control_tokens`` (0 where a sample
+        has none, or in stores written before the column)."""
         import pyarrow.compute as pc
 
         out = np.zeros(len(self), np.int64)
         for s in range(len(self.manifest.shards)):
             shard = self._shard(s)
-            if "caption_tokens" in shard.table.column_names:
-                counts = pc.fill_null(pc.list_value_length(shard.table.column("caption_tokens")), 0)
+            if column in shard.table.column_names:
+                counts = pc.fill_null(pc.list_value_length(shard.table.column(column)), 0)
                 out[shard.start:shard.start + len(counts)] = counts.to_numpy()
         return out
 

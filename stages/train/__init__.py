@@ -95,6 +95,7 @@ class TrainStage(Stage):
         from arpipe.stages.train.config import TrainLoopConfig
         from arpipe.stages.train.data import (
             build_vocab,
+            control_tokenizer,
             default_seq_len,
             scale_inputs,
             summarize_store,
@@ -153,10 +154,14 @@ class TrainStage(Stage):
                              "tokenizer_digest": s.tokenizer_digest, "layout": s.layout, "store": s.uri,
                              "classes": s.labels}
                       for name, s in zip(names, summaries)}
-        text = text_tokenizer(summaries)
-        if text:   # the prompt stream's tokenizer: sample tokenizes prompts with it
+        text, control = text_tokenizer(summaries), control_tokenizer(summaries)
+        if text:   # the prompt streams' tokenizers: sample encodes prompts and controls with them
             tokenizers["text"] = {"modality": "text", "prompt": True, "tokenizer_uri": text["uri"],
                                   "tokenizer_digest": text["digest"]}
+        if control:
+            tokenizers["control"] = {"modality": "image", "prompt": True, "tokenizer_uri": control["uri"],
+                                     "tokenizer_digest": control["digest"], "transform": control["transform"],
+                                     "sigma": control["sigma"]}
         (model_dir / "tokenizers.json").write_text(json.dumps(tokenizers, indent=1, sort_keys=True))
         self._log_model(model_dir, config)
         self._report_progress(steps)

@@ -34,6 +34,8 @@ class StoreSummary:
     labels: list[str]
     text_tokenizer: dict[str, Any] | None = None   # the manifest's text_tokenizer: id, digest, uri, vocab_size
     caption_tokens: int = 0                         # the longest caption, in text tokens
+    control: dict[str, Any] | None = None          # the manifest's control: transform, sigma, digest, uri, ...
+    control_tokens: int = 0                         # tokens of a control map
 
     @property
     def variable_length(self) -> bool:
@@ -52,7 +54,9 @@ def summarize_store(uri: str) -> StoreSummary:
         tokenizer_digest=store.manifest.tokenizer.digest if store.manifest.tokenizer else None,
         tokenizer_uri=meta.get("tokenizer_uri"), samples=len(store), max_tokens=int(store.lengths().max()),
         labels=labels, text_tokenizer=meta.get("text_tokenizer"),
-        caption_tokens=int(store.caption_lengths().max()) if meta.get("text_tokenizer") else 0)
+        caption_tokens=int(store.condition_lengths("caption_tokens").max()) if meta.get("text_tokenizer") else 0,
+        control=meta.get("control"),
+        control_tokens=int(store.condition_lengths("control_tokens").max()) if meta.get("control") else 0)
 
 
 def modality_names(summaries: list[StoreSummary]) -> list[str]:
@@ -70,18 +74,31 @@ def modality_names(summaries: list[StoreSummary]) -> list[str]:
 
 def text_tokenizer(summaries: list[StoreSummary]) -> dict[str, Any] | None:
     """The text tokenizer of the stores' captions (one for all of them), or None when no store has captions."""
-    found = {s.text_tokenizer["digest"]: s for s in summaries if s.text_tokenizer}
+    return _one_condition(summaries, "text_tokenizer", "captions", "text_tokenizer")
+
+
+def control_tokenizer(summaries: list[StoreSummary]) -> dict[str, Any] | None:
+    """The stores' control maps (one transform and tokenizer for all of them), or None when none has them."""
+    return _one_condition(summaries, "control", "control maps", "control (transform and tokenizer)")
+
+
+def _one_condition(summaries: list[StoreSummary], field: str, what: str, setting: str) -> dict[str, Any] | None:
+    found = {json_key(getattr(s, field)): s for s in summaries if getattr(s, field)}
     if len(found) > 1:
         a, b = list(found.values())[:2]
-        raise UserError(f"the stores' captions were tokenized by different text tokenizers ({a.uri} and {b.uri}); "
-                        "one model has one text vocabulary", where=b.uri,
-                        fix="tokenize every store with the same text_tokenizer")
-    return next(iter(found.values())).text_tokenizer if found else None
+        raise UserError(f"the stores' {what} were made differently ({a.uri} and {b.uri}); one model has one "
+                        f"vocabulary for them", where=b.uri, fix=f"tokenize every store with the same {setting}")
+    return getattr(next(iter(found.values())), field) if found else None
+
+
+def json_key(meta: dict[str, Any]) -> str:
+    """What makes two stores' condition streams the same: the tokenizer's digest and, for controls, the transform."""
+    return f"{meta.get('digest')}/{meta.get('transform')}/{meta.get('sigma')}"
 
 
 def build_vocab(summaries: list[StoreSummary], heldout: StoreSummary | None = None):
-    """One vocabulary over the stores' codes, their classes and, when they have captions, a text prompt
-    stream as long as the longest caption (the held-out store's included)."""
+    """One vocabulary over the stores' codes, their classes and, when they have captions or control maps, a
+    text and a control prompt stream as long as the longest caption and control (the held-out store's too)."""
     from arpipe.stages.models import VocabLayout
 
     names = modality_names(summaries)
@@ -89,9 +106,11 @@ def build_vocab(summaries: list[StoreSummary], heldout: StoreSummary | None = No
     for name, s in zip(names, summaries):
         sizes[name] = max(sizes.get(name, 0), s.vocab_size)
     classes = sorted({label for s in summaries for label in s.labels})
-    text = text_tokenizer(summaries)
-    longest = max(s.caption_tokens for s in [*summaries, *([heldout] if heldout else [])])
-    prompts = [("text", int(text["vocab_size"]), max(1, longest))] if text else []
+    every = [*summaries, *([heldout] if heldout else [])]
+    text, control = text_tokenizer(summaries), control_tokenizer(summaries)
+    prompts = [("text", int(text["vocab_size"]), max(1, max(s.caption_tokens for s in every)))] if text else []
+    if control:
+        prompts.append(("control", int(control["vocab_size"]), max(1, max(s.control_tokens for s in every))))
     return VocabLayout.build(list(sizes.items()), classes=classes, prompts=prompts), names
 
 
@@ -171,7 +190,10 @@ class Documents:
         tokens = torch.from_numpy(np.asarray(sample.tokens).reshape(-1).astype(np.int64))
         targets = self.vocab.to_global(self.names[k], tokens)
         label = sample.condition if self.vocab.classes else None
-        prompts = {"text": sample.caption_tokens} if self.vocab.prompts and sample.caption_tokens else None
+        streams = {n for n, _s, _k in self.vocab.prompts}
+        prompts = {name: tokens for name, tokens in (("text", sample.caption_tokens),
+                                                      ("control", sample.control_tokens))
+                   if name in streams and tokens}
         context = torch.tensor(self.vocab.context(self.names[k], label, prompts), dtype=torch.long)
         return self.plan(k, int(tokens.numel())), targets, context
 
