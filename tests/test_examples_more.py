@@ -256,10 +256,12 @@ def test_captioned_digits(tmp_path, ray_cluster):
                          "stages.fit_tok.fit.max_samples=200", "stages.fit_text.fit.heldout=16",
                          "stages.train.steps=20", "stages.train.checkpoint_every=20",
                          "stages.sample.samples_per_prompt=1", env={"RAY_ADDRESS": ray_cluster})
-    assert set(states) == {"data", "fit_tok", "fit_text", "tokenize", "train", "sample"}
+    assert set(states) == {"data", "fit_tok", "fit_text", "tokenize", "train", "sample", "judge", "evaluate"}
     prompts = (folder / "captioned_digits_prompts.txt").read_text().splitlines()
     drawn = TokenStore.open(str(only(folder, "arpipe-runs/sample/*/samples")))
     assert [s.caption for s in drawn] == prompts
+    scores = json.loads(only(folder, "arpipe-runs/evaluate/*/metrics/metrics.json").read_text())
+    assert {f"image/cas/{d}" for d in range(10)} <= set(scores["metrics"])   # every prompt names a digit
     store = TokenStore.open(str(only(folder, "arpipe-runs/tokenize/*/store")))
     text = load_tokenizer(str(only(folder, "arpipe-runs/fit_text/*/tokenizer")))
     samples = list(store)
