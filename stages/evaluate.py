@@ -226,8 +226,7 @@ class EvaluateStage(Stage):
                                                       opened.scale_inputs.get(name))
                 targets = torch.stack([vocab.to_global(name, torch.from_numpy(
                     s.tokens.reshape(-1).astype(np.int64))) for s in group])
-                labels = [s.condition if vocab.classes else None for s in group]
-                context = torch.tensor([vocab.context(name, lab) for lab in labels], dtype=torch.long)
+                context = torch.tensor([vocab.context_of(name, s) for s in group], dtype=torch.long)
                 inputs = batch_inputs(plans[length], targets, context)
                 logits, _ = model(inputs.input_ids, inputs.coords, inputs.group_ids,
                                   features_BLD=inputs.features, feature_mask_BL=inputs.feature_mask)

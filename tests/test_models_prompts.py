@@ -165,3 +165,17 @@ def test_lookahead_draws_tokens_that_agree_with_the_known_ones_after_them(paradi
         return float(picked[:, known_N].sum(1).mean())
 
     assert known_loglik(SamplingOptions(lookahead=16)) > known_loglik(SamplingOptions()) + 0.5
+
+
+def test_a_stored_sample_brings_its_class_caption_and_control_into_its_context():
+    from arpipe.stages.store.reader import Sample
+
+    vocab = VocabLayout.build({"image": 10}, classes=range(3), prompts=[("text", 20, 3), ("control", 8, 2)])
+    sample = Sample(index=0, key="k", modality="image", shape=(4,), tokens=np.zeros(4), condition=2,
+                    source_uri=None, source_digest=None, shard="s", caption="a two", caption_tokens=(4, 5),
+                    control_tokens=(1, 7))
+    text, control = vocab.prompt_range("text")[0], vocab.prompt_range("control")[0]
+    assert vocab.context_of("image", sample) == [vocab.tag("image"), vocab.class_token("2"), text + 4, text + 5,
+                                                 NULL, control + 1, control + 7]
+    plain = VocabLayout.build({"image": 10})   # a model without classes or prompts ignores them
+    assert plain.context_of("image", sample) == [plain.tag("image"), NULL]

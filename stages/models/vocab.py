@@ -193,6 +193,14 @@ class VocabLayout:
             out += ids + [NULL] * (length - len(ids))
         return out
 
+    def context_of(self, modality: str, sample: Any) -> list[int]:
+        """The context of a stored sample (its ``condition``, ``caption_tokens`` and ``control_tokens``, as a
+        token store's reader gives them), as the trainer lays it out: what this vocabulary has room for."""
+        streams = {n for n, _s, _k in self.prompts}
+        given = {"text": getattr(sample, "caption_tokens", None), "control": getattr(sample, "control_tokens", None)}
+        return self.context(modality, sample.condition if self.classes else None,
+                            {n: tokens for n, tokens in given.items() if n in streams and tokens})
+
     def is_condition(self, ids: torch.Tensor) -> torch.Tensor:
         """Where ``ids`` hold a class or prompt token: what classifier-free guidance drops."""
         lo, hi = self.class_range

@@ -189,12 +189,7 @@ class Documents:
         sample = self.source[int(i)]
         tokens = torch.from_numpy(np.asarray(sample.tokens).reshape(-1).astype(np.int64))
         targets = self.vocab.to_global(self.names[k], tokens)
-        label = sample.condition if self.vocab.classes else None
-        streams = {n for n, _s, _k in self.vocab.prompts}
-        prompts = {name: tokens for name, tokens in (("text", sample.caption_tokens),
-                                                      ("control", sample.control_tokens))
-                   if name in streams and tokens}
-        context = torch.tensor(self.vocab.context(self.names[k], label, prompts), dtype=torch.long)
+        context = torch.tensor(self.vocab.context_of(self.names[k], sample), dtype=torch.long)
         return self.plan(k, int(tokens.numel())), targets, context
 
     def lengths(self) -> np.ndarray:
