@@ -1,5 +1,5 @@
 """Text prompts through the pipeline: captioned digits -> a text tokenizer -> a store with caption tokens -> a
-model trained on them (DeepSpeed, 2 workers) -> samples drawn from a prompts file, each kept with its prompt,
+model trained on them (DeepSpeed; the example trains with 2 workers) -> samples drawn from a prompts file, each kept with its prompt,
 and completions of stored digits whose bottom half is drawn again (in-painting).
 
 What the samples show is checked on a longer-trained model in tests/test_prompt_fidelity.py; here the
@@ -55,7 +55,6 @@ stages:
     kind: train
     data: [{store: "${tokenize.store}"}]
     model: {preset: tiny, paradigm: next_scale, n_layer: 2, n_embd: 64, n_head: 4}
-    workers: 2
     global_batch: 16
     steps: 40
     checkpoint_every: 40
