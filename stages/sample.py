@@ -226,7 +226,8 @@ class SampleWorker:
                               source_uri=(job.prefix.store if job.prefix else
                                           f"{job.inpaint.store}#{job.inpaint.ids[a + k]}" if job.inpaint else None),
                               caption=texts[k] or None if texts else None,
-                              caption_tokens=job.prompt_tokens[a + k] or None if texts else None)
+                              caption_tokens=job.prompt_tokens[a + k] or None if texts else None,
+                              control_tokens=job.controls[a + k] if job.controls else None)
                 tokens += int(idx.size)
                 files = [(f"media/{name}/{key}{media.EXTENSIONS[fmt]}", media.encode(decoded, fmt))
                          for fmt in job.formats]

@@ -148,6 +148,8 @@ def test_controlled_samples_are_kept_with_their_control_map_and_prompt(project):
     folder = out(project, "controlled")
     store = TokenStore.open(str(folder / "samples"))
     assert [store[i].caption for i in range(len(store))] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    source = TokenStore.open(str(out(project, "tokenize") / "store"))
+    assert [store[i].control_tokens for i in range(len(store))] == [source[k].control_tokens for k in (0, 0, 1, 1)]
     media = folder / "media" / "image"
     for i in range(len(store)):
         key = store[i].key
