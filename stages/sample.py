@@ -317,14 +317,15 @@ class SampleStage(Stage):
         prefix_info = self._prefix(config, vocab, tokenizers) if spec.prefix else None
         texts, prompt_tokens = self._prompts(vocab, tokenizers) if spec.prompts is not None else ([], [])
         controls = self._controls(vocab, tokenizers) if spec.controls else []
-        if controls:   # each control map samples_per_control times, control k with prompt k (cycling)
+        if controls:   # control k with prompt k (cycling), each pair samples_per_control times
             n = spec.controls.samples_per_control
             if texts:
-                unique = texts[::spec.samples_per_prompt]
-                tokens = prompt_tokens[::spec.samples_per_prompt]
-                texts = [unique[k % len(unique)] for k in range(len(controls)) for _ in range(n)]
-                prompt_tokens = [tokens[k % len(tokens)] for k in range(len(controls)) for _ in range(n)]
+                texts, prompt_tokens = ([texts[k % len(texts)] for k in range(len(controls)) for _ in range(n)],
+                                        [prompt_tokens[k % len(texts)] for k in range(len(controls)) for _ in range(n)])
             controls = [c for c in controls for _ in range(n)]
+        elif texts:   # each prompt samples_per_prompt times in a row
+            n = spec.samples_per_prompt
+            texts, prompt_tokens = [t for t in texts for _ in range(n)], [t for t in prompt_tokens for _ in range(n)]
         inpaint = self._inpaint(config, vocab, tokenizers) if spec.inpaint else None
         store_vocab = max(dict(vocab.modalities)[n] for n in names)
         jobs, offset = [], 0
@@ -385,7 +386,7 @@ class SampleStage(Stage):
         return jobs
 
     def _prompts(self, vocab, tokenizers) -> tuple[list[str], list[tuple[int, ...]]]:
-        """Each sample's prompt text and text tokens (every prompt ``samples_per_prompt`` times in a row)."""
+        """Each prompt's text and text tokens, in the order given."""
         from arpipe.stages.modalities import load_tokenizer
 
         spec, where = self.spec, f"stages.{self.ctx.name}.prompts"
@@ -400,9 +401,7 @@ class SampleStage(Stage):
             if len(ids) > length:
                 raise UserError(f"the prompt {text[:40]!r} is {len(ids)} text tokens; the model was trained on "
                                 f"captions of at most {length}", where=at, fix="shorten the prompt")
-        n = spec.samples_per_prompt
-        return ([text for _at, text in found for _ in range(n)],
-                [tuple(int(t) for t in ids) for ids in encoded for _ in range(n)])
+        return [text for _at, text in found], [tuple(int(t) for t in ids) for ids in encoded]
 
     def _controls(self, vocab, tokenizers) -> list[tuple[int, ...]]:
         """The control maps' tokens, from a store tokenized with the model's ``control:`` or from images."""
