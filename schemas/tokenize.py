@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from arpipe.schemas.base import Resources, StageBase, Strict
 
@@ -289,13 +289,28 @@ class ShardSpec(Strict):
 
 
 class ControlSpec(Strict):
-    """A control map computed from each image and encoded by its own tokenizer (fitted with `transform` set)."""
+    """Each image's control map (ControlAR), encoded by its own tokenizer: computed from the image (`transform`)
+    or read from a second source whose files pair with the images by name (`source`)."""
 
-    transform: Literal["canny", "sobel"] = Field(description="`canny` edges or `sobel` gradient magnitude of the "
-                                                             "image's luma at its stored size (scikit-image).")
+    transform: Literal["canny", "sobel"] | None = Field(
+        None, description="`canny` edges or `sobel` gradient magnitude of the image's luma at its stored size "
+                          "(scikit-image); the tokenizer is fitted on a source with the same `transform`.")
     sigma: float = Field(1.0, gt=0, description="Gaussian smoothing of the Canny edge detector.")
+    source: ImageSource | None = Field(
+        None, description="A folder of control maps (depth, segmentation, edges drawn by another tool) paired "
+                          "with the images by relative path without extension: `maps/7/0012.png` is the map of "
+                          "`images/7/0012.jpg`. An image without a map is quarantined, a map without an image "
+                          "is reported as skipped; both sources must be image folders. The maps are read at the control "
+                          "tokenizer's input size and channels.")
     tokenizer: str = Field(description="Image tokenizer of the control maps, e.g. `${fit_edges.tokenizer}` from a "
-                                       "tokenizer stage whose source has the same `transform`.")
+                                       "tokenizer stage fitted on such maps.")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> ControlSpec:
+        if (self.transform is None) == (self.source is None):
+            raise ValueError("give the control maps as transform: canny|sobel (computed from each image) or as "
+                             "source: {modality: image, uri: <folder of maps>} (paired by file name), one of them")
+        return self
 
 
 class TokenizeStage(StageBase):

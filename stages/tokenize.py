@@ -19,7 +19,7 @@ every file is stored, quarantined or skipped.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +27,14 @@ from arpipe.pipeline.digest import listing_digest
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.stage import Output, Stage, StageContext
 from arpipe.pipeline.storage import join, normalize
-from arpipe.schemas.tokenize import Source
+from arpipe.schemas.tokenize import ImageSource, Source
 from arpipe.schemas.tokenize import TokenizeStage as TokenizeSpec
 
 if TYPE_CHECKING:
-    from arpipe.stages.modalities import Unit
+    import numpy as np
+
+    from arpipe.stages.modalities import Sample, Unit
+    from arpipe.stages.modalities.base import SkippedFile
     from arpipe.stages.store import StoreUnits, UnitRecord
 
 ENCODE_BATCH = 64
@@ -57,6 +60,42 @@ def unit_name(index: int) -> str:
 
 
 @dataclass(frozen=True)
+class ControlMaps:
+    """Where a job's control maps come from: computed from each image (``transform`` canny or sobel), or read
+    from ``source`` (``transform`` none), ``paired`` naming each of the job's images' map (image key -> the map's
+    path below ``source.uri``; an image missing there has none and is quarantined)."""
+
+    tokenizer_uri: str
+    tokenizer_digest: str
+    transform: str = "none"
+    sigma: float = 1.0
+    source: ImageSource | None = None
+    paired: dict[str, str] = field(default_factory=dict)
+
+    def maps(self, images: list[Sample]) -> list[np.ndarray | str]:
+        """Each image's control map, or why it has none (a reason for its quarantine)."""
+        from arpipe.stages.modalities import SampleError, Unit, open_reader
+        from arpipe.stages.modalities.controls import control_image, name_key
+
+        if self.source is None:
+            return [control_image(s.data, self.transform, self.sigma) for s in images]
+        reader = open_reader("image", self.source.uri, **self.source.reader_options())
+        out: list[np.ndarray | str] = []
+        for sample in images:
+            rel = self.paired.get(sample.key)
+            if rel is None:
+                out.append(f"no control map named {name_key(sample.key)} below {self.source.uri}: add it there "
+                           "(any image suffix), or move the image out of the source")
+                continue
+            try:
+                [read] = reader.read(Unit(self.source.uri, "file", rel, members=(rel,)))
+                out.append(read.data)
+            except SampleError as err:
+                out.append(f"its control map {err.source} does not read: {err.reason}")
+        return out
+
+
+@dataclass(frozen=True)
 class EncodeJob:
     """One reader unit to encode on a Ray worker, with everything the worker needs to do it alone."""
 
@@ -67,7 +106,7 @@ class EncodeJob:
     tokenizer_uri: str
     tokenizer_digest: str       # read once by the driver: a worker loads the artifact only on a miss
     text_tokenizer: tuple[str, str] | None   # (uri, digest) of the tokenizer of the captions, if any
-    control: tuple[str, float, str, str] | None   # (transform, sigma, tokenizer uri, digest) of control maps
+    control: ControlMaps | None  # each image's control map and its tokenizer, if any
     samples_per_shard: int
     stage: str                  # named in the rejects
 
@@ -76,11 +115,28 @@ class EncodeJob:
         return unit_name(self.index)
 
 
+def encoded_or_errors(tok, arrays: list[np.ndarray]) -> list[np.ndarray | Exception]:
+    """Each array's tokens, encoded as one batch; when the batch fails, one by one, so that each culprit carries
+    its own error and the rest are kept."""
+    from arpipe.stages.modalities import TokenizerError
+
+    try:
+        return list(tok.encode_arrays(arrays))
+    except (TokenizerError, ValueError, RuntimeError):
+        out: list[np.ndarray | Exception] = []
+        for array in arrays:
+            try:
+                out.append(tok.encode_arrays([array])[0])
+            except (TokenizerError, ValueError, RuntimeError) as err:
+                out.append(err)
+        return out
+
+
 def encode_unit(job: EncodeJob) -> UnitRecord:
     """Read, encode and commit one unit; returns (and writes last) its record."""
     import numpy as np
 
-    from arpipe.stages.modalities import TokenizerError, open_reader
+    from arpipe.stages.modalities import open_reader
     from arpipe.stages.modalities.accounting import read_quarantining
     from arpipe.stages.store import Reject, ShardWriter, UnitRecord
 
@@ -88,7 +144,7 @@ def encode_unit(job: EncodeJob) -> UnitRecord:
     reader = open_reader(source.modality, source.uri, **source.reader_options())
     tok = _tokenizer(job.tokenizer_uri, job.tokenizer_digest)
     text_tok = _tokenizer(*job.text_tokenizer) if job.text_tokenizer else None
-    control_tok = _tokenizer(*job.control[2:]) if job.control else None
+    control_tok = _tokenizer(job.control.tokenizer_uri, job.control.tokenizer_digest) if job.control else None
     layout = tok.layout()
     # single-grid tokenizers (patch_vq, vqvae) store tokens in their grid shape; scales/octree stay flat
     grid = tuple(layout["grid"]) if "grid" in layout and "scales" not in layout else None
@@ -114,24 +170,29 @@ def encode_unit(job: EncodeJob) -> UnitRecord:
         nonlocal samples, tokens
         if not batch:
             return
-        try:
-            encoded = tok.encode_arrays([s.data for s in batch])
-            pairs = list(zip(batch, encoded))
-        except (TokenizerError, ValueError, RuntimeError):
-            pairs = []   # find the culprit(s): encode one by one
-            for sample in batch:
-                try:
-                    pairs.append((sample, tok.encode_arrays([sample.data])[0]))
-                except (TokenizerError, ValueError, RuntimeError) as err:
-                    reject(f"{sample.source_uri}#{sample.key}", f"encode failed: {err}")
-        captioned = [s.caption for s, _idx in pairs if s.caption is not None]
-        caption_ids = iter(text_tok.encode_texts(captioned) if text_tok is not None and captioned else [])
+        pairs = []
+        for sample, idx in zip(batch, encoded_or_errors(tok, [s.data for s in batch]), strict=True):
+            if isinstance(idx, Exception):
+                reject(f"{sample.source_uri}#{sample.key}", f"encode failed: {idx}")
+            else:
+                pairs.append((sample, idx))
         controls = [None] * len(pairs)
         if control_tok is not None and pairs:
-            from arpipe.stages.modalities.controls import control_image
-
-            transform, sigma = job.control[:2]
-            controls = control_tok.encode_arrays([control_image(s.data, transform, sigma) for s, _idx in pairs])
+            maps = job.control.maps([s for s, _idx in pairs])
+            read = [k for k, m in enumerate(maps) if not isinstance(m, str)]
+            codes = dict(zip(read, encoded_or_errors(control_tok, [maps[k] for k in read]), strict=True))
+            kept, controls = [], []
+            for k, (sample, idx) in enumerate(pairs):
+                code = codes.get(k)
+                if code is None or isinstance(code, Exception):
+                    reject(f"{sample.source_uri}#{sample.key}",
+                           maps[k] if code is None else f"its control map does not encode: {code}")
+                else:
+                    kept.append((sample, idx))
+                    controls.append(code)
+            pairs = kept
+        captioned = [s.caption for s, _idx in pairs if s.caption is not None]
+        caption_ids = iter(text_tok.encode_texts(captioned) if text_tok is not None and captioned else [])
         for (sample, idx), control in zip(pairs, controls, strict=True):
             condition = sample.label if sample.label is None or isinstance(sample.label, (int, str)) else str(sample.label)
             if grid is not None and int(np.prod(grid)) == idx.size:
@@ -168,7 +229,59 @@ class TokenizeStage(Stage):
 
     @classmethod
     def source_digest(cls, spec: TokenizeSpec, pipeline_dir: Path) -> str | None:
-        return listing_digest(spec.source.uri, pipeline_dir)
+        """The source's listing and, when the control maps are files of their own, theirs."""
+        from arpipe.pipeline.digest import digest_bytes
+
+        uris = [spec.source.uri] + ([spec.control.source.uri] if spec.control and spec.control.source else [])
+        digests = [listing_digest(uri, pipeline_dir) for uri in uris]
+        return digests[0] if len(digests) == 1 else digest_bytes("\n".join(digests).encode())
+
+    def _control_maps(self, source: Source, listing: list[Unit], doc: dict[str, Any] | None
+                      ) -> tuple[ControlMaps | None, dict[str, str], list[SkippedFile]]:
+        """How the jobs get their images' control maps; with a ``control.source``, which map each image file pairs
+        with (by name) and the maps that pair with none (reported as skipped)."""
+        from arpipe.stages.modalities import open_reader
+        from arpipe.stages.modalities.base import SkippedFile
+        from arpipe.stages.modalities.controls import UNPAIRED, name_key, pair_by_name
+        from arpipe.stages.modalities.image import as_size
+
+        spec = self.spec.control
+        if spec is None or doc is None:
+            return None, {}, []
+        control = ControlMaps(tokenizer_uri=spec.tokenizer, tokenizer_digest=doc["digest"],
+                              transform=spec.transform or "none", sigma=spec.sigma)
+        if spec.source is None:
+            return control, {}, []
+        update: dict[str, Any] = {"uri": normalize(spec.source.uri, self.ctx.pipeline_dir)}
+        shape = [int(n) for n in (doc.get("config") or {}).get("input_shape") or []]
+        if len(shape) == 3:   # the maps are read as the control tokenizer takes them
+            given = spec.source.size
+            if given is not None and list(as_size(given)) != shape[1:]:
+                raise UserError(f"control.source.size {given} differs from the control tokenizer's input "
+                                f"{shape[1]}x{shape[2]}", where=spec.tokenizer,
+                                fix="remove control.source.size: maps are read at the control tokenizer's size")
+            update.update(channels=shape[0], size=shape[1:])
+        maps = spec.source.model_copy(update=update)
+        reader = open_reader("image", maps.uri, **maps.reader_options())
+        if getattr(source, "format", None) != "folder" or reader.format != "folder":
+            raise UserError("control.source pairs image files with their maps by name, so both must be folders "
+                            f"of image files (here {getattr(source, 'format', source.modality)} and "
+                            f"{reader.format})", where=maps.uri,
+                            fix="give source and control.source as folders of images, or use control.transform")
+        try:
+            paired, unpaired = pair_by_name([rel for unit in listing for rel in unit.members],
+                                            [rel for unit in reader.units() for rel in unit.members])
+        except ValueError as err:
+            raise UserError(str(err), where=maps.uri, fix="keep one control map per image name") from None
+        if not paired:
+            raise UserError(f"no control map below {maps.uri} has the name of an image below {source.uri}",
+                            where=maps.uri, fix="name each map as its image (same relative path, any image "
+                                                "suffix)")
+        skipped = [SkippedFile(join(maps.uri, rel), rel, UNPAIRED,
+                               f"{UNPAIRED}: no image named {name_key(rel)} below {source.uri} to pair it with; add "
+                               "the image, or remove the map") for rel in unpaired]
+        return replace(control, source=maps.model_copy(update={"format": "folder"})), paired, [*reader.skipped,
+                                                                                                *skipped]
 
     def run(self) -> dict[str, Output]:
         import ray
@@ -206,11 +319,13 @@ class TokenizeStage(Stage):
         if "format" in type(source).model_fields and getattr(reader, "format", None):
             # inferred once here, not by listing the source per unit
             source = source.model_copy(update={"format": reader.format})
+        control, paired, unpaired = self._control_maps(source, listing, control_doc)
+        skipped = [*skipped, *unpaired]
         jobs = [EncodeJob(units=units, index=i, unit=unit, source=source, tokenizer_uri=spec.tokenizer,
                           tokenizer_digest=tok_doc["digest"], samples_per_shard=spec.shards.samples_per_shard,
                           text_tokenizer=(spec.text_tokenizer, text_doc["digest"]) if text_doc else None,
-                          control=(spec.control.transform, spec.control.sigma, spec.control.tokenizer,
-                                   control_doc["digest"]) if control_doc else None,
+                          control=control and replace(control, paired={rel: paired[rel] for rel in unit.members
+                                                                       if rel in paired}),
                           stage=ctx.name) for i, unit in enumerate(listing)]
         # a record is reused only for the very unit it read (a listing that changed shape re-reads it)
         records = {job.name: r for job in jobs if (r := units.reusable(job.name)) is not None
@@ -265,7 +380,8 @@ class TokenizeStage(Stage):
                       **({"text_tokenizer": {"id": f"text:{text_doc['digest'][:12]}", "digest": text_doc["digest"],
                                              "uri": spec.text_tokenizer, "vocab_size": text_doc["vocab_size"]}}
                          if text_doc else {}),
-                      **({"control": {"transform": spec.control.transform, "sigma": spec.control.sigma,
+                      **({"control": {"transform": control.transform, "sigma": spec.control.sigma,
+                                      **({"source": control.source.uri} if control.source else {}),
                                       "id": f"{control_doc['type']}:{control_doc['digest'][:12]}",
                                       "digest": control_doc["digest"], "uri": spec.control.tokenizer,
                                       "vocab_size": control_doc["vocab_size"]}} if control_doc else {})},

@@ -94,6 +94,24 @@ def _caption_sidecar(folder: Path) -> None:
     (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
 
 
+def _edge_maps(folder: Path, images: Path) -> None:
+    """Edge maps drawn by another tool (here scikit-image's Canny, saved as files) for the images below
+    ``images``, under the same relative names: one image has none, one map is a .bmp, one map has no image and a
+    note sits beside them."""
+    from PIL import Image
+    from skimage.feature import canny
+
+    pngs = sorted(images.glob("[0-9]/*.png"))
+    for k, png in enumerate(pngs[1:]):
+        edges = canny(np.asarray(Image.open(png), dtype=np.float64) / 255, sigma=1.0)
+        target = folder / png.relative_to(images).with_suffix(".bmp" if k == 0 else ".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((edges * 255).astype(np.uint8)).save(target)
+    (folder / "9").mkdir(exist_ok=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "9" / "9999.png")
+    (folder / "notes.txt").write_text("drawn with skimage.feature.canny(sigma=1)\n")
+
+
 def _captioned_shards(folder: Path) -> None:
     """A WebDataset shard whose samples carry captions as `.txt` or in `.json`, one without, one not UTF-8."""
     import webdataset as wds
@@ -213,6 +231,13 @@ stages:
     tokenizer: ${{tok.tokenizer}}
     control: {{transform: canny, tokenizer: "${{fit_edges.tokenizer}}"}}
     progress: false
+  paired_maps:
+    kind: tokenize
+    source: {{modality: image, uri: ./data/caption_sidecar, channels: 1, size: 8}}
+    tokenizer: ${{tok.tokenizer}}
+    control: {{source: {{modality: image, uri: ./data/edge_maps}}, tokenizer: "${{fit_edges.tokenizer}}"}}
+    max_reject_fraction: 0.5
+    progress: false
   captioned_shards:
     kind: tokenize
     source: {{modality: image, uri: ./data/captioned_shards, channels: 1, size: 8, captions: auto}}
@@ -242,6 +267,7 @@ def project(tmp_path_factory, ray_cluster):
     _clouds(data / "clouds")
     _captioned(data / "captioned")
     _caption_sidecar(data / "caption_sidecar")
+    _edge_maps(data / "edge_maps", data / "caption_sidecar")
     _captioned_shards(data / "captioned_shards")
     rng = np.random.default_rng(0)
     make_tokenizer("patch_vq", input_shape=[3, 4, 8, 8], patch=[2, 4, 4], codebook_size=8, modality="video",
@@ -509,3 +535,48 @@ def test_each_image_keeps_the_tokens_of_its_canny_edges_which_decode_to_its_own_
     assert (error.argmin(axis=1) == np.arange(len(samples))).all(), error
     assert np.diag(error).mean() < 0.5 * error[~np.eye(len(samples), dtype=bool)].mean()
 
+
+
+def test_control_maps_from_a_second_folder_pair_with_their_images_by_name(project):
+    """`control: {source: <folder of maps>}`: each image's map is the file with its name (any image suffix) in
+    the maps folder, tokenized beside it; an image without a map is quarantined and a map without an image is
+    reported as skipped, each with the way out; the other files there are reported as for any source."""
+    from PIL import Image
+
+    from arpipe.stages.modalities import load_tokenizer
+    from arpipe.stages.store import TokenStore
+
+    root, stdout, _env = project
+    images, maps = root / "data" / "caption_sidecar", root / "data" / "edge_maps"
+    out = next(root.glob("runs/paired_maps/*/outputs.json")).parent
+    store = TokenStore.open(str(out / "store"))
+    edges_tok = load_tokenizer(str(next(root.glob("runs/fit_edges/*/outputs.json")).parent / "tokenizer"))
+    assert store.manifest.metadata["control"] | {"sigma": None} == {
+        "transform": "none", "source": str(maps), "sigma": None, "id": f"msvq:{edges_tok.digest[:12]}",
+        "digest": edges_tok.digest, "uri": str(edges_tok_uri(root)), "vocab_size": edges_tok.vocab_size}
+    samples = list(store)
+    first = sorted(images.glob("[0-9]/*.png"))[0].relative_to(images).as_posix()
+    assert sorted(s.key for s in samples) == sorted(p.relative_to(images).as_posix()
+                                                    for p in images.glob("[0-9]/*.png"))[1:]
+    drawn = {p.relative_to(maps).with_suffix("").as_posix(): np.asarray(Image.open(p), dtype=np.float32)[None] / 255
+             for p in maps.glob("[0-8]/*.*")}
+    wanted = np.stack([drawn[s.key.removesuffix(".png")] for s in samples])
+    decoded = np.stack(edges_tok.decode_arrays([np.asarray(s.control_tokens) for s in samples]))
+    error = ((decoded[:, None] - wanted[None]) ** 2).mean(axis=(2, 3, 4))   # [decoded i, map of j]
+    assert (error.argmin(axis=1) == np.arange(len(samples))).all(), error
+
+    rows = {r["source"]: r["reason"] for r in _table(out / "rejects.arrow")}
+    assert rows.pop(f"{images / first}#{first}") == (
+        f"no control map named {first.removesuffix('.png')} below {maps}: add it there (any image suffix), or move "
+        "the image out of the source")
+    assert rows.pop(str(maps / "9" / "9999.png")).startswith(
+        "skipped: control map without image: no image named 9/9999 below")
+    assert rows.pop(str(maps / "notes.txt")).startswith("skipped: .txt is not a format the image reader reads")
+    assert rows.pop(str(images / "captions.jsonl")).startswith("skipped: ")
+    assert not rows, rows
+    line = store_line(stdout, "paired_maps")
+    assert " 5 samples, " in line and "1 rejected, 3 skipped (" in line, line
+
+
+def edges_tok_uri(root: Path) -> Path:
+    return next(root.glob("runs/fit_edges/*/outputs.json")).parent / "tokenizer"

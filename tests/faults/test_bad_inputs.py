@@ -70,6 +70,7 @@ PIPELINES = {
     "bad_callable.yaml": r"stages\.a\.callable: string should match pattern",
     "missing_module.yaml": r":\d+:\d+: stages\.a: cannot find module 'no_such_module'",
     "train_bad_model.yaml": r"n_head \(4\) does not divide n_embd \(30\)",
+    "control_two_origins.yaml": r"stages\.tokenize\.control: .*transform: canny\|sobel .* or as source: .* one of them",
     "alias_bomb.yaml": r"expands to more than \d+ values",
     "deep_nesting.yaml": r"nested too deeply",
     "not_utf8.yaml": r"not UTF-8 text",
