@@ -191,6 +191,26 @@ class ClassifierSpec(Strict):
                                   ("pointcloud", self.pointcloud)) if f}
 
 
+class PromptAttribute(Strict):
+    """An attribute a prompt asks for, checked on matched pairs of prompted samples: each sample whose prompt
+    has `word` is paired with the sample at the same position among those of the same prompt with `opposite`
+    instead, and `measure` of the two images is compared."""
+
+    word: str = Field(min_length=1, description="The word that asks for more of the attribute, e.g. `thick` "
+                                                "(a whole word of the prompt, any case).")
+    opposite: str = Field(min_length=1, description="The word that asks for less, e.g. `thin`.")
+    measure: Literal["ink", "slant"] = Field(
+        description="What is measured on each decoded image (its luma, in [0, 1]): `ink` the total intensity, "
+                    "`slant` |mu11 / mu02| of its intensity moments.")
+
+    @model_validator(mode="after")
+    def _two_words(self) -> PromptAttribute:
+        if " ".join(self.word.lower().split()) == " ".join(self.opposite.lower().split()):
+            raise ValueError(f"word and opposite are both {self.word!r}; give the word that asks for the "
+                             "opposite, e.g. {word: thick, opposite: thin, measure: ink}")
+        return self
+
+
 class ReconstructionSpec(Strict):
     """Tokenizer round-trip quality on real data."""
 
@@ -220,6 +240,15 @@ class EvaluateStage(StageBase):
     classifier: ClassifierSpec = Field(default_factory=ClassifierSpec,
                                        description="Classifiers for the Classification Accuracy Score of "
                                                    "class-conditional samples, per modality.")
+    prompt_attributes: list[PromptAttribute] | None = Field(
+        None, description="For samples drawn from text prompts: attributes the prompts ask for, e.g. `[{word: "
+                          "thick, opposite: thin, measure: ink}]`; reports the share of matched pairs (\"a thick "
+                          "seven\" and \"a thin seven\", k-th sample with k-th) where the `word` sample measures "
+                          "higher (noise: about 0.5).")
+    control_agreement: bool = Field(
+        False, description="For samples drawn under control maps (`controls:`): the correlation of each "
+                           "sample's edges (the model's control transform) with its control map, and with another "
+                           "sample's as the baseline.")
     max_samples: int = Field(256, ge=2, description="Samples per set used by every metric.")
     knn: int = Field(3, ge=1, description="k of the k-NN manifolds for precision and recall.")
     batch_size: int = Field(32, ge=1, description="Samples per model forward when scoring held-out NLL.")
@@ -240,6 +269,16 @@ class EvaluateStage(StageBase):
         if self.classifier.files() and not self.samples:
             raise ValueError("a classifier judges generated samples: give samples, e.g. samples: "
                              "${sample.samples}")
+        if (self.prompt_attributes or self.control_agreement) and not self.samples:
+            raise ValueError("prompt_attributes and control_agreement judge generated samples: give samples, "
+                             "e.g. samples: ${sample.samples}")
+        seen: dict[tuple[str, ...], int] = {}
+        for i, a in enumerate(self.prompt_attributes or []):
+            pair = tuple(sorted(" ".join(w.lower().split()) for w in (a.word, a.opposite)))
+            if pair in seen:
+                raise ValueError(f"prompt_attributes[{i}] compares {a.word!r} and {a.opposite!r} again (as "
+                                 f"prompt_attributes[{seen[pair]}] does); remove one of them")
+            seen[pair] = i
         if self.model and not (self.heldout or self.reference):
             raise ValueError("model needs a heldout (or reference) token store to score")
         return self

@@ -1,6 +1,6 @@
 """Stage kind ``evaluate``: score a model and its samples; output ``metrics``.
 
-Three independent parts, each run when its inputs are given:
+Independent parts, each run when its inputs are given:
 
 - **likelihood** (``model`` + ``heldout``): per-sample negative log-likelihood
   of a token store under the model, summarized as mean NLL per token and bits
@@ -18,17 +18,23 @@ Three independent parts, each run when its inputs are given:
   Score: a classifier fitted on real data (``classifier.image``, ``.volume``,
   ``.pointcloud``) judges whether each class-conditional sample shows the class
   it was drawn for; scored on the reference too, so the judge's own accuracy
-  is in the report.
+  is in the report;
+- **attributes** (``samples`` + ``prompt_attributes``): in matched pairs of
+  prompted samples ("a thick seven", "a thin seven"), the share where the
+  sample asked for more of a measured attribute (``ink``, ``slant``) has more;
+- **control agreement** (``samples`` + ``control_agreement``): the correlation
+  of each controlled sample's edges with its control map, and with another
+  sample's (``stages.evaluation.conditions``).
 
 The work that grows with the samples is done in resumable units of
 ``UNIT_SAMPLES`` samples (``stages.store.units``): *decode* units (a chunk of
-one store's selected samples through its tokenizer; the arrays are kept as
-``.arpipe/units/<unit>.npz``) and *NLL* units (a chunk of a held-out store
-under the model; the per-sample values are kept in the unit's record). Each is
-committed by its ``.arpipe/units/<unit>.json`` record, written last, and a
-rerun reuses every committed one, so a crash costs at most the unit in flight;
-the metrics computed from the units are the same whether they were reused or
-not.
+one store's selected samples, or of their control maps, through its tokenizer;
+the arrays are kept as ``.arpipe/units/<unit>.npz``) and *NLL* units (a chunk
+of a held-out store under the model; the per-sample values are kept in the
+unit's record). Each is committed by its ``.arpipe/units/<unit>.json`` record,
+written last, and a rerun reuses every committed one, so a crash costs at most
+the unit in flight; the metrics computed from the units are the same whether
+they were reused or not.
 
 ``metrics/`` holds ``metrics.json`` (the summary, also logged to MLflow with
 ``/`` in names, e.g. ``image/fid``), ``scores.parquet`` (one row per sample
@@ -82,13 +88,16 @@ class Scores:
 
 
 class Decoded(NamedTuple):
-    """Samples of one modality of a store, decoded: keys, arrays, class labels (None: unconditional) and
-    captions (the prompts of prompted samples; None without one)."""
+    """Samples of one modality of a store, decoded: keys, arrays, class labels (None: unconditional),
+    captions (the prompts of prompted samples; None without one), control-map tokens (None without one) and
+    where each sample is in its store."""
 
     keys: list[str]
     arrays: list[Any]
     conditions: list[str | None]
     captions: list[str | None] | None = None
+    controls: list[tuple[int, ...] | None] | None = None
+    indices: list[int] | None = None
 
 
 def prompt_class(caption: str | None, words: dict[str, str]) -> str | None:
@@ -284,6 +293,7 @@ class EvaluateStage(Stage):
         tokens: dict[str, tuple[list[str], list[int]]] = {}
         conditions: dict[str, list[str | None]] = {}
         captions: dict[str, list[str | None]] = {}
+        controls: dict[str, list[tuple[int, ...] | None]] = {}
         wanted = {t.get("modality") for t in tokenizers.values()}
         spread = spread and len(store) > limit
         if (uri, limit, spread) in self._decoded_stores:   # the parts read the same sets: decode them once
@@ -310,20 +320,22 @@ class EvaluateStage(Stage):
                 conditions.setdefault(info["modality"], []).append(
                     None if sample.condition is None else str(sample.condition))
                 captions.setdefault(info["modality"], []).append(sample.caption)
+                controls.setdefault(info["modality"], []).append(sample.control_tokens)
         decoded = self._decode_units(uri, picked, tokenizers)
         out: dict[str, Decoded] = {}
         for modality, (keys, at) in tokens.items():
             arrays = [decoded[i] for i in at]
             if modality != "pointcloud":   # what the media files show: intensities in [0, 1]
                 arrays = [np.clip(a, 0.0, 1.0) for a in arrays]
-            out[modality] = Decoded(keys, arrays, conditions[modality], captions[modality])
+            out[modality] = Decoded(keys, arrays, conditions[modality], captions[modality], controls[modality], at)
         self._decoded_stores[uri, limit, spread] = out
         return out
 
     def _decode_units(self, uri: str, picked: dict[int, tuple[str, Any]],
-                      tokenizers: dict[str, dict[str, Any]]) -> dict[int, Any]:
+                      tokenizers: dict[str, dict[str, Any]], stream: str | None = None) -> dict[int, Any]:
         """The ``picked`` samples of a store decoded, in decode units: the picked ones of each ``UNIT_SAMPLES``-wide
-        block of the store, one decode call per tokenizer, arrays kept beside the unit's record."""
+        block of the store, one decode call per tokenizer, arrays kept beside the unit's record. ``stream``
+        names tokens other than the samples' own (``control``: their control maps), units of their own."""
         import numpy as np
 
         from arpipe.stages.modalities import load_tokenizer
@@ -348,9 +360,9 @@ class EvaluateStage(Stage):
         out: dict[int, Any] = {}
         for block, indices in blocks.items():
             # the parts pick different samples of one store (first ones, spread): one unit per distinct pick
-            name = f"decode-{_tag(uri)}-{block:05d}-{_tag(json.dumps(indices))}"
-            _, payload = self._unit(name, {"store": uri, "indices": indices},
-                                    lambda indices=indices: decode(indices))
+            name = f"decode-{stream + '-' if stream else ''}{_tag(uri)}-{block:05d}-{_tag(json.dumps(indices))}"
+            work = {"store": uri, "indices": indices, **({"stream": stream} if stream else {})}
+            _, payload = self._unit(name, work, lambda indices=indices: decode(indices))
             with np.load(io.BytesIO(payload), allow_pickle=False) as arrays:   # the same, done now or reused
                 out.update((i, arrays[f"arr_{k}"]) for k, i in enumerate(indices))
         return out
@@ -547,6 +559,98 @@ class EvaluateStage(Stage):
             return None
         return Decoded(keys, arrays, conditions)
 
+    # ------------------------------------------------------------------ prompt following
+
+    def attributes(self, scores: Scores) -> None:
+        """Attributes the prompts ask for (``prompt_attributes``): over matched pairs of prompted images ("a
+        thick seven" and "a thin seven", k-th sample with k-th), the share where the ``word`` sample measures
+        higher than its ``opposite`` sample, the number of pairs and the mean difference of the measure."""
+        import numpy as np
+
+        from arpipe.stages.evaluation import MEASURES, matched_pairs
+
+        spec, ctx = self.spec, self.ctx
+        decoded = self._decoded(spec.samples, spec.max_samples).get("image")
+        named = [(a, f"image/attribute/{_metric_part(a.word)}_vs_{_metric_part(a.opposite)}")
+                 for a in spec.prompt_attributes]
+        if decoded is None or not any(decoded.captions or ()):
+            why = ("the samples have no image samples" if decoded is None else
+                   "the samples have no prompts: sample with prompts: to score prompt_attributes")
+            scores.skipped.update((name, why) for _a, name in named)
+            return
+        measured: dict[str, np.ndarray] = {}
+        for attribute, name in named:
+            word, opposite, measure = attribute.word, attribute.opposite, attribute.measure
+            pairs = matched_pairs(decoded.captions, word, opposite)
+            if not pairs:
+                scores.skipped[name] = (f"no prompt with {word!r} has a counterpart with {opposite!r} in its place "
+                                        f"among the {len(decoded.keys)} samples: prompt both, e.g. \"a {word} "
+                                        f"seven\" and \"a {opposite} seven\"")
+                continue
+            if measure not in measured:
+                measured[measure] = np.asarray([MEASURES[measure](x) for x in decoded.arrays], dtype=np.float64)
+            higher, lower = (measured[measure][[p[side] for p in pairs]] for side in (0, 1))
+            wins = (higher > lower).astype(np.float64)
+            scores.add("samples", [decoded.keys[a] for a, _b in pairs], "image", f"{word}_vs_{opposite}", wins)
+            scores.summary[name] = float(wins.mean())
+            scores.summary[f"{name}/pairs"] = float(len(pairs))
+            scores.summary[f"{name}/mean_difference"] = float((higher - lower).mean())
+            print(f"[{ctx.name}] image {word} vs {opposite}: the {word!r} sample has more {measure} in "
+                  f"{wins.mean():.3f} of {len(pairs)} matched pairs (noise: about 0.5)", flush=True)
+        for measure, values in measured.items():
+            scores.add("samples", decoded.keys, "image", measure, values)
+
+    def control_following(self, scores: Scores) -> None:
+        """How well each sample's edges follow its control map (``control_agreement``): the correlation of its
+        edge map (the control maps' transform) with its control map beyond the controls' mean map, and the same
+        against another sample's control map as the baseline."""
+        import numpy as np
+
+        from arpipe.stages.evaluation import edge_agreement, other_controls
+        from arpipe.stages.modalities.controls import TRANSFORMS, control_image
+        from arpipe.stages.store import TokenStore
+
+        spec, ctx = self.spec, self.ctx
+        names = ("image/control_agreement", "image/control_agreement_shuffled")
+        decoded = self._decoded(spec.samples, spec.max_samples).get("image")
+        at = [k for k, c in enumerate(decoded.controls or ()) if c] if decoded else []
+        meta = (TokenStore.open(spec.samples).manifest.metadata or {}).get("control") or {}
+        other = other_controls([decoded.controls[k] for k in at]) if at else None
+        why = None
+        if not at:
+            why = "the samples have no control maps: sample with controls: to score control_agreement"
+        elif not meta.get("uri"):
+            why = ("the samples store does not name its control maps' tokenizer (it was sampled before arpipe "
+                   "recorded it): rerun its sample stage with `arpipe run --force <stage>`")
+        elif other is None:
+            why = (f"all {len(at)} controlled samples share one control map; the agreement is measured beyond the "
+                   "controls' mean map: sample under at least two")
+        if why:
+            scores.skipped.update((name, why) for name in names)
+            return
+        picked = {decoded.indices[k]: ("control", np.asarray(decoded.controls[k])) for k in at}
+        maps = self._decode_units(spec.samples, picked, {"control": {"tokenizer_uri": meta["uri"]}}, stream="control")
+        controls = [np.clip(maps[decoded.indices[k]], 0.0, 1.0) for k in at]
+        # maps from another source than a transform of the image (depth, segmentation): the image's Canny edges
+        transform = meta.get("transform") if meta.get("transform") in TRANSFORMS else "canny"
+        edges = [control_image(np.asarray(decoded.arrays[k], dtype=np.float32), transform, meta.get("sigma", 1.0))
+                 for k in at]
+        if edges[0].shape[-2:] != controls[0].shape[-2:]:
+            size = "x".join(map(str, controls[0].shape[-2:])), "x".join(map(str, edges[0].shape[-2:]))
+            scores.skipped.update((name, f"the control maps are {size[0]} pixels, the samples {size[1]}: use a "
+                                         "control tokenizer fitted at the samples' size") for name in names)
+            return
+        own = edge_agreement(edges, controls)
+        shuffled = edge_agreement(edges, [controls[j] for j in other], mean_of=controls)
+        keys = [decoded.keys[k] for k in at]
+        scores.add("samples", keys, "image", "control_agreement", own)
+        scores.add("samples", keys, "image", "control_agreement_shuffled", shuffled)
+        scores.summary[names[0]], scores.summary[names[1]] = float(own.mean()), float(shuffled.mean())
+        if shuffled.mean() > 0:   # a correlation: a baseline at or below 0 makes no ratio
+            scores.summary["image/control_agreement_ratio"] = float(own.mean() / shuffled.mean())
+        print(f"[{ctx.name}] image control agreement {own.mean():.3f} with the own control map, "
+              f"{shuffled.mean():.3f} with another sample's, over {len(at)} samples ({transform} edges)", flush=True)
+
     # ------------------------------------------------------------------ run
 
     def run(self) -> dict[str, Output]:
@@ -564,6 +668,10 @@ class EvaluateStage(Stage):
             self.samples(scores)
         if spec.classifier.files():
             self.classification(scores)
+        if spec.prompt_attributes:
+            self.attributes(scores)
+        if spec.control_agreement:
+            self.control_following(scores)
         folder = ctx.work_dir / "metrics"
         folder.mkdir(parents=True, exist_ok=True)
         pq.write_table(scores.table(), folder / "scores.parquet")

@@ -138,6 +138,13 @@ def read_prompts(prompts: list[str] | str, base_dir: Path) -> list[tuple[str, st
     return found
 
 
+def _control_metadata(info: dict[str, Any], vocab) -> dict[str, Any]:
+    """The samples store's ``control`` metadata, as a tokenize stage's store has it, from the model's control
+    tokenizer: what made and what decodes the samples' ``control_tokens`` (evaluate's control agreement)."""
+    return {"transform": info["transform"], "sigma": info.get("sigma", 1.0), "uri": info["tokenizer_uri"],
+            "digest": info["tokenizer_digest"], "vocab_size": {n: s for n, s, _k in vocab.prompts}["control"]}
+
+
 class SampleWorker:
     """One model replica in a Ray actor; decodes shards into the stage folder."""
 
@@ -566,6 +573,7 @@ class SampleStage(Stage):
                       "tokenizer_uri": single["tokenizer_uri"] if single else None,
                       "tokenizer_layout": single["layout"] if single else None,
                       "tokenizers": {n: tokenizers[n] for n in names}, "model": spec.model,
+                      **({"control": _control_metadata(tokenizers["control"], vocab)} if spec.controls else {}),
                       "sampling": {k: v for k, v in spec.model_dump(mode="json").items()
                                    if k not in SampleSpec.runtime_fields}, "rejects": len(rejects)},
             known_files=ctx.known_files)

@@ -2,10 +2,10 @@
 under a held-out digit's edges, a digit whose own edges agree with those far better than with another's.
 
 The control tokens are a prefix of the image tokens (docs/conditioning.md says why a prefix), from a small
-tokenizer fitted on the edge maps. Agreement is the correlation of the blurred edge maps (the sample's Canny
-edges against the control's) after the average control map is taken from both: how far a sample's edges
-follow what is particular to its control, beyond the blob every digit's edges share (0: no agreement). The
-controls: the same samples against shuffled controls, and noise.
+tokenizer fitted on the edge maps. Agreement is the evaluate stage's (``edge_agreement``): the correlation of
+the blurred edge maps (the sample's Canny edges against the control's) after the average control map is taken
+from both: how far a sample's edges follow what is particular to its control, beyond the blob every digit's
+edges share (0: no agreement). The controls: the same samples against shuffled controls, and noise.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 import torch
 from helpers import background_script
 
+from arpipe.stages.evaluation import edge_agreement
 from arpipe.stages.modalities import make_tokenizer
 from arpipe.stages.modalities.controls import control_image
 from arpipe.stages.models import (
@@ -42,18 +43,6 @@ AGREE_FLOOR = 0.25   # and an agreement of its own: noise and an untrained model
 
 def edges(images_B1HW: np.ndarray) -> np.ndarray:
     return np.stack([control_image(x, "canny", 1.0) for x in images_B1HW])
-
-
-def agreement(edges_B1HW: np.ndarray, controls_B1HW: np.ndarray) -> np.ndarray:
-    """Per pair: the correlation of the two edge maps, blurred (sigma 1, so that a one-pixel shift still
-    agrees), after the controls' average map is taken from both."""
-    from scipy.ndimage import gaussian_filter
-
-    a = np.stack([gaussian_filter(x[0], 1.0) for x in edges_B1HW]).reshape(len(edges_B1HW), -1)
-    b = np.stack([gaussian_filter(x[0], 1.0) for x in controls_B1HW]).reshape(len(controls_B1HW), -1)
-    mean = b.mean(0)
-    a, b = a - mean, b - mean
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-9)
 
 
 def train_and_control(steps: int = STEPS):
@@ -104,8 +93,8 @@ def samples(background):
 
 
 def follows(images: np.ndarray, controls: np.ndarray) -> bool:
-    own = agreement(edges(images), controls).mean()
-    shuffled = agreement(edges(images), np.roll(controls, 1, axis=0)).mean()
+    own = edge_agreement(edges(images), controls).mean()
+    shuffled = edge_agreement(edges(images), np.roll(controls, 1, axis=0)).mean()
     return bool(own >= AGREE_FLOOR and own >= RATIO_FLOOR * shuffled)
 
 

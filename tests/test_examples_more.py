@@ -262,6 +262,7 @@ def test_captioned_digits(tmp_path, ray_cluster):
     assert [s.caption for s in drawn] == prompts
     scores = json.loads(only(folder, "arpipe-runs/evaluate/*/metrics/metrics.json").read_text())
     assert {f"image/cas/{d}" for d in range(10)} <= set(scores["metrics"])   # every prompt names a digit
+    assert scores["metrics"]["image/attribute/thick_vs_thin/pairs"] == 10   # "a thick X" with "a thin X"
     store = TokenStore.open(str(only(folder, "arpipe-runs/tokenize/*/store")))
     text = load_tokenizer(str(only(folder, "arpipe-runs/fit_text/*/tokenizer")))
     samples = list(store)

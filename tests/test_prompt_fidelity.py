@@ -19,8 +19,9 @@ import torch
 from helpers import background_script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from captioned_digits_steps import NUMBERS, describe, ink  # noqa: E402
+from captioned_digits_steps import NUMBERS, describe  # noqa: E402
 
+from arpipe.stages.evaluation import MEASURES, matched_pairs  # noqa: E402
 from arpipe.stages.modalities import make_tokenizer  # noqa: E402
 from arpipe.stages.models import (  # noqa: E402
     ModelConfig,
@@ -68,17 +69,16 @@ def held_out(caption: str) -> bool:
 
 
 def prompts() -> tuple[list[str], np.ndarray, list[tuple[int, int]]]:
-    """Thick and thin prompts for every digit, PAIRS seeds each; the held-out pairs' positions."""
-    texts, digits, pairs = [], [], []
+    """Thick and thin prompts for every digit, PAIRS seeds each, in turn; the (thick, thin) pairs the evaluate
+    stage matches (the k-th "a thick X" with the k-th "a thin X")."""
+    texts, digits = [], []
     for digit in range(10):
-        for k in range(PAIRS):
-            pairs.append((len(texts), len(texts) + 1))
+        for _k in range(PAIRS):
             for word in ("thick", "thin"):
                 phrase = f"{word} {NUMBERS[digit]}"
                 texts.append(("an " if phrase.startswith("eight") else "a ") + phrase)
                 digits.append(digit)
-            del k
-    return texts, np.array(digits), pairs
+    return texts, np.array(digits), matched_pairs(texts, "thick", "thin")
 
 
 def train_and_prompt(steps: int = STEPS, options: SamplingOptions | None = None):
@@ -122,8 +122,8 @@ def recognised(judge, images: np.ndarray, digits: np.ndarray) -> float:
 
 
 def thicker(images: np.ndarray, pairs: list[tuple[int, int]]) -> float:
-    """Share of (thick, thin) pairs where the thick sample has more ink."""
-    amount = ink(images[:, 0])
+    """Share of (thick, thin) pairs where the thick sample has more ink (the evaluate stage's measure)."""
+    amount = np.asarray([MEASURES["ink"](x) for x in images])
     return float(np.mean([amount[a] > amount[b] for a, b in pairs]))
 
 

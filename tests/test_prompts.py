@@ -4,13 +4,15 @@ and completions of stored digits whose bottom half is drawn again (in-painting).
 
 What the samples show is checked on a longer-trained model in tests/test_prompt_fidelity.py; here the
 story is what a user sees: the model folder names its text tokenizer, every sample is stored and written
-beside its prompt, the contact sheet in MLflow has the prompts under the pictures, and a prompt the model
-cannot take fails in one line that names its file and line.
+beside its prompt, the contact sheet in MLflow has the prompts under the pictures, evaluate reports the
+prompt-following metrics (CAS, thick against thin, control agreement), and a prompt the model cannot take
+fails in one line that names its file and line.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 from helpers import arpipe, background_project, write
 from helpers import committed_output as out
 
-PROMPTS = ["a thick seven", "a thin two", "an eight"]
+PROMPTS = ["a thick seven", "a thin two", "an eight", "a thin seven"]
 
 PIPELINE = """
 name: prompts
@@ -91,6 +93,12 @@ stages:
     samples: ${sample.samples}
     reference: ${tokenize.store}
     classifier: {image: "${judge.classifier}", image_size: 8, prompt_classes: {"2": two, "7": seven, "8": eight}}
+    prompt_attributes: [{word: thick, opposite: thin, measure: ink}]
+  follow_controls:
+    kind: evaluate
+    samples: ${controlled.samples}
+    reference: ${tokenize.store}
+    control_agreement: true
 """
 
 
@@ -101,7 +109,8 @@ def build_project(root: Path, ray_address: str) -> Path:
     for steps in ("captioned_digits_steps.py", "digits_steps.py"):
         shutil.copyfile(Path(__file__).parent.parent / "examples" / steps, root / steps)
     write(root, {"prompts.yaml": PIPELINE, "prompts.txt": "\n".join(PROMPTS) + "\n"})
-    background_project(root, "prompts.yaml", ray_address)
+    run = background_project(root, "prompts.yaml", ray_address)
+    (root / "run.log").write_text(run.stdout)
     return root
 
 
@@ -184,8 +193,8 @@ def test_the_contact_sheet_shows_each_prompt_under_its_picture(project):
     exp = client.get_experiment_by_name("prompts")
     [run] = client.search_runs([exp.experiment_id], filter_string="tags.`arpipe.stage` = 'sample'")
     sheet = Image.open(client.download_artifacts(run.info.run_id, "contact_sheets/contact_image.png"))
-    # six pictures with a caption strip each: taller than the pictures alone (scale 8: 64 pixels)
-    assert sheet.width >= 6 * 64 and sheet.height > 64 + 10
+    # eight pictures with a caption strip each: taller than the pictures alone (scale 8: 64 pixels)
+    assert sheet.width >= 8 * 64 and sheet.height > 64 + 10
 
 
 def test_in_painting_keeps_the_known_tokens_of_each_stored_digit(project):
@@ -223,6 +232,45 @@ def test_evaluate_checks_each_prompted_sample_against_the_digit_its_prompt_names
     assert 0 <= metrics["image/cas"] <= 1
     assert "image/cas_reference" not in metrics   # the reference store is unlabelled (labels: null)
     assert not any(k.startswith("image/cas/") and k[len("image/cas/"):] not in ("2", "7", "8") for k in metrics)
+
+
+def test_evaluate_compares_thick_and_thin_prompts_in_matched_pairs(project):
+    """`prompt_attributes`: the k-th "a thick seven" sample against the k-th "a thin seven" one, by ink. After
+    40 steps of training what is checked is which samples were paired and that the share is reported."""
+    import pyarrow.parquet as pq
+
+    from arpipe.stages.store import TokenStore
+
+    metrics = stage_metrics(project, "evaluate")
+    assert metrics["image/attribute/thick_vs_thin/pairs"] == 2   # two samples of each prompt
+    assert metrics["image/attribute/thick_vs_thin"] in (0.0, 0.5, 1.0)
+    assert math.isfinite(metrics["image/attribute/thick_vs_thin/mean_difference"])
+    store = TokenStore.open(str(out(project, "sample") / "samples"))
+    rows = pq.read_table(out(project, "evaluate") / "metrics" / "scores.parquet").to_pylist()
+    paired = [r["key"] for r in rows if r["metric"] == "thick_vs_thin"]
+    assert paired == [store[i].key for i in range(len(store)) if store[i].caption == "a thick seven"]
+    assert "image thick vs thin: the 'thick' sample has more ink in" in (project / "run.log").read_text()
+
+
+def test_evaluate_scores_controlled_samples_against_their_own_and_another_control_map(project):
+    """`control_agreement`: each controlled sample's Canny edges against its control map, and against the
+    other control map's (the baseline). Correlations, so in [-1, 1]; a ratio only over a positive baseline."""
+    metrics = stage_metrics(project, "follow_controls")
+    own, shuffled = metrics["image/control_agreement"], metrics["image/control_agreement_shuffled"]
+    assert -1 <= own <= 1 and -1 <= shuffled <= 1
+    assert ("image/control_agreement_ratio" in metrics) == (shuffled > 0)
+    assert "image control agreement" in (project / "run.log").read_text()
+    assert not any(k.startswith("image/attribute") for k in metrics)
+
+
+def stage_metrics(project, stage: str) -> dict[str, float]:
+    """The metrics of ``stage``'s MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("prompts")
+    [run] = client.search_runs([exp.experiment_id], filter_string=f"tags.`arpipe.stage` = '{stage}'")
+    return run.data.metrics
 
 
 BAD_PROMPTS = [

@@ -21,11 +21,17 @@ Classification Accuracy Score, no pretrained weights)::
     cas = mean(p == c for p, c in zip(predicted, requested_classes))
 
 :func:`classifier_features` is what a scikit-learn judge is fitted on, per modality.
+
+Prompted and controlled samples are checked without weights too (:mod:`.conditions`): measured attributes
+(:data:`MEASURES`) compared over :func:`matched_pairs` of prompts ("a thick seven", "a thin seven"), and the
+:func:`edge_agreement` of a sample's edges with its control map against another sample's
+(:func:`other_controls`).
 """
 
 from __future__ import annotations
 
 from .classifier import Classifier, ClassifierError, classifier_features, confusion_counts
+from .conditions import MEASURES, edge_agreement, matched_pairs, other_controls
 from .features import FeatureExtractor
 from .metrics import (
     chamfer_distance,
@@ -43,6 +49,7 @@ from .metrics import (
 from .plots import confusion_matrix, score_distributions
 
 __all__ = [
+    "MEASURES",
     "Classifier",
     "ClassifierError",
     "FeatureExtractor",
@@ -52,12 +59,15 @@ __all__ = [
     "chamfer_distance",
     "coverage",
     "earth_movers_distance",
+    "edge_agreement",
     "frechet_distance",
     "frechet_from_features",
     "gaussian_stats",
     "kernel_inception_distance",
+    "matched_pairs",
     "mmd",
     "one_nn_accuracy",
+    "other_controls",
     "pairwise_distances",
     "precision_recall",
     "score_distributions",
