@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH)
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	# pip compiles what it installs, but not an editable project's own sources: compiled once here, so that
+	# each process (Ray workers, drivers) need not compile them again where PYTHONDONTWRITEBYTECODE is set
+	$(PY) -m compileall -q pipeline stages schemas cluster arpipe > /dev/null
 	touch $@
 
 setup: $(VENV)/.installed

@@ -33,10 +33,10 @@ from arpipe.stages.models import (
 )
 
 SCALES = [1, 2, 4, 8]
-STEPS = 700
+STEPS = 500
 HELD_OUT = 100
-# measured here: agreement with the own control 0.45, with a shuffled one -0.02, noise -0.01 (and, as a mean
-# squared error of the blurred maps: 0.0085 own, 0.0156 shuffled)
+# measured here: agreement with the own control 0.40 at 500 steps (0.45 at 700, 0.32 at 400), with a shuffled
+# one -0.01, noise -0.01 (at 700 steps, as a mean squared error of the blurred maps: 0.0085 own, 0.0156 shuffled)
 RATIO_FLOOR = 2.0    # the acceptance: at least twice as well as with a shuffled control
 AGREE_FLOOR = 0.25   # and an agreement of its own: noise and an untrained model stay near 0
 
