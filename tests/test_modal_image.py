@@ -203,3 +203,17 @@ def test_array_of_wrong_shape(tmp_path):
 def test_missing_source(tmp_path):
     with pytest.raises(SampleError, match="source does not exist"):
         ImageReader(str(tmp_path / "nowhere.png")).units()
+
+
+def test_control_maps_pair_with_images_by_name_whatever_their_suffix():
+    """`control.source`'s pairing: a map pairs with the image of its relative path without extension; an
+    image without a map is left out (the stage quarantines it), a map without an image is returned (reported as
+    skipped), and two maps of one name are refused, naming both."""
+    from arpipe.stages.modalities.controls import pair_by_name
+
+    paired, unpaired = pair_by_name(["7/0012.jpg", "7/0013.png", "3/0001.png"],
+                                    ["7/0012.png", "3/0001.bmp", "9/9999.png"])
+    assert paired == {"7/0012.jpg": "7/0012.png", "3/0001.png": "3/0001.bmp"}
+    assert unpaired == ["9/9999.png"]
+    with pytest.raises(ValueError, match="two control maps 7/0012.png and 7/0012.tif have the name 7/0012"):
+        pair_by_name(["7/0012.jpg"], ["7/0012.png", "7/0012.tif"])
