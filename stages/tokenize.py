@@ -252,7 +252,8 @@ class TokenizeStage(Stage):
                               transform=spec.transform or "none", sigma=spec.sigma)
         if spec.source is None:
             return control, {}, []
-        update: dict[str, Any] = {"uri": normalize(spec.source.uri, self.ctx.pipeline_dir)}
+        # a map's label would go unused: no labels sidecar is looked for in the maps folder (once per batch)
+        update: dict[str, Any] = {"uri": normalize(spec.source.uri, self.ctx.pipeline_dir), "labels": None}
         shape = [int(n) for n in (doc.get("config") or {}).get("input_shape") or []]
         if len(shape) == 3:   # the maps are read as the control tokenizer takes them
             given = spec.source.size
