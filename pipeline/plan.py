@@ -48,11 +48,18 @@ class Planner:
         self.check()
 
     def check(self) -> None:
-        """Each stage kind's own checks (e.g. a model shape that cannot work), before anything runs."""
+        """Each stage kind's own checks (e.g. a model shape that cannot work), before anything runs.
+
+        Code digests are taken here too, not only once a stage's upstream is done: they read the files
+        beside the pipeline a stage depends on (a python stage's module, a train stage's ds_config), and a
+        missing or broken one is reported by `plan` and refused by `run` before Ray starts.
+        """
         for name, spec in self.loaded.spec.stages.items():
             problem = stage_class(spec.kind).check(spec)
             if problem:
                 raise UserError(problem, where=self.loaded.where("stages", name), path=f"stages.{name}")
+        for name in self.loaded.spec.stages:
+            self.code_digest(name)
 
     def code_digest(self, name: str) -> str | None:
         if name not in self._code:

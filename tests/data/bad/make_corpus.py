@@ -72,6 +72,9 @@ PIPELINES = {
                                                  "callable: no_such_module:make\n    config"),
     "train_bad_model.yaml": "name: bad\nstages:\n  train:\n    kind: train\n    data: [{store: ./store}]\n"
                             "    model: {preset: tiny, n_embd: 30, n_head: 4}\n    steps: 10\n",
+    # with its sibling ds_config_syntax.json (below): a trailing comma, as hand-edited DeepSpeed configs have
+    "train_ds_config_syntax.yaml": "name: bad\nstages:\n  train:\n    kind: train\n    data: [{store: ./store}]\n"
+                                   "    deepspeed: {config_file: ds_config_syntax.json}\n    steps: 10\n",
     # a "billion laughs": nine levels of ten aliases, 10^9 values from a dozen lines
     "alias_bomb.yaml": "name: bad\nstages: {}\nbomb:\n  a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)),
@@ -85,6 +88,7 @@ def pipelines() -> None:
     for name, text in PIPELINES.items():
         (folder / name).write_text(text)
     (folder / "not_utf8.yaml").write_bytes("name: caf\u00e9\nstorage: ./runs\n".encode("latin-1") + b"\xff\xfe")
+    (folder / "ds_config_syntax.json").write_text('{\n  "zero_optimization": {\n    "stage": 2,\n  }\n}\n')
 
 
 # --------------------------------------------------------------------------------------- images
