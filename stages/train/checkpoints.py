@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,9 @@ def _agreed(whole: bool, world: int) -> bool:
     return bool(flag.item())
 
 
-def restore(engine, handed, *, world: int) -> Restored:
-    """Load the newest whole committed checkpoint, from ``handed`` (``ray.train.get_checkpoint()``) back."""
+def restore(engine, handed, *, world: int, also: Callable[[Path], None] | None = None) -> Restored:
+    """Load the newest whole committed checkpoint, from ``handed`` (``ray.train.get_checkpoint()``) back;
+    ``also`` then reads this rank's own files (the EMA) from the same checkpoint folder."""
     if handed is None:
         return Restored(None, [])
     skipped: list[tuple[int | None, str]] = []
@@ -126,6 +128,8 @@ def restore(engine, handed, *, world: int) -> Restored:
             if _agreed(problem is None, world):
                 tag = (Path(folder) / "latest").read_text().strip()
                 _path, client = engine.load_checkpoint(folder, tag=tag)
+                if also is not None:
+                    also(Path(folder))
                 return Restored(client, skipped)
         skipped.append((step, problem or "damaged in another rank's copy"))
     return Restored(None, skipped)

@@ -221,20 +221,23 @@ def train_resumed(output: str, before: dict) -> str | None:
 
 
 def train_final(out: Path) -> list[str]:
-    """The model folder holds exactly its five files (weights bitwise equal to the reference's)."""
+    """The model folder holds exactly its files and its tokenizer copies, the EMA of the weights among them (the
+    weights and their EMA bitwise equal to the reference's: every output file is compared)."""
     files = sorted(p.name for p in (out / "model").iterdir())
-    expected = ["config.json", "model.safetensors", "scale_inputs.safetensors", "tokenizers.json", "vocab.json"]
+    expected = ["config.json", "ema.safetensors", "model.safetensors", "scale_inputs.safetensors", "tokenizers",
+                "tokenizers.json", "vocab.json"]
     return [] if files == expected else [f"model folder holds {files}"]
 
 
 TRAIN = Kind(
     kind="train", stage="train", worker="RayTrainWorker", also_quiet=("TrainController",),
-    unit=f"a Ray Train checkpoint every {EVERY} steps; {STEPS_TOTAL} steps (DeepSpeed ZeRO-1)",
+    unit=f"a Ray Train checkpoint every {EVERY} steps; {STEPS_TOTAL} steps (DeepSpeed ZeRO-1, an EMA every 3)",
     block=f"""
   train:
     kind: train
     data: [{{{{store: "{{store}}"}}}}]
 {TINY_TRAIN}    deepspeed: {{{{zero_stage: 1}}}}
+    ema: {{{{decay: 0.9, every: 3}}}}
     steps: {STEPS_TOTAL}
     checkpoint_every: {EVERY}
 """,
