@@ -125,15 +125,17 @@ class TrainedModel:
 
     def sample(self, modality: str | None = None, labels: Sequence[Any] = (None,), *, seed: int = 0,
                length: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               cfg_scale: float = 1.0, cfg_schedule: str = "constant", decode: bool = True) -> list[np.ndarray]:
+               cfg_scale: float = 1.0, cfg_schedule: str = "constant", decode: bool = True,
+               indices: Sequence[int] | None = None, prompts: Sequence[str | None] | None = None) -> list[np.ndarray]:
         """One sample per label (``None``: unconditional), decoded by the modality's tokenizer unless
-        ``decode`` is off (then the local token ids). ``length`` is only for variable-length layouts
-        (point clouds); sample ``i`` is the same for a seed whatever else is asked with it."""
+        ``decode`` is off (then the local token ids, as the sample stage stores them). ``length`` is only for
+        variable-length layouts (point clouds). Sample ``i`` (``indices``, default ``0..n-1``) is the same for a
+        seed whatever else is asked with it: the sample stage's sample ``i`` with that ``seed``. ``prompts``:
+        one text per label for a model trained on captions."""
         from arpipe.pipeline.errors import UserError
-        from arpipe.stages.modalities import load_tokenizer
         from arpipe.stages.models import Prompt, SamplingOptions, generate
 
-        names = self.modalities
+        names = [n for n, info in self.opened.tokenizers.items() if not info.get("prompt")]
         name = modality or (names[0] if len(names) == 1 else None)
         if name is None:
             raise UserError(f"the model has several modalities ({', '.join(names)})", where=self.opened.uri,
@@ -144,18 +146,39 @@ class TrainedModel:
         plan = self.opened.plan(name, length)
         options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                                   cfg_schedule=cfg_schedule)
-        prompt = Prompt.from_vocab(self.opened.vocab, name, list(labels))
-        gen = generate(self.opened.model, plan, prompt, options, seed=seed)
+        streams = None
+        if prompts is not None and any(prompts):
+            if "text" not in self.opened.tokenizers:
+                raise UserError("prompts need a model trained on captions; this one was not",
+                                where=self.opened.uri, fix="sample with labels only")
+            text = self._tokenizer("text")
+            encoded = text.encode_texts([p or "" for p in prompts])
+            streams = [{"text": [int(t) for t in ids]} if p else None for p, ids in zip(prompts, encoded, strict=True)]
+        prompt = Prompt.from_vocab(self.opened.vocab, name, list(labels), prompts=streams)
+        gen = generate(self.opened.model, plan, prompt, options, seed=seed, sample_indices=indices)
         local = self.opened.vocab.to_local(name, gen.tokens.cpu()).numpy()
-        if not decode:
-            return list(local)
-        tokenizer = load_tokenizer(self.opened.tokenizers[name]["tokenizer_uri"])
-        trim = getattr(tokenizer, "trim", None)
-        return tokenizer.decode_arrays([trim(row) if trim else row for row in local])
+        trim = getattr(self._tokenizer(name), "trim", None)
+        rows = [trim(row) if trim else row for row in local]
+        return rows if not decode else self.decode(name, rows)
+
+    def decode(self, modality: str | None, tokens: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Local token ids (as :meth:`sample` gives them with ``decode=False``) decoded to arrays."""
+        names = [n for n, info in self.opened.tokenizers.items() if not info.get("prompt")]
+        return self._tokenizer(modality or names[0]).decode_arrays(list(tokens))
+
+    def _tokenizer(self, name: str):
+        from arpipe.stages.modalities import load_tokenizer
+
+        cache = self.__dict__.setdefault("_tokenizers", {})
+        if name not in cache:
+            cache[name] = load_tokenizer(self.opened.tokenizers[name]["tokenizer_uri"])
+        return cache[name]
 
 
 def load_model(uri: str | Path, *, device: str = "cpu") -> TrainedModel:
-    """Load a train stage's model folder (local or ``s3://``): weights, vocabulary, tokenizers' names."""
+    """Load a train stage's model folder (local or ``s3://``) or an MLflow model (``models:/NAME@alias``,
+    ``models:/NAME/VERSION``, ``models:/m-<id>``): weights, vocabulary, tokenizers."""
+    from arpipe.pipeline.models import resolve_model
     from arpipe.stages.models.folder import open_model
 
-    return TrainedModel(open_model(str(uri), device=device))
+    return TrainedModel(open_model(resolve_model(str(uri)).location, device=device))

@@ -1,4 +1,4 @@
-"""``arpipe``: validate | plan | run | status | submit | jobs | store | schema | ui.
+"""``arpipe``: validate | plan | run | status | submit | jobs | store | model | schema | ui.
 
 Errors print one line (where, what, how to fix) and exit 2 for user errors;
 ``--debug`` shows the traceback. ``validate``, ``plan`` and a fully cached
@@ -25,6 +25,7 @@ EXTERNAL_COMMANDS = {
     "store": ("arpipe.stages.store.cli", "inspect, verify and export token stores"),
     "submit": ("arpipe.cluster.commands", "submit a pipeline to a Ray cluster as a Ray job"),
     "jobs": ("arpipe.cluster.commands", "list, follow and stop submitted Ray jobs"),
+    "model": ("arpipe.pipeline.models", "register trained models in the MLflow Model Registry"),
 }
 
 
@@ -245,6 +246,10 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(head)
     if rest is not None:
         args.rest = rest
+    if getattr(args, "tracking_uri", None):   # stages resolving models:/ URIs (and their workers) read it there
+        from arpipe.pipeline.lineage import tracking_uri
+
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri(args.tracking_uri)
     start = time.time()
     try:
         code = args.func(args)

@@ -328,7 +328,7 @@ class Lineage:
 
         from mlflow.entities import Metric, RunTag
 
-        metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in log.metrics]
+        metrics = [Metric(key, value, stamp, step, model_id=log.model_id) for key, value, stamp, step in log.metrics]
         for lo in range(0, len(metrics), METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=metrics[lo:lo + METRICS_PER_BATCH])
         if log.tags:
@@ -406,6 +406,8 @@ class StageLog(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict)
     artifacts: list[LoggedFile] = Field(default_factory=list)
     tables: list[LoggedTable] = Field(default_factory=list)
+    #: the logged model the metrics are also logged to (:meth:`RunLog.link_model`)
+    model_id: str | None = None
 
     def __bool__(self) -> bool:
         return bool(self.metrics or self.tags or self.artifacts or self.tables)
@@ -422,6 +424,7 @@ class RunLog:
         self.uri, self.run_id = uri, run_id
         self._client = None
         self._buffer: list = []
+        self.model_id: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -444,7 +447,8 @@ class RunLog:
         from mlflow.entities import Metric
 
         stamp = now_ms()
-        self._buffer += [Metric(k, float(v), stamp, step) for k, v in metrics.items() if v is not None]
+        self._buffer += [Metric(k, float(v), stamp, step, model_id=self.model_id) for k, v in metrics.items()
+                         if v is not None]
         if len(self._buffer) >= 200:
             self.flush()
 
@@ -478,15 +482,59 @@ class RunLog:
 
     def log_model(self, folder: str | os.PathLike, *, name: str, params: dict[str, str], tags: dict[str, str],
                   model_type: str) -> str | None:
-        """``folder`` as an MLflow logged model linked to this run; returns its model id."""
+        """The model folder ``folder`` as an MLflow logged model linked to this run, with a ``python_function``
+        flavor (``mlflow.pyfunc.load_model`` works on it) and its weights' digest as a tag; returns its id."""
         if not self.enabled:
             return None
+        import tempfile
+
+        from arpipe.pipeline.models import WEIGHTS_TAG, pyfunc_folder, weights_digest
+
         experiment = self.client.get_run(self.run_id).info.experiment_id
+        digest = weights_digest(str(folder))
         model = self.client.create_logged_model(experiment, name=name, source_run_id=self.run_id, params=params,
-                                                tags=tags, model_type=model_type)
-        self.client.log_model_artifacts(model.model_id, str(folder))
+                                                tags={**tags, **({WEIGHTS_TAG: digest} if digest else {})},
+                                                model_type=model_type)
+        with tempfile.TemporaryDirectory(prefix="arpipe-mlmodel-") as tmp:
+            pyfunc_folder(str(folder), str(Path(tmp) / "mlmodel"))
+            self.client.log_model_artifacts(model.model_id, str(Path(tmp) / "mlmodel"))
         self.client.finalize_logged_model(model.model_id, "READY")
         return model.model_id
+
+    def link_model(self, model_id: str | None) -> None:
+        """Metrics logged from now on are also the logged model ``model_id``'s (shown on its MLflow page)."""
+        self.model_id = model_id
+
+    def register_model(self, model_id: str | None, name: str, alias: str | None = None) -> str | None:
+        """Register the logged model as a new version of ``name`` (moving ``alias`` to it); returns the version."""
+        if not self.enabled or model_id is None:
+            return None
+        from arpipe.pipeline.models import register_version
+
+        version = register_version(self.client, model_id, name, alias, run_id=self.run_id).version
+        self.set_tag("arpipe.registered_model", f"{name}/{version}")
+        return str(version)
+
+    def find_model(self, weights_digest: str | None) -> str | None:
+        """The logged model (in this run's experiment) whose weights have ``weights_digest``, or None."""
+        if not self.enabled or not weights_digest:
+            return None
+        from arpipe.pipeline.models import find_logged_model
+
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        return find_logged_model(self.client, [experiment], weights_digest)
+
+    def use_model(self, model_id: str | None, registered: str | None = None) -> None:
+        """Record that this run read the logged model ``model_id`` (an MLflow model input, and tags naming
+        it and the registered version ``NAME/VERSION`` it was named by)."""
+        if not self.enabled or model_id is None:
+            return
+        from mlflow.entities import LoggedModelInput
+
+        self.client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
+        self.set_tag("arpipe.model_id", model_id)
+        if registered:
+            self.set_tag("arpipe.registered_model", registered)
 
 
 class DeferredRunLog(RunLog):
@@ -509,6 +557,9 @@ class DeferredRunLog(RunLog):
 
     def flush(self) -> None:
         pass
+
+    def link_model(self, model_id: str | None) -> None:
+        self.record.model_id = model_id
 
     def set_tag(self, key: str, value: str) -> None:
         if self.enabled:

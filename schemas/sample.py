@@ -74,7 +74,8 @@ class SampleStage(StageBase):
     output_names: ClassVar[tuple[str, ...]] = ("samples", "media")
 
     kind: Literal["sample"]
-    model: str = Field(description="A model folder, usually `${train.model}`.")
+    model: str = Field(description="A model folder, usually `${train.model}`, or a registered model "
+                                   "(`models:/NAME@alias`, `models:/NAME/VERSION`, `models:/m-<id>`).")
     modalities: list[str] | None = Field(None, description="Vocabulary modalities to sample (default: all of the "
                                                            "model's), e.g. `[image]`.")
     num_samples: int = Field(64, ge=1, description="Samples per modality (when neither `classes` nor `prompts` "
@@ -122,6 +123,10 @@ class SampleStage(StageBase):
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs reserved per actor; above 0 the model runs on "
                                                          "CUDA.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Model dtype on GPU (CPU runs fp32).")
+    weights: Literal["ema", "raw"] | None = Field(
+        None, description="Which of the model's weights draw: `ema` the moving average a train stage with `ema:` "
+                          "kept, `raw` the trained weights themselves (default: ema when the model has EMA "
+                          "weights, else raw).")
     progress: bool = Field(True, description="Print a line per finished shard.")
 
     @model_validator(mode="after")
@@ -230,7 +235,8 @@ class EvaluateStage(StageBase):
     reference: str | list[str] | None = Field(
         None, description="Token store(s) of real data the samples are compared with, per modality (decoded "
                           "through their tokenizers).")
-    model: str | None = Field(None, description="A model folder, for held-out NLL (`${train.model}`).")
+    model: str | None = Field(None, description="A model folder, for held-out NLL (`${train.model}`, or "
+                                                "`models:/NAME@alias`, `models:/NAME/VERSION`).")
     heldout: str | list[str] | None = Field(None, description="Token store(s) for NLL and bits per token "
                                                               "(default: reference).")
     reconstruction: ReconstructionSpec | None = Field(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from arpipe.schemas.base import StageBase, Strict
 
@@ -40,6 +40,12 @@ class DeepSpeedSpec(Strict):
     gradient_clipping: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 is off.")
     config: dict[str, Any] = Field(default_factory=dict,
                                    description="Merged over the generated DeepSpeed config (for experts).")
+    config_file: str | None = Field(None, description="A DeepSpeed JSON config (ds_config.json; a path relative "
+                                                      "to the pipeline file's folder, or s3://) merged over the "
+                                                      "generated config, `config` over it; \"auto\" takes arpipe's "
+                                                      "value, and keys this stage's fields decide (ZeRO stage, "
+                                                      "precision, batch sizes, clipping, offload, optimizer) must "
+                                                      "agree with them.")
 
     @model_validator(mode="after")
     def _offload_needs_stage(self) -> DeepSpeedSpec:
@@ -62,6 +68,20 @@ class OptimizerSpec(Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
 
 
+class EmaSpec(Strict):
+    """An exponential moving average of the weights, saved beside them (``ema.safetensors``)."""
+
+    decay: float = Field(0.999, gt=0, lt=1, description="ema = decay x ema + (1 - decay) x weights, from the "
+                                                         "initial weights (as torch's AveragedModel and timm's "
+                                                         "ModelEmaV2).")
+    every: int = Field(1, ge=1, description="Optimizer steps between updates.")
+
+
+class RegisterSpec(Strict):
+    name: str = Field(min_length=1, description="Registered model name (created when new).")
+    alias: str | None = Field(None, description="An alias (e.g. `champion`) moved to the new version.")
+
+
 DEFAULT_EPOCHS = 20.0   # measured on 1500 digits: docs/training.md, sizing a budget
 
 
@@ -69,8 +89,11 @@ class TrainStage(StageBase):
     """Trains an AR generator with DeepSpeed ZeRO under Ray Train; output ``model``."""
 
     runtime_fields: ClassVar[frozenset[str]] = StageBase.runtime_fields | {
-        "use_gpu", "max_failures", "checkpoint_every", "eval_every", "log_every"}
+        "use_gpu", "max_failures", "checkpoint_every", "eval_every", "log_every", "registration"}
     output_names: ClassVar[tuple[str, ...]] = ("model",)
+
+    # a spec sent to a worker is rebuilt from its dump, which names `register` by its attribute
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
 
     kind: Literal["train"]
     data: list[DataSource] = Field(min_length=1, description="Token stores to train on, mixed by weight.")
@@ -80,6 +103,10 @@ class TrainStage(StageBase):
                                      description="ZeRO stage, offload, precision and gradient clipping.")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec,
                                      description="AdamW and its warm-up + cosine learning-rate schedule.")
+    ema: EmaSpec | None = Field(None, description="Keep an EMA of the fp32 master weights on every rank (each "
+                                                  "rank its ZeRO share), checkpointed with them; the model "
+                                                  "folder then holds `ema.safetensors` beside the raw weights, "
+                                                  "and sample uses it by default (default: none).")
     global_batch: int = Field(32, ge=1, description="Sequences per optimizer step, over all workers.")
     micro_batch: int | None = Field(None, ge=1, description="Sequences per worker per forward (default: "
                                                                "global_batch / workers, no accumulation).")
@@ -100,6 +127,16 @@ class TrainStage(StageBase):
     log_every: int = Field(1, ge=1, description="Steps between metric rows (loss, lr, tokens/s, grad norm, "
                                                 "MFU on GPU) logged to MLflow.")
     max_failures: int = Field(1, ge=0, description="Worker-group restarts from the last checkpoint.")
+    init_from: str | None = Field(None, description="Start from these weights instead of random ones: a model "
+                                                    "folder (`${pretrain.model}`), `models:/NAME@alias`, "
+                                                    "`models:/NAME/VERSION` or `models:/m-<id>`. Width, depth, "
+                                                    "heads and paradigm must match; the vocabulary may grow "
+                                                    "(new rows start as a fresh model's).")
+    freeze: list[str] = Field(default_factory=list, description="Parameter-name patterns (fnmatch, e.g. "
+                                                                "`blocks.0.*`, `tok_emb.*`) kept fixed in training.")
+    # `register` in YAML; the attribute has another name because ABCMeta.register is a class attribute
+    registration: RegisterSpec | None = Field(None, alias="register", description=(
+        "Register the trained model in the MLflow Model Registry as a new version of `name`, with `alias`."))
 
     @model_validator(mode="after")
     def _budget_and_batch(self) -> TrainStage:

@@ -164,19 +164,37 @@ class EvaluateStage(Stage):
         uris += [u for u in spec.classifier.files().values() if not REF_PATTERN.search(u)]
         if spec.reconstruction:
             uris.append(spec.reconstruction.source.uri)
-        if not uris:
-            return None
-        return digest_bytes("\n".join(listing_digest(u, pipeline_dir) for u in uris).encode())
+        parts = [listing_digest(u, pipeline_dir) for u in uris]
+        from arpipe.pipeline.models import is_model_uri, resolve_model
+
+        if spec.model and is_model_uri(spec.model):   # the version an alias names now
+            parts.append(resolve_model(spec.model, where="model").key)
+        return digest_bytes("\n".join(parts).encode()) if parts else None
 
     # ------------------------------------------------------------------ likelihood
+
+    def _model_id(self) -> str | None:
+        """The MLflow logged model evaluated: the one ``model`` names, else the one the samples came from."""
+        from arpipe.pipeline.models import resolve_model
+
+        spec = self.spec
+        if spec.model and (found := resolve_model(spec.model, self.ctx.tracking_uri).model_id):
+            return found
+        if spec.samples:
+            from arpipe.stages.store import TokenStore
+
+            return (TokenStore.open(spec.samples).manifest.metadata or {}).get("model_id")
+        return None
 
     def likelihood(self, scores: Scores) -> None:
         import torch
 
+        from arpipe.pipeline.models import resolve_model
         from arpipe.stages.models.folder import open_model
 
         spec = self.spec
-        opened = open_model(spec.model)
+        opened = open_model(resolve_model(spec.model, self.ctx.tracking_uri,
+                                          where=f"stages.{self.ctx.name}.model").location)
         nll_all, count_all = 0.0, 0
         with torch.no_grad():
             for uri in spec.heldout or spec.reference:
@@ -660,6 +678,7 @@ class EvaluateStage(Stage):
 
         spec, ctx = self.spec, self.ctx
         scores = Scores()
+        ctx.run_log.link_model(self._model_id())   # the metrics show on the logged model's MLflow page too
         if spec.model:
             self.likelihood(scores)
         if spec.reconstruction:

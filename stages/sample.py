@@ -13,7 +13,9 @@ Sample ``i`` draws from a generator seeded by ``(seed, i)`` (see
 or actor, and any sample can be redrawn alone. Decoding follows the model's
 paradigm (one forward per token, block or scale), with a KV cache, CFG
 (constant or linear ramp) and, for next-token models, optional speculative
-Jacobi decoding (``decoder: sjd``).
+Jacobi decoding (``decoder: sjd``). The actors load the model's EMA weights
+when a train stage with ``ema:`` saved them, else its raw weights
+(``weights: ema|raw`` chooses; the store's metadata says which were used).
 
 With ``prompts`` (a model trained on captions), each prompt is tokenized by the
 model's text tokenizer and fills the context's text positions; the prompt is
@@ -148,7 +150,7 @@ def _control_metadata(info: dict[str, Any], vocab) -> dict[str, Any]:
 class SampleWorker:
     """One model replica in a Ray actor; decodes shards into the stage folder."""
 
-    def __init__(self, model_uri: str, env: dict[str, str], device: str, precision: str):
+    def __init__(self, model_uri: str, env: dict[str, str], device: str, precision: str, weights: str = "raw"):
         import torch
 
         from arpipe.stages.models.folder import open_model
@@ -156,7 +158,8 @@ class SampleWorker:
         os.environ.update(env)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if device != "cpu" else None
-        opened = open_model(model_uri, device=device, dtype=dtype, check_weights=False)   # the driver checked
+        opened = open_model(model_uri, device=device, dtype=dtype, check_weights=False,   # the driver checked
+                            weights=weights)
         self.config, self.vocab, self.tokenizers = opened.config, opened.vocab, opened.tokenizers
         self.model, self.scale_inputs = opened.model, opened.scale_inputs
         self._loaded: dict[str, Any] = {}
@@ -287,12 +290,14 @@ class SampleStage(Stage):
     def source_digest(cls, spec: SampleSpec, pipeline_dir: Path) -> str | None:
         """A prompts file and a mask image are read from outside the pipeline: their listings key the cache."""
         from arpipe.pipeline.digest import listing_digest
+        from arpipe.pipeline.models import is_model_uri, resolve_model
 
         files = [f for f in (spec.prompts if isinstance(spec.prompts, str) else None,
                              spec.inpaint.mask if spec.inpaint else None) if f and not REF_PATTERN.search(f)]
-        if not files:
-            return None
-        return digest_bytes("\n".join(listing_digest(f, pipeline_dir) for f in files).encode())
+        parts = [listing_digest(f, pipeline_dir) for f in files]
+        if is_model_uri(spec.model):   # the version an alias names now: moving the alias reruns the stage
+            parts.append(resolve_model(spec.model, where="model").key)
+        return digest_bytes("\n".join(parts).encode()) if parts else None
 
     def _jobs(self, config, vocab, tokenizers: dict[str, dict[str, Any]], units: StoreUnits) -> list[ShardJob]:
         from arpipe.stages.models import SamplingOptions
@@ -527,11 +532,17 @@ class SampleStage(Stage):
     def run(self) -> dict[str, Output]:
         import ray
 
-        from arpipe.stages.models.folder import fetch_model, model_info
+        from arpipe.pipeline.models import resolve_model, weights_digest
+        from arpipe.stages.models.folder import choose_weights, fetch_model, model_info
         from arpipe.stages.store import StoreUnits, TokenizerRef, fan_out
 
         spec, ctx = self.spec, self.ctx
-        config, vocab, tokenizers = model_info(fetch_model(spec.model))
+        ref = resolve_model(spec.model, ctx.tracking_uri, where=f"stages.{ctx.name}.model")
+        folder = fetch_model(ref.location)
+        config, vocab, tokenizers = model_info(folder, location=ref.location)
+        weights = choose_weights(folder, spec.weights, where=f"stages.{ctx.name}.weights")
+        model_id = ref.model_id or ctx.run_log.find_model(weights_digest(ref.location))
+        ctx.run_log.use_model(model_id, ref.registered)
         units = StoreUnits(out_uri=ctx.out_uri, store="samples", fingerprint=ctx.fingerprint)
         jobs = self._jobs(config, vocab, tokenizers, units)
         records = {j.shard: r for j in jobs if (r := units.reusable(j.shard)) is not None}
@@ -545,7 +556,7 @@ class SampleStage(Stage):
             actor_cls = ray.remote(SampleWorker).options(num_cpus=spec.cpus_per_actor, num_gpus=spec.gpus_per_actor,
                                                          name=None, max_restarts=1, max_task_retries=1)
             env = {**ctx.forwarded_env(), "OMP_NUM_THREADS": str(max(1, int(spec.cpus_per_actor)))}
-            actors = [actor_cls.remote(spec.model, env, device, spec.precision)
+            actors = [actor_cls.remote(ref.location, env, device, spec.precision, weights)
                       for _ in range(min(spec.actors, len(todo)))]
             try:   # one shard per actor at a time: an actor is a slot
                 for _job, record in fan_out(todo, lambda job, slot: actors[slot].run_shard.remote(job), len(actors)):
@@ -573,6 +584,8 @@ class SampleStage(Stage):
                       "tokenizer_uri": single["tokenizer_uri"] if single else None,
                       "tokenizer_layout": single["layout"] if single else None,
                       "tokenizers": {n: tokenizers[n] for n in names}, "model": spec.model,
+                      "model_location": ref.location, "model_id": model_id, "registered_model": ref.registered,
+                      "weights": weights,
                       **({"control": _control_metadata(tokenizers["control"], vocab)} if spec.controls else {}),
                       "sampling": {k: v for k, v in spec.model_dump(mode="json").items()
                                    if k not in SampleSpec.runtime_fields}, "rejects": len(rejects)},

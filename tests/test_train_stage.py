@@ -104,8 +104,10 @@ def test_zero_3_with_two_ranks_matches_one(digits_project, ray_cluster):
     two_ranks_match_one(digits_project, ray_cluster, "zero", ["zero3"])
     model = next(digits_project.glob("runs/zero3/*/model"))
     # a next_scale model carries VAR's input tables (the tokenizer's codebook and input map) with its weights
+    # and a copy of its tokenizer, so the folder works without the run that made it
     assert {p.name for p in model.iterdir()} == {"model.safetensors", "config.json", "vocab.json", "tokenizers.json",
-                                                 "scale_inputs.safetensors"}
+                                                 "scale_inputs.safetensors", "tokenizers"}
+    assert {p.name for p in (model / "tokenizers" / "image").iterdir()} == {"tokenizer.json", "weights.safetensors"}
 
 
 @pytest.mark.full

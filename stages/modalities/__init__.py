@@ -27,6 +27,7 @@ from .base import (
     Tokenizer,
     TokenizerError,
     Unit,
+    copy_artifact,
     load_tokenizer,
     read_artifact,
     tokenizer_class,
@@ -74,6 +75,6 @@ def make_tokenizer(type: str, **config: Any) -> Tokenizer:
 __all__ = [
     "READERS", "TOKENIZER_TYPES", "FixedLengthTokenizer", "ImageReader", "MultiScaleVQ", "OctreeTokenizer",
     "PatchVQ", "PointCloudReader", "Reader", "Sample", "SampleError", "Tokenizer", "TokenizerError", "Unit",
-    "VQVAE", "VideoReader", "VolumeReader", "chamfer_distance", "codebook_usage", "denormalize", "load_tokenizer",
+    "VQVAE", "VideoReader", "VolumeReader", "chamfer_distance", "codebook_usage", "copy_artifact", "denormalize", "load_tokenizer",
     "make_tokenizer", "open_reader", "psnr", "read_artifact", "ssim", "tokenizer_class",
 ]

@@ -327,6 +327,15 @@ def read_artifact(uri: str) -> tuple[dict[str, Any], bytes]:
     return doc, weights
 
 
+def copy_artifact(uri: str, dest: str) -> None:
+    """Copy the tokenizer artifact at ``uri`` to the folder ``dest`` (local or s3://), checked on the way:
+    how a model folder carries the tokenizers it needs."""
+    _doc, weights = read_artifact(uri)
+    store = storage_for(dest)
+    store.write_bytes(join(dest, WEIGHTS_FILE), weights)
+    store.write_bytes(join(dest, CONFIG_FILE), storage_for(uri).read_bytes(join(uri, CONFIG_FILE)))
+
+
 def load_tokenizer(uri: str, device: str | None = None) -> Tokenizer:
     """Load an artifact folder; dispatches on tokenizer.json's ``type`` and verifies both digests."""
     from safetensors.torch import load

@@ -2,7 +2,9 @@
 
 A train stage writes ``config.json``, ``model.safetensors``, ``vocab.json``,
 ``tokenizers.json`` (which tokenizer made each modality's codes) and, for
-models trained on VAR's accumulated input, ``scale_inputs.safetensors``.
+models trained on VAR's accumulated input, ``scale_inputs.safetensors``;
+with ``ema:``, also ``ema.safetensors`` (the EMA of the weights, which
+:func:`open_model` loads by default when the folder has it).
 Everything that reads such a folder (the sample and evaluate stages, the
 Python API) opens it here::
 
@@ -15,6 +17,7 @@ Python API) opens it here::
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,8 @@ from arpipe.pipeline.digest import digest_bytes, hex_of
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.storage import is_s3, join, storage_for
 
-MODEL_FILES = ("config.json", "model.safetensors", "vocab.json", "tokenizers.json", "scale_inputs.safetensors")
+MODEL_FILES = ("config.json", "model.safetensors", "vocab.json", "tokenizers.json", "scale_inputs.safetensors",
+               "ema.safetensors")
 _NO_MODEL_FIX = "point `model` at a train stage's output, e.g. ${train.model}"
 
 
@@ -47,8 +51,8 @@ def fetch_model(uri: str, *, digests: bool = True) -> Path:
         verify_files(local, digests=digests, shown_as=uri)
     except UserError:
         # the local copy may be stale (the model was rewritten since) or damaged: fetch it afresh, once
-        for name in MODEL_FILES:
-            (local / name).unlink(missing_ok=True)
+        shutil.rmtree(local)
+        local.mkdir(parents=True)
         _download(uri, local)
         verify_files(local, digests=digests, shown_as=uri)
     return local
@@ -56,17 +60,28 @@ def fetch_model(uri: str, *, digests: bool = True) -> Path:
 
 def _download(uri: str, local: Path) -> None:
     """The model folder's files not yet in ``local``, each fetched atomically (a temp file renamed into place)."""
+    from .io import recorded_files
+
     storage = storage_for(uri)
-    for name in MODEL_FILES:
-        if not (local / name).exists() and storage.exists(join(uri, name)):
-            storage.get_file(join(uri, name), local / name)
     if not (local / "config.json").exists():
-        raise UserError("no model here (config.json is missing)", where=uri, fix=_NO_MODEL_FIX)
+        if not storage.exists(join(uri, "config.json")):
+            raise UserError("no model here (config.json is missing)", where=uri, fix=_NO_MODEL_FIX)
+        storage.get_file(join(uri, "config.json"), local / "config.json")
+    for name in recorded_files(local) or MODEL_FILES:   # folders written before the record: the known names
+        if not (local / name).exists() and storage.exists(join(uri, name)):
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            storage.get_file(join(uri, name), local / name)
 
 
-def model_info(folder: Path, *, check_weights: bool = True) -> tuple[Any, Any, dict[str, dict[str, Any]]]:
+def model_info(folder: Path, *, check_weights: bool = True,
+               location: str | None = None) -> tuple[Any, Any, dict[str, dict[str, Any]]]:
     """``(ModelConfig, VocabLayout, tokenizers)`` of a model folder, checked: every file parses (the weights'
-    header too, unless ``check_weights`` is off because the caller loads them next)."""
+    header too, unless ``check_weights`` is off because the caller loads them next).
+
+    A model folder carries a copy of each tokenizer it needs (``tokenizers/<name>/``, named by ``path`` in
+    ``tokenizers.json``): each entry's ``tokenizer_uri`` then names that copy, below ``location`` (where the
+    folder lives for others, e.g. its s3:// URI; default the local ``folder``), so the model works after the
+    run that trained it is gone; ``trained_with`` keeps the artifact it was trained with."""
     from safetensors import safe_open
 
     from .io import WEIGHTS_FILE, load_config, load_vocab
@@ -99,6 +114,10 @@ def model_info(folder: Path, *, check_weights: bool = True) -> tuple[Any, Any, d
         tokenizers = json.loads(path.read_text()) if path.exists() else {}
     except ValueError as err:
         raise UserError(f"tokenizers.json does not parse ({err})", where=str(path), fix=fix) from None
+    for info in tokenizers.values():
+        if info.get("path"):
+            info["trained_with"] = info.get("tokenizer_uri")
+            info["tokenizer_uri"] = join(location, info["path"]) if location else str(folder / info["path"])
     return config, vocab, tokenizers
 
 
@@ -136,6 +155,7 @@ class ModelFolder:
     tokenizers: dict[str, dict[str, Any]]          # name -> {modality, tokenizer_uri, tokenizer_digest, layout, ...}
     model: Any                                     # Transformer, in eval mode
     scale_inputs: dict[str, Any] = field(default_factory=dict)   # name -> ScaleInput (VAR's accumulated input)
+    weights: str = "raw"                           # which weights ``model`` holds: "raw" or "ema"
 
     def plan(self, name: str, length: int | None = None):
         """The decoding plan for vocabulary ``name`` (``length`` only for variable-length token layouts)."""
@@ -146,12 +166,27 @@ class ModelFolder:
         return plan_for_modality(self.config, layout, length, self.scale_inputs.get(name))
 
 
-def open_model(uri: str, *, device: str = "cpu", dtype=None, check_weights: bool = True) -> ModelFolder:
-    """Fetch, check and load the model folder at ``uri`` (local or s3://) onto ``device``."""
+def choose_weights(folder: Path, requested: str | None, *, where: str) -> str:
+    """Which weights of the model folder to use: ``requested`` ("ema" or "raw"), or for None the EMA when the
+    folder has it, else the raw weights. Asking for the EMA of a model trained without one is a UserError."""
+    from .io import EMA_FILE
+
+    has_ema = (Path(folder) / EMA_FILE).exists()
+    if requested == "ema" and not has_ema:
+        raise UserError("weights: ema, but the model has no EMA weights (it was trained without `ema:`)",
+                        where=where, fix="use `weights: raw`, or train the model with `ema: {decay: 0.999}`")
+    return requested or ("ema" if has_ema else "raw")
+
+
+def open_model(uri: str, *, device: str = "cpu", dtype=None, check_weights: bool = True,
+               weights: str | None = None) -> ModelFolder:
+    """Fetch, check and load the model folder at ``uri`` (local or s3://) onto ``device``, with its EMA weights
+    or its raw ones (``weights``; None: the EMA when the folder has it)."""
     from .io import load_model, load_scale_inputs
 
     folder = fetch_model(uri, digests=check_weights)
-    config, vocab, tokenizers = model_info(folder, check_weights=check_weights)
-    model = load_model(folder, device=device, dtype=dtype)
+    config, vocab, tokenizers = model_info(folder, check_weights=check_weights, location=uri)
+    chosen = choose_weights(folder, weights, where=uri)
+    model = load_model(folder, device=device, dtype=dtype, weights=chosen)
     return ModelFolder(uri=uri, folder=folder, config=config, vocab=vocab, tokenizers=tokenizers, model=model,
-                       scale_inputs=load_scale_inputs(folder))
+                       scale_inputs=load_scale_inputs(folder), weights=chosen)

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:   # the loop imports these on the worker; the stage module stays free of torch
+    from arpipe.schemas.train import EmaSpec
     from arpipe.stages.models import ModelConfig, ScaleInput, VocabLayout
     from arpipe.stages.train.data import StoreSummary
+    from arpipe.stages.train.init import InitialWeights
 
 #: held-out samples scored per evaluation (the first ones of the held-out store)
 HELDOUT_SAMPLES = 256
@@ -56,6 +58,12 @@ class TrainLoopConfig:
     heldout_samples: int = HELDOUT_SAMPLES
     #: the stage's name, for the lines the loop prints (``[name] resumed at step ...``)
     stage: str = "train"
+    #: the trained weights to start from (``init_from``; None: a fresh model)
+    init: InitialWeights | None = None
+    #: parameter-name patterns kept fixed (``freeze``)
+    freeze: tuple[str, ...] = ()
+    #: the EMA each rank keeps of its share of the weights (``ema``; None: none)
+    ema: EmaSpec | None = None
 
     @property
     def uris(self) -> list[str]:

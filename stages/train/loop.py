@@ -8,12 +8,15 @@ rank's ``save_checkpoint`` reported to Ray Train together; it counts once
 every rank's part is in, and each part carries a marker listing its files'
 digests (``checkpoints``): a damaged checkpoint is skipped for the newest
 whole one, and the log says so. The last checkpoint also holds the consolidated
-weights (``model/``), gathered across ranks for ZeRO-3.
+fp32 weights (``model/``, gathered across ranks for ZeRO-3) where the ranks
+consolidate them; under bf16/fp16 with a ZeRO optimizer the stage reads
+DeepSpeed's fp32 master weights out of it instead (``weights``). With ``ema:``
+each rank keeps the EMA of its share of the master weights (``ema``), updated
+after every ``every``-th optimizer step and saved in every checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import time
@@ -77,6 +80,9 @@ def train_loop(cfg: TrainLoopConfig) -> None:
     from arpipe.stages.models import Transformer, drop_conditions, save_model
     from arpipe.stages.store import DistributedSampler
     from arpipe.stages.train.data import Documents, open_source
+    from arpipe.stages.train.ema import Ema
+    from arpipe.stages.train.init import apply_initial_weights, freeze
+    from arpipe.stages.train.weights import master_shares
 
     os.environ.update(cfg.env)
     ctx = ray.train.get_context()
@@ -91,12 +97,18 @@ def train_loop(cfg: TrainLoopConfig) -> None:
                                  seq_len=cfg.seq_len if cfg.packing else None,
                                  lengths=docs.lengths() if cfg.packing else None)
     model = Transformer(model_config)
+    if cfg.init is not None:   # before anything copies the weights (a checkpoint, when there is one, wins)
+        apply_initial_weights(model, cfg.init)
+    freeze(model, cfg.freeze)
     skip_inference_comm_op()
-    engine, _opt, _loader, _sched = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                         config=cfg.ds_config)
+    engine, _opt, _loader, _sched = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=cfg.ds_config)
     step, restarts = 0, 0
     # the checkpoint Ray Train hands over is checked first; a damaged one is skipped for the newest whole one
-    restored = restore(engine, ray.train.get_checkpoint(), world=world)
+    # the EMA starts from the initial weights; a checkpoint brings back its own (read with DeepSpeed's state)
+    ema = Ema(master_shares(engine), decay=cfg.ema.decay, every=cfg.ema.every) if cfg.ema is not None else None
+    restored = restore(engine, ray.train.get_checkpoint(), world=world,
+                       also=(lambda folder: ema.load(folder, rank)) if ema is not None else None)
     client = restored.client_state
     if client is not None:
         step, restarts = int(client["step"]), int(client.get("restarts", 0)) + 1
@@ -136,6 +148,8 @@ def train_loop(cfg: TrainLoopConfig) -> None:
             loss_sum += loss.detach().double().cpu()
             target_tokens += int((batch.target_ids != -100).sum())
         step += 1
+        if ema is not None and ema.due(step):   # after the optimizer step, which the last micro-batch took
+            ema.update(master_shares(engine))
         stats = torch.tensor([float(loss_sum) / accum, float(target_tokens)], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(stats)
@@ -156,6 +170,8 @@ def train_loop(cfg: TrainLoopConfig) -> None:
                 engine.save_checkpoint(folder, tag=f"step{step:08d}",
                                        client_state={"step": step, "sampler": sampler.state_dict(),
                                                      "restarts": restarts})
+                if ema is not None:
+                    ema.save(Path(folder), rank)
                 if step == total:
                     _save_consolidated(engine, model_config, vocab, cfg.scale_inputs, Path(folder) / "model",
                                        rank, save_model)
@@ -165,22 +181,18 @@ def train_loop(cfg: TrainLoopConfig) -> None:
 
 
 def _save_consolidated(engine, model_config, vocab, scale_inputs, folder: Path, rank: int, save_model) -> None:
-    """Full fp32 weights on rank 0 (ZeRO-3 partitions are gathered first, on every rank)."""
-    import deepspeed
+    """Full fp32 master weights on rank 0 where the ranks consolidate them (ZeRO-3 partitions are gathered
+    first, on every rank); where DeepSpeed's checkpoint holds them, the stage reads them from it (``weights``)."""
     import torch
 
     from arpipe.stages.models import Transformer
+    from arpipe.stages.train.weights import rank_masters
 
-    module = engine.module
-    params = list(module.parameters())
-    gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None) \
-        if engine.zero_optimization_stage() == 3 else contextlib.nullcontext()
-    with gathered:
-        if rank == 0:
-            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-            full = Transformer(model_config)
-            full.load_state_dict(state, strict=True)
-            save_model(folder, full.to(torch.float32), vocab=vocab, scale_inputs=scale_inputs)
+    state = rank_masters(engine, rank)
+    if state is not None:
+        full = Transformer(model_config)
+        full.load_state_dict(state, strict=True)
+        save_model(folder, full.to(torch.float32), vocab=vocab, scale_inputs=scale_inputs)
 
 
 def _heldout(cfg: TrainLoopConfig, vocab, model_config, rank: int, world: int):
