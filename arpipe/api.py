@@ -175,10 +175,11 @@ class TrainedModel:
         return cache[name]
 
 
-def load_model(uri: str | Path, *, device: str = "cpu") -> TrainedModel:
+def load_model(uri: str | Path, *, device: str = "cpu", weights: str | None = None) -> TrainedModel:
     """Load a train stage's model folder (local or ``s3://``) or an MLflow model (``models:/NAME@alias``,
-    ``models:/NAME/VERSION``, ``models:/m-<id>``): weights, vocabulary, tokenizers."""
+    ``models:/NAME/VERSION``, ``models:/m-<id>``): weights (``weights``: ``"ema"`` or ``"raw"``; default the
+    EMA weights when the model has them, as the sample stage), vocabulary, tokenizers."""
     from arpipe.pipeline.models import resolve_model
     from arpipe.stages.models.folder import open_model
 
-    return TrainedModel(open_model(resolve_model(str(uri)).location, device=device))
+    return TrainedModel(open_model(resolve_model(str(uri)).location, device=device, weights=weights))

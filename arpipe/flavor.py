@@ -30,18 +30,21 @@ OPTIONS: dict[str, Any] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_sc
                            "cfg_schedule": "constant"}
 
 
-def _load_pyfunc(data_path: str) -> GeneratorModel:
-    """MLflow's entry point: ``data_path`` is the model folder inside the downloaded MLflow model."""
+def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> GeneratorModel:
+    """MLflow's entry point: ``data_path`` is the model folder inside the downloaded MLflow model;
+    ``model_config={"weights": "raw"}`` (``mlflow.pyfunc.load_model(uri, model_config=...)``) picks the raw
+    weights of a model trained with ``ema:`` (default: the EMA weights, as the sample stage)."""
     from arpipe.api import load_model
 
-    return GeneratorModel(load_model(data_path))
+    weights = (model_config or {}).get("weights", "default")
+    return GeneratorModel(load_model(data_path, weights=None if weights == "default" else weights))
 
 
-def load_model(model_uri: str, *, device: str = "cpu"):
+def load_model(model_uri: str, *, device: str = "cpu", weights: str | None = None):
     """The :class:`arpipe.api.TrainedModel` behind an MLflow model URI or a model folder."""
     from arpipe.api import load_model as load
 
-    return load(model_uri, device=device)
+    return load(model_uri, device=device, weights=weights)
 
 
 def _value(row: dict[str, Any], key: str, default: Any) -> Any:

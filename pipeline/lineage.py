@@ -328,7 +328,8 @@ class Lineage:
 
         from mlflow.entities import Metric, RunTag
 
-        metrics = [Metric(key, value, stamp, step, model_id=log.model_id) for key, value, stamp, step in log.metrics]
+        metrics = linked(self.client, [Metric(key, value, stamp, step) for key, value, stamp, step in log.metrics],
+                         log.model_id)
         for lo in range(0, len(metrics), METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=metrics[lo:lo + METRICS_PER_BATCH])
         if log.tags:
@@ -398,6 +399,23 @@ class LoggedTable(BaseModel):
     artifact_file: str
 
 
+def linked(client, metrics: list, model_id: str | None) -> list:
+    """``metrics`` as logged to the logged model ``model_id`` too: one value per (key, timestamp, step), which
+    MLflow keys a model's metrics by; unlinked when the tracking store does not know the model (samples drawn
+    under another tracking store), so linking never fails a stage."""
+    if model_id is None or not metrics:
+        return metrics
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_logged_model(model_id)
+    except MlflowException:
+        return metrics
+    last = {(m.key, m.timestamp, m.step): m for m in metrics}
+    return [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in last.values()]
+
+
 class StageLog(BaseModel):
     """What a stage on a Ray task logged to its run, for the driver to write (:meth:`Lineage.write_log`)."""
 
@@ -447,13 +465,13 @@ class RunLog:
         from mlflow.entities import Metric
 
         stamp = now_ms()
-        self._buffer += [Metric(k, float(v), stamp, step, model_id=self.model_id) for k, v in metrics.items()
-                         if v is not None]
+        self._buffer += [Metric(k, float(v), stamp, step) for k, v in metrics.items() if v is not None]
         if len(self._buffer) >= 200:
             self.flush()
 
     def flush(self) -> None:
         if self.enabled and self._buffer:
+            self._buffer = linked(self.client, self._buffer, self.model_id)
             for lo in range(0, len(self._buffer), METRICS_PER_BATCH):
                 self.client.log_batch(self.run_id, metrics=self._buffer[lo:lo + METRICS_PER_BATCH])
             self._buffer = []

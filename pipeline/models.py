@@ -137,8 +137,10 @@ def pyfunc_folder(model_dir: str, out: str) -> None:
 
     model = Model()
     model.add_flavor(FLAVOR, data=DATA_PATH, arpipe_version=arpipe.__version__)
+    # model_config lists what `mlflow.pyfunc.load_model(uri, model_config=...)` may override: MLflow ignores
+    # keys the logged model does not declare. "default": the EMA weights when the model has them, else raw
     mlflow.pyfunc.save_model(out, loader_module="arpipe.flavor", data_path=model_dir, mlflow_model=model,
-                             pip_requirements=[f"arpipe=={arpipe.__version__}"])
+                             pip_requirements=[f"arpipe=={arpipe.__version__}"], model_config={"weights": "default"})
 
 
 def find_logged_model(client, experiment_ids: list[str], weights_digest: str) -> str | None:

@@ -38,6 +38,7 @@ stages:
     deepspeed: {{zero_stage: 0}}
     global_batch: 32
     steps: 40
+    ema: {{decay: 0.9}}
     register: {{name: digits, alias: champion}}
   sample:
     kind: sample
@@ -147,6 +148,10 @@ def test_train_registers_and_logs_a_pyfunc_model_that_draws_what_sample_drew(pro
     assert len(drawn) == len(predictions) == 10
     assert [p["tokens"] for p in predictions] == [t.tolist() for t in drawn]   # token for token
     assert predictions[0]["shape"] == [1, 8, 8] and np.asarray(predictions[0]["media"]).shape == (1, 8, 8)
+    # both drew from the EMA weights (the train stage kept an EMA), as the samples store says
+    from arpipe.stages.store import TokenStore
+
+    assert TokenStore.open(str(next(root.glob("runs/sample/*/samples")))).manifest.metadata["weights"] == "ema"
 
 
 def test_evaluate_metrics_show_on_the_logged_model(project):
@@ -226,10 +231,10 @@ def test_the_documented_snippet_loads_the_folder_in_plain_python_and_samples(pro
     exec(snippet.replace("runs/train/0123abcd4567ef89/model", str(folder)), scope)   # noqa: S102 - our own docs
     pictures = scope["pictures"]
     assert len(pictures) == 2 and pictures[0].shape == (1, 8, 8)
-    # the same tokens as the sample stage's samples 0 and 1 would be with these labels and seed 0
+    # the same tokens as arpipe draws from the raw weights (model.safetensors) with these labels and seed 0
     import arpipe as api
 
-    again = api.load_model(str(folder)).sample("image", labels=["3", "7"], seed=0, decode=False)
+    again = api.load_model(str(folder), weights="raw").sample("image", labels=["3", "7"], seed=0, decode=False)
     assert np.array_equal(np.asarray(again), scope["vocab"].to_local("image", scope["tokens"]).numpy())
 
 
@@ -254,19 +259,24 @@ def test_bad_model_references_get_one_line_each(project):
         assert re.search(pattern, lines[0]), (name, lines[0])
 
 
-def test_the_registered_model_outlives_its_run_folder(project):
+def test_the_registered_model_outlives_its_run_folder(project, monkeypatch):
     root, env, _stdout = project
     drawn = store_tokens(root, "sample")
     shutil.rmtree(root / "runs")   # every stage's outputs, the tokenizer artifacts among them
-    import arpipe as api
+    import mlflow.pyfunc
 
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    try:   # from the MLflow artifact, with the tokenizer copy it carries
-        model = api.load_model("models:/digits@champion")
-        again = model.sample("image", labels=["0", "1", "2"], seed=3, indices=[0, 1, 2], decode=False)
-        images = model.decode("image", again)
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
+    import arpipe as api
+    from arpipe.pipeline.errors import UserError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    model = api.load_model("models:/digits@champion")   # from the MLflow artifact, with its tokenizer copy
+    again = model.sample("image", labels=["0", "1", "2"], seed=3, indices=[0, 1, 2], decode=False)
     for mine, theirs in zip(again, drawn[:3], strict=True):
         assert np.array_equal(np.asarray(mine).reshape(-1), theirs)
-    assert images[0].shape == (1, 8, 8)
+    assert model.decode("image", again)[0].shape == (1, 8, 8)
+    # the flavor's one load option: which weights (default the EMA, as the sample stage)
+    assert mlflow.pyfunc.load_model("models:/digits@champion")._model_impl.model.opened.weights == "ema"
+    raw = mlflow.pyfunc.load_model("models:/digits@champion", model_config={"weights": "raw"})
+    assert raw._model_impl.model.opened.weights == "raw"
+    with pytest.raises(UserError, match="weights must be ema or raw"):
+        mlflow.pyfunc.load_model("models:/digits@champion", model_config={"weights": "best"})

@@ -1,7 +1,8 @@
 """Which weights a trained model holds: DeepSpeed's fp32 master weights under bf16, and their EMA beside them.
 
-One `arpipe run` (built in the background, `tests/background.py`) trains a digits model in bf16 under ZeRO-3
-on 2 workers with `ema:` and samples it twice (EMA by default, then `weights: raw`); the other tests are
+One `arpipe run` (a module fixture: niced in the background it starved behind the suite) trains a digits model in bf16 under ZeRO-3
+on 2 workers with `ema:` (the sample stage's choice of weights is checked in test_models_registry.py); the
+other tests are
 cheap: the EMA's arithmetic, its checkpoint round trip and its partitioned shares, and the model folder's
 choice of weights. That an EMA resumed after `kill -9` equals an uninterrupted run's bitwise is the train
 kill campaign's check (`tests/faults/kinds.py`: its stage keeps an EMA, and every file of `model/` is
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BACKGROUND_NICE, arpipe, stage_lines, write
+from helpers import arpipe, stage_lines, write
 from realdata import digits_folder
 from test_train_stage import DATA, train_block
 
@@ -23,42 +24,23 @@ from arpipe.stages.train.ema import Ema, Share, merge, whole_shares
 
 STEPS, EVERY, DECAY = 6, 3, 0.75
 
-SAMPLES = """
-  draw:
-    kind: sample
-    model: ${train.model}
-    num_samples: 4
-    media: {}
-  draw_raw:
-    kind: sample
-    model: ${train.model}
-    num_samples: 4
-    media: {}
-    weights: raw
-"""
-
-
 def build_project(folder: Path, ray_address: str) -> Path:
     """A digits model trained 6 steps in bf16 under ZeRO-3 on 2 workers with an EMA updated every 3 steps
-    (checkpoints at steps 3 and 6, both kept), and samples drawn from its EMA and from its raw weights."""
+    (checkpoints at steps 3 and 6, both kept)."""
     digits_folder(folder / "data" / "digits", count=300)
     digits_folder(folder / "data" / "heldout", count=16, start=1500)
     pipeline = DATA.format(name="weights") + train_block(
         "train", zero=3, workers=2, steps=STEPS, every=EVERY, extra=", precision: bf16",
-        more=f"    ema: {{decay: {DECAY}, every: {EVERY}}}\n") + SAMPLES
+        more=f"    ema: {{decay: {DECAY}, every: {EVERY}}}\n")
     write(folder, {"weights.yaml": pipeline})
-    run = arpipe("run", "weights.yaml", cwd=folder, env={"RAY_ADDRESS": ray_address}, timeout=900, check=True,
-                 nice=BACKGROUND_NICE)
+    run = arpipe("run", "weights.yaml", cwd=folder, env={"RAY_ADDRESS": ray_address}, timeout=900, check=True)
     assert all(states[-1] == "done" for states in stage_lines(run.stdout).values()), run.stdout
     return folder
 
 
-BUILT_IN_BACKGROUND = {"bf16-ema-model": build_project}
-
-
 @pytest.fixture(scope="module")
-def project(background) -> Path:
-    return background.result("bf16-ema-model")
+def project(tmp_path_factory, ray_cluster) -> Path:
+    return build_project(tmp_path_factory.mktemp("weights"), ray_cluster)
 
 
 def checkpoints(folder: Path) -> dict[int, Path]:
@@ -85,13 +67,10 @@ def test_bf16_training_saves_deepspeed_fp32_master_weights_not_bf16_values(proje
 
 def test_the_ema_of_zero_3_partitions_is_merged_beside_the_raw_weights(project):
     """ema.safetensors continues the EMA the ranks checkpointed at step 3 (their partitions, merged) by one update
-    towards the final master weights, is recorded in config.json, and differs from the raw weights; sample draws
-    from the EMA by default and says which weights it used."""
+    towards the final master weights, is recorded in config.json, and differs from the raw weights."""
     import json
 
     from safetensors.torch import load_file
-
-    from arpipe.stages.store import TokenStore
 
     model = next(project.glob("runs/train/*/model"))
     assert "ema.safetensors" in json.loads((model / "config.json").read_text())["files"]
@@ -102,9 +81,6 @@ def test_the_ema_of_zero_3_partitions_is_merged_beside_the_raw_weights(project):
         expected = at_3[name].view_as(raw[name]).lerp(raw[name], 1 - DECAY)
         assert torch.allclose(ema[name], expected, rtol=0, atol=1e-6), name
     assert any(not torch.equal(ema[n], raw[n]) for n in raw)
-    for stage, weights in (("draw", "ema"), ("draw_raw", "raw")):
-        store = TokenStore.open(str(next(project.glob(f"runs/{stage}/*/samples"))))
-        assert store.manifest.metadata["weights"] == weights, stage
 
 
 def test_the_ema_follows_torchs_averaged_model_and_resumes_bitwise():

@@ -67,7 +67,8 @@ def _download(uri: str, local: Path) -> None:
         if not storage.exists(join(uri, "config.json")):
             raise UserError("no model here (config.json is missing)", where=uri, fix=_NO_MODEL_FIX)
         storage.get_file(join(uri, "config.json"), local / "config.json")
-    for name in recorded_files(local) or MODEL_FILES:   # folders written before the record: the known names
+    # the recorded files, and the known names (a folder written before the record, or a file added by hand)
+    for name in sorted(set(recorded_files(local)) | set(MODEL_FILES)):
         if not (local / name).exists() and storage.exists(join(uri, name)):
             (local / name).parent.mkdir(parents=True, exist_ok=True)
             storage.get_file(join(uri, name), local / name)
@@ -172,6 +173,9 @@ def choose_weights(folder: Path, requested: str | None, *, where: str) -> str:
     from .io import EMA_FILE
 
     has_ema = (Path(folder) / EMA_FILE).exists()
+    if requested not in (None, "ema", "raw"):
+        raise UserError(f"weights must be ema or raw, not {requested!r}", where=where,
+                        fix="pick `ema` (the EMA weights) or `raw` (the trained weights)")
     if requested == "ema" and not has_ema:
         raise UserError("weights: ema, but the model has no EMA weights (it was trained without `ema:`)",
                         where=where, fix="use `weights: raw`, or train the model with `ema: {decay: 0.999}`")

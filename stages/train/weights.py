@@ -134,7 +134,7 @@ def zero_to_fp32(checkpoint: Path, config) -> dict[str, torch.Tensor]:
     missing = [k for k in wanted if k not in state]
     if missing:
         states = sorted((checkpoint / tag).glob("*model_states.pt"))[0]
-        module = torch.load(states, map_location="cpu", weights_only=False)["module"]   # DeepSpeed's own file
+        module = torch.load(states, map_location="cpu", weights_only=True)["module"]   # tensors and plain types only
         state.update({k: module[k].float() for k in missing})
     return {k: state[k].float() for k in wanted}
 
