@@ -49,6 +49,7 @@ def checkpoints(folder: Path) -> dict[int, Path]:
     return {int((c / "latest").read_text().strip().removeprefix("step")): c for c in found if (c / "latest").exists()}
 
 
+@pytest.mark.full   # a 2-worker ZeRO-3 bf16 run: `make test-full`
 def test_bf16_training_saves_deepspeed_fp32_master_weights_not_bf16_values(project):
     """model.safetensors is what DeepSpeed's zero_to_fp32 consolidates from the final checkpoint, and its values
     are fp32 ones: before, the bf16 module weights were saved upcast, every value a bf16 value."""
@@ -65,6 +66,7 @@ def test_bf16_training_saves_deepspeed_fp32_master_weights_not_bf16_values(proje
     assert len(upcast) < len(saved) / 2, f"bf16 values saved as fp32: {upcast}"
 
 
+@pytest.mark.full   # a 2-worker ZeRO-3 bf16 run: `make test-full`
 def test_the_ema_of_zero_3_partitions_is_merged_beside_the_raw_weights(project):
     """ema.safetensors continues the EMA the ranks checkpointed at step 3 (their partitions, merged) by one update
     towards the final master weights, is recorded in config.json, and differs from the raw weights."""
