@@ -63,18 +63,19 @@ RUN TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" MAX_JOBS="${MAX_JOBS}" \
     && ds_report
 
 # Ray's version must equal the one the cluster configs name (and pyproject pins)
-RUN pip install "ray[default,train,data]==${RAY_VERSION}"
+RUN pip install "ray[default,train]==${RAY_VERSION}"
 
-# every runtime dependency pyproject.toml names (mlflow, boto3, pyarrow, av, ...), in a layer
-# that edits to arpipe's source do not invalidate; torch and deepspeed above already satisfy theirs
+# every runtime dependency pyproject.toml names (mlflow, boto3, pyarrow, av, ...) and its `examples` extra
+# (what the shipped examples import: scikit-learn, nilearn), in a layer that edits to arpipe's source do not
+# invalidate; torch and deepspeed above already satisfy theirs
 WORKDIR /opt/arpipe/src
 COPY pyproject.toml README.md ./
-RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["examples"]))' \
         > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt "scikit-learn>=1.4" \
+    && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# arpipe itself (the folders install as arpipe.*, see pyproject.toml); scikit-learn above is for the shipped examples (the quickstart's data)
+# arpipe itself (the folders install as arpipe.*, see pyproject.toml)
 COPY arpipe ./arpipe
 COPY schemas ./schemas
 COPY pipeline ./pipeline
