@@ -115,13 +115,31 @@ def wait_for(client: JobsClient, submission_id: str, metadata: dict[str, str], f
 
 # -- jobs ------------------------------------------------------------------------------
 
+def _job(client: JobsClient, job, run: MlflowRun | None):
+    """A job as ``--json`` prints it (arpipe.schemas.cli.Job): times in Unix seconds, missing values null."""
+    from arpipe.schemas.cli import Job
+
+    meta = job.metadata or {}
+    job_id = job.submission_id or job.job_id or ""
+    return Job(submission_id=job_id, status=str(job.status.value), pipeline=meta.get("arpipe.pipeline"),
+               file=meta.get("arpipe.file"), entrypoint=job.entrypoint or "",
+               start_time=job.start_time / 1000 if job.start_time else None,
+               end_time=job.end_time / 1000 if job.end_time else None, message=job.message or None,
+               mlflow_run_id=run.run_id if run else None, dashboard_url=job_url(client.url, job_id))
+
+
 def cmd_jobs_list(args: argparse.Namespace) -> int:
     client = JobsClient(args.address)
+    jobs = [job for job in client.jobs() if not args.arpipe_only or "arpipe.pipeline" in (job.metadata or {})]
+    if args.json:
+        from arpipe.schemas.cli import JobsOutput
+
+        print(JobsOutput(address=client.url, jobs=[_job(client, job, recorded_run(job.metadata, search_mlflow=False))
+                                                   for job in jobs]).model_dump_json(indent=2))
+        return 0
     rows = []
-    for job in client.jobs():
+    for job in jobs:
         meta = job.metadata or {}
-        if args.arpipe_only and "arpipe.pipeline" not in meta:
-            continue
         rows.append([job.submission_id or job.job_id or "-", str(job.status.value), meta.get("arpipe.pipeline", "-"),
                      _when(job.start_time), _took(job.start_time, job.end_time)])
     if not rows:
@@ -135,6 +153,12 @@ def cmd_jobs_status(args: argparse.Namespace) -> int:
     client = JobsClient(args.address)
     info = client.info(args.id)
     meta = info.metadata or {}
+    run = recorded_run(meta)
+    if args.json:
+        from arpipe.schemas.cli import JobOutput
+
+        print(JobOutput(job=_job(client, info, run)).model_dump_json(indent=2))
+        return 0
     print(f"{args.id}: {info.status.value}")
     if meta.get("arpipe.pipeline"):
         print(f"  pipeline: {meta['arpipe.pipeline']} ({meta.get('arpipe.file', '?')})")
@@ -142,7 +166,6 @@ def cmd_jobs_status(args: argparse.Namespace) -> int:
     print(f"  started: {_when(info.start_time)}, took {_took(info.start_time, info.end_time)}")
     if info.message:
         print(f"  message: {first_line(info.message)}")
-    run = recorded_run(meta)
     if run:
         print(f"  {run.describe()}")
     print(f"  dashboard: {job_url(client.url, args.id)}")
@@ -230,10 +253,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q = sub.add_parser("list", help="jobs on the cluster, newest first")
     _add_address(q)
     q.add_argument("--arpipe-only", action="store_true", help="only jobs submitted by `arpipe submit`")
+    q.add_argument("--json", action="store_true", help="print the jobs as one JSON object (docs/cli.md)")
     q.set_defaults(func=cmd_jobs_list)
     q = sub.add_parser("status", help="a job's state, message, MLflow run and dashboard URL")
     q.add_argument("id", help="submission id")
     _add_address(q)
+    q.add_argument("--json", action="store_true", help="print the job as one JSON object (docs/cli.md)")
     q.set_defaults(func=cmd_jobs_status)
     q = sub.add_parser("logs", help="a job's logs")
     q.add_argument("id", help="submission id")

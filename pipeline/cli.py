@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """``arpipe``: validate | plan | run | status | submit | jobs | store | model | schema | ui.
 
 Errors print one line (where, what, how to fix) and exit 2 for user errors;
@@ -75,7 +76,17 @@ def cmd_validate(args) -> int:
     planner = Planner(loaded, graph)
     for name in graph.order:
         planner.code_digest(name)
+    if args.json:
+        from arpipe.schemas.cli import ValidateOutput
+
+        return _print_json(ValidateOutput(pipeline=str(loaded.path), name=loaded.spec.name, stages=graph.order))
     print(f"{loaded.path}: ok: {len(graph.order)} stage(s) in order {' -> '.join(graph.order)}")
+    return 0
+
+
+def _print_json(output) -> int:
+    """One JSON object on stdout: a ``--json`` output model (arpipe.schemas.cli)."""
+    print(output.model_dump_json(indent=2))
     return 0
 
 
@@ -95,6 +106,12 @@ def cmd_plan(args) -> int:
     planner = Planner(loaded, graph)
     deliver_if_pending(planner.root)   # lineage an earlier run's background writer did not deliver
     plans = planner.plan(_selection(graph, args))
+    if args.json:
+        from arpipe.schemas.cli import PlannedStage, PlanOutput
+
+        return _print_json(PlanOutput(pipeline=str(loaded.path), name=loaded.spec.name, stages=[
+            PlannedStage(stage=p.name, kind=p.kind, action=p.action, fingerprint=p.fingerprint, why=p.why)
+            for p in plans]))
     rows = [[p.name, p.kind, p.action, (p.fingerprint or "-")[:12], p.why] for p in plans]
     print(format_table(rows, ["stage", "kind", "action", "fingerprint", "why"]))
     return 0
@@ -120,12 +137,14 @@ def cmd_run(args) -> int:
 
 def cmd_status(args) -> int:
     loaded, graph = _load(args)
-    from arpipe.pipeline.status import stage_status
+    from arpipe.pipeline.status import stage_status, status_table
 
     rows = stage_status(loaded, graph)
-    print(format_table([[r["stage"], r["state"], r["fingerprint"][:12], r["duration"], r["mlflow_run_id"],
-                         r["output"]] for r in rows],
-                       ["stage", "state", "fingerprint", "duration", "mlflow run", "output"]))
+    if args.json:
+        from arpipe.schemas.cli import StatusOutput
+
+        return _print_json(StatusOutput(pipeline=str(loaded.path), name=loaded.spec.name, stages=rows))
+    print(format_table(status_table(rows), ["stage", "state", "fingerprint", "duration", "mlflow run", "output"]))
     return 0
 
 
@@ -153,19 +172,55 @@ def cmd_ui(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arpipe", description=__doc__.split("\n")[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+DESCRIPTION = """\
+Tokenize, train, sample and evaluate autoregressive vision generators from one pipeline YAML, on Ray,
+DeepSpeed and MLflow. Finished stages are skipped, interrupted ones resume where they stopped."""
+
+EPILOG = """\
+examples:
+  arpipe validate pipeline.yaml          check the file (exit 2 and one line if it is wrong)
+  arpipe plan pipeline.yaml              what a run would do with each stage, and why
+  arpipe run pipeline.yaml               run it on an embedded local Ray (or RAY_ADDRESS)
+  arpipe run pipeline.yaml -s stages.train.steps=100 --force train
+  arpipe status pipeline.yaml --json     each stage's state, for scripts
+  arpipe submit pipeline.yaml --address http://HEAD:8265 --follow
+  arpipe ui                              browse the lineage in MLflow
+
+--debug (tracebacks and timings) goes anywhere on the line. Shell completion (bash, zsh):
+  eval "$(register-python-argcomplete arpipe)"
+Docs: docs/cli.md."""
+
+#: options accepted anywhere on the command line, before or after the command (taken out before parsing)
+ANYWHERE = {"--debug": "debug"}
+
+
+def _add_json(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true",
+                   help=f"print {what} as one JSON object (fields: docs/cli.md, schemas/cli/)")
+
+
+def build_parser(whole: bool = False) -> argparse.ArgumentParser:
+    """arpipe's parser; the commands of :data:`EXTERNAL_COMMANDS` take their arguments to their own module's
+    parser, which ``whole`` (shell completion, the help checks) registers here instead."""
+    from arpipe import __version__
+
+    parser = argparse.ArgumentParser(prog="arpipe", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"arpipe {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks and how long the command took (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     p = sub.add_parser("validate", help="check a pipeline file without running anything")
     _add_pipeline_args(p)
     _add_cluster_args(p)
+    _add_json(p, "the stages in run order")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="say for each stage: run, cached or resume, and why")
     _add_pipeline_args(p, selection=True)
+    _add_json(p, "the plan")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run a pipeline (cached stages are skipped, interrupted ones resume)")
@@ -175,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="table of stages: state, fingerprint, duration, MLflow run, output")
     _add_pipeline_args(p)
+    _add_json(p, "each stage's state")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("schema", help="print the pipeline file's JSON Schema")
@@ -182,11 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the tracking backend")
-    p.add_argument("--tracking-uri")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--tracking-uri",
+                   help="MLflow tracking URI to browse (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; another exposes the UI beyond this machine)")
+    p.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000)")
     p.set_defaults(func=cmd_ui)
 
+    if whole:
+        for module_name in dict.fromkeys(module for module, _help in EXTERNAL_COMMANDS.values()):
+            importlib.import_module(module_name).register(sub)
+        return parser
     for name, (module_name, help_text) in EXTERNAL_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -214,7 +276,7 @@ def _external(name: str, module_name: str):
 
 
 def _split_external(argv: list[str]) -> tuple[list[str], list[str] | None]:
-    """``arpipe [--debug] submit|jobs|store REST...``: REST goes untouched to the command's own parser
+    """``arpipe [--debug] submit|jobs|store|model REST...``: REST goes untouched to the command's own parser
     (argparse cannot hand on a remainder that starts with an option, such as ``--help``)."""
     for i, token in enumerate(argv):
         if token in EXTERNAL_COMMANDS:
@@ -222,6 +284,21 @@ def _split_external(argv: list[str]) -> tuple[list[str], list[str] | None]:
         if not token.startswith("-"):
             break
     return argv, None
+
+
+def _take_anywhere(argv: list[str]) -> tuple[list[str], dict[str, bool]]:
+    """The options of :data:`ANYWHERE` taken out of ``argv`` wherever they stand (up to a ``--``)."""
+    found = dict.fromkeys(ANYWHERE.values(), False)
+    kept: list[str] = []
+    for i, token in enumerate(argv):
+        if token == "--":
+            kept.extend(argv[i:])
+            break
+        if token in ANYWHERE:
+            found[ANYWHERE[token]] = True
+        else:
+            kept.append(token)
+    return kept, found
 
 
 def _check_cluster(loaded, args) -> None:
@@ -233,6 +310,16 @@ def _check_cluster(loaded, args) -> None:
                         args.allow_local_storage or env_allows_local_storage())
 
 
+def _complete() -> None:
+    """Shell completion through argcomplete when the shell asks (``eval "$(register-python-argcomplete
+    arpipe)"``): it completes from the whole parser, the external commands' own flags included, then exits."""
+    if "_ARGCOMPLETE" not in os.environ:
+        return
+    import argcomplete
+
+    argcomplete.autocomplete(build_parser(whole=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     # the runner's status lines and Ray's worker lines (another thread) share stdout: keep each line whole
     with whole_lines():
@@ -241,11 +328,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _complete()
     parser = build_parser()
+    argv, anywhere = _take_anywhere(argv)
     head, rest = _split_external(argv)
     args = parser.parse_args(head)
     if rest is not None:
         args.rest = rest
+    args.debug = args.debug or anywhere["debug"]
     if getattr(args, "tracking_uri", None):   # stages resolving models:/ URIs (and their workers) read it there
         from arpipe.pipeline.lineage import tracking_uri
 

@@ -76,6 +76,22 @@ def background_project(root: Path, pipeline: str, ray_address: str) -> subproces
     return run
 
 
+def json_output(command: str, stdout: str) -> dict:
+    """``arpipe COMMAND --json``'s stdout, parsed and checked against its checked-in JSON Schema
+    (schemas/cli/, the contract docs/cli.md documents)."""
+    import json
+
+    import jsonschema
+
+    from arpipe.schemas.cli import schema_file_name
+
+    schema = json.loads((Path(__file__).resolve().parent.parent / "schemas" / "cli" /
+                         schema_file_name(command)).read_text())
+    document = json.loads(stdout)
+    jsonschema.Draft202012Validator(schema).validate(document)
+    return document
+
+
 def write(folder: Path, files: dict[str, str]) -> Path:
     """Write dedented files into folder; return the folder."""
     for name, text in files.items():

@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import arpipe, stage_lines, write
+from helpers import arpipe, json_output, stage_lines, write
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
@@ -259,6 +259,14 @@ def test_submit_then_stock_ray_job_submit_is_all_cached(open_head, story):
     status = arpipe("jobs", "status", job, "--address", open_head.address, cwd=project, check=True)
     assert f"{job}: SUCCEEDED" in status.stdout
     assert f"MLflow run {parent.info.run_id}" in status.stdout
+    listed_json = json_output("jobs list", arpipe("jobs", "list", "--json", "--address", open_head.address,
+                                                  cwd=project, check=True).stdout)
+    mine = next(j for j in listed_json["jobs"] if j["submission_id"] == job)
+    assert (mine["status"], mine["pipeline"], mine["file"]) == ("SUCCEEDED", name, "pipeline.yaml")
+    assert mine["end_time"] >= mine["start_time"] > 0 and mine["dashboard_url"].endswith(job)
+    one = json_output("jobs status", arpipe("jobs", "status", job, "--json", "--address", open_head.address,
+                                            cwd=project, check=True).stdout)
+    assert one["job"]["mlflow_run_id"] == parent.info.run_id and one["job"]["status"] == "SUCCEEDED"
     logs = arpipe("jobs", "logs", job, "--address", open_head.address, cwd=project, check=True)
     assert stage_lines(logs.stdout) == {"a": ["running", "done"], "b": ["running", "done"]}
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import arpipe, spawn, stage_lines, write
+from helpers import arpipe, json_output, spawn, stage_lines, write
 
 STEPS = """
 import json, os, time
@@ -118,6 +118,11 @@ def test_run_rerun_change_and_force(project):
     status = arpipe("status", "pipeline.yaml", cwd=folder, check=True)
     lines = {line.split()[0]: line.split() for line in status.stdout.splitlines()[1:]}
     assert [lines[s][1] for s in "abc"] == ["done", "done", "done"]
+    as_json = json_output("status", arpipe("status", "pipeline.yaml", "--json", cwd=folder, check=True).stdout)
+    rows = {row["stage"]: row for row in as_json["stages"]}
+    assert [rows[s]["state"] for s in "abc"] == ["done", "done", "done"]
+    assert all(rows[s]["fingerprint"].startswith(lines[s][2]) and rows[s]["duration_s"] > 0
+               and rows[s]["mlflow_run_id"] == lines[s][4] for s in "abc")
 
 
 def test_editing_the_callable_reruns_its_stages(project):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from helpers import json_output
 
 from arpipe.stages.store import StoreWriter, TokenizerRef
 from arpipe.stages.store.cli import main, register
@@ -43,8 +43,9 @@ def test_info_verify_head_and_export_tell_a_user_what_is_in_a_store(store, tmp_p
     assert "samples    20" in info.stdout and "shards     3" in info.stdout
     assert "msvq-digits" in info.stdout and "512 ids as uint16" in info.stdout and '"rejected": 1' in info.stdout
 
-    as_json = arpipe("info", str(store), "--json")
-    assert json.loads(as_json.stdout)["totals"]["samples"] == 20
+    as_json = json_output("store info", arpipe("info", str(store), "--json").stdout)
+    assert as_json["totals"]["samples"] == as_json["samples"] == 20
+    assert as_json["shape_counts"] == [[[4, 4], 20]] and as_json["modality_counts"] == [["image", 20]]
 
     verify = arpipe("verify", str(store))
     assert verify.returncode == 0 and "verified 3 shards, 20 samples: all checksums match" in verify.stdout

@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="summary of a store's manifest")
     info.add_argument("uri", help="store folder or s3://bucket/prefix")
-    info.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    info.add_argument("--json", action="store_true",
+                      help="print the manifest and its summary as one JSON object (docs/cli.md)")
     info.set_defaults(func=cmd_info)
 
     verify = sub.add_parser("verify", help="check every shard's checksum against the manifest")
@@ -59,7 +60,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     m = read_manifest(uri)
     summary = _summary(uri)
     if args.json:
-        print(json.dumps({**json.loads(m.model_dump_json()), **summary}, indent=2))
+        from arpipe.schemas.cli import StoreInfoOutput
+
+        print(StoreInfoOutput(**m.model_dump(), **summary).model_dump_json(indent=2))
         return 0
     t = m.totals
     tok = f"{m.tokenizer.id} ({m.tokenizer.digest})" if m.tokenizer else "none recorded"
