@@ -438,10 +438,16 @@ class RunLog:
     never branch on it. MLflow is imported on first use.
     """
 
+    #: buffered metrics reach the tracking store at least this often (and at 200 values), so the UI lags
+    #: a running stage by seconds, not by hundreds of steps
+    FLUSH_EVERY_S = 10.0
+
     def __init__(self, uri: str | None, run_id: str | None):
         self.uri, self.run_id = uri, run_id
         self._client = None
         self._buffer: list = []
+        self._flushed = time.monotonic()
+        self._system = None
         self.model_id: str | None = None
 
     @property
@@ -459,22 +465,40 @@ class RunLog:
         self.flush()
 
     def buffer_metrics(self, metrics: dict[str, float | None], step: int) -> None:
-        """Metrics kept until :meth:`flush` (or 200 of them): few writes to the tracking store."""
+        """Metrics kept until :meth:`flush`, 200 of them or :attr:`FLUSH_EVERY_S`: few writes to the
+        tracking store, and none older than that."""
         if not self.enabled:
             return
         from mlflow.entities import Metric
 
         stamp = now_ms()
         self._buffer += [Metric(k, float(v), stamp, step) for k, v in metrics.items() if v is not None]
-        if len(self._buffer) >= 200:
+        if len(self._buffer) >= 200 or time.monotonic() - self._flushed >= self.FLUSH_EVERY_S:
             self.flush()
 
     def flush(self) -> None:
+        self._flushed = time.monotonic()
         if self.enabled and self._buffer:
             self._buffer = linked(self.client, self._buffer, self.model_id)
             for lo in range(0, len(self._buffer), METRICS_PER_BATCH):
                 self.client.log_batch(self.run_id, metrics=self._buffer[lo:lo + METRICS_PER_BATCH])
             self._buffer = []
+
+    def watch_system(self, resumed: bool = False):
+        """MLflow's system metrics (CPU, memory, disk, network; GPU where NVIDIA's or AMD's library is found)
+        sampled on this machine into the run, ``system/...`` every 10 s (``MLFLOW_SYSTEM_METRICS_*``
+        variables tune it) until :meth:`stop_watching`; a resumed run continues their steps."""
+        if not self.enabled:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=self.client.tracking_uri)
+        self._system.start()
+
+    def stop_watching(self) -> None:
+        if self._system is not None:
+            self._system.finish()
+            self._system = None
 
     def set_tag(self, key: str, value: str) -> None:
         if self.enabled:

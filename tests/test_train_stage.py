@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -220,7 +221,11 @@ def test_one_model_trains_on_digits_and_point_clouds_packed_together(digits_proj
     steps: 5
 """
     write(folder, {"mixed.yaml": DATA.format(name="mixed") + stages})
-    arpipe("run", "mixed.yaml", cwd=folder, env={"RAY_ADDRESS": ray_cluster}, timeout=900, check=True)
+    run = arpipe("run", "mixed.yaml", cwd=folder, env={"RAY_ADDRESS": ray_cluster}, timeout=900, check=True)
+    # rank 0's progress lines: the first step, then at least every 10 s, and the last
+    progress = re.findall(r"\[mixed\] step (\d+)/5  loss [\d.]+  lr \S+  tokens_per_s [\d.e+]+  elapsed \d+ s(, done|, ETA .+)",
+                          run.stdout)
+    assert progress[0][0] == "1" and progress[-1] == ("5", ", done"), run.stdout[-3000:]
 
     from mlflow.tracking import MlflowClient
 

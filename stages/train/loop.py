@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from arpipe.pipeline.lineage import RunLog
+from arpipe.pipeline.progress import Progress
 from arpipe.stages.train.checkpoints import restore, write_marker
 from arpipe.stages.train.config import TrainLoopConfig
 
@@ -133,6 +134,8 @@ def train_loop(cfg: TrainLoopConfig) -> None:
         else cfg.n_params
     peak = _peak_flops(torch)
     total, accum, micro = cfg.total_steps, cfg.grad_accum, cfg.micro_batch
+    progress = Progress(cfg.stage, total, start=step)   # rank 0 prints a line at least every 10 s
+    metrics.watch_system(resumed=client is not None)    # rank 0's machine, in the stage's run
     while step < total:
         started = time.perf_counter()
         loss_sum, target_tokens = torch.zeros((), dtype=torch.float64), 0
@@ -162,6 +165,8 @@ def train_loop(cfg: TrainLoopConfig) -> None:
             if peak:
                 row["mfu"] = 6 * n_params * tokens_per_s / (peak * world)
             metrics.buffer_metrics(row, step)
+        if rank == 0 and progress.due(step):
+            progress.update(step, loss=float(stats[0]) / world, lr=engine.get_lr()[0], tokens_per_s=tokens_per_s)
         if heldout is not None and (step % cfg.eval_every == 0 or step == total):
             metrics.buffer_metrics(heldout.evaluate(engine, world), step)
         if step % cfg.checkpoint_every == 0 or step == total:
@@ -177,6 +182,7 @@ def train_loop(cfg: TrainLoopConfig) -> None:
                                        rank, save_model)
                 write_marker(Path(folder), rank=rank, world=world, step=step)   # last: it vouches for the rest
                 ray.train.report({"step": step, "loss": float(stats[0]) / world}, checkpoint=Checkpoint.from_directory(folder))
+    metrics.stop_watching()
     metrics.flush()
 
 
