@@ -15,6 +15,10 @@ ARPIPE = [sys.executable, "-m", "arpipe.pipeline.cli"]
 #: the niceness of the suite's background work (kill campaigns, fixtures built ahead): it takes the cores only
 #: while the tests in front wait (on process and Ray start-up, mostly)
 BACKGROUND_NICE = 19
+#: a background build's limit: it gets the cores only once the tests in front leave them, which on a slow
+#: machine can be most of the session (CI once stopped two builds at 1800 s while the foreground still ran);
+#: under the session's own limit (tests/conftest.py), which names a hang with every thread's traceback
+BUILD_TIMEOUT_S = 3000
 
 
 def niced(command: list[str], nice: int) -> list[str]:
@@ -63,14 +67,14 @@ def background_script(script: str, out: Path, what: str) -> Path:
     log = out.with_suffix(".log")
     with open(log, "w") as f:
         proc = subprocess.run(niced([sys.executable, script, str(out)], BACKGROUND_NICE), stdout=f,
-                              stderr=subprocess.STDOUT, cwd=Path(script).parent, timeout=1800)
+                              stderr=subprocess.STDOUT, cwd=Path(script).parent, timeout=BUILD_TIMEOUT_S)
     assert proc.returncode == 0, f"{what} failed:\n{log.read_text()[-3000:]}"
     return out
 
 
 def background_project(root: Path, pipeline: str, ray_address: str) -> subprocess.CompletedProcess:
     """`arpipe run PIPELINE` in ``root`` at background priority on the background Ray instance; every stage done."""
-    run = arpipe("run", pipeline, cwd=root, env={"RAY_ADDRESS": ray_address}, timeout=1800, check=True,
+    run = arpipe("run", pipeline, cwd=root, env={"RAY_ADDRESS": ray_address}, timeout=BUILD_TIMEOUT_S, check=True,
                  nice=BACKGROUND_NICE)
     assert all(states[-1] == "done" for states in stage_lines(run.stdout).values()), run.stdout
     return run

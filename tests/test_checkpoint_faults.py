@@ -154,6 +154,7 @@ def test_a_checkpoint_without_its_marker_is_never_loaded(reruns):
     assert "[train] resumed at step 4" in out
 
 
+@pytest.mark.full   # a third training of the project; --force itself: tests/test_pipeline_run.py
 def test_force_trains_again_from_step_0_and_gets_the_same_model(reruns, trained):
     """`--force train` reruns the stage: its checkpoints go with its outputs, so it trains every step again (it
     used to resume from the final checkpoint and train none), and the same seed gives the same model."""

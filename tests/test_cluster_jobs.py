@@ -271,6 +271,7 @@ def test_submit_then_stock_ray_job_submit_is_all_cached(open_head, story):
     assert stage_lines(logs.stdout) == {"a": ["running", "done"], "b": ["running", "done"]}
 
 
+@pytest.mark.full   # a retried job resuming on S3: the cache's resume is in make test (tests/test_pipeline_s3.py)
 def test_s3_storage_a_retry_resumes_through_the_cache(open_head, story, s3_bucket, s3_env):
     project, tracking, tmp, name = story
     storage = f"{s3_bucket}/runs"
@@ -357,6 +358,7 @@ def test_mistakes_give_one_clear_line(open_head, story):
     assert_one_clear_line(gone, "no job raysubmit_nope", "arpipe jobs list")
 
 
+@pytest.mark.full   # a second Ray head (with token auth) for one story: make test-full
 def test_token_auth_cluster(token_head, story):
     project, tracking, tmp, name = story
     write(project, {"pipeline.yaml": pipeline_yaml(name, str(tmp / "runs"))})

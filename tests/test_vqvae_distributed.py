@@ -62,6 +62,7 @@ def mean_image_psnr(train: torch.Tensor, test: torch.Tensor) -> float:
     return float(psnr(train.mean(0, keepdim=True).expand_as(test), test).mean())
 
 
+@pytest.mark.full   # two ranks in one process group: the Ray Train fit below runs two workers in make test
 def test_two_gloo_ranks_end_with_identical_weights_and_a_falling_loss(two_rank_fits):
     for name in ("steps", "clock"):
         rank0, rank1 = (load_file(two_rank_fits / f"{name}-{r}.safetensors") for r in (0, 1))

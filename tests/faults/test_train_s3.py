@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from faults.harness import LiveRun, plan_rows
 from faults.tally import TALLY
 from faults.test_outages import one_clear_line, s3_keys
@@ -142,6 +144,9 @@ def stopped_with_one_line(run: LiveRun, name: str) -> list[str]:
     return [f"{what} in the stopped run's output:\n{ours[-3000:]}" for what in one_clear_line(ours, ours)]
 
 
+# make test-full: the longest fault test (two outages of a training on S3); in make test the S3 outage mid-write
+# (tests/faults/test_outages.py) and the checkpoint faults (tests/test_checkpoint_faults.py) cover its parts
+@pytest.mark.full
 def test_train_on_s3_resumes_from_the_last_complete_checkpoint_after_an_outage_then_a_freeze(
         tmp_path, fault_ray, prepared, s3_server, s3_bucket):
     folder = tmp_path / "project"
