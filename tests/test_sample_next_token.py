@@ -47,6 +47,7 @@ def test_speculative_jacobi_sampling_matches_plain_in_fewer_passes(next_token_mo
     assert passes["sjd"] < 0.67 * passes["plain"], passes
 
 
+@pytest.mark.full   # S3 in and out: make test runs it through tokenize (tests/test_tokenize_stages.py) and a whole pipeline (tests/test_pipeline_s3.py)
 def test_sampling_a_model_on_s3_into_s3_storage(next_token_model, tmp_path, ray_cluster, s3_bucket):
     from arpipe.pipeline.storage import join, storage_for
     from arpipe.stages.store import TokenStore

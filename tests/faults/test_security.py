@@ -233,6 +233,7 @@ def listening(pid: int) -> set[tuple[str, int]]:
     return out
 
 
+@pytest.mark.full   # starts the MLflow UI server (~20 s); the embedded run's dashboard binding is checked below in make test
 def test_arpipe_ui_serves_mlflow_on_localhost_only(tmp_path):
     """`arpipe ui` serves the MLflow UI (and its REST API) for the project's tracking database, bound to
     127.0.0.1 and nothing else."""
