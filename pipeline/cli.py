@@ -321,9 +321,17 @@ def _complete() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    plain_when_piped()
     # the runner's status lines and Ray's worker lines (another thread) share stdout: keep each line whole
     with whole_lines():
         return _main(argv)
+
+
+def plain_when_piped() -> None:
+    """No ANSI colour codes in a file or a pipe: Ray colours the prefix of every worker line it relays
+    (``RAY_COLOR_PREFIX=0`` turns that off) unless the user chose otherwise."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def _main(argv: list[str] | None) -> int:

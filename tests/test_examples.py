@@ -21,6 +21,7 @@ def test_quickstart_runs_end_to_end(tmp_path, ray_cluster):
     states = {s: st[-1] for s, st in stage_lines(run.stdout).items()}
     assert set(states.values()) == {"done"} and len(states) == 13, states
     assert "arpipe ui" in run.stdout and "contact sheet:" in run.stdout
+    assert "(arpipe:evaluate pid=" in run.stdout and "\x1b[" not in run.stdout + run.stderr   # piped: no colours
     assert len(list(folder.glob("arpipe-runs/data/*/images/*/*.png"))) + \
         len(list(folder.glob("arpipe-runs/data/*/heldout/*/*.png"))) == 1797
 
