@@ -19,6 +19,7 @@ from arpipe.cluster.client import TERMINAL, JobsClient, dashboard_address, first
 from arpipe.cluster.submission import MlflowRun, prepare, recorded_run
 from arpipe.pipeline.cli import format_table
 from arpipe.pipeline.errors import ArpipeError, UserError
+from arpipe.pipeline.progress import duration
 
 #: how often a waiting submit looks for the run's MLflow run in its ledger
 RECORD_POLL_S = 2.0
@@ -207,8 +208,7 @@ def _when(ms: int | None) -> str:
 def _took(start: int | None, end: int | None) -> str:
     if not start:
         return "-"
-    seconds = ((end or time.time() * 1000) - start) / 1000
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    return duration(((end or time.time() * 1000) - start) / 1000)
 
 
 # -- argparse ------------------------------------------------------------------------

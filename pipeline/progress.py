@@ -28,7 +28,7 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    """Prints ``[stage] what done/total  k=v ...  elapsed E, ETA T`` at most every ``every_s`` seconds."""
+    """Prints ``[stage] what done/total  name value ...  elapsed E, ETA T`` at most every ``every_s`` seconds."""
 
     def __init__(self, stage: str, total: int, *, what: str = "step", start: int = 0, every_s: float = EVERY_S,
                  echo: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic):

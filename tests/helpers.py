@@ -88,9 +88,9 @@ def json_output(command: str, stdout: str) -> dict:
     import jsonschema
 
     from arpipe.schemas.cli import schema_file_name
+    from arpipe.schemas.export import CLI_SCHEMAS
 
-    schema = json.loads((Path(__file__).resolve().parent.parent / "schemas" / "cli" /
-                         schema_file_name(command)).read_text())
+    schema = json.loads((CLI_SCHEMAS / schema_file_name(command)).read_text())
     document = json.loads(stdout)
     jsonschema.Draft202012Validator(schema).validate(document)
     return document
