@@ -5,10 +5,14 @@ Every path is a URI string: a local path (``/data/x``, ``./runs``) or
 in the same folder is renamed over the target; on S3 a PUT (or a completed
 multipart upload) makes the object appear whole or not at all.
 
-S3 settings come from the standard AWS places (``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``/``AWS_DEFAULT_REGION``,
-``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, ``~/.aws``). With a custom
-endpoint (an S3-compatible store) path-style addressing is used.
+S3 settings come from the standard AWS places, resolved once by boto3's
+credential chain in :func:`aws_session` (keys and ``AWS_SESSION_TOKEN``,
+``AWS_PROFILE``, ``~/.aws/config`` and ``~/.aws/credentials``, SSO, assumed
+roles, instance roles; the region from ``AWS_REGION``, ``AWS_DEFAULT_REGION``
+or the profile), plus ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for an
+S3-compatible store, which is addressed path-style. Every S3 client
+(:func:`s3_client`) and pyarrow filesystem (:func:`pyarrow_s3`) in arpipe is
+built from that one session.
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:
+    import boto3
+    import pyarrow.fs
 
 #: the bookkeeping folder inside every stage folder and the storage root (locks, ledgers, unit
 #: records, pending lineage, failure notes): never part of a stage's outputs
@@ -250,17 +258,7 @@ class S3Storage(Storage):
     """S3 and S3-compatible stores through boto3."""
 
     def __init__(self) -> None:
-        import boto3
-        from botocore.config import Config
-
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        config = Config(
-            s3={"addressing_style": "path" if endpoint else "auto"},
-            retries={"max_attempts": 8, "mode": "standard"},
-            max_pool_connections=32,
-        )
-        self.client = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+        self.client = s3_client()
 
     @property
     def endpoint(self) -> str:
@@ -368,20 +366,110 @@ class S3Storage(Storage):
             self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch})
 
 
+#: the region when boto3 resolves none (no variable, no ``region`` in the profile): AWS's own default
+DEFAULT_REGION = "us-east-1"
+#: botocore's names for credential sources that pyarrow's AWS chain also resolves, and renews, by itself
+_RENEWED_BY_PYARROW = frozenset({"iam-role", "container-role", "assume-role-with-web-identity"})
+# boto3 sessions are not thread-safe (clients are): sessions and clients are made under this lock
+_aws_lock = threading.RLock()
+_sessions: dict[tuple, boto3.Session] = {}
 _local = LocalStorage()
-_s3_clients: dict[tuple, S3Storage] = {}
-_s3_lock = threading.Lock()
-_S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
-           "AWS_ACCESS_KEY_ID", "AWS_PROFILE")
+_s3_storages: dict[tuple, S3Storage] = {}
+
+
+def _aws_env() -> tuple[tuple[str, str], ...]:
+    """The AWS_* variables, which boto3 resolves from: a change to any makes a new session (and S3 client)."""
+    return tuple(sorted((name, value) for name, value in os.environ.items() if name.startswith("AWS_")))
+
+
+def aws_session() -> boto3.Session:
+    """This process's boto3 session for the current AWS environment, resolved the standard way.
+
+    Credentials follow boto3's chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``,
+    ``AWS_PROFILE`` in ``~/.aws/credentials`` and ``~/.aws/config`` -- or ``AWS_SHARED_CREDENTIALS_FILE``/
+    ``AWS_CONFIG_FILE`` -- with its assumed roles and SSO, then container and instance roles). The region is
+    ``AWS_REGION``, else ``AWS_DEFAULT_REGION``, else the profile's ``region``; see :func:`aws_region`.
+    One session per distinct environment (cached), so a test or a user that changes ``AWS_*`` gets a new one.
+    """
+    key = _aws_env()
+    with _aws_lock:
+        session = _sessions.get(key)
+        if session is None:
+            import boto3
+
+            # botocore reads AWS_DEFAULT_REGION and the profile's region but not AWS_REGION, which the
+            # AWS CLI and the other SDKs read first
+            session = _sessions[key] = boto3.Session(region_name=os.environ.get("AWS_REGION") or None)
+    return session
+
+
+def aws_region(session: boto3.Session | None = None) -> str:
+    """The session's region; :data:`DEFAULT_REGION` only when boto3 resolves none."""
+    return (session or aws_session()).region_name or DEFAULT_REGION
+
+
+def s3_endpoint() -> str | None:
+    """The S3-compatible store's URL from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``; None for AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_client(endpoint: str | None = None) -> Any:
+    """A boto3 S3 client on :func:`aws_session` (``endpoint`` defaults to :func:`s3_endpoint`).
+
+    It refreshes expiring credentials (assumed roles, SSO, instance roles) itself, as boto3 clients do.
+    """
+    from botocore.config import Config
+
+    endpoint = endpoint or s3_endpoint()
+    config = Config(
+        s3={"addressing_style": "path" if endpoint else "auto"},
+        retries={"max_attempts": 8, "mode": "standard"},
+        max_pool_connections=32,
+    )
+    with _aws_lock:
+        session = aws_session()
+        return session.client("s3", endpoint_url=endpoint, region_name=aws_region(session), config=config)
+
+
+def pyarrow_s3(endpoint: str | None = None) -> pyarrow.fs.S3FileSystem:
+    """A pyarrow S3 filesystem with the same credentials, region and endpoint as :func:`s3_client`.
+
+    pyarrow takes static keys, so it is handed the session's credentials *as they are now* (access key,
+    secret, session token); boto3 renews expiring ones before handing them out, so a filesystem built
+    now starts valid, but it does not renew them: build one per job (the train stage builds one per
+    stage run), not one per process. A run that outlives temporary keys fails at its next write and,
+    rerun, resumes from its last checkpoint. Instance, container and web-identity (EKS) roles are the
+    exception: pyarrow's own AWS chain resolves those the same way on every machine and renews them,
+    so for them it gets no keys (its ``role_arn`` option is not used: it would assume a role through
+    that chain rather than this session).
+    """
+    import pyarrow.fs as pafs
+
+    endpoint = endpoint or s3_endpoint()
+    with _aws_lock:
+        session = aws_session()
+        credentials = session.get_credentials()
+        snapshot = credentials is not None and credentials.method not in _RENEWED_BY_PYARROW
+        frozen = credentials.get_frozen_credentials() if snapshot else None
+    keys: dict[str, str] = {}
+    if frozen is not None:
+        keys = {"access_key": frozen.access_key, "secret_key": frozen.secret_key}
+        if frozen.token:
+            keys["session_token"] = frozen.token
+    # checkpoints are written through this filesystem: a brief outage of the store (seconds) is retried
+    # with backoff instead of failing the worker group (pyarrow's default gives up after 3 attempts)
+    return pafs.S3FileSystem(endpoint_override=endpoint, region=aws_region(session),
+                             scheme="http" if endpoint and endpoint.startswith("http://") else "https",
+                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=10), **keys)
 
 
 def storage_for(uri: str) -> Storage:
     """The backend for ``uri``. One S3 client per distinct AWS environment (clients are thread-safe)."""
     if not is_s3(uri):
         return _local
-    key = tuple(os.environ.get(name) for name in _S3_ENV)
-    with _s3_lock:
-        s3 = _s3_clients.get(key)
+    key = _aws_env()
+    with _aws_lock:
+        s3 = _s3_storages.get(key)
         if s3 is None:
-            s3 = _s3_clients[key] = S3Storage()
+            s3 = _s3_storages[key] = S3Storage()
     return s3

@@ -7,6 +7,7 @@ variables a client (arpipe, boto3, a subprocess) needs to reach it.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -42,6 +43,8 @@ class S3Server:
         self.workdir = Path(workdir)
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        #: more ``weed mini`` flags (StsS3Server adds its IAM/STS config)
+        self.extra_args: tuple[str, ...] = ()
 
     @property
     def endpoint(self) -> str:
@@ -70,7 +73,7 @@ class S3Server:
         self.proc = subprocess.Popen(
             [weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-s3.port={self.port}", f"-s3.config={config}", f"-master.port={master_port}",
-             "-admin.ui=false", "-webdav=false"],
+             "-admin.ui=false", "-webdav=false", *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.time() + timeout
@@ -131,3 +134,43 @@ class S3Server:
                 pass
             self.proc.wait(timeout=10)
         self.proc = None
+
+
+class StsS3Server(S3Server):
+    """An S3Server that also answers STS (SeaweedFS's ``-s3.iam.config`` with an ``sts`` signing key).
+
+    ``assume_role()`` hands out temporary credentials (``ASIA...`` key, secret, session token) for
+    ``ROLE_ARN``, a role allowed every S3 action. SeaweedFS (4.48 checked) accepts a request signed with
+    them only when it carries that session token: without one, or with a changed one, it answers
+    ``InvalidAccessKeyId``.
+    """
+
+    ROLE_ARN = "arn:aws:iam::000000000000:role/ArpipeTestWriter"
+
+    def start(self, timeout: float = 60.0) -> StsS3Server:
+        iam = self.workdir / "iam.json"
+        iam.write_text(json.dumps({
+            "sts": {"tokenDuration": "1h", "maxSessionLength": "12h", "issuer": "arpipe-test-sts",
+                    "signingKey": base64.b64encode(b"arpipe-test-sts-signing-key-32b!").decode()},
+            "policy": {"defaultEffect": "Deny"},
+            "roles": [{"roleName": "ArpipeTestWriter", "roleArn": self.ROLE_ARN,
+                       "trustPolicy": {"Version": "2012-10-17", "Statement": [
+                           {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": ["sts:AssumeRole"]}]},
+                       "attachedPolicies": ["ArpipeTestS3"]}],
+            "policies": [{"name": "ArpipeTestS3", "document": {"Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": ["s3:*"], "Resource": ["*"]}]}}],
+        }))
+        self.extra_args = (f"-s3.iam.config={iam}",)
+        super().start(timeout)
+        return self
+
+    def assume_role(self, session_name: str = "arpipe-test") -> dict[str, str]:
+        """Temporary credentials from the server's STS, as the AWS_* variables a user would export."""
+        import boto3
+
+        sts = boto3.client("sts", endpoint_url=self.endpoint, region_name="us-east-1",
+                           aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+        credentials = sts.assume_role(RoleArn=self.ROLE_ARN, RoleSessionName=session_name)["Credentials"]
+        return {"AWS_ACCESS_KEY_ID": credentials["AccessKeyId"],
+                "AWS_SECRET_ACCESS_KEY": credentials["SecretAccessKey"],
+                "AWS_SESSION_TOKEN": credentials["SessionToken"]}
