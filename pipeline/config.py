@@ -17,9 +17,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.registry import pipeline_spec, stage_models
 from arpipe.pipeline.yamlpos import Positions, dotted, load_yaml
 from arpipe.schemas.base import REF_PATTERN
-from arpipe.schemas.pipeline import PipelineSpec, stage_kinds
+from arpipe.schemas.pipeline import PipelineSpec, tags
 
 ENV_PATTERN = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?:,([^}]*))?\}")
 #: names (config keys, environment variables) whose values are credentials: a name *segment* such as
@@ -88,7 +89,7 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
     secrets |= {v for k, v in os.environ.items() if SECRET_KEY.search(k) and len(v) >= MIN_ENV_SCRUBBED}
     _check_kinds(data, positions)
     try:
-        spec = PipelineSpec.model_validate(data)
+        spec = pipeline_spec().model_validate(data)
     except ValidationError as err:
         raise _explain(err, data, positions) from None
     loaded = LoadedPipeline(spec=spec, path=path.resolve(), text=text, positions=positions,
@@ -187,7 +188,7 @@ def _check_kinds(data: dict, positions: Positions) -> None:
     stages = data.get("stages")
     if not isinstance(stages, dict):
         return
-    kinds = stage_kinds()
+    kinds = stage_models()
     for name, stage in stages.items():
         if not isinstance(stage, dict):
             raise UserError("a stage is a mapping with a 'kind'", where=positions.find(("stages", name)),
@@ -204,20 +205,19 @@ def _check_kinds(data: dict, positions: Positions) -> None:
 
 
 def _model_at(loc: tuple, data: dict) -> tuple[type[BaseModel] | None, tuple]:
-    """Walk PipelineSpec along a pydantic error location; return the model there and the data path.
+    """Walk the pipeline model (plugins included) along a pydantic error location; return the model there and
+    the data path.
 
-    Discriminated unions insert the tag (``'python'``) into the location; it is not part of the YAML path.
+    A discriminated union (stage kinds, sources, tokenizers) inserts its tag (``'python'``, ``'image'``) into the
+    location right after its field; the tag is not part of the YAML path.
     """
-    model: type[BaseModel] | None = PipelineSpec
+    model: type[BaseModel] | None = pipeline_spec()
     path: list = []
     node: Any = data
-    kinds = stage_kinds()
-    i = 0
-    while i < len(loc):
-        part = loc[i]
-        if path[:1] == ["stages"] and len(path) == 2 and part in kinds and not (isinstance(node, dict) and part in node):
-            model = kinds[part]
-            i += 1
+    union: dict[str, type[BaseModel]] = {}   # members by tag while the next part of loc is a union's tag
+    for part in loc:
+        if part in union:
+            model, union = union[part], {}
             continue
         path.append(part)
         if isinstance(node, dict):
@@ -226,16 +226,16 @@ def _model_at(loc: tuple, data: dict) -> tuple[type[BaseModel] | None, tuple]:
             node = node[part]
         else:
             node = None
-        if path == ["stages"]:
-            model = None
-        elif len(path) == 2 and path[0] == "stages":
-            model = kinds.get(node.get("kind")) if isinstance(node, dict) else None
-        elif model is not None and isinstance(part, str) and part in model.model_fields:
-            ann = model.model_fields[part].annotation
-            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        else:
-            model = None
-        i += 1
+        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
+        model, union, tag = None, {}, "kind"
+        if len(path) == 2 and path[0] == "stages":
+            union = stage_models()
+        elif field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            model = field.annotation
+        elif field is not None and isinstance(field.discriminator, str):
+            union, tag = tags(field.annotation, field.discriminator), field.discriminator
+        if union and isinstance(node, dict):
+            model = union.get(node.get(tag))
     return model, tuple(path)
 
 

@@ -10,9 +10,8 @@ from typing import Any
 
 from arpipe.pipeline import outputs as out
 from arpipe.pipeline.lineage import StageLog
-from arpipe.pipeline.registry import stage_class
+from arpipe.pipeline.registry import stage_class, stage_models
 from arpipe.pipeline.stage import StageContext
-from arpipe.schemas.pipeline import stage_kinds
 
 #: the driver's environment for a stage task; stage kinds reach the same through StageContext
 forwarded_env = StageContext.forwarded_env
@@ -59,7 +58,7 @@ def execute_stage(payload: StagePayload) -> StageResult:
 def _execute(payload: StagePayload) -> StageResult:
     started = time.time()
     kind = payload.kind
-    spec = stage_kinds()[kind].model_validate(payload.config)
+    spec = stage_models()[kind].model_validate(payload.config)
     out_uri = payload.out_uri
     work_dir = out.staging_dir(out_uri)
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -17,15 +17,17 @@ CLI_SCHEMAS = Path(__file__).with_name("cli")
 ID_BASE = "https://github.com/arpipe/arpipe/schemas/"
 
 
-def pipeline_schema() -> dict:
-    schema = PipelineSpec.model_json_schema()
+def pipeline_schema(model: type[PipelineSpec] = PipelineSpec) -> dict:
+    """The JSON Schema of ``model``: the built-in kinds by default (the checked-in file), or the pipeline model
+    with installed plugins that ``arpipe schema`` prints (``arpipe.pipeline.registry.pipeline_spec``)."""
+    schema = model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = ID_BASE + "pipeline.schema.json"
     return schema
 
 
-def render() -> str:
-    return json.dumps(pipeline_schema(), indent=2, sort_keys=True) + "\n"
+def render(model: type[PipelineSpec] = PipelineSpec) -> str:
+    return json.dumps(pipeline_schema(model), indent=2, sort_keys=True) + "\n"
 
 
 def render_cli(command: str) -> str:

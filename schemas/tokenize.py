@@ -16,7 +16,10 @@ from arpipe.schemas.base import Resources, StageBase, Strict
 Size = Union[int, list[int]]  # noqa: UP007
 
 
-class _Source(Strict):
+class SourceBase(Strict):
+    """What every source has: a ``uri``. A reader plugin's source model subclasses it (docs/extending.md):
+    its other fields are the reader's keyword arguments."""
+
     uri: str = Field(description="A local path or s3:// URI (file or folder).")
 
     def reader_options(self) -> dict[str, Any]:
@@ -26,7 +29,7 @@ class _Source(Strict):
         return options
 
 
-class _Captioned(_Source):
+class _Captioned(SourceBase):
     captions: str | None = Field(
         None, description="Where each sample's caption is read, to be stored with its tokens (docs/conditioning.md): "
                           "`auto` (a `captions.csv`/`.json`/`.jsonl` sidecar keyed by file name at the folder root, "
@@ -129,7 +132,7 @@ class VolumeSource(_Captioned):
                                                            "no limit).")
 
 
-class PointCloudSource(_Source):
+class PointCloudSource(SourceBase):
     """Point clouds from the ``.ply``, ``.npy``/``.npz``, ``.xyz``/``.txt``/``.pts`` and ``.las``/``.laz`` files
     below a folder (recursively; a ``.txt`` is read as XYZ text); other files are skipped and reported as for
     images."""
@@ -148,7 +151,10 @@ Source = Annotated[Union[ImageSource, VideoSource, VolumeSource, PointCloudSourc
                    Field(discriminator="modality")]
 
 
-class _Tokenizer(Strict):
+class TokenizerBase(Strict):
+    """What every grid tokenizer's config has: ``input_shape``. A tokenizer plugin's config model subclasses it
+    (docs/extending.md): its other fields are the tokenizer's constructor arguments."""
+
     input_shape: list[int] | None = Field(None, description="Sample shape (C, H, W) / (C, T|D, H, W); "
                                                             "default: the first sample's.")
 
@@ -161,7 +167,7 @@ class _Tokenizer(Strict):
         return args
 
 
-class PatchVQConfig(_Tokenizer):
+class PatchVQConfig(TokenizerBase):
     type: Literal["patch_vq"]
     patch: list[int] = Field(description="Patch size per spatial axis ([p, p] or [t, p, p]).")
     codebook_size: int = Field(512, ge=2, description="Codes (k-means centroids): the tokenizer's vocabulary "
@@ -172,7 +178,7 @@ class PatchVQConfig(_Tokenizer):
     fit_iters: int = Field(100, ge=1, description="Mini-batch k-means iterations (4096 vectors each).")
 
 
-class MSVQConfig(_Tokenizer):
+class MSVQConfig(TokenizerBase):
     type: Literal["msvq"]
     scales: list[Size] = Field(min_length=1, description="Token grid per scale, coarse to fine.")
     patch: list[int] | None = Field(None, description="Pixels per finest-scale token (default: size / last scale).")
@@ -205,7 +211,7 @@ class VQVAEFit(Strict):
                                                                "clock (default: no limit).")
 
 
-class VQVAEConfig(_Tokenizer):
+class VQVAEConfig(TokenizerBase):
     type: Literal["vqvae"]
     downsample: Size = Field(4, description="Input cells per token: a power of two for every axis, or one per "
                                             "spatial axis (e.g. [1, 4, 4] for per-frame video tokens).")
@@ -226,7 +232,7 @@ class VQVAEConfig(_Tokenizer):
     fit: VQVAEFit = Field(default_factory=VQVAEFit, description="Training schedule of the fit.")
 
 
-class OctreeConfig(_Tokenizer):
+class OctreeConfig(TokenizerBase):
     type: Literal["octree"]
     depth: int = Field(8, ge=1, le=20, description="Octree levels: points are quantized to a 2^depth voxel "
                                                    "grid per side, the resolution decoding is lossless at.")
@@ -332,5 +338,5 @@ class TokenizeStage(StageBase):
     workers: int = Field(2, ge=1, description="Concurrent Ray tasks (one CPU each).")
     max_reject_fraction: float = Field(0.01, ge=0, le=1,
                                        description="Fail when more than this share of samples is rejected.")
-    progress: bool = Field(True, description="Print units done, samples encoded and samples/s every few "
-                                             "seconds.")
+    progress: bool = Field(True, description="Print units done/total, samples encoded, samples/s, elapsed and "
+                                             "ETA (a line per 10 s, one updating bar on a terminal).")

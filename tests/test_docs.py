@@ -8,7 +8,6 @@ import json
 import re
 import sys
 import textwrap
-import types
 from pathlib import Path
 
 import numpy as np
@@ -128,42 +127,56 @@ def test_docs_index_lists_every_page():
 # ----------------------------------------------------------------------- extending.md, as written
 
 
-def _block(path: str, defines: str = "") -> str:
-    """The python block of extending.md that starts with a `# path` (or `# add to path`) comment."""
+PLUGIN = ROOT / "tests" / "plugins" / "arpipe_example_plugin"
+
+
+def _blocks() -> dict[str, list[str]]:
+    """The code blocks of extending.md that start with a `# path` (or `# path, continued`) comment, by path,
+    without that comment."""
+    found: dict[str, list[str]] = {}
     text = (DOCS / "extending.md").read_text()
-    for _indent, code in re.findall(r"^( *)```python\n(.*?)^\1```", text, flags=re.DOTALL | re.MULTILINE):
-        code = textwrap.dedent(code)
-        first = code.splitlines()[0]
-        if first.removeprefix("# ").removeprefix("add to ") == path and defines in code:
-            return code
-    raise AssertionError(f"extending.md has no python block for {path} {defines}")
+    for code in re.findall(r"^```(?:python|toml)\n# (.*?)\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE):
+        label, body = code
+        found.setdefault(label.removesuffix(", continued"), []).append(body)
+    return found
 
 
-def _module(name: str, code: str, monkeypatch, base: dict | None = None) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__dict__.update(base or {})
-    module.__dict__["__name__"] = name
-    monkeypatch.setitem(sys.modules, name, module)
-    exec(compile(code, f"<extending.md: {name}>", "exec"), module.__dict__)
-    return module
+def test_extending_shows_the_example_plugin_as_it_is():
+    """The plugin tests/test_plugins.py installs is the code extending.md shows, file by file (a file shown in
+    parts is its parts, in order, two blank lines apart)."""
+    blocks = _blocks()
+    files = sorted(str(p.relative_to(PLUGIN)) for p in PLUGIN.rglob("*")
+                   if p.suffix in (".py", ".toml") and "__pycache__" not in p.parts and p.name != "__init__.py")
+    assert sorted(blocks) == files
+    for name in files:
+        assert "\n\n".join(blocks[name]) == (PLUGIN / name).read_text(), f"extending.md differs from {name}"
 
 
-def test_extending_stage_kind_runs_and_resumes_by_shard(tmp_path, monkeypatch):
+@pytest.fixture
+def example_plugin(monkeypatch):
+    """The example plugin importable from its source folder (its entry points are tests/test_plugins.py's)."""
+    monkeypatch.syspath_prepend(str(PLUGIN))
+    yield importlib.import_module("arpipe_example_plugin")
+    for name in [m for m in sys.modules if m.split(".")[0] == "arpipe_example_plugin"]:
+        del sys.modules[name]
+
+
+def test_extending_stage_kind_runs_and_resumes_by_shard(tmp_path, example_plugin):
+    from arpipe_example_plugin import schemas, token_stats
+
     from arpipe.pipeline.stage import StageContext
     from arpipe.stages.store import StoreWriter
 
-    schema = _module("arpipe.schemas.token_stats", _block("schemas/token_stats.py"), monkeypatch)
-    stage = _module("arpipe.stages.token_stats", _block("stages/token_stats.py"), monkeypatch)
     store = tmp_path / "store"
     with StoreWriter(str(store), vocab_size=16, samples_per_shard=4) as w:
         for i in range(10):
             w.append(np.array([i % 3, 5, 5]), key=f"s{i}", modality="image")
-    spec = schema.TokenStatsStage.model_validate({"kind": "token_stats", "store": str(store), "top": 2})
+    spec = schemas.TokenStatsStage.model_validate({"kind": "token_stats", "store": str(store), "top": 2})
     out = tmp_path / "out"
     ctx = StageContext(name="stats", kind="token_stats", fingerprint="f" * 64, out_uri=str(out), work_dir=out,
                        pipeline_dir=tmp_path)
     out.mkdir()
-    outputs = stage.TokenStatsStage(spec, ctx).run()
+    outputs = token_stats.TokenStatsStage(spec, ctx).run()
     assert outputs["stats"].path == "stats.json"
     stats = json.loads((out / "stats.json").read_text())
     assert stats == {"tokens": 30, "distinct": 4, "top": {"5": 20, "0": 4}}
@@ -171,19 +184,18 @@ def test_extending_stage_kind_runs_and_resumes_by_shard(tmp_path, monkeypatch):
     assert units == ["000000.npy", "000001.npy", "000002.npy"]
     # a rerun reuses the committed units: a unit doctored on disk shows it was not recounted
     np.save(out / ".arpipe" / "units" / "000000.npy", np.zeros(16, dtype=np.int64))
-    stage.TokenStatsStage(spec, ctx).run()
+    token_stats.TokenStatsStage(spec, ctx).run()
     assert json.loads((out / "stats.json").read_text())["tokens"] == 30 - 12
 
 
-def test_extending_tokenizer_round_trips_through_its_artifact(tmp_path, monkeypatch):
-    from arpipe.schemas import tokenize as schemas_tokenize
+def test_extending_tokenizer_round_trips_through_its_artifact(tmp_path, monkeypatch, example_plugin):
+    from arpipe_example_plugin import levels, schemas
+
     from arpipe.stages.modalities import base
 
-    levels = _module("arpipe.stages.modalities.levels", _block("stages/modalities/levels.py"), monkeypatch)
-    monkeypatch.setitem(base.TOKENIZER_TYPES, "levels", "arpipe.stages.modalities.levels:LevelTokenizer")
-    config = _module("schemas_levels", _block("schemas/tokenize.py", "class LevelsConfig"), monkeypatch,
-                     vars(schemas_tokenize))
-    args = config.LevelsConfig(type="levels", levels=4).constructor_args((1, 6, 5))
+    # what the entry point does for an installed plugin: load_tokenizer finds the class by the artifact's type
+    monkeypatch.setitem(base.TOKENIZER_TYPES, "levels", schemas.LevelsConfig.implementation)
+    args = schemas.LevelsConfig(type="levels", levels=4).constructor_args((1, 6, 5))
     tok = levels.LevelTokenizer(**args, modality="image")
     x = np.random.default_rng(0).random((3, 1, 6, 5)).astype(np.float32)
     tokens = tok.encode_arrays(list(x))
@@ -196,20 +208,17 @@ def test_extending_tokenizer_round_trips_through_its_artifact(tmp_path, monkeypa
     assert all((a == b).all() for a, b in zip(again.encode_arrays(list(x)), tokens))
 
 
-def test_extending_reader_reads_units_and_rejects_bad_files(tmp_path, monkeypatch):
+def test_extending_reader_reads_units_and_rejects_bad_files(tmp_path, example_plugin):
+    from arpipe_example_plugin import depth, schemas
     from PIL import Image
 
-    from arpipe.schemas import tokenize as schemas_tokenize
     from arpipe.stages.modalities import SampleError
 
-    depth = _module("arpipe.stages.modalities.depth", _block("stages/modalities/depth.py"), monkeypatch)
-    config = _module("schemas_depth", _block("schemas/tokenize.py", "class DepthSource"), monkeypatch,
-                     vars(schemas_tokenize))
     (tmp_path / "near").mkdir()
     values = np.arange(12, dtype=np.uint16).reshape(3, 4) * 1000
     Image.fromarray(values).save(tmp_path / "near" / "a.png")
     (tmp_path / "near" / "broken.png").write_bytes(b"not a png")
-    source = config.DepthSource(modality="depth", uri=str(tmp_path), max_depth=11000)
+    source = schemas.DepthSource(modality="depth", uri=str(tmp_path), max_depth=11000)
     reader = depth.DepthReader(source.uri, **source.reader_options())
     units = reader.units()
     assert [u.key for u in units] == ["near/a.png", "near/broken.png"]

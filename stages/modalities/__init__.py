@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from arpipe.pipeline import plugins
+from arpipe.schemas.tokenize import SourceBase
+
 from .base import (
     TOKENIZER_TYPES,
     FixedLengthTokenizer,
@@ -31,6 +34,7 @@ from .base import (
     load_tokenizer,
     read_artifact,
     tokenizer_class,
+    tokenizer_types,
 )
 from .image import ImageReader
 from .metrics import chamfer_distance, codebook_usage, psnr, ssim
@@ -51,11 +55,14 @@ READERS: dict[str, type[Reader]] = {
 
 
 def open_reader(modality: str, uri: str, **options: Any) -> Reader:
-    """The reader for ``modality`` on ``uri``; ``options`` are that reader's keyword arguments."""
-    try:
-        cls = READERS[modality]
-    except KeyError:
-        raise SampleError(uri, f"unknown modality {modality!r}", fix=f"use one of {', '.join(READERS)}") from None
+    """The reader for ``modality`` on ``uri`` (built in, or an installed plugin's: ``arpipe.readers`` entry
+    points); ``options`` are that reader's keyword arguments."""
+    cls = READERS.get(modality)
+    if cls is None and modality in plugins.declared("arpipe.readers"):
+        cls = plugins.implementation("arpipe.readers", modality, SourceBase, Reader)
+    if cls is None:
+        known = [*READERS, *plugins.declared("arpipe.readers")]
+        raise SampleError(uri, f"unknown modality {modality!r}", fix=f"use one of {', '.join(known)}")
     try:
         return cls(uri, **options)
     except TypeError as err:
@@ -76,5 +83,5 @@ __all__ = [
     "READERS", "TOKENIZER_TYPES", "FixedLengthTokenizer", "ImageReader", "MultiScaleVQ", "OctreeTokenizer",
     "PatchVQ", "PointCloudReader", "Reader", "Sample", "SampleError", "Tokenizer", "TokenizerError", "Unit",
     "VQVAE", "VideoReader", "VolumeReader", "chamfer_distance", "codebook_usage", "copy_artifact", "denormalize", "load_tokenizer",
-    "make_tokenizer", "open_reader", "psnr", "read_artifact", "ssim", "tokenizer_class",
+    "make_tokenizer", "open_reader", "psnr", "read_artifact", "ssim", "tokenizer_class", "tokenizer_types",
 ]

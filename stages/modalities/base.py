@@ -22,9 +22,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from arpipe.pipeline import plugins
 from arpipe.pipeline.digest import digest_bytes, digest_json, hex_of
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.storage import join, storage_for
+from arpipe.schemas.tokenize import TokenizerBase
 
 ARTIFACT_FORMAT = 1
 WEIGHTS_FILE = "weights.safetensors"
@@ -185,13 +187,18 @@ TOKENIZER_TYPES: dict[str, str] = {
 }
 
 
+def tokenizer_types() -> list[str]:
+    """Every tokenizer type: the built-in ones and the installed plugins' (``arpipe.tokenizers`` entry points)."""
+    return sorted({*TOKENIZER_TYPES, *plugins.declared("arpipe.tokenizers")})
+
+
 def tokenizer_class(type_: str) -> type[Tokenizer]:
-    try:
+    if type_ in TOKENIZER_TYPES:
         module, _, name = TOKENIZER_TYPES[type_].partition(":")
-    except KeyError:
-        raise TokenizerError(f"unknown tokenizer type {type_!r}",
-                             fix=f"use one of {', '.join(sorted(TOKENIZER_TYPES))}") from None
-    return getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(module), name)
+    if type_ in plugins.declared("arpipe.tokenizers"):
+        return plugins.implementation("arpipe.tokenizers", type_, TokenizerBase, Tokenizer)
+    raise TokenizerError(f"unknown tokenizer type {type_!r}", fix=f"use one of {', '.join(tokenizer_types())}")
 
 
 class Tokenizer(ABC):
@@ -321,9 +328,10 @@ def read_artifact(uri: str) -> tuple[dict[str, Any], bytes]:
     if hex_of(digest_bytes(weights)) != hex_of(str(doc.get("weights_sha256"))):
         raise TokenizerError("weights.safetensors does not match the sha256 in tokenizer.json", where=uri,
                              fix="the artifact is corrupt or mixed from two runs: re-create it")
-    if doc.get("type") not in TOKENIZER_TYPES:
+    if doc.get("type") not in tokenizer_types():
         raise TokenizerError(f"unknown tokenizer type {doc.get('type')!r}", where=cfg_uri,
-                             fix=f"an artifact of this arpipe has one of {', '.join(sorted(TOKENIZER_TYPES))}")
+                             fix=f"an artifact of this arpipe has one of {', '.join(tokenizer_types())} (a plugin's "
+                                 "type needs the plugin installed)")
     return doc, weights
 
 
