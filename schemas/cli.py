@@ -1,6 +1,6 @@
 """What ``--json`` prints: one JSON object per command, the contract for scripts that read arpipe's output.
 
-``arpipe validate|plan|status --json``, ``arpipe jobs list|status --json`` and ``arpipe store info --json``
+``arpipe validate|plan|status|gc --json``, ``arpipe jobs list|status --json`` and ``arpipe store info --json``
 print one of these models, nothing else, on stdout (errors stay one line on stderr with their exit code).
 Fields are only added, never renamed or retyped, within a ``schema_version``; a missing value is ``null``,
 never ``"-"``. Their JSON Schemas are checked in under ``schemas/cli/`` (``python -m arpipe.schemas.export``)
@@ -110,6 +110,44 @@ class StoreInfoOutput(StoreManifest):
     modality_counts: list[tuple[str, int]] = Field(description="[modality, samples] pairs, most common first")
 
 
+class GcItem(BaseModel):
+    """One thing `arpipe gc` collects: a superseded stage folder, a finished stage's checkpoints, a stale lock."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    what: Literal["superseded", "checkpoints", "stale-lock"] = Field(
+        description="superseded: a stage folder of an earlier fingerprint; checkpoints: the trainer's checkpoints "
+                    "a finished stage keeps; stale-lock: a lock whose holder is gone")
+    path: str = Field(description="the folder or file (local path or s3:// URI)")
+    bytes: int = Field(ge=0, description="its size, counted when gc listed it")
+    reason: str = Field(description="why it can go")
+    state: Literal["listed", "removed", "skipped"] = Field(
+        description="listed: a dry run (no --yes); removed; skipped: in use by then (see note)")
+    note: str | None = Field(None, description="why --yes left it")
+
+
+class GcKept(BaseModel):
+    """Something `arpipe gc` would otherwise have collected, and why it stays."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    path: str = Field(description="the stage folder (or the stage's folder of folders)")
+    reason: str
+
+
+class GcOutput(_Output):
+    """``arpipe gc --json``: what storage holds that the pipelines no longer reach, listed or removed."""
+
+    pipelines: list[str] = Field(description="the pipeline files, as resolved")
+    dry_run: bool = Field(description="true without --yes: nothing was removed")
+    items: list[GcItem] = Field(description="what gc collects, stage by stage")
+    kept: list[GcKept] = Field(description="superseded folders kept, and why (in use, --keep-last, ...)")
+    bytes: int = Field(ge=0, description="the size of every item: what --yes frees")
+    freed: int = Field(ge=0, description="bytes removed by this call (0 in a dry run)")
+
+
 #: command -> its output model: the checked-in schemas (schemas/cli/<file>.schema.json) and docs/cli.md
 OUTPUTS: dict[str, type[BaseModel]] = {
     "validate": ValidateOutput,
@@ -118,6 +156,7 @@ OUTPUTS: dict[str, type[BaseModel]] = {
     "jobs list": JobsOutput,
     "jobs status": JobOutput,
     "store info": StoreInfoOutput,
+    "gc": GcOutput,
 }
 
 

@@ -24,9 +24,19 @@ HEADER = """\
 `arpipe --help` and `arpipe COMMAND --help` print the same. Errors are one line with exit code 2
 (see [troubleshooting](troubleshooting.md)); `--debug` goes anywhere on the line and shows tracebacks.
 `validate`, `plan`, `status` and a fully cached `run` import neither torch nor Ray. `--json` makes
-`validate`, `plan`, `status`, `jobs list`, `jobs status` and `store info` print one JSON object
+`validate`, `plan`, `status`, `gc`, `jobs list`, `jobs status` and `store info` print one JSON object
 ([below](#json-output)). Shell completion (bash, zsh), from argcomplete, which arpipe installs:
 `eval "$(register-python-argcomplete arpipe)"` in the shell's rc file.
+
+**What `arpipe run` prints.** arpipe's own lines: each stage's state as it changes, and the `[stage] ...`
+lines stages print, with a progress line (`done/total`, rates, elapsed, ETA) for the first unit, at least
+every 10 s, and for the last. Ray's, DeepSpeed's and the libraries' lines (worker start-up, warnings,
+Ray Train's actors) go only to the stage's log file, `<stage folder>/.arpipe/logs/<run id>.log`, whose path
+the `running` (and a `failed`) line names; it is also the stage's MLflow artifact `logs/<run id>.log`
+(on S3 storage the file is written here and uploaded when the stage ends). Lines outside any stage go to
+`<storage>/.arpipe/logs/<run id>.log`. `-v` (anywhere on the line) shows every line on the console as well.
+On a terminal each running stage's progress is one updating bar (tqdm) instead of a line per 10 s; when
+stdout is a file or a pipe there are no colour codes.
 """
 
 JSON_HEADER = """\
@@ -194,6 +204,6 @@ def _json_outputs() -> list[str]:
                 f"Schema: [`schemas/cli/{schema_file_name(command)}`](../schemas/cli/{schema_file_name(command)}).",
                 ""]
         out += _field_rows(schema)
-    for name in ("PlannedStage", "StageState", "Job"):
+    for name in ("PlannedStage", "StageState", "GcItem", "GcKept", "Job"):
         out += [f"### {name}", ""] + _field_rows(nested[name])
     return out
