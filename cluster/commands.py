@@ -11,6 +11,7 @@ name only when one of these commands runs.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -82,6 +83,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
                     f"see `arpipe jobs logs {submission_id} --address {url}`")
 
 
+#: what a job's log says when the cluster's Python has no arpipe
+NO_ARPIPE = re.compile(r"No module named '?arpipe|arpipe: (command )?not found")
+
+
 def _mlflow_suffix(run: MlflowRun | None) -> str:
     return f" (MLflow run {run.run_id})" if run else ""
 
@@ -109,6 +114,9 @@ def wait_for(client: JobsClient, submission_id: str, metadata: dict[str, str], f
         if ended and status != "SUCCEEDED" and not follow:
             tail = [line for line in client.logs(submission_id).strip().splitlines() if line.strip()][-12:]
             echo("  last log lines:\n" + "\n".join(f"    {line}" for line in tail))
+            if any(NO_ARPIPE.search(line) for line in tail):
+                echo("  the cluster's Python cannot run arpipe: install it in the image the cluster runs "
+                     "(see Dockerfile) or pass `--pip arpipe` (or a wheel's path)")
         if ended:
             return status, mlflow_run
         time.sleep(0.5)

@@ -90,8 +90,10 @@ def runtime_env(project: Path, excludes: list[str], env_vars: dict[str, str], pi
 
 
 def entrypoint(pipeline_rel: str, args: argparse.Namespace, storage_override: str | None) -> str:
-    """The shell command the job runs on the cluster: ``arpipe run FILE`` with the user's selection and overrides."""
-    argv = ["arpipe", "run", pipeline_rel]
+    """The shell command the job runs on the cluster: ``python -m arpipe run FILE`` with the user's selection and
+    overrides (``python -m``: a head started from a virtual environment that is not on its PATH has no
+    ``arpipe`` script there, while its ``python`` is the one Ray runs the job with)."""
+    argv = ["python", "-m", "arpipe", "run", pipeline_rel]
     for override in args.overrides:
         argv += ["-s", override]
     if storage_override:

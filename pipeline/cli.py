@@ -1,5 +1,5 @@
 # PYTHON_ARGCOMPLETE_OK
-"""``arpipe``: validate | plan | run | status | submit | jobs | store | model | schema | ui.
+"""``arpipe``: validate | plan | run | status | gc | submit | jobs | store | model | schema | ui.
 
 Errors print one line (where, what, how to fix) and exit 2 for user errors;
 ``--debug`` shows the traceback. ``validate``, ``plan`` and a fully cached
@@ -16,8 +16,9 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
-from arpipe.pipeline.console import flush_pending, whole_lines
+from arpipe.pipeline.console import Router, flush_pending, routed, whole_lines
 from arpipe.pipeline.errors import ArpipeError
 
 #: subcommands that live with their domain: name -> (module exposing register(subparsers), help).
@@ -124,8 +125,19 @@ def cmd_run(args) -> int:
 
     runner = Runner(loaded, graph, _selection(graph, args), address=args.address, tracking=args.tracking_uri,
                     echo=lambda line: print(line, flush=True), debug=args.debug, lineage_in_background=True)
+    if sys.stdout.isatty() and not args.verbose:   # progress bars may move every second; a file gets a line per 10 s
+        os.environ.setdefault("ARPIPE_PROGRESS_EVERY_S", "1")
+    runner.router = Router(set(loaded.spec.stages), verbose=args.verbose, run_log=_run_log(runner))
     try:
-        runner.run()
+        with routed(runner.router):
+            try:
+                runner.run()
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                _leave_ray()
+                raise
+            _leave_ray()   # what Ray's log thread still holds (a worker's last lines) goes through the router
     except KeyboardInterrupt:
         print("arpipe: interrupted; rerun the same command to resume", file=sys.stderr)
         flush_pending()   # every thread's unfinished line: os._exit skips atexit
@@ -133,6 +145,23 @@ def cmd_run(args) -> int:
         # would wait for it at exit: leave now; locks are released and the work stays resumable
         os._exit(130)
     return 0
+
+
+def _leave_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _run_log(runner) -> Path:
+    """Where a run's own lines and the chatter outside any stage go: ``<storage>/.arpipe/logs/<run>.log``
+    (on S3 storage: arpipe's folder in the user's cache)."""
+    from arpipe.pipeline.storage import control_uri, storage_for, user_cache
+
+    uri = control_uri(runner.root, "logs", f"{runner.run_id}.log")
+    return storage_for(uri).local_path(uri) or user_cache("logs", runner.run_id, "run.log")
 
 
 def cmd_status(args) -> int:
@@ -148,10 +177,44 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_gc(args) -> int:
+    from arpipe.pipeline.config import load_pipeline
+    from arpipe.pipeline.dag import build_graph
+    from arpipe.pipeline.errors import UserError
+    from arpipe.pipeline.gc import apply_gc, gc_table, plan_gc, size_text
+
+    if args.keep_last < 0:
+        raise UserError("--keep-last must be 0 or more", where=f"--keep-last {args.keep_last}",
+                        fix="give how many superseded folders of each stage to keep")
+    loaded = [load_pipeline(path) for path in args.pipelines]
+    plan = plan_gc([(p, build_graph(p)) for p in loaded], keep_last=args.keep_last)
+    if args.yes:
+        plan = apply_gc(plan)
+    freed = sum(item.bytes for item in plan.items if item.state == "removed")
+    if args.json:
+        from arpipe.schemas.cli import GcOutput
+
+        return _print_json(GcOutput(pipelines=[str(p.path) for p in loaded], dry_run=not args.yes, items=plan.items,
+                                    kept=plan.kept, bytes=plan.bytes, freed=freed))
+    if plan.items or plan.kept:
+        print(format_table(gc_table(plan), ["stage", "what", "size", "path", "why"]))
+    if not plan.items:
+        print("nothing to remove")
+    elif args.yes:
+        skipped = sum(item.state == "skipped" for item in plan.items)
+        print(f"removed {len(plan.items) - skipped} item(s), freed {size_text(freed)}"
+              + (f"; skipped {skipped} in use since they were listed" if skipped else ""))
+    else:
+        print(f"dry run: {len(plan.items)} item(s), {size_text(plan.bytes)} would be freed; "
+              "rerun with --yes to remove them")
+    return 0
+
+
 def cmd_schema(args) -> int:
+    from arpipe.pipeline.registry import pipeline_spec
     from arpipe.schemas.export import render
 
-    text = render()
+    text = render(pipeline_spec())   # with the installed plugins' kinds, sources and tokenizers
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
@@ -183,15 +246,27 @@ examples:
   arpipe run pipeline.yaml               run it on an embedded local Ray (or RAY_ADDRESS)
   arpipe run pipeline.yaml -s stages.train.steps=100 --force train
   arpipe status pipeline.yaml --json     each stage's state, for scripts
+  arpipe gc pipeline.yaml [--yes]        list (then remove) outputs the pipeline no longer uses
   arpipe submit pipeline.yaml --address http://HEAD:8265 --follow
   arpipe ui                              browse the lineage in MLflow
 
---debug (tracebacks and timings) goes anywhere on the line. Shell completion (bash, zsh):
+-v (every line from Ray and DeepSpeed, not only arpipe's) and --debug (tracebacks and timings) go anywhere
+on the line. Shell completion (bash, zsh):
   eval "$(register-python-argcomplete arpipe)"
 Docs: docs/cli.md."""
 
+GC_DESCRIPTION = """\
+Lists what storage holds that the given pipelines no longer reach, and the bytes it takes; with --yes, removes it
+(a dry run by default). It collects: stage folders of an earlier fingerprint (superseded, committed or
+interrupted; --keep-last N keeps the N most recently finished of each stage); the checkpoints a finished trainer
+keeps (train, a vqvae tokenizer's fit) once its outputs are committed; locks whose holder is gone. It never
+touches a stage's current folder (an unfinished stage's checkpoints are its resume point), a folder a live lock
+holds, nor any folder the last run of a pipeline on the same storage used (its ledger: a running run's inputs,
+another pipeline's stages). Each removal holds the folder's lock, so a run that starts meanwhile waits, and gc
+skips what a run took since it listed. Works on local and s3:// storage alike."""
+
 #: options accepted anywhere on the command line, before or after the command (taken out before parsing)
-ANYWHERE = {"--debug": "debug"}
+ANYWHERE = {"--debug": "debug", "-v": "verbose", "--verbose": "verbose"}
 
 
 def _add_json(p: argparse.ArgumentParser, what: str) -> None:
@@ -208,7 +283,10 @@ def build_parser(whole: bool = False) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"arpipe {__version__}")
     parser.add_argument("--debug", action="store_true",
-                        help="show tracebacks and how long the command took (anywhere on the line)")
+                        help="show tracebacks, every line and how long the command took (anywhere on the line)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's and DeepSpeed's lines on the console too; by default they go only to "
+                             "each stage's log file (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -233,7 +311,17 @@ def build_parser(whole: bool = False) -> argparse.ArgumentParser:
     _add_json(p, "each stage's state")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("schema", help="print the pipeline file's JSON Schema")
+    p = sub.add_parser("gc", help="list, then with --yes remove, outputs the pipelines no longer use",
+                       description=GC_DESCRIPTION)
+    p.add_argument("pipelines", nargs="+", metavar="pipeline",
+                   help="pipeline YAML file(s): name every pipeline that shares the storage")
+    p.add_argument("--yes", action="store_true", help="remove what is listed (without it gc only lists: a dry run)")
+    p.add_argument("--keep-last", type=int, default=0, metavar="N",
+                   help="keep the N most recently finished superseded folders of each stage")
+    _add_json(p, "what is listed or removed")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("schema", help="print the pipeline file's JSON Schema (installed plugins included)")
     p.add_argument("--out", help="write it to this file instead")
     p.set_defaults(func=cmd_schema)
 
@@ -344,6 +432,7 @@ def _main(argv: list[str] | None) -> int:
     if rest is not None:
         args.rest = rest
     args.debug = args.debug or anywhere["debug"]
+    args.verbose = args.verbose or anywhere["verbose"] or args.debug
     if getattr(args, "tracking_uri", None):   # stages resolving models:/ URIs (and their workers) read it there
         from arpipe.pipeline.lineage import tracking_uri
 

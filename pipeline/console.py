@@ -10,15 +10,25 @@ missed the stage's state. While the CLI runs, :func:`whole_lines` puts a
 text waits in its own buffer until a newline, and every complete line goes to
 the real stream in one write under one lock. Ray's log thread looks
 ``sys.stdout`` up when it prints, so its lines go through the writer too.
+
+While ``arpipe run`` runs, a :class:`Router` decides where each whole line goes
+(quiet by default): arpipe's own lines (the runner's, and the ``[stage] ...``
+lines stages print, in the driver or in a Ray worker) reach the console;
+everything else (Ray's and DeepSpeed's chatter, library log records, Python
+warnings) goes only to the running stage's log file, whose path the runner
+prints. ``-v`` shows every line on the console too. On a terminal, progress
+lines (:mod:`arpipe.pipeline.progress`) become one updating tqdm bar per stage.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import re
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, TextIO
 
 #: one lock for stdout and stderr: a terminal or a CI log often shows both on one descriptor
@@ -51,7 +61,7 @@ class LineWriter:
             if len(pending) >= _MAX_PENDING:
                 cut = len(pending)
             if cut:
-                self.stream.write(pending[:cut])
+                _emit(self.stream, pending[:cut])
                 # a pipe would otherwise hold stdout's lines while stderr's (on the same descriptor) pass them
                 self.stream.flush()
             if cut < len(pending):
@@ -67,14 +77,14 @@ class LineWriter:
         with _LOCK:
             pending = self._pending.pop(threading.get_ident(), "")
             if pending:
-                self.stream.write(pending)
+                _emit(self.stream, pending)
             self.stream.flush()
 
     def flush_all(self) -> None:
         """Write every thread's unfinished text (at exit: nothing printed may be lost), then flush."""
         with _LOCK:
             for pending in self._pending.values():
-                self.stream.write(pending)
+                _emit(self.stream, pending)
             self._pending.clear()
             self.stream.flush()
 
@@ -119,3 +129,170 @@ def whole_lines() -> Iterator[None]:
         for writer in writers:
             writer.detach()
             _installed.remove(writer)
+
+
+# ------------------------------------------------------------------ where each line goes while a run runs
+
+#: the prefix Ray puts on a line it relays from a worker: ``(name pid=12)``, ``(name pid=12, ip=10.0.0.2)``,
+#: coloured on a terminal; arpipe names its tasks ``arpipe:<stage>:...``
+RAY_PREFIX = re.compile(r"^(?:\x1b\[[\d;]*m)?\((?P<who>[^()]*?) pid=\d+(?:, ip=[^)]*)?\)(?:\x1b\[0m)? ?")
+#: a stage's own line: ``[stage] ...``
+TAG = re.compile(r"^\[(?P<stage>[A-Za-z][\w-]*)\] ")
+#: a progress line (:class:`arpipe.pipeline.progress.Progress`): ``[stage] what done/total ... elapsed ...``
+PROGRESS = re.compile(r"^\[(?P<stage>[A-Za-z][\w-]*)\] (?P<what>\w+) (?P<done>\d+)/(?P<total>\d+)"
+                      r"(?P<rest>.*\belapsed .*)$")
+#: a library's log record (Ray's and logging's default format, DeepSpeed's, MLflow's, glog's) or a Python warning
+LIBRARY_LINE = re.compile(r"^(?:\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+\s+[A-Z]+\b"
+                          r"|\[\d{4}-\d\d-\d\d [\d:,.]+\]\s*\["
+                          r"|\d{4}/\d\d/\d\d \d\d:\d\d:\d\d [A-Z]+ "
+                          r"|[IWEF]\d{4} \d\d:\d\d:\d\d"
+                          r"|\S+:\d+: \w*Warning: )")
+WARNING_LINE = re.compile(r"^\S+:\d+: \w*Warning: ")
+
+
+class Router:
+    """Quiet by default: arpipe's lines to the console, every line to the log file of the stage it is about.
+
+    A line belongs to a stage when it carries the stage's tag (``[train] ...``) or comes from a Ray task
+    named after it (``(arpipe:images:unit pid=..)``); an unattributed library line (a Ray Train actor's, a
+    DeepSpeed warning) goes to the log of every stage running then, and, when none runs, to the run's log.
+    ``verbose`` shows every line on the console as it came. On a terminal, a stage's progress lines update
+    one tqdm bar per stage instead of scrolling.
+    """
+
+    def __init__(self, stages: set[str], *, verbose: bool = False, run_log: Path | None = None,
+                 bars: bool | None = None):
+        self.stages, self.verbose = set(stages), verbose
+        self._logs: dict[str, TextIO] = {}
+        self._run_log = _open_log(run_log) if run_log else None
+        self._bars: dict[str, Any] = {}
+        self._use_bars = bars
+
+    def begin(self, stage: str, path: Path) -> None:
+        """From now on ``stage``'s lines (and unattributed chatter) are appended to ``path``."""
+        with _LOCK:
+            self._logs[stage] = _open_log(path)
+
+    def end(self, stage: str) -> None:
+        with _LOCK:
+            log = self._logs.pop(stage, None)
+            if log is not None:
+                log.close()
+            bar = self._bars.pop(stage, None)
+            if bar is not None:
+                bar.close()
+
+    def close(self) -> None:
+        with _LOCK:
+            for stage in list(self._logs) + list(self._bars):
+                self.end(stage)
+            if self._run_log is not None:
+                self._run_log.close()
+                self._run_log = None
+
+    def emit(self, stream: TextIO, text: str) -> None:
+        after_warning = False   # Python prints a warning and its source line in one write: both are chatter
+        for line in text.splitlines(keepends=True):
+            body = line.rstrip("\r\n")
+            prefix = RAY_PREFIX.match(body)
+            rest = body[prefix.end():] if prefix else body
+            tag = TAG.match(rest)
+            stage = tag["stage"] if tag and tag["stage"] in self.stages else None
+            tagged = stage is not None
+            if stage is None and prefix and prefix["who"].startswith("arpipe:"):
+                named = prefix["who"].split(":")[1]
+                stage = named if named in self.stages else None
+            chatter = bool(LIBRARY_LINE.match(rest)) or (after_warning and rest[:1].isspace())
+            after_warning = bool(WARNING_LINE.match(rest)) or (after_warning and chatter)
+            ours = tagged if prefix else not chatter   # a worker's line is arpipe's when a stage's tag opens it
+            self._log(stage, ours, body)
+            if self.verbose:
+                self._write(stream, line)
+            elif ours:
+                self._show(stream, rest)
+
+    def _log(self, stage: str | None, ours: bool, body: str) -> None:
+        if stage in self._logs:
+            targets = [self._logs[stage]]
+        elif not ours and self._logs:
+            targets = list(self._logs.values())
+        else:
+            targets = [self._run_log] if self._run_log else []
+        for log in targets:
+            log.write(f"{_clock()} {body}\n")
+
+    def _show(self, stream: TextIO, rest: str) -> None:
+        progress = PROGRESS.match(rest)
+        if progress and self._bars_on(stream):
+            self._bar(stream, progress)
+        else:
+            self._write(stream, rest + "\n")
+
+    def _bars_on(self, stream: TextIO) -> bool:
+        if self._use_bars is None:
+            try:
+                self._use_bars = stream.isatty()
+            except (AttributeError, ValueError):
+                self._use_bars = False
+        return self._use_bars
+
+    def _bar(self, stream: TextIO, m: re.Match) -> None:
+        from tqdm import tqdm
+
+        stage, done, total = m["stage"], int(m["done"]), int(m["total"])
+        # the line's measurements after the bar, as printed (braces escaped: bar_format is a format string)
+        shape = "{desc} {n_fmt}/{total_fmt} |{bar:20}| " + m["rest"].strip().replace("{", "{{").replace("}", "}}")
+        bar = self._bars.get(stage)
+        if bar is None:
+            bar = self._bars[stage] = tqdm(total=total, initial=done, desc=f"[{stage}] {m['what']}", file=stream,
+                                           leave=True, dynamic_ncols=True, mininterval=0, bar_format=shape)
+        else:
+            bar.total, bar.n, bar.bar_format = total, done, shape
+            bar.refresh()
+        if done >= total:
+            bar.close()
+            del self._bars[stage]
+
+    def _write(self, stream: TextIO, text: str) -> None:
+        if self._bars:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=stream, end="")   # clears the bars, writes, redraws them
+        else:
+            stream.write(text)
+
+
+_router: list[Router] = []
+
+
+def _emit(stream: TextIO, text: str) -> None:
+    if _router:
+        _router[-1].emit(stream, text)
+    else:
+        stream.write(text)
+
+
+@contextlib.contextmanager
+def routed(router: Router) -> Iterator[Router]:
+    """Send the wrapped streams' lines through ``router`` for the block (``arpipe run``)."""
+    with whole_lines():
+        with _LOCK:
+            _router.append(router)
+        try:
+            yield router
+        finally:
+            flush_pending()
+            with _LOCK:
+                _router.remove(router)
+            router.close()
+
+
+def _open_log(path: Path) -> TextIO:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "a", buffering=1, encoding="utf-8", errors="replace")
+
+
+def _clock() -> str:
+    import time
+
+    return time.strftime("%H:%M:%S")

@@ -345,6 +345,12 @@ class Lineage:
                     self.client.log_artifact(run_id, str(path), item.artifact_path)
 
     @_whole
+    def log_file(self, run_id: str, path: str | os.PathLike, artifact_file: str) -> None:
+        """A text file (a stage's console log) as the run's artifact, the pipeline's secrets scrubbed."""
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        self.client.log_text(run_id, self.scrub(text), artifact_file)
+
+    @_whole
     def finish_parent(self, run_id: str, status: str, end_ms: int | None = None) -> None:
         self.client.set_terminated(run_id, status, end_time=end_ms or now_ms())
 

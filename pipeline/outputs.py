@@ -29,6 +29,18 @@ from arpipe.schemas.outputs import FileRecord, OutputsRecord, OutputValue
 OUTPUTS_FILE = "outputs.json"
 #: what a stage folder may hold besides its work: the lock of the run that holds it and a failure note
 NOT_WORK = (f"{CONTROL_DIR}/lock", f"{CONTROL_DIR}/failed.json")
+#: each run's console log of the stage (``arpipe run`` writes it): not work either
+LOGS = f"{CONTROL_DIR}/logs/"
+
+
+def is_work(relpath: str) -> bool:
+    """Whether a file in a stage folder is work (an output, a checkpoint), not bookkeeping about it."""
+    return relpath not in NOT_WORK and not relpath.startswith(LOGS)
+
+
+def log_uri(out_uri: str, run_id: str) -> str:
+    """Where run ``run_id`` keeps the log of the stage whose folder is ``out_uri``."""
+    return join(out_uri, LOGS, f"{run_id}.log")
 
 
 def stage_dir(storage_root: str, stage: str) -> str:
@@ -135,7 +147,7 @@ def inspect(out_uri: str) -> Verdict:
     except FileNotFoundError:
         # work an interrupted run left: outputs in progress, or resumable state such as checkpoints
         # under .arpipe/ (a lock or a failure note alone is not work)
-        present = [e for e in storage.list(out_uri) if e.relpath not in NOT_WORK]
+        present = [e for e in storage.list(out_uri) if is_work(e.relpath)]
         return Verdict("partial" if present else "missing")
     try:
         record = OutputsRecord.model_validate_json(text)

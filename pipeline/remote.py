@@ -13,10 +13,11 @@ This is the orchestrator's side of a cluster; ``arpipe.cluster`` (``submit``,
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -156,6 +157,32 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     if address:
         ray.init(address=address, log_to_driver=True)
         return f"Ray cluster at {address}"
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
-             log_to_driver=True)
+    with agent_on_free_port():
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
+                 log_to_driver=True)
     return f"local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+@contextlib.contextmanager
+def agent_on_free_port() -> Iterator[None]:
+    """An embedded Ray's dashboard agent on a port the OS picks, not Ray's fixed 52365.
+
+    Every other port an embedded Ray binds is already picked free; the agent's HTTP port is the one that
+    ``ray start --head`` also wants, so a local cluster started next to an ``arpipe run`` would lose its
+    agent (and accept no job). ``ray start`` has ``--dashboard-agent-listen-port``; ``ray.init`` does not
+    pass one on, so its default is set to 0 (the agent binds a free port and records it in the GCS, where
+    Ray's own clients look it up) for the ``ray.init`` call in the block.
+    """
+    from ray._private import parameter
+
+    original = parameter.RayParams.__init__
+
+    def free_agent_port(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", 0)
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = free_agent_port
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original

@@ -23,12 +23,14 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from arpipe.pipeline import lineage as lin
 from arpipe.pipeline import lineage_queue
 from arpipe.pipeline import outputs as out
 from arpipe.pipeline.config import LoadedPipeline, redact, replace_refs
+from arpipe.pipeline.console import Router
 from arpipe.pipeline.dag import Graph, Selection
 from arpipe.pipeline.errors import ArpipeError, StageFailed, UserError
 from arpipe.pipeline.execute import StagePayload, execute_stage, forwarded_env
@@ -37,7 +39,7 @@ from arpipe.pipeline.lineage import Lineage, RunRecord, git_commit, tracking_uri
 from arpipe.pipeline.lock import Heartbeats, StageLock, check_exclusive_creates
 from arpipe.pipeline.plan import Planner, StagePlan
 from arpipe.pipeline.registry import stage_class
-from arpipe.pipeline.storage import control_uri, is_s3, join, storage_for
+from arpipe.pipeline.storage import control_uri, is_s3, join, storage_for, user_cache
 from arpipe.schemas.outputs import OutputsRecord
 
 #: set by Ray Jobs in a job's entrypoint process
@@ -51,6 +53,7 @@ class Running:
     mlflow_run_id: str | None
     started: float
     ref: Any = None                  # Ray ObjectRef for task stages
+    log: Path | None = None          # the stage's log file here while it runs (quiet console)
 
 
 @dataclass
@@ -61,6 +64,17 @@ class RunResult:
     mlflow_parent_run_id: str | None = None
     run_id: str = ""
     seconds: float = 0.0
+
+
+def _shown(uri: str) -> str:
+    """A log's location as the user can open it: relative to here when that is shorter."""
+    if is_s3(uri):
+        return uri
+    try:
+        rel = os.path.relpath(uri)
+    except ValueError:   # another drive
+        return uri
+    return rel if len(rel) < len(uri) else uri
 
 
 def _unwrap(err: BaseException) -> BaseException:
@@ -79,14 +93,17 @@ def describe_error(err: BaseException) -> str:
 class Runner:
     def __init__(self, loaded: LoadedPipeline, graph: Graph, selection: Selection, *,
                  address: str | None = None, tracking: str | None = None,
-                 echo: Callable[[str], None] = print, debug: bool = False, lineage_in_background: bool = False):
+                 echo: Callable[[str], None] = print, debug: bool = False, lineage_in_background: bool = False,
+                 router: Router | None = None):
         """``lineage_in_background``: when no stage runs, leave MLflow to a detached writer (the CLI does;
         inside a Ray job it does not: the job's end may take its helpers along, and its submitter reads
-        MLflow right after)."""
+        MLflow right after). ``router``: the console's (:func:`arpipe.pipeline.console.routed`), which
+        gets each running stage's log file."""
         self.loaded, self.graph, self.selection = loaded, graph, selection
         self.address = address
         self.echo = echo
         self.debug = debug
+        self.router = router
         self.planner = Planner(loaded, graph)
         self.root = self.planner.root
         # `arpipe submit` names the run, so it can find the run's ledger (and its MLflow run) afterwards
@@ -215,7 +232,7 @@ class Runner:
         storage = storage_for(uri)
         storage.delete(join(uri, out.OUTPUTS_FILE))
         for entry in list(storage.list(uri)):
-            if entry.relpath not in out.NOT_WORK:
+            if out.is_work(entry.relpath):
                 storage.delete(join(uri, entry.relpath))
 
     def _line(self, name: str, state: str, detail: str = "") -> None:
@@ -380,16 +397,43 @@ class Runner:
             tracking_uri=self.tracking, mlflow_run_id=run_id, code_digest=plan.code_digest, env=forwarded_env())
         states[plan.name] = "running"
         verb = "resuming" if plan.action == "resume" else "running"
-        self._line(plan.name, verb, plan.why)
+        log = self._open_log(plan)
+        self._line(plan.name, verb, plan.why + (f"; log: {_shown(out.log_uri(plan.out_uri, self.run_id))}"
+                                                if log else ""))
         ledger.stage(plan.name, state="running", fingerprint=plan.fingerprint, out_uri=plan.out_uri,
                      mlflow_run_id=run_id, started=time.time())
         storage_for(plan.out_uri).delete(control_uri(plan.out_uri, "failed.json"))
         try:
             future, ref = self._submit(plan, payload)
         except BaseException:
+            self._close_log(plan, log, None)
             lock.release()
             raise
-        running[future] = Running(plan, lock, run_id, time.time(), ref)
+        running[future] = Running(plan, lock, run_id, time.time(), ref, log)
+
+    def _open_log(self, plan: StagePlan) -> Path | None:
+        """The stage's log file here: in its folder's ``.arpipe/logs/`` on local storage; on S3 a local file
+        that goes there when the stage ends."""
+        if self.router is None:
+            return None
+        uri = out.log_uri(plan.out_uri, self.run_id)
+        path = storage_for(uri).local_path(uri) or user_cache("logs", self.run_id, f"{plan.name}.log")
+        self.router.begin(plan.name, path)
+        return path
+
+    def _close_log(self, plan: StagePlan, log: Path | None, mlflow_run_id: str | None) -> None:
+        """Closed, copied to the stage folder on S3, and logged to the stage's MLflow run under ``logs/``."""
+        if log is None or self.router is None:
+            return
+        self.router.end(plan.name)
+        uri = out.log_uri(plan.out_uri, self.run_id)
+        try:
+            if is_s3(uri):
+                storage_for(uri).put_file(log, uri)
+            if mlflow_run_id:
+                self.lineage.log_file(mlflow_run_id, log, f"logs/{self.run_id}.log")
+        except Exception as err:   # a log that cannot be kept must not fail the stage it describes
+            self.echo(f"  {plan.name}: its log stays at {log} ({describe_error(err)})")
 
     def _finish(self, future: cf.Future, item: Running, records: dict, ledger: Ledger, states: dict,
                 errors: dict) -> None:
@@ -423,11 +467,13 @@ class Runner:
             except OSError:
                 pass   # the storage that failed the stage (full, gone) may refuse the note too; the run goes on
             self.lineage.finish_stage(item.mlflow_run_id, "FAILED", error=message)
-            self._line(name, "failed", message)
+            self._line(name, "failed", message + (f" (log: {_shown(out.log_uri(item.plan.out_uri, self.run_id))})"
+                                                  if item.log else ""))
             if self.debug:
                 print(trace, file=sys.stderr)
             ledger.stage(name, state="failed", error=message, duration_s=seconds, finished=time.time())
         finally:
+            self._close_log(item.plan, item.log, item.mlflow_run_id)
             item.lock.release()
             if self._heartbeats:
                 self._heartbeats.remove(item.lock)
@@ -446,6 +492,7 @@ class Runner:
                 self.lineage.finish_stage(item.mlflow_run_id, "KILLED", error="interrupted (Ctrl-C)")
             except Exception:
                 pass
+            self._close_log(item.plan, item.log, None)
             item.lock.release()
             states[item.plan.name] = "interrupted"
             ledger.stage(item.plan.name, state="interrupted")

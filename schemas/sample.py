@@ -127,7 +127,8 @@ class SampleStage(StageBase):
         None, description="Which of the model's weights draw: `ema` the moving average a train stage with `ema:` "
                           "kept, `raw` the trained weights themselves (default: ema when the model has EMA "
                           "weights, else raw).")
-    progress: bool = Field(True, description="Print a line per finished shard.")
+    progress: bool = Field(True, description="Print samples done/total, samples/s, elapsed and ETA (a line per "
+                                             "10 s, one updating bar on a terminal).")
 
     @model_validator(mode="after")
     def _media_formats(self) -> SampleStage:

@@ -89,7 +89,7 @@ class TrainStage(StageBase):
     """Trains an AR generator with DeepSpeed ZeRO under Ray Train; output ``model``."""
 
     runtime_fields: ClassVar[frozenset[str]] = StageBase.runtime_fields | {
-        "use_gpu", "max_failures", "checkpoint_every", "eval_every", "log_every", "registration"}
+        "use_gpu", "max_failures", "checkpoint_every", "eval_every", "log_every", "print_every", "registration"}
     output_names: ClassVar[tuple[str, ...]] = ("model",)
 
     # a spec sent to a worker is rebuilt from its dump, which names `register` by its attribute
@@ -125,7 +125,13 @@ class TrainStage(StageBase):
     eval_every: int = Field(100, ge=1, description="Steps between held-out loss evaluations (when heldout is "
                                                    "given).")
     log_every: int = Field(1, ge=1, description="Steps between metric rows (loss, lr, tokens/s, grad norm, "
-                                                "MFU on GPU) logged to MLflow.")
+                                                "MFU on GPU) logged to MLflow (they reach it at least every "
+                                                "10 s).")
+    print_every: int | None = Field(None, ge=1, description="Steps between rank 0's progress lines on the console "
+                                                            "(step/total, loss, lr, tokens/s, elapsed, ETA); a "
+                                                            "line also comes whenever 10 s pass without one. "
+                                                            "Default: only the 10-s clock, so that a fast loop "
+                                                            "with `log_every: 1` does not flood the console.")
     max_failures: int = Field(1, ge=0, description="Worker-group restarts from the last checkpoint.")
     init_from: str | None = Field(None, description="Start from these weights instead of random ones: a model "
                                                     "folder (`${pretrain.model}`), `models:/NAME@alias`, "

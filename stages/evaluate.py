@@ -57,6 +57,7 @@ from typing import Any, NamedTuple
 
 from arpipe.pipeline.digest import digest_bytes
 from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.progress import Progress
 from arpipe.pipeline.stage import Output, Stage, StageContext
 from arpipe.schemas.base import REF_PATTERN
 from arpipe.schemas.sample import EvaluateStage as EvaluateSpec
@@ -679,18 +680,17 @@ class EvaluateStage(Stage):
         spec, ctx = self.spec, self.ctx
         scores = Scores()
         ctx.run_log.link_model(self._model_id())   # the metrics show on the logged model's MLflow page too
-        if spec.model:
-            self.likelihood(scores)
-        if spec.reconstruction:
-            self.reconstruction(scores)
-        if spec.samples:
-            self.samples(scores)
-        if spec.classifier.files():
-            self.classification(scores)
-        if spec.prompt_attributes:
-            self.attributes(scores)
-        if spec.control_agreement:
-            self.control_following(scores)
+        parts = [(name, part) for name, part, wanted in [
+            ("held-out likelihood", self.likelihood, spec.model),
+            ("reconstruction", self.reconstruction, spec.reconstruction),
+            ("sample metrics", self.samples, spec.samples),
+            ("classification", self.classification, spec.classifier.files()),
+            ("prompt attributes", self.attributes, spec.prompt_attributes),
+            ("control agreement", self.control_following, spec.control_agreement)] if wanted]
+        progress = Progress(ctx.name, len(parts), what="parts")
+        for done, (name, part) in enumerate(parts, 1):
+            part(scores)
+            progress.update(done, finished=name)
         folder = ctx.work_dir / "metrics"
         folder.mkdir(parents=True, exist_ok=True)
         pq.write_table(scores.table(), folder / "scores.parquet")
@@ -713,8 +713,11 @@ class EvaluateStage(Stage):
             for path in scores.plots:
                 ctx.log_artifact(path, "metrics")
             ctx.log_artifact(folder / "metrics.json", "metrics")
+        by_reason: dict[str, list[str]] = {}
         for name, reason in sorted(scores.skipped.items()):
-            print(f"[{ctx.name}] skipped {name}: {reason}", flush=True)
+            by_reason.setdefault(reason, []).append(name)
+        for reason, names in by_reason.items():
+            print(f"[{ctx.name}] skipped {', '.join(names)}: {reason}", flush=True)
         counts = self._unit_counts
         print(f"[{ctx.name}] {counts['done'] + counts['reused']} units ({counts['reused']} reused)", flush=True)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if v is not None)

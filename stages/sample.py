@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from arpipe.pipeline.digest import digest_bytes
 from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.progress import Progress
 from arpipe.pipeline.stage import Output, Stage
 from arpipe.pipeline.storage import CONTROL_DIR, join, normalize, storage_for
 from arpipe.schemas.base import REF_PATTERN
@@ -558,13 +559,15 @@ class SampleStage(Stage):
             env = {**ctx.forwarded_env(), "OMP_NUM_THREADS": str(max(1, int(spec.cpus_per_actor)))}
             actors = [actor_cls.remote(ref.location, env, device, spec.precision, weights)
                       for _ in range(min(spec.actors, len(todo)))]
+            done = sum(r.samples + len(r.rejects) for r in records.values())
+            progress = Progress(ctx.name, total, what="samples", start=done)
             try:   # one shard per actor at a time: an actor is a slot
                 for _job, record in fan_out(todo, lambda job, slot: actors[slot].run_shard.remote(job), len(actors)):
                     records[record.name] = record
+                    done += record.samples + len(record.rejects)
                     if spec.progress:
-                        done = sum(r.samples + len(r.rejects) for r in records.values())
-                        print(f"[{ctx.name}] shard {record.name}: {record.samples} samples in "
-                              f"{record.seconds:.1f}s ({done}/{total})", flush=True)
+                        progress.update(done, shard=record.name,
+                                        samples_per_s=(done - progress.start) / max(time.time() - started, 1e-9))
             finally:
                 for actor in actors:
                     ray.kill(actor)
@@ -601,9 +604,10 @@ class SampleStage(Stage):
                          "tokens_per_s": sum(r.tokens for r in new) / max(seconds, 1e-9)})
         print(f"[{ctx.name}] {samples} samples in {store_uri}, {len(rejects)} rejected; media in "
               f"{join(ctx.out_uri, 'media')}", flush=True)
-        for name in names:
-            print(f"[{ctx.name}] contact sheet: {join(ctx.out_uri, 'media', f'contact_{name}.png')} (also in "
-                  "MLflow under contact_sheets/)", flush=True)
+        sheet = join(ctx.out_uri, "media", f"contact_{names[0] if len(names) == 1 else '<modality>'}.png")
+        print(f"[{ctx.name}] contact sheet{'s' if len(names) > 1 else ''}"
+              f"{' (' + ', '.join(names) + ')' if len(names) > 1 else ''}: {sheet} (also in MLflow under "
+              "contact_sheets/)", flush=True)
         return {"samples": Output(path="samples", digest=manifest.digest), "media": Output(path="media")}
 
     def _contact_sheets(self, store_uri: str, names: list[str], tokenizers: dict[str, dict[str, Any]]) -> None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from arpipe.pipeline.digest import listing_digest
 from arpipe.pipeline.errors import UserError
+from arpipe.pipeline.progress import Progress
 from arpipe.pipeline.stage import Output, Stage, StageContext
 from arpipe.pipeline.storage import join, normalize
 from arpipe.schemas.tokenize import ImageSource, Source
@@ -338,19 +339,16 @@ class TokenizeStage(Stage):
         task = ray.remote(StageContext.with_env).options(num_cpus=1, max_retries=2, name=f"arpipe:{ctx.name}:unit")
         env = ctx.forwarded_env()
         started = time.time()
-        last_print = 0.0
+        progress = Progress(ctx.name, len(jobs), what="units", start=reused)
         encoded_samples = encoded_tokens = 0
         # one CPU each: `workers` run at once
         for job, record in fan_out(todo, lambda job, _slot: task.remote(env, encode_unit, job), spec.workers):
             records[job.name] = record
             encoded_samples += record.samples
             encoded_tokens += record.tokens
-            now = time.time()
-            if spec.progress and (now - last_print > 2 or len(records) == len(jobs)):
-                last_print = now
-                rate = encoded_samples / max(now - started, 1e-9)
-                print(f"[{ctx.name}] {len(records)}/{len(jobs)} units, {encoded_samples} samples encoded, "
-                      f"{rate:.0f} samples/s", flush=True)
+            if spec.progress:
+                progress.update(len(records), samples=encoded_samples,
+                                samples_per_s=encoded_samples / max(time.time() - started, 1e-9))
         seconds = time.time() - started
         ordered = [records[job.name] for job in jobs]
         samples = sum(r.samples for r in ordered)

@@ -164,8 +164,9 @@ def test_what_submit_sends(tmp_path, monkeypatch):
                        "--tracking-uri", "sqlite:///mlflow.db")
     prepared = submission.prepare(args, client.dashboard_address(args.address))
     runs = tmp_path / "proj" / "runs"
-    assert shlex.split(prepared.entrypoint) == ["arpipe", "run", "pipeline.yaml", "-s", "stages.a.config.n=4",
-                                                "-s", f"storage={runs}", "--only", "a", "--force", "a"]
+    assert shlex.split(prepared.entrypoint) == ["python", "-m", "arpipe", "run", "pipeline.yaml",
+                                                "-s", "stages.a.config.n=4", "-s", f"storage={runs}",
+                                                "--only", "a", "--force", "a"]
     env = prepared.runtime_env
     assert env["working_dir"] == str(tmp_path / "proj")
     assert {".git/", ".venv/", "mlflow.db", "mlruns/", "/data/", "/runs/", "*.ckpt"} <= set(env["excludes"])

@@ -70,3 +70,91 @@ def test_unfinished_lines_are_written_at_flush_and_when_the_cli_ends(capsys):
         print(" 100%")
         assert capsys.readouterr().out == " 100%\n"
     assert capsys.readouterr().out == "[image] 7/8 units"    # nothing lost when the wrapper goes
+
+
+# ------------------------------------------------------------------ quiet by default (`arpipe run`)
+
+#: what reaches `arpipe run`'s stdout during a run, as Ray and the libraries print it
+RUN_OUTPUT = """\
+arpipe run 0123456789ab: pipeline 'p', 2 stage(s), outputs under runs
+2026-12-03 22:30:15,230\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled
+  images  running  never run
+  train   running  never run
+(arpipe:images:unit pid=11) [images] read 9 samples
+(arpipe:images:unit pid=11) /x/torch/functional.py:12: UserWarning: something deprecated
+(arpipe:images:unit pid=11)   return f(*args)
+[images] units 1/4  samples 64  elapsed 1 s, ETA 3 s
+(PlacementGroupCleaner pid=27416) Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.
+(RayTrainWorker pid=27448) [2026-12-03 22:30:47,384] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.
+(RayTrainWorker pid=27448) [train] step 1/60  loss 6.282  lr 0  tokens_per_s 5498  elapsed 2 s, ETA 1 min 58 s
+(RayTrainWorker pid=27448) 2026/12/03 22:30:55 INFO mlflow.system_metrics.system_metrics_monitor: Started monitoring.
+/venv/ray/train/v2/api/data_parallel_trainer.py:95: FutureWarning: a Ray Train driver-side warning
+  warnings.warn(
+  images  done     4.0 s
+"""
+
+#: what the user sees of it
+QUIET = """\
+arpipe run 0123456789ab: pipeline 'p', 2 stage(s), outputs under runs
+  images  running  never run
+  train   running  never run
+[images] read 9 samples
+[images] units 1/4  samples 64  elapsed 1 s, ETA 3 s
+[train] step 1/60  loss 6.282  lr 0  tokens_per_s 5498  elapsed 2 s, ETA 1 min 58 s
+  images  done     4.0 s
+"""
+
+
+def _route(tmp_path, verbose=False, bars=False, text=RUN_OUTPUT):
+    """RUN_OUTPUT through a Router with both stages running; returns (console, images log, train log, run log)."""
+    from arpipe.pipeline.console import Router
+
+    console = io.StringIO()
+    router = Router({"images", "train"}, verbose=verbose, run_log=tmp_path / "run.log", bars=bars)
+    lines = text.splitlines(keepends=True)
+    router.emit(console, "".join(lines[:4]))
+    router.begin("images", tmp_path / "images.log")
+    router.begin("train", tmp_path / "train.log")
+    router.emit(console, "".join(lines[4:6]))
+    router.emit(console, "".join(lines[6:-1]))
+    router.end("images")
+    router.emit(console, lines[-1])
+    router.close()
+    logs = [(tmp_path / f"{n}.log").read_text() for n in ("images", "train", "run")]
+    return console.getvalue(), *logs
+
+
+def test_the_console_shows_arpipes_lines_and_each_stage_log_keeps_everything_about_it(tmp_path):
+    console, images, train, run = _route(tmp_path)
+    assert console == QUIET
+    # the stage's log: its own lines, with Ray's prefix, and the chatter of its tasks
+    assert "(arpipe:images:unit pid=11) [images] read 9 samples" in images
+    assert "UserWarning: something deprecated" in images and "return f(*args)" in images
+    assert "[train]" not in images
+    # Ray Train's actors name no stage: their lines go to the log of every stage running then
+    assert "PlacementGroupCleaner" in train and "PlacementGroupCleaner" in images
+    assert "[train] step 1/60" in train and "Setting accelerator to CPU" in train
+    # before any stage runs, and the runner's own lines: the run's log
+    assert "Token authentication" in run and "images  done" in run
+    assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in (images + train + run).splitlines())
+
+
+def test_verbose_shows_every_line_as_it_came(tmp_path):
+    console, *_ = _route(tmp_path, verbose=True)
+    assert console == RUN_OUTPUT != QUIET   # (so the quiet check above can fail)
+
+
+def test_on_a_terminal_progress_lines_update_one_bar_per_stage(tmp_path):
+    console, images, _train, _run = _route(tmp_path, bars=True, text=RUN_OUTPUT.replace(
+        "[images] units 1/4  samples 64  elapsed 1 s, ETA 3 s\n",
+        "[images] units 1/4  samples 64  elapsed 1 s, ETA 3 s\n[images] units 4/4  samples 256  elapsed 2 s, done\n"))
+    # tqdm redraws in place with carriage returns; the ordinary lines are written whole between the redraws
+    assert "\r" in console
+    assert re.search(r"\[images\] units 4/4 \|#+\| samples 256  elapsed 2 s, done", console)
+    assert re.search(r"\[train\] step 1/60 \|.*\| loss 6.282", console)
+    visible = re.sub(r"\r[^\n\r]*(?=\r)", "", console)   # what the terminal keeps
+    for line in ("  images  running  never run", "[images] read 9 samples", "  images  done     4.0 s"):
+        assert line in visible
+    assert "[images] units 1/4  samples" not in console   # not a scrolling line: a bar
+    # the log file keeps every progress line as printed
+    assert "[images] units 1/4  samples 64  elapsed 1 s, ETA 3 s" in images

@@ -4,6 +4,7 @@ to tokens, one model, samples of each modality and their metrics, all in MLflow.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,12 +17,13 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def test_quickstart_runs_end_to_end(tmp_path, ray_cluster):
     folder = tmp_path / "examples"
     shutil.copytree(EXAMPLES, folder, ignore=shutil.ignore_patterns("arpipe-runs", "mlflow.db", "mlruns"))
-    run = arpipe("run", "quickstart.yaml", "-s", "stages.train.steps=4", "-s", "stages.sample.num_samples=6",
+    run = arpipe("run", "quickstart.yaml", "-s", "stages.train.steps=40", "-s", "stages.sample.num_samples=6",
                  cwd=folder, env={"RAY_ADDRESS": ray_cluster}, timeout=900, check=True)
     states = {s: st[-1] for s, st in stage_lines(run.stdout).items()}
     assert set(states.values()) == {"done"} and len(states) == 13, states
     assert "arpipe ui" in run.stdout and "contact sheet:" in run.stdout
-    assert "(arpipe:evaluate pid=" in run.stdout and "\x1b[" not in run.stdout + run.stderr   # piped: no colours
+    assert "[evaluate] " in run.stdout and "\x1b[" not in run.stdout + run.stderr   # piped: no colours
+    _console_is_quiet_with_live_training(run, folder)
     assert len(list(folder.glob("arpipe-runs/data/*/images/*/*.png"))) + \
         len(list(folder.glob("arpipe-runs/data/*/heldout/*/*.png"))) == 1797
 
@@ -42,6 +44,32 @@ def test_quickstart_runs_end_to_end(tmp_path, ray_cluster):
     assert {"images", "train", "sample", "evaluate"} <= set(runs)
     sheets = {a.path for a in client.list_artifacts(runs["sample"].info.run_id, "contact_sheets")}
     assert len(sheets) == 4
+
+
+def _console_is_quiet_with_live_training(run, folder: Path) -> None:
+    """What a user reads: arpipe's lines only (Ray's and DeepSpeed's go to each stage's log file), under 120
+    of them, and a training line at least every 10 s (by the lines' own elapsed times)."""
+    console = (run.stdout + run.stderr).splitlines()
+    assert len(console) < 120, f"{len(console)} lines:\n" + "\n".join(console)
+    for chatter in ("PlacementGroupCleaner", "[WARNING]", "TrainController", "Warning:", "pid="):
+        assert chatter not in run.stdout + run.stderr, chatter
+    training = [(int(m[1]), int(m[2] or 0) * 60 + int(m[3])) for m in re.finditer(
+        r"^\[train\] step (\d+)/40 .* elapsed (?:(\d+) min )?(\d+) s", run.stdout, re.M)]
+    steps = [step for step, _ in training]
+    assert steps[0] == 1 and steps[-1] == 40 and steps == sorted(set(steps)), training   # each line once
+    for (step_a, a), (step_b, b) in zip(training, training[1:]):
+        # the first step after 10 s prints: 10 s plus at most one step (this stretch's mean), plus rounding
+        assert b - a <= 11 + (b - a) / (step_b - step_a), training
+    logged = re.search(r"^  train +running .*; log: (\S+)$", run.stdout, re.M)[1]
+    log = (folder / logged).read_text()
+    assert "RayTrainWorker" in log and "[train] step 40/40" in log
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    train = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id],
+                               "tags.`arpipe.stage` = 'train'")[0]
+    assert [a.path for a in client.list_artifacts(train.info.run_id, "logs")] == [f"logs/{Path(logged).name}"]
 
 
 def test_every_example_validates_and_plans(tmp_path):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.stage import Output, Stage
-from arpipe.pipeline.storage import CONTROL_DIR, control_uri, is_s3, join, storage_for
+from arpipe.pipeline.storage import CONTROL_DIR, control_uri, is_s3, join, pyarrow_s3, storage_for
 from arpipe.schemas.train import TrainStage as TrainSpec
 
 if TYPE_CHECKING:
@@ -141,20 +140,14 @@ def total_steps(spec: TrainSpec, samples: int, seq_len: int) -> int:
 
 
 def _ray_storage(out_uri: str) -> tuple[str, Any]:
-    """Where Ray Train keeps checkpoints: the stage folder's control area (never part of the output)."""
+    """Where Ray Train keeps checkpoints: the stage folder's control area (never part of the output).
+
+    On S3 the filesystem comes from arpipe's one AWS session (:func:`pyarrow_s3`): the same keys, session
+    token, region and endpoint as every other S3 access; built here, once per stage run.
+    """
     if not is_s3(out_uri):
         return control_uri(out_uri, "ray"), None
-    import pyarrow.fs as pafs
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    # checkpoints are written through this filesystem: a brief outage of the store (seconds) is retried
-    # with backoff instead of failing the worker group (pyarrow's default gives up after 3 attempts)
-    fs = pafs.S3FileSystem(endpoint_override=endpoint, region=os.environ.get("AWS_REGION", "us-east-1"),
-                           access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
-                           secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                           scheme="http" if endpoint and endpoint.startswith("http://") else "https",
-                           retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=10))
-    return control_uri(out_uri, "ray")[len("s3://"):], fs
+    return control_uri(out_uri, "ray")[len("s3://"):], pyarrow_s3()
 
 
 SNAPSHOT = "train/checkpoint_manager_snapshot.json"
@@ -316,7 +309,7 @@ class TrainStage(Stage):
             env=ctx.forwarded_env(), seed=spec.seed, vocab=vocab, model=config, summaries=tuple(summaries),
             names=tuple(names), weights=tuple(d.weight for d in spec.data), seq_len=seq_len, packing=spec.packing,
             ds_config=build_ds_config(spec, steps, ds_file), total_steps=steps, grad_accum=spec.grad_accum,
-            micro_batch=spec.micro, log_every=spec.log_every, eval_every=spec.eval_every,
+            micro_batch=spec.micro, log_every=spec.log_every, print_every=spec.print_every, eval_every=spec.eval_every,
             checkpoint_every=spec.checkpoint_every, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id,
             n_params=count_parameters(config), scale_inputs=inputs,
             heldout=heldout, heldout_name=names[0], stage=ctx.name, init=init, freeze=tuple(spec.freeze),

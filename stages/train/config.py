@@ -42,6 +42,7 @@ class TrainLoopConfig:
     grad_accum: int
     micro_batch: int
     log_every: int
+    print_every: int | None
     eval_every: int
     checkpoint_every: int
     #: where rank 0 logs metrics: the stage's nested MLflow run (None: lineage is off)

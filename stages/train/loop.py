@@ -134,7 +134,8 @@ def train_loop(cfg: TrainLoopConfig) -> None:
         else cfg.n_params
     peak = _peak_flops(torch)
     total, accum, micro = cfg.total_steps, cfg.grad_accum, cfg.micro_batch
-    progress = Progress(cfg.stage, total, start=step)   # rank 0 prints a line at least every 10 s
+    # rank 0 prints a line every print_every steps or at least every 10 s, whichever comes first
+    progress = Progress(cfg.stage, total, start=step, every_steps=cfg.print_every)
     metrics.watch_system(resumed=client is not None)    # rank 0's machine, in the stage's run
     while step < total:
         started = time.perf_counter()
