@@ -84,7 +84,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 #: what a job's log says when the cluster's Python has no arpipe
-NO_ARPIPE = re.compile(r"No module named '?arpipe|arpipe: (command )?not found")
+NO_ARPIPE = re.compile(r"No module named '?arpipe|(?:arpipe|python3?): (?:\d+: )?(?:command )?not found")
+
+
+def diagnose(log_tail: list[str]) -> str | None:
+    """What a failed job's last log lines say about the cluster, when it is that it cannot run arpipe."""
+    if any(NO_ARPIPE.search(line) for line in log_tail):
+        return ("the cluster's Python cannot run arpipe: install it in the image the cluster runs (see "
+                "Dockerfile) or pass `--pip arpipe` (or a wheel's path)")
+    return None
 
 
 def _mlflow_suffix(run: MlflowRun | None) -> str:
@@ -114,9 +122,8 @@ def wait_for(client: JobsClient, submission_id: str, metadata: dict[str, str], f
         if ended and status != "SUCCEEDED" and not follow:
             tail = [line for line in client.logs(submission_id).strip().splitlines() if line.strip()][-12:]
             echo("  last log lines:\n" + "\n".join(f"    {line}" for line in tail))
-            if any(NO_ARPIPE.search(line) for line in tail):
-                echo("  the cluster's Python cannot run arpipe: install it in the image the cluster runs "
-                     "(see Dockerfile) or pass `--pip arpipe` (or a wheel's path)")
+            if (hint := diagnose(tail)) is not None:
+                echo(f"  {hint}")
         if ended:
             return status, mlflow_run
         time.sleep(0.5)

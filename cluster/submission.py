@@ -91,8 +91,9 @@ def runtime_env(project: Path, excludes: list[str], env_vars: dict[str, str], pi
 
 def entrypoint(pipeline_rel: str, args: argparse.Namespace, storage_override: str | None) -> str:
     """The shell command the job runs on the cluster: ``python -m arpipe run FILE`` with the user's selection and
-    overrides (``python -m``: a head started from a virtual environment that is not on its PATH has no
-    ``arpipe`` script there, while its ``python`` is the one Ray runs the job with)."""
+    overrides (``python -m``: a head whose PATH lacks the ``arpipe`` script, such as one started as
+    ``.venv/bin/ray start`` without the environment activated, may still have a ``python`` that imports it;
+    where it does not, the failed job's log says so and ``submit`` names the fix)."""
     argv = ["python", "-m", "arpipe", "run", pipeline_rel]
     for override in args.overrides:
         argv += ["-s", override]

@@ -127,17 +127,11 @@ def cmd_run(args) -> int:
                     echo=lambda line: print(line, flush=True), debug=args.debug, lineage_in_background=True)
     if sys.stdout.isatty() and not args.verbose:   # progress bars may move every second; a file gets a line per 10 s
         os.environ.setdefault("ARPIPE_PROGRESS_EVERY_S", "1")
+        # MLflow's own artifact bars would take tqdm's lock and then the console's, in the bars' opposite order
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     runner.router = Router(set(loaded.spec.stages), verbose=args.verbose, run_log=_run_log(runner))
     try:
-        with routed(runner.router):
-            try:
-                runner.run()
-            except KeyboardInterrupt:
-                raise
-            except BaseException:
-                _leave_ray()
-                raise
-            _leave_ray()   # what Ray's log thread still holds (a worker's last lines) goes through the router
+        _run_routed(runner)
     except KeyboardInterrupt:
         print("arpipe: interrupted; rerun the same command to resume", file=sys.stderr)
         flush_pending()   # every thread's unfinished line: os._exit skips atexit
@@ -145,6 +139,25 @@ def cmd_run(args) -> int:
         # would wait for it at exit: leave now; locks are released and the work stays resumable
         os._exit(130)
     return 0
+
+
+def _run_routed(runner) -> None:
+    """The run with the console's router in front of stdout; each stage's log is published once the router
+    has let go of it (after Ray relayed the workers' last lines), whether the run succeeded or failed."""
+    interrupted = False
+    try:
+        with routed(runner.router):
+            try:
+                runner.run()
+            except KeyboardInterrupt:
+                interrupted = True
+                raise
+            finally:
+                if not interrupted:
+                    _leave_ray()   # what Ray's log thread still holds goes through the router
+    finally:
+        if not interrupted:
+            runner.publish_logs()
 
 
 def _leave_ray() -> None:
@@ -186,7 +199,7 @@ def cmd_gc(args) -> int:
     if args.keep_last < 0:
         raise UserError("--keep-last must be 0 or more", where=f"--keep-last {args.keep_last}",
                         fix="give how many superseded folders of each stage to keep")
-    loaded = [load_pipeline(path) for path in args.pipelines]
+    loaded = [load_pipeline(path, args.overrides) for path in args.pipelines]
     plan = plan_gc([(p, build_graph(p)) for p in loaded], keep_last=args.keep_last)
     if args.yes:
         plan = apply_gc(plan)
@@ -262,8 +275,10 @@ interrupted; --keep-last N keeps the N most recently finished of each stage); th
 keeps (train, a vqvae tokenizer's fit) once its outputs are committed; locks whose holder is gone. It never
 touches a stage's current folder (an unfinished stage's checkpoints are its resume point), a folder a live lock
 holds, nor any folder the last run of a pipeline on the same storage used (its ledger: a running run's inputs,
-another pipeline's stages). Each removal holds the folder's lock, so a run that starts meanwhile waits, and gc
-skips what a run took since it listed. Works on local and s3:// storage alike."""
+another pipeline's stages). Each removal holds the folder's lock, so a run that would write the folder waits,
+and just before it gc reads the ledgers again and skips a folder a run began to use since the listing (a run
+that is deciding at that very moment is not seen: run gc when no run of an older config starts). -s overrides
+apply to every pipeline as in `arpipe run`. Works on local and s3:// storage alike."""
 
 #: options accepted anywhere on the command line, before or after the command (taken out before parsing)
 ANYWHERE = {"--debug": "debug", "-v": "verbose", "--verbose": "verbose"}
@@ -315,6 +330,8 @@ def build_parser(whole: bool = False) -> argparse.ArgumentParser:
                        description=GC_DESCRIPTION)
     p.add_argument("pipelines", nargs="+", metavar="pipeline",
                    help="pipeline YAML file(s): name every pipeline that shares the storage")
+    p.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a value in every pipeline, as its runs did (e.g. -s storage=s3://b/p; repeatable)")
     p.add_argument("--yes", action="store_true", help="remove what is listed (without it gc only lists: a dry run)")
     p.add_argument("--keep-last", type=int, default=0, metavar="N",
                    help="keep the N most recently finished superseded folders of each stage")

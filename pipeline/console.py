@@ -31,6 +31,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from arpipe.pipeline.progress import LINE as PROGRESS
+from arpipe.schemas.base import STAGE_NAME
+
 #: one lock for stdout and stderr: a terminal or a CI log often shows both on one descriptor
 _LOCK = threading.RLock()   # re-entrant: a signal handler that prints must not deadlock the main thread
 #: a thread's unfinished line is written anyway once it grows this long (a writer that never ends a line)
@@ -137,16 +140,15 @@ def whole_lines() -> Iterator[None]:
 #: coloured on a terminal; arpipe names its tasks ``arpipe:<stage>:...``
 RAY_PREFIX = re.compile(r"^(?:\x1b\[[\d;]*m)?\((?P<who>[^()]*?) pid=\d+(?:, ip=[^)]*)?\)(?:\x1b\[0m)? ?")
 #: a stage's own line: ``[stage] ...``
-TAG = re.compile(r"^\[(?P<stage>[A-Za-z][\w-]*)\] ")
-#: a progress line (:class:`arpipe.pipeline.progress.Progress`): ``[stage] what done/total ... elapsed ...``
-PROGRESS = re.compile(r"^\[(?P<stage>[A-Za-z][\w-]*)\] (?P<what>\w+) (?P<done>\d+)/(?P<total>\d+)"
-                      r"(?P<rest>.*\belapsed .*)$")
+TAG = re.compile(r"^\[(?P<stage>" + STAGE_NAME.strip("^$") + r")\] ")
 #: a library's log record (Ray's and logging's default format, DeepSpeed's, MLflow's, glog's) or a Python warning
 LIBRARY_LINE = re.compile(r"^(?:\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+\s+[A-Z]+\b"
                           r"|\[\d{4}-\d\d-\d\d [\d:,.]+\]\s*\["
                           r"|\d{4}/\d\d/\d\d \d\d:\d\d:\d\d [A-Z]+ "
                           r"|[IWEF]\d{4} \d\d:\d\d:\d\d"
                           r"|\S+:\d+: \w*Warning: )")
+#: ... of level ERROR or CRITICAL (Python logging's names, as those three formats print them): shown
+ERROR_RECORD = re.compile(r"^\S+ \S+\s+(?:ERROR|CRITICAL)\b|^\[[^]]*\]\s*\[(?:ERROR|CRITICAL)\]")
 WARNING_LINE = re.compile(r"^\S+:\d+: \w*Warning: ")
 
 
@@ -156,66 +158,87 @@ class Router:
     A line belongs to a stage when it carries the stage's tag (``[train] ...``) or comes from a Ray task
     named after it (``(arpipe:images:unit pid=..)``); an unattributed library line (a Ray Train actor's, a
     DeepSpeed warning) goes to the log of every stage running then, and, when none runs, to the run's log.
-    ``verbose`` shows every line on the console as it came. On a terminal, a stage's progress lines update
-    one tqdm bar per stage instead of scrolling.
+    Arpipe's lines are the stages' tagged lines, the untagged lines of arpipe's own tasks (a ``python``
+    stage's prints) and the driver's, except library records; a record of level ERROR or CRITICAL is shown
+    too. ``verbose`` shows every line on the console as it came. On a terminal, a stage's progress lines
+    update one tqdm bar per stage instead of scrolling.
+
+    A stage's log stays open after the stage ends, until :meth:`close`: Ray relays a worker's last lines
+    after its task returned, and they belong there.
     """
 
     def __init__(self, stages: set[str], *, verbose: bool = False, run_log: Path | None = None,
                  bars: bool | None = None):
         self.stages, self.verbose = set(stages), verbose
-        self._logs: dict[str, TextIO] = {}
+        self._logs: dict[str, TextIO] = {}    # every stage that ran: its log, open until close()
+        self._running: set[str] = set()
+        self._after_warning: dict[str, bool] = {}   # per source (a worker's prefix, "" for this process)
         self._run_log = _open_log(run_log) if run_log else None
         self._bars: dict[str, Any] = {}
         self._use_bars = bars
 
     def begin(self, stage: str, path: Path) -> None:
-        """From now on ``stage``'s lines (and unattributed chatter) are appended to ``path``."""
+        """From now on ``stage``'s lines (and, while it runs, unattributed chatter) are appended to ``path``."""
         with _LOCK:
+            if stage in self._logs:
+                self._logs.pop(stage).close()
             self._logs[stage] = _open_log(path)
+            self._running.add(stage)
 
     def end(self, stage: str) -> None:
+        """``stage`` stopped running: its bar goes; its log keeps taking the lines that name it."""
         with _LOCK:
-            log = self._logs.pop(stage, None)
-            if log is not None:
-                log.close()
+            self._running.discard(stage)
             bar = self._bars.pop(stage, None)
             if bar is not None:
                 bar.close()
 
     def close(self) -> None:
         with _LOCK:
-            for stage in list(self._logs) + list(self._bars):
+            for stage in list(self._bars):
                 self.end(stage)
+            for log in self._logs.values():
+                log.close()
+            self._logs.clear()
+            self._running.clear()
             if self._run_log is not None:
                 self._run_log.close()
                 self._run_log = None
 
     def emit(self, stream: TextIO, text: str) -> None:
-        after_warning = False   # Python prints a warning and its source line in one write: both are chatter
         for line in text.splitlines(keepends=True):
             body = line.rstrip("\r\n")
             prefix = RAY_PREFIX.match(body)
             rest = body[prefix.end():] if prefix else body
+            # Python prints a warning, then its source line indented: both chatter (Ray relays them one by one)
+            source = prefix[0] if prefix else ""
+            after_warning = self._after_warning.get(source, False)
             tag = TAG.match(rest)
             stage = tag["stage"] if tag and tag["stage"] in self.stages else None
             tagged = stage is not None
-            if stage is None and prefix and prefix["who"].startswith("arpipe:"):
-                named = prefix["who"].split(":")[1]
-                stage = named if named in self.stages else None
+            task = None
+            if prefix and prefix["who"].startswith("arpipe:"):
+                task = prefix["who"].split(":")[1]
+                stage = stage or (task if task in self.stages else None)
             chatter = bool(LIBRARY_LINE.match(rest)) or (after_warning and rest[:1].isspace())
-            after_warning = bool(WARNING_LINE.match(rest)) or (after_warning and chatter)
-            ours = tagged if prefix else not chatter   # a worker's line is arpipe's when a stage's tag opens it
-            self._log(stage, ours, body)
+            self._after_warning[source] = bool(WARNING_LINE.match(rest))   # the source line is one line
+            # a worker's line is arpipe's when a stage's tag opens it or arpipe's own task printed it
+            ours = (tagged or (task is not None and not chatter)) if prefix else not chatter
+            if chatter and ERROR_RECORD.match(rest):
+                ours = True
+            self._log(stage, chatter or prefix is not None, body)
             if self.verbose:
                 self._write(stream, line)
             elif ours:
                 self._show(stream, rest)
 
-    def _log(self, stage: str | None, ours: bool, body: str) -> None:
+    def _log(self, stage: str | None, from_below: bool, body: str) -> None:
+        """To ``stage``'s log; a worker's or a library's line that names none to every running stage's; the
+        rest (this process's own lines, anything while no stage runs) to the run's log."""
         if stage in self._logs:
             targets = [self._logs[stage]]
-        elif not ours and self._logs:
-            targets = list(self._logs.values())
+        elif from_below and self._running:
+            targets = [self._logs[s] for s in self._running]
         else:
             targets = [self._run_log] if self._run_log else []
         for log in targets:

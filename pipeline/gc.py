@@ -243,6 +243,12 @@ def apply_gc(plan: GcPlan) -> GcPlan:
         if holder is not None:
             done.append(item.model_copy(update={"state": "skipped", "note": f"in use by {holder.describe()}"}))
             continue
+        # a run that began since the listing (an older config's run, say) may have taken the folder as cached
+        # input: such a run's ledger names it; look again now, under the folder's lock
+        if item.what == "superseded" and (user := _ledger_naming(folder)) is not None:
+            lock.release()
+            done.append(item.model_copy(update={"state": "skipped", "note": f"in use: {user}"}))
+            continue
         try:
             if item.what == "superseded":
                 _empty_but_lock(folder)
@@ -254,6 +260,15 @@ def apply_gc(plan: GcPlan) -> GcPlan:
             _remove_empty(folder)
         done.append(item.model_copy(update={"state": "removed"}))
     return GcPlan(done, plan.kept)
+
+
+def _ledger_naming(folder: str) -> str | None:
+    """Which pipeline's last run (per the ledgers on the folder's storage root) names ``folder``, if one does."""
+    root = folder.rsplit("/", 2)[0]
+    for pipeline, ledger in _ledgers(root):
+        if any(entry.get("out_uri") == folder for entry in ledger.get("stages", {}).values()):
+            return f"the last run of pipeline {pipeline!r} ({ledger.get('state', 'unknown')}) uses it"
+    return None
 
 
 def _empty_but_lock(folder: str) -> None:

@@ -55,10 +55,10 @@ def _load(ep: EntryPoint, target: str) -> Any:
     module, _, attr = target.partition(":")
     try:
         return getattr(importlib.import_module(module), attr)
-    except ImportError as err:
-        raise _error(ep, f"cannot import {target} ({type(err).__name__}: {err})") from None
     except AttributeError:
         raise _error(ep, f"module {module} has no {attr}") from None
+    except Exception as err:   # ImportError, but also whatever the plugin's module raises as it loads
+        raise _error(ep, f"cannot import {target} ({type(err).__name__}: {err})") from None
 
 
 @functools.cache

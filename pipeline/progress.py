@@ -11,12 +11,20 @@ ran, so a resumed stage's earlier units do not make it look faster than it is).
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
+
+from arpipe.schemas.base import STAGE_NAME
 
 #: seconds between two progress lines of one stage (``arpipe run`` on a terminal asks for 1 s through
 #: ``ARPIPE_PROGRESS_EVERY_S``: there the lines update one bar per stage instead of scrolling)
 EVERY_S = 10.0
+
+
+#: a line :class:`Progress` prints, as the console reads it back (on a terminal: one bar per stage)
+LINE = re.compile(r"^\[(?P<stage>" + STAGE_NAME.strip("^$") + r")\] (?P<what>\w+) (?P<done>\d+)/(?P<total>\d+)"
+                  r"(?P<rest>.*\belapsed .*)$")
 
 
 def default_every_s() -> float:
@@ -45,7 +53,7 @@ class Progress:
         self.stage, self.total, self.what = stage, total, what
         self.every_s = every_s if every_s is not None else default_every_s()
         self.every_steps = every_steps
-        self.echo = echo or _print
+        self.echo = echo or write_line
         self.clock = clock
         self.started, self.start = clock(), start
         self.last: float | None = None
@@ -75,9 +83,9 @@ class Progress:
         return line
 
 
-def _print(line: str) -> None:
-    # sys.stdout.write, not print: Ray Train replaces print() in its workers with a logger that echoes each
-    # line twice where stdout is wrapped
+def write_line(line: str) -> None:
+    """A whole line to stdout, flushed: how a stage's worker prints (not print(): Ray Train replaces it in
+    its workers with a logger that writes each line twice where stdout is wrapped)."""
     import sys
 
     sys.stdout.write(line + "\n")

@@ -171,11 +171,19 @@ def agent_on_free_port() -> Iterator[None]:
     ``ray start --head`` also wants, so a local cluster started next to an ``arpipe run`` would lose its
     agent (and accept no job). ``ray start`` has ``--dashboard-agent-listen-port``; ``ray.init`` does not
     pass one on, so its default is set to 0 (the agent binds a free port and records it in the GCS, where
-    Ray's own clients look it up) for the ``ray.init`` call in the block.
+    Ray's own clients look it up) for the ``ray.init`` call in the block. This reaches into Ray's private
+    ``RayParams`` (the one way short of running ``ray start`` as a separate process, whose lifetime would
+    then be arpipe's to manage): where a Ray version has no such parameter the block changes nothing, and
+    tests/test_embedded_ray.py says so.
     """
+    import inspect
+
     from ray._private import parameter
 
     original = parameter.RayParams.__init__
+    if "dashboard_agent_listen_port" not in inspect.signature(original).parameters:
+        yield
+        return
 
     def free_agent_port(self, *args, **kwargs):
         kwargs.setdefault("dashboard_agent_listen_port", 0)

@@ -104,6 +104,7 @@ class Runner:
         self.echo = echo
         self.debug = debug
         self.router = router
+        self._ended_logs: list[tuple[StagePlan, Path, str | None]] = []
         self.planner = Planner(loaded, graph)
         self.root = self.planner.root
         # `arpipe submit` names the run, so it can find the run's ledger (and its MLflow run) afterwards
@@ -422,18 +423,26 @@ class Runner:
         return path
 
     def _close_log(self, plan: StagePlan, log: Path | None, mlflow_run_id: str | None) -> None:
-        """Closed, copied to the stage folder on S3, and logged to the stage's MLflow run under ``logs/``."""
+        """The stage stopped: its log is kept for :meth:`publish_logs` (Ray still relays its workers' last
+        lines for a while, and the router keeps appending those)."""
         if log is None or self.router is None:
             return
         self.router.end(plan.name)
-        uri = out.log_uri(plan.out_uri, self.run_id)
-        try:
-            if is_s3(uri):
-                storage_for(uri).put_file(log, uri)
-            if mlflow_run_id:
-                self.lineage.log_file(mlflow_run_id, log, f"logs/{self.run_id}.log")
-        except Exception as err:   # a log that cannot be kept must not fail the stage it describes
-            self.echo(f"  {plan.name}: its log stays at {log} ({describe_error(err)})")
+        self._ended_logs.append((plan, log, mlflow_run_id))
+
+    def publish_logs(self) -> None:
+        """Once the console's router is closed: each stage's log copied to its folder on S3 and logged to the
+        stage's MLflow run as ``logs/<run id>.log``."""
+        for plan, log, mlflow_run_id in self._ended_logs:
+            uri = out.log_uri(plan.out_uri, self.run_id)
+            try:
+                if is_s3(uri):
+                    storage_for(uri).put_file(log, uri)
+                if mlflow_run_id:
+                    self.lineage.log_file(mlflow_run_id, log, f"logs/{self.run_id}.log")
+            except Exception as err:   # a log that cannot be kept must not fail the run it describes
+                self.echo(f"  {plan.name}: its log stays at {log} ({describe_error(err)})")
+        self._ended_logs.clear()
 
     def _finish(self, future: cf.Future, item: Running, records: dict, ledger: Ledger, states: dict,
                 errors: dict) -> None:

@@ -446,6 +446,9 @@ def pyarrow_s3(endpoint: str | None = None) -> pyarrow.fs.S3FileSystem:
     import pyarrow.fs as pafs
 
     endpoint = endpoint or s3_endpoint()
+    if endpoint is None:   # boto3 may find one in the profile (`endpoint_url` in ~/.aws/config): the same here
+        resolved = s3_client().meta.endpoint_url
+        endpoint = None if resolved.split("//")[-1].split("/")[0].endswith(".amazonaws.com") else resolved
     with _aws_lock:
         session = aws_session()
         credentials = session.get_credentials()

@@ -235,3 +235,15 @@ def test_a_jobs_mlflow_run_is_read_from_its_runs_ledger(tmp_path):
     assert submission.recorded_run(retry.metadata, search_mlflow=False) is None
     assert submission.recorded_run({"arpipe.pipeline": "sanity"}) is None   # a job `arpipe submit` did not send
     assert submission.recorded_run(None) is None
+
+
+def test_a_cluster_that_cannot_run_arpipe_is_named_with_the_fix():
+    """The last lines of a job whose head lacks arpipe, as sh, dash and Python print them."""
+    from arpipe.cluster.commands import diagnose
+
+    for tail in (["/bin/sh: 1: python: not found"], ["/bin/sh: python: command not found"],
+                 ["/usr/bin/python: No module named arpipe"],
+                 ["Traceback (most recent call last):", "ModuleNotFoundError: No module named 'arpipe'"]):
+        assert "cannot run arpipe" in diagnose(["Running entrypoint for job x: python -m arpipe run p.yaml",
+                                                *tail]), tail
+    assert diagnose(["arpipe: error: stage(s) failed: train: out of memory"]) is None

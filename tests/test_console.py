@@ -83,6 +83,7 @@ arpipe run 0123456789ab: pipeline 'p', 2 stage(s), outputs under runs
 (arpipe:images:unit pid=11) [images] read 9 samples
 (arpipe:images:unit pid=11) /x/torch/functional.py:12: UserWarning: something deprecated
 (arpipe:images:unit pid=11)   return f(*args)
+(arpipe:images pid=12) a line the user's own code printed
 [images] units 1/4  samples 64  elapsed 1 s, ETA 3 s
 (PlacementGroupCleaner pid=27416) Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.
 (RayTrainWorker pid=27448) [2026-12-03 22:30:47,384] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.
@@ -90,7 +91,9 @@ arpipe run 0123456789ab: pipeline 'p', 2 stage(s), outputs under runs
 (RayTrainWorker pid=27448) 2026/12/03 22:30:55 INFO mlflow.system_metrics.system_metrics_monitor: Started monitoring.
 /venv/ray/train/v2/api/data_parallel_trainer.py:95: FutureWarning: a Ray Train driver-side warning
   warnings.warn(
+(RayTrainWorker pid=27448) 2026-12-03 22:31:02,001	ERROR checkpoint_manager.py:80 -- a real error
   images  done     4.0 s
+(arpipe:images:unit pid=11) [images] a last line Ray relays after the stage ended
 """
 
 #: what the user sees of it
@@ -99,9 +102,12 @@ arpipe run 0123456789ab: pipeline 'p', 2 stage(s), outputs under runs
   images  running  never run
   train   running  never run
 [images] read 9 samples
+a line the user's own code printed
 [images] units 1/4  samples 64  elapsed 1 s, ETA 3 s
 [train] step 1/60  loss 6.282  lr 0  tokens_per_s 5498  elapsed 2 s, ETA 1 min 58 s
+2026-12-03 22:31:02,001	ERROR checkpoint_manager.py:80 -- a real error
   images  done     4.0 s
+[images] a last line Ray relays after the stage ended
 """
 
 
@@ -116,9 +122,9 @@ def _route(tmp_path, verbose=False, bars=False, text=RUN_OUTPUT):
     router.begin("images", tmp_path / "images.log")
     router.begin("train", tmp_path / "train.log")
     router.emit(console, "".join(lines[4:6]))
-    router.emit(console, "".join(lines[6:-1]))
+    router.emit(console, "".join(lines[6:-2]))
     router.end("images")
-    router.emit(console, lines[-1])
+    router.emit(console, "".join(lines[-2:]))
     router.close()
     logs = [(tmp_path / f"{n}.log").read_text() for n in ("images", "train", "run")]
     return console.getvalue(), *logs
@@ -130,7 +136,9 @@ def test_the_console_shows_arpipes_lines_and_each_stage_log_keeps_everything_abo
     # the stage's log: its own lines, with Ray's prefix, and the chatter of its tasks
     assert "(arpipe:images:unit pid=11) [images] read 9 samples" in images
     assert "UserWarning: something deprecated" in images and "return f(*args)" in images
-    assert "[train]" not in images
+    assert "[train]" not in images and "a line the user's own code printed" in images
+    assert "a last line Ray relays after the stage ended" in images   # its log outlives the stage
+    assert "a real error" in train
     # Ray Train's actors name no stage: their lines go to the log of every stage running then
     assert "PlacementGroupCleaner" in train and "PlacementGroupCleaner" in images
     assert "[train] step 1/60" in train and "Setting accelerator to CPU" in train

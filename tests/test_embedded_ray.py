@@ -11,25 +11,24 @@ import textwrap
 
 #: an embedded Ray as `arpipe run` starts it (pipeline.remote.connect_ray); prints where its agent listens
 PROBE = textwrap.dedent("""
-    import json, socket, sys, time
+    import json, os, socket, sys, time
     import ray
-    from ray._private import ray_constants
-    from ray.dashboard import consts
 
-    from arpipe.pipeline.remote import agent_on_free_port, connect_ray
+    from arpipe.pipeline.remote import connect_ray
 
     if sys.argv[1] == "arpipe":
         connect_ray(num_cpus=1)
     else:   # what arpipe replaced: a plain ray.init with the same options
         ray.init(num_cpus=1, include_dashboard=False, dashboard_host="127.0.0.1")
-    key = (consts.DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX + ray.get_runtime_context().get_node_id()).encode()
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        found = ray.experimental.internal_kv._internal_kv_get(key, namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
-        if found:
-            break
+    # the agent records the port it bound in the session folder (-1: its HTTP server did not start)
+    node = ray._private.worker._global_node
+    record = f"{node.get_session_dir_path()}/dashboard_agent_listen_port_{node.node_id}"
+    deadline = time.time() + 180
+    while not os.path.exists(record) and time.time() < deadline:
         time.sleep(0.5)
-    ip, http_port, _grpc = json.loads(found)
+    with open(record) as f:
+        http_port = int(f.read().strip())
+    ip = node.node_ip_address
     answers = False
     if http_port > 0:
         with socket.socket() as s:

@@ -21,7 +21,7 @@ def test_quickstart_runs_end_to_end(tmp_path, ray_cluster):
                  cwd=folder, env={"RAY_ADDRESS": ray_cluster}, timeout=900, check=True)
     states = {s: st[-1] for s, st in stage_lines(run.stdout).items()}
     assert set(states.values()) == {"done"} and len(states) == 13, states
-    assert "arpipe ui" in run.stdout and "contact sheet:" in run.stdout
+    assert "arpipe ui" in run.stdout and "contact sheets (image, video, volume, pointcloud):" in run.stdout
     assert "[evaluate] " in run.stdout and "\x1b[" not in run.stdout + run.stderr   # piped: no colours
     _console_is_quiet_with_live_training(run, folder)
     assert len(list(folder.glob("arpipe-runs/data/*/images/*/*.png"))) + \

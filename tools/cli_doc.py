@@ -34,7 +34,8 @@ every 10 s, and for the last. Ray's, DeepSpeed's and the libraries' lines (worke
 Ray Train's actors) go only to the stage's log file, `<stage folder>/.arpipe/logs/<run id>.log`, whose path
 the `running` (and a `failed`) line names; it is also the stage's MLflow artifact `logs/<run id>.log`
 (on S3 storage the file is written here and uploaded when the stage ends). Lines outside any stage go to
-`<storage>/.arpipe/logs/<run id>.log`. `-v` (anywhere on the line) shows every line on the console as well.
+`<storage>/.arpipe/logs/<run id>.log` (with S3 storage: `~/.cache/arpipe/logs/<run id>/run.log`, here).
+`-v` (anywhere on the line) shows every line on the console as well.
 On a terminal each running stage's progress is one updating bar (tqdm) instead of a line per 10 s; when
 stdout is a file or a pipe there are no colour codes.
 """

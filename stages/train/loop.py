@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from arpipe.pipeline.lineage import RunLog
-from arpipe.pipeline.progress import Progress
+from arpipe.pipeline.progress import Progress, write_line
 from arpipe.stages.train.checkpoints import restore, write_marker
 from arpipe.stages.train.config import TrainLoopConfig
 
@@ -122,12 +122,12 @@ def train_loop(cfg: TrainLoopConfig) -> None:
             metrics.set_tag("arpipe.checkpoints_skipped", "; ".join(
                 f"step {s}: {what}" for s, what in restored.skipped)[:5000])
             for line in restored.lines(cfg.stage):
-                print(line, flush=True)
+                write_line(line)
     if client is not None:
         metrics.buffer_metrics({"resumed_at_step": step, "restarts": restarts}, step)
         if rank == 0:
-            print(f"[{cfg.stage}] resumed at step {step} (restart {restarts}) with the data position of that "
-                  "checkpoint", flush=True)
+            write_line(f"[{cfg.stage}] resumed at step {step} (restart {restarts}) with the data position of "
+                       "that checkpoint")
     heldout = _heldout(cfg, vocab, model_config, rank, world)
     units = _units(sampler)
     n_params = sum(p.numel() for p in model.parameters()) if cfg.ds_config["zero_optimization"]["stage"] < 3 \
