@@ -66,6 +66,20 @@ class ControlsSpec(Strict):
         return self
 
 
+class RelaxedSpec(Strict):
+    """LANTERN's relaxed acceptance for `decoder: sjd` (Jang et al., ICLR 2025): a draft counts with the
+    model's probability of its latent neighbourhood, for longer accepted runs at a bounded distance from plain
+    sampling. `k: 1` is speculative Jacobi decoding exactly."""
+
+    k: int = Field(ge=1, description="Codes in a draft's neighbourhood, the draft itself included: it and its "
+                                     "k - 1 nearest codes in the tokenizer's codebook (the LANTERN code's "
+                                     "`lantern_k` is k - 1). 1 is off.")
+    delta: float = Field(ge=0, le=1, description="Probability budget: neighbours join, nearest first, while "
+                                                 "their total probability stays within delta (the paper's "
+                                                 "total-variation bound per drafted code; 0 is off). "
+                                                 "LANTERN uses 0.05-0.4.")
+
+
 class SampleStage(StageBase):
     """Draws samples from a trained model on a Ray actor pool; outputs ``samples`` (a token store) and ``media``."""
 
@@ -111,6 +125,10 @@ class SampleStage(StageBase):
     decoder: Literal["plain", "sjd"] = Field("plain", description="`sjd`: speculative Jacobi decoding "
                                                                   "(next_token models; same distribution).")
     sjd_window: int = Field(16, ge=1, description="Draft tokens per SJD window.")
+    relaxed: RelaxedSpec | None = Field(
+        None, description="With `decoder: sjd` on a model whose tokens come from a codebook (patch_vq, msvq, "
+                          "vqvae): LANTERN's relaxed acceptance, e.g. `{k: 8, delta: 0.2}`; samples move "
+                          "away from the model's distribution by a bounded total variation.")
     use_cache: bool = Field(True, description="KV cache (same tokens as without, far fewer FLOPs).")
     seed: int = Field(0, description="Sample i draws from a generator seeded by (seed, i).")
     batch_size: int = Field(16, ge=1, description="Samples decoded together by one actor.")
@@ -148,6 +166,9 @@ class SampleStage(StageBase):
                                          or self.prompts is not None):
             raise ValueError("inpaint takes each sample's class and caption from its store: give it without "
                              "prefix, classes or prompts")
+        if self.relaxed is not None and self.decoder != "sjd":
+            raise ValueError("relaxed (LANTERN) relaxes speculative Jacobi decoding's acceptance: add "
+                             "decoder: sjd, or remove relaxed")
         if self.prompts is not None:
             if self.prefix is not None:
                 raise ValueError("give prompts or prefix, not both: a prefix sample brings its own caption")

@@ -13,7 +13,9 @@ Sample ``i`` draws from a generator seeded by ``(seed, i)`` (see
 or actor, and any sample can be redrawn alone. Decoding follows the model's
 paradigm (one forward per token, block or scale), with a KV cache, CFG
 (constant or linear ramp) and, for next-token models, optional speculative
-Jacobi decoding (``decoder: sjd``). The actors load the model's EMA weights
+Jacobi decoding (``decoder: sjd``), exact or with LANTERN's relaxed acceptance
+(``relaxed: {k, delta}``: each actor ranks the tokenizer's codebook once into
+a neighbour table, see ``stages.models.lantern``). The actors load the model's EMA weights
 when a train stage with ``ema:`` saved them, else its raw weights
 (``weights: ema|raw`` chooses; the store's metadata says which were used).
 
@@ -45,10 +47,11 @@ from arpipe.pipeline.progress import Progress
 from arpipe.pipeline.stage import Output, Stage
 from arpipe.pipeline.storage import CONTROL_DIR, join, normalize, storage_for
 from arpipe.schemas.base import REF_PATTERN
+from arpipe.schemas.sample import RelaxedSpec
 from arpipe.schemas.sample import SampleStage as SampleSpec
 
 if TYPE_CHECKING:
-    from arpipe.stages.models import SamplingOptions
+    from arpipe.stages.models import Relaxation, SamplingOptions
     from arpipe.stages.store import StoreUnits, UnitRecord
 
 CONTACT_SAMPLES = 64
@@ -97,6 +100,7 @@ class ShardJob:
     prompt_tokens: tuple[tuple[int, ...], ...] = ()   # and its text tokens
     controls: tuple[tuple[int, ...], ...] = ()        # each sample's control-map tokens (empty: none)
     inpaint: InpaintJob | None = None
+    relaxed: RelaxedSpec | None = None                # LANTERN's acceptance (decoder: sjd)
 
 
 def read_prompts(prompts: list[str] | str, base_dir: Path) -> list[tuple[str, str]]:
@@ -164,6 +168,7 @@ class SampleWorker:
         self.config, self.vocab, self.tokenizers = opened.config, opened.vocab, opened.tokenizers
         self.model, self.scale_inputs = opened.model, opened.scale_inputs
         self._loaded: dict[str, Any] = {}
+        self._relaxations: dict[tuple[str, int, float], Relaxation] = {}
 
     def tokenizer(self, name: str):
         if name not in self._loaded:
@@ -171,6 +176,18 @@ class SampleWorker:
 
             self._loaded[name] = load_tokenizer(self.tokenizers[name]["tokenizer_uri"])
         return self._loaded[name]
+
+    def relaxation(self, name: str, relaxed: RelaxedSpec) -> Relaxation:
+        """LANTERN's neighbourhoods of ``name``'s codes, ranked once per actor (on the CPU in float64, so
+        every actor, whatever its device, ranks them alike and a sample's tokens do not depend on its actor)."""
+        key = (name, relaxed.k, relaxed.delta)
+        if key not in self._relaxations:
+            from arpipe.stages.models import Relaxation
+
+            self._relaxations[key] = Relaxation.from_codebook(
+                self.tokenizer(name).code_embeddings(), k=relaxed.k, delta=relaxed.delta,
+                start=self.vocab.code_range(name)[0], vocab_size=self.config.vocab_size)
+        return self._relaxations[key]
 
     def run_shard(self, job: ShardJob) -> UnitRecord:
         import numpy as np
@@ -215,7 +232,8 @@ class SampleWorker:
                 prompt.known_BN = torch.where(known_N, originals, torch.full_like(originals, -1))
             if job.decoder == "sjd":
                 gen = generate_sjd(self.model, plan, prompt, job.options, seed=job.seed, sample_indices=indices,
-                                   window=job.window)
+                                   window=job.window,
+                                   relaxation=self.relaxation(name, job.relaxed) if job.relaxed else None)
             else:
                 gen = generate(self.model, plan, prompt, job.options, seed=job.seed, sample_indices=indices)
             passes += gen.forward_passes
@@ -315,6 +333,8 @@ class SampleStage(Stage):
             if name not in tokenizers:
                 raise UserError(f"the model folder does not say which tokenizer made {name!r} (tokenizers.json)",
                                 where=spec.model, fix="sample a model written by a train stage")
+        if spec.relaxed is not None:
+            self._check_relaxed(config, vocab, tokenizers, names)
         if spec.decoder == "sjd" and config.paradigm != "next_token":
             raise UserError(f"decoder sjd applies to next_token models; this model is {config.paradigm} "
                             "(already one forward per group)", where=f"{where}.decoder", fix="use decoder: plain")
@@ -390,13 +410,36 @@ class SampleStage(Stage):
                             if prefix_info else None),
                     formats=tuple(spec.media_formats(info["modality"])), store_vocab=store_vocab,
                     prompts=tuple(texts[lo:lo + S]), prompt_tokens=tuple(prompt_tokens[lo:lo + S]),
-                    controls=tuple(controls[lo:lo + S]),
+                    controls=tuple(controls[lo:lo + S]), relaxed=spec.relaxed,
                     inpaint=(InpaintJob(store=spec.inpaint.store, known=inpaint["known"],
                                         ids=tuple(inpaint_ids[lo:lo + S])) if inpaint else None)))
             offset += len(labels)
         if not jobs:
             raise UserError("nothing to sample", where=where, fix="check modalities, classes and prefix")
         return jobs
+
+    def _check_relaxed(self, config, vocab, tokenizers: dict[str, dict[str, Any]], names: list[str]) -> None:
+        """``relaxed`` needs next-token decoding and, for each sampled modality, a codebook of at least k codes."""
+        from arpipe.stages.modalities import load_tokenizer
+
+        k, where = self.spec.relaxed.k, f"stages.{self.ctx.name}.relaxed"
+        if config.paradigm != "next_token":
+            raise UserError(f"relaxed (LANTERN) relaxes speculative Jacobi decoding of next_token models; this model "
+                            f"is {config.paradigm}", where=where, fix="remove relaxed (and decoder: sjd)")
+        for name in names:
+            tok = load_tokenizer(tokenizers[name]["tokenizer_uri"])
+            codebook_KD = tok.code_embeddings()
+            if codebook_KD is None:
+                raise UserError(f"relaxed ranks a code's neighbours in its tokenizer's codebook; the {name} tokenizer "
+                                f"({tok.type}) has none", where=where,
+                                fix="remove relaxed, or sample a model whose tokens come from patch_vq, msvq or vqvae")
+            size = dict(vocab.modalities)[name]
+            if codebook_KD.shape[0] != size:
+                raise UserError(f"the {name} tokenizer's codebook has {codebook_KD.shape[0]} codes but the model's "
+                                f"vocabulary {size}", where=self.spec.model, fix="sample a model written by a train stage")
+            if k > size:
+                raise UserError(f"relaxed.k {k} exceeds the {size} codes of the {name} codebook", where=where,
+                                fix=f"use k <= {size}")
 
     def _prompts(self, vocab, tokenizers) -> tuple[list[str], list[tuple[int, ...]]]:
         """Each prompt's text and text tokens, in the order given."""

@@ -1,5 +1,6 @@
 """Speculative Jacobi decoding on a model trained in the test (sklearn digits, 4 grey levels, 8x8 raster):
-its samples follow plain sampling's distribution, in fewer forward passes."""
+its samples follow plain sampling's distribution, in fewer forward passes; LANTERN's relaxed acceptance,
+with grey levels as the codebook, accepts longer runs still."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from sklearn.datasets import load_digits
 from arpipe.stages.models import (
     ModelConfig,
     Prompt,
+    Relaxation,
     Transformer,
     VocabLayout,
     generate,
@@ -39,6 +41,11 @@ def train_digits_model(steps: int = 150) -> tuple[Transformer, VocabLayout]:
     return model.eval(), vocab
 
 
+@pytest.fixture(scope="module")
+def digits_model(single_torch_thread) -> tuple[Transformer, VocabLayout]:
+    return train_digits_model()
+
+
 def counts(tokens: torch.Tensor) -> dict[str, np.ndarray]:
     """Histograms a wrong sampler would distort: single tokens and raster-adjacent pairs."""
     pairs = tokens[:, :-1] * LEVELS + tokens[:, 1:]
@@ -46,8 +53,8 @@ def counts(tokens: torch.Tensor) -> dict[str, np.ndarray]:
             "pairs": torch.bincount(pairs.reshape(-1), minlength=LEVELS ** 2).numpy()}
 
 
-def test_sjd_matches_plain_sampling_with_fewer_forward_passes(record_property):
-    model, vocab = train_digits_model()
+def test_sjd_matches_plain_sampling_with_fewer_forward_passes(digits_model, record_property):
+    model, vocab = digits_model
     plan = make_plan("next_token", grid=(8, 8), n_axes=3)
     prompt = Prompt.from_vocab(vocab, "image", [i % 10 for i in range(48)])  # 3072 tokens per method
     plain = generate(model, plan, prompt, seed=1)
@@ -67,3 +74,20 @@ def test_sjd_matches_plain_sampling_with_fewer_forward_passes(record_property):
     print(f"SJD forward passes / plain: {per_sample:.2f} per sample, {batch:.2f} for the batch of 48")
     assert plain.forward_passes == plan.n_tokens
     assert per_sample < 0.67 and sjd.forward_passes < plain.forward_passes
+
+
+def test_lantern_accepts_longer_runs_than_sjd(digits_model, record_property):
+    """Grey levels on a line are the codebook: a draft one level off a likely level is accepted more often."""
+    model, vocab = digits_model
+    plan = make_plan("next_token", grid=(8, 8), n_axes=3)
+    prompt = Prompt.from_vocab(vocab, "image", [i % 10 for i in range(48)])
+    levels_KD = torch.arange(LEVELS, dtype=torch.float32)[:, None]
+    lantern = Relaxation.from_codebook(levels_KD, k=2, delta=0.3, start=vocab.code_range("image")[0],
+                                       vocab_size=vocab.vocab_size)
+    sjd = generate_sjd(model, plan, prompt, seed=2, window=16)
+    relaxed = generate_sjd(model, plan, prompt, seed=2, window=16, relaxation=lantern)
+    per_pass = {name: plan.n_tokens / out.sample_passes.double().mean().item()
+                for name, out in (("sjd", sjd), ("lantern", relaxed))}
+    record_property("lantern_vs_sjd_tokens_per_pass", round(per_pass["lantern"] / per_pass["sjd"], 3))
+    print(f"accepted tokens per forward: SJD {per_pass['sjd']:.2f}, LANTERN k=2 delta=0.3 {per_pass['lantern']:.2f}")
+    assert per_pass["lantern"] > per_pass["sjd"]

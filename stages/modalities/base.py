@@ -262,6 +262,12 @@ class Tokenizer(ABC):
     def decode_arrays(self, tokens: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Inverse of :meth:`encode_arrays` (up to quantization)."""
 
+    def code_embeddings(self) -> torch.Tensor | None:
+        """``codebook_KD``: the latent vector each code stands for, whose distances say which codes are
+        interchangeable (LANTERN's neighbourhoods, ``relaxed:`` in the sample stage); ``None`` when codes
+        have no such geometry (octree cells, text pieces)."""
+        return None
+
     # ------------------------------------------------------------- artifact
 
     def describe(self) -> dict[str, Any]:

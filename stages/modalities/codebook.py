@@ -101,6 +101,10 @@ class CodebookState:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"codebook": self.codebook_KD, "mean": self.mean_C, "std": self.std_C}
 
+    def code_embeddings(self) -> torch.Tensor:
+        """The k-means centroids in normalized patch (or residual) space: close codes decode alike."""
+        return self.codebook_KD
+
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.codebook_KD = tensors["codebook"].float()
         self.code_sq_K = self.codebook_KD.pow(2).sum(1)   # cached |c|^2 for nearest_code

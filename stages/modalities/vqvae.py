@@ -183,6 +183,10 @@ class VQVAE(FixedLengthTokenizer):
         state = {f"net.{k}": v for k, v in self.net.state_dict().items()}
         return {**state, "mean": self.mean_C, "std": self.std_C}
 
+    def code_embeddings(self) -> torch.Tensor:
+        """The EMA codebook in the encoder's latent space (``code_dim``), the decoder's input."""
+        return self.net.codebook_KD
+
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         self.mean_C, self.std_C = tensors["mean"].float(), tensors["std"].float()

@@ -16,6 +16,10 @@ Sampling::
     prompt = Prompt.from_vocab(vocab, "image", labels)
     out = generate(model, plan, prompt, SamplingOptions(cfg_scale=1.5), seed=0, sample_indices=range(8))
     codes_BN = vocab.to_local("image", out.tokens)      # out.forward_passes == plan.n_groups
+    # next_token: speculative Jacobi decoding, optionally with LANTERN's relaxed acceptance
+    lantern = Relaxation.from_codebook(tokenizer.code_embeddings(), k=4, delta=0.2,
+                                       start=vocab.code_range("image")[0], vocab_size=vocab.vocab_size)
+    out = generate_sjd(model, plan, prompt, seed=0, window=16, relaxation=lantern)
 
 Save / load: ``save_model(dir, model, vocab=vocab)``, ``load_model(dir)``, ``load_vocab(dir)``; a train stage's
 whole folder (config, vocab, tokenizers, scale inputs, weights, local or s3://): ``open_model(uri)``.
@@ -36,6 +40,8 @@ _EXPORTS: dict[str, str] = {
     "plan_for_modality": "folder",
     "segment_names": "diagnostics",
     "segment_scores": "diagnostics",
+    "Relaxation": "lantern",
+    "code_neighbours": "lantern",
     "load_config": "io",
     "load_model": "io",
     "load_scale_inputs": "io",
@@ -89,8 +95,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "BOS", "EOS", "IGNORE_INDEX", "NULL", "PAD", "PARADIGMS", "PRESETS", "PRESET_SIZES", "Generation", "KVCache",
-    "ModelConfig", "ModelFolder", "ModelInputs", "Paradigm", "Plan", "Prompt", "SamplingOptions", "ScaleInput", "Transformer", "VocabLayout",
-    "apply_rope", "attention_mask", "batch_inputs", "cached_attention_mask", "context_coords", "count_parameters", "draw",
+    "ModelConfig", "ModelFolder", "ModelInputs", "Paradigm", "Plan", "Prompt", "Relaxation", "SamplingOptions", "ScaleInput", "Transformer", "VocabLayout",
+    "apply_rope", "attention_mask", "batch_inputs", "cached_attention_mask", "code_neighbours", "context_coords", "count_parameters", "draw",
     "drop_conditions", "fetch_model", "generate", "generate_sjd", "known_cells", "load_config", "load_model", "load_scale_inputs", "load_vocab", "make_plan",
     "open_model", "pack_documents", "plan_for", "plan_for_modality", "plan_from_layout", "preset", "process_logits", "rope_angles", "rope_sections",
     "sample_generator", "save_model", "segment_names", "segment_scores",

@@ -19,6 +19,14 @@ Rows advance unevenly: each writes its window at its own KV-cache offset.
 Each active row draws ``2W + 1`` uniforms per pass from its own generator
 (accept tests, one residual draw, the next window's drafts), so a sample's
 tokens do not depend on its batch.
+
+With a :class:`~stages.models.lantern.Relaxation` (LANTERN, ``relaxed:`` in
+the sample stage) a draft is accepted with probability ``min(1, p~(x) / q(x))``,
+``p~(x)`` being ``p``'s mass over the draft's latent neighbourhood: longer
+accepted runs for a total-variation distance to plain sampling bounded in
+:mod:`~stages.models.lantern`. Everything else, the residual included, is
+unchanged, and with ``k = 1`` the accept test compares the very same numbers,
+so the samples are SJD's bit for bit.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .lantern import Relaxation
 from .sampling import Generation, Prompt, SamplingOptions, Session, draw, inverse_cdf
 from .sequence import Plan
 from .transformer import Transformer
@@ -34,8 +43,10 @@ from .transformer import Transformer
 
 @torch.no_grad()
 def generate_sjd(model: Transformer, plan: Plan, prompt: Prompt, options: SamplingOptions = SamplingOptions(),
-                 *, seed: int = 0, sample_indices: Sequence[int] | None = None, window: int = 16) -> Generation:
-    """Like :func:`~stages.models.sampling.generate` for a ``next_token`` plan, in fewer forward passes."""
+                 *, seed: int = 0, sample_indices: Sequence[int] | None = None, window: int = 16,
+                 relaxation: Relaxation | None = None) -> Generation:
+    """Like :func:`~stages.models.sampling.generate` for a ``next_token`` plan, in fewer forward passes;
+    ``relaxation`` (LANTERN) trades a bounded distance to its distribution for fewer still."""
     if any(n != 1 for n in plan.group_sizes):
         raise ValueError(f"speculative Jacobi decoding applies to next_token plans, not {plan.paradigm}; "
                          "use generate() for block and scale paradigms (already one pass per group)")
@@ -43,6 +54,9 @@ def generate_sjd(model: Transformer, plan: Plan, prompt: Prompt, options: Sampli
         raise ValueError(f"window must be >= 1, got {window}")
     if prompt.known_BN is not None:
         raise ValueError("in-painting keeps known tokens group by group; use generate() (decoder: plain)")
+    if relaxation is not None and relaxation.neighbours_VK.shape[0] != model.config.vocab_size:
+        raise ValueError(f"the relaxation covers {relaxation.neighbours_VK.shape[0]} ids but the model's vocabulary "
+                         f"has {model.config.vocab_size}; build it with vocab_size=model.config.vocab_size")
     s = Session(model, plan, prompt, options, extra=window)
     gens = s.generators(seed, sample_indices)
     B, N, P, W = s.B, s.N, s.P, window
@@ -52,6 +66,8 @@ def generate_sjd(model: Transformer, plan: Plan, prompt: Prompt, options: Sampli
     uniform_V = torch.zeros(V, dtype=torch.float64, device=dev)
     uniform_V[lo:hi] = 1.0 / (hi - lo)
     rows_B, j_W = torch.arange(B, device=dev), torch.arange(W, device=dev)
+    if relaxation is not None:
+        relaxation = relaxation.to(dev)
 
     n_B = torch.full((B,), s.known, dtype=torch.long, device=dev)  # accepted tokens per row
     q_BWV = uniform_V.expand(B, W, V).clone()                       # draft distributions of the window
@@ -80,7 +96,9 @@ def generate_sjd(model: Transformer, plan: Plan, prompt: Prompt, options: Sampli
         x_BW = torch.gather(s.tokens_BN, 1, pos_BW)
         p_x_BW = p_BWV.gather(-1, x_BW[..., None]).squeeze(-1)
         q_x_BW = q_BWV.gather(-1, x_BW[..., None]).squeeze(-1)
-        fail_BW = (u_BK[:, :W] * q_x_BW >= p_x_BW) & in_window_BW
+        # LANTERN credits each draft with its latent neighbourhood's mass; k = 1 compares p(x) itself
+        target_BW = p_x_BW if relaxation is None else relaxation.credited_mass(p_BWV, x_BW)
+        fail_BW = (u_BK[:, :W] * q_x_BW >= target_BW) & in_window_BW
         rejected_B = fail_BW.any(1)
         first_fail_B = torch.where(rejected_B, fail_BW.int().argmax(1), width_B)
         accepted_B = torch.where(rejected_B, first_fail_B + 1, width_B) * active_B
