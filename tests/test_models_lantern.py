@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
+from test_models_sampling import VOCAB, tiny_model  # the sampling tests' vocabulary and tiny next_token model
 
 from arpipe.stages.models import (
     ModelConfig,
     Prompt,
     Relaxation,
     SamplingOptions,
-    Transformer,
     VocabLayout,
     code_neighbours,
     generate_sjd,
@@ -23,8 +23,6 @@ from arpipe.stages.models import (
 )
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
-
-VOCAB = VocabLayout.build({"image": 10, "volume": 6}, classes=range(4))
 
 
 def line_codebook(points: list[float]) -> torch.Tensor:
@@ -64,16 +62,10 @@ def test_neighbours_join_nearest_first_while_their_mass_stays_within_delta():
     assert float((credited - p_QV[0]).max()) <= 0.3          # the mass moved onto a code stays within delta
 
 
-def tiny_model(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=VOCAB.vocab_size, n_layer=2, n_head=2, n_embd=32, rope_axes=3, init_std=0.2)
-    return Transformer(config).double().eval()
-
-
 @pytest.mark.parametrize("k,delta", [(1, 0.5), (4, 0.0)])
 def test_k_one_or_no_budget_draws_exactly_sjds_samples(k, delta):
     """Same seeds, same tokens, log-probabilities and passes: the relaxation changes nothing it should not."""
-    model, plan = tiny_model(), make_plan("next_token", grid=(3, 4), n_axes=3)
+    model, plan = tiny_model("next_token"), make_plan("next_token", grid=(3, 4), n_axes=3)
     prompt = Prompt.from_vocab(VOCAB, "image", [0, 1, 2, 3, None, 1])
     for opts in (dict(), dict(cfg_scale=2.0, cfg_schedule="linear", top_k=6, top_p=0.9, temperature=0.8)):
         sjd = generate_sjd(model, plan, prompt, SamplingOptions(**opts), seed=5, window=4)
