@@ -4,7 +4,8 @@ Independent parts, each run when its inputs are given:
 
 - **likelihood** (``model`` + ``heldout``): per-sample negative log-likelihood
   of a token store under the model, summarized as mean NLL per token and bits
-  per token;
+  per token (a ``masked`` model's is that of decoding one token a step in
+  raster order, ``maskgit.sequential_nll``);
 - **reconstruction** (``reconstruction``): the tokenizer's round trip on real
   data: PSNR and SSIM (images, video, volumes), Chamfer distance (point clouds);
 - **samples** (``samples`` + ``reference``): generated samples against the
@@ -239,7 +240,7 @@ class EvaluateStage(Stage):
         import numpy as np
         import torch
 
-        from arpipe.stages.models import batch_inputs
+        from arpipe.stages.models import batch_inputs, sequential_nll
         from arpipe.stages.models.folder import plan_for_modality
 
         config, vocab, model = opened.config, opened.vocab, opened.model
@@ -255,12 +256,15 @@ class EvaluateStage(Stage):
                 targets = torch.stack([vocab.to_global(name, torch.from_numpy(
                     s.tokens.reshape(-1).astype(np.int64))) for s in group])
                 context = torch.tensor([vocab.context_of(name, s) for s in group], dtype=torch.long)
-                inputs = batch_inputs(plans[length], targets, context)
-                logits, _ = model(inputs.input_ids, inputs.coords, inputs.group_ids,
-                                  features_BLD=inputs.features, feature_mask_BL=inputs.feature_mask)
-                ce = torch.nn.functional.cross_entropy(logits.double().transpose(1, 2), inputs.target_ids,
-                                                       ignore_index=-100, reduction="none")
-                nll += ce.sum(1).tolist()
+                if config.paradigm == "masked":   # decoded one token a step in raster order (maskgit.py)
+                    nll += sequential_nll(model, plans[length], targets, context).tolist()
+                else:
+                    inputs = batch_inputs(plans[length], targets, context)
+                    logits, _ = model(inputs.input_ids, inputs.coords, inputs.group_ids,
+                                      features_BLD=inputs.features, feature_mask_BL=inputs.feature_mask)
+                    ce = torch.nn.functional.cross_entropy(logits.double().transpose(1, 2), inputs.target_ids,
+                                                           ignore_index=-100, reduction="none")
+                    nll += ce.sum(1).tolist()
                 counts += [length] * len(group)
                 keys += [s.key for s in group]
         return {"keys": keys, "nll": nll, "counts": counts}

@@ -68,10 +68,11 @@ def brain_clouds(folder: Path, count: int = 4, points: int = 2048, seed: int = 0
 
 def fit_digits(model, plan, targets_BN, context_BP, vocab, steps: int, *, batch: int = 32, lr: float = 3e-3,
                cond_dropout: float = 0.1) -> list[float]:
-    """Train ``model`` in-process on laid-out digits (AdamW, seeded batches, CFG condition dropout); the losses."""
+    """Train ``model`` in-process on laid-out digits (AdamW, seeded batches, CFG condition dropout, MaskGIT's
+    masking for a masked plan, as the train stage does); the losses."""
     import torch
 
-    from arpipe.stages.models import batch_inputs, drop_conditions
+    from arpipe.stages.models import batch_inputs, drop_conditions, mask_for_training
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
@@ -80,6 +81,8 @@ def fit_digits(model, plan, targets_BN, context_BP, vocab, steps: int, *, batch:
         idx = torch.randint(0, len(targets_BN), (batch,), generator=g)
         inputs = batch_inputs(plan, targets_BN[idx], context_BP[idx])
         inputs.input_ids = drop_conditions(inputs.input_ids, vocab, cond_dropout, generator=g)
+        if plan.paradigm == "masked":
+            inputs = mask_for_training(inputs, g)
         _, loss = model(**inputs.as_kwargs())
         opt.zero_grad()
         loss.backward()

@@ -30,7 +30,7 @@ from arpipe.stages.models import (
     make_plan,
 )
 
-PARADIGMS = ("next_scale", "next_token", "next_block")
+PARADIGMS = ("next_scale", "next_token", "next_block", "masked")
 SCALES = [1, 2, 4, 8]
 CAS_FLOOR = 0.6   # measured at 500 steps: next_scale 0.85, next_token 0.75; chance is 0.10
 STEPS = 500
@@ -82,7 +82,7 @@ def train_and_sample(tok, codes, labels, paradigm: str, *, steps: int = STEPS, h
     from realdata import fit_digits
 
     vocab = VocabLayout.build({"image": tok.codebook_size}, classes=range(10))
-    if paradigm == "next_scale":
+    if paradigm in ("next_scale", "masked"):   # masked: one bidirectional group over the scales' tokens
         plan = make_plan(paradigm, scales=SCALES, n_axes=3)
     else:
         plan = make_plan(paradigm, n_tokens=tok.tokens_per_sample, n_axes=3,
@@ -137,6 +137,14 @@ def test_the_judge_recognises_the_requested_digit_in_most_samples(samples, digit
     images, requested = samples[paradigm][:2]
     score = cas(digits[3], images, requested)
     assert score >= CAS_FLOOR, f"{paradigm}: CAS {score:.2f}"
+
+
+def test_masked_decoding_draws_digits_nearly_as_well_as_next_scale_at_the_same_size_and_steps(samples, digits):
+    """MaskGIT's paradigm, 8 parallel steps for 85 tokens, against VAR's 4 scales: the same two-layer model
+    (113k parameters; next_scale's adds VAR's input projection, under 1%) and the same 500 training steps;
+    measured 0.84 vs 0.87 (chance 0.10; noise is refused by the test below)."""
+    scores = {p: cas(digits[3], *samples[p][:2]) for p in ("masked", "next_scale")}
+    assert scores["masked"] >= 0.9 * scores["next_scale"], scores
 
 
 def test_the_judge_scores_noise_and_shuffled_labels_near_chance(samples, digits):

@@ -20,6 +20,8 @@ Sampling::
     lantern = Relaxation.from_codebook(tokenizer.code_embeddings(), k=4, delta=0.2,
                                        start=vocab.code_range("image")[0], vocab_size=vocab.vocab_size)
     out = generate_sjd(model, plan, prompt, seed=0, window=16, relaxation=lantern)
+    # masked (MaskGIT): train on mask_for_training(batch, generator); decode in a few parallel steps
+    out = generate_masked(model, plan, prompt, SamplingOptions(), MaskedDecoding(steps=8), seed=0)
 
 Save / load: ``save_model(dir, model, vocab=vocab)``, ``load_model(dir)``, ``load_vocab(dir)``; a train stage's
 whole folder (config, vocab, tokenizers, scale inputs, weights, local or s3://): ``open_model(uri)``.
@@ -71,10 +73,16 @@ _EXPORTS: dict[str, str] = {
     "plan_for": "sequence",
     "plan_from_layout": "sequence",
     "generate_sjd": "sjd",
+    "MaskedDecoding": "maskgit",
+    "generate_masked": "maskgit",
+    "mask_for_training": "maskgit",
+    "mask_ratio": "maskgit",
+    "sequential_nll": "maskgit",
     "KVCache": "transformer",
     "Transformer": "transformer",
     "BOS": "vocab",
     "EOS": "vocab",
+    "MASK": "vocab",
     "NULL": "vocab",
     "PAD": "vocab",
     "VocabLayout": "vocab",
@@ -94,10 +102,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BOS", "EOS", "IGNORE_INDEX", "NULL", "PAD", "PARADIGMS", "PRESETS", "PRESET_SIZES", "Generation", "KVCache",
+    "BOS", "EOS", "IGNORE_INDEX", "MASK", "MaskedDecoding", "NULL", "PAD", "PARADIGMS", "PRESETS", "PRESET_SIZES", "Generation", "KVCache",
     "ModelConfig", "ModelFolder", "ModelInputs", "Paradigm", "Plan", "Prompt", "Relaxation", "SamplingOptions", "ScaleInput", "Transformer", "VocabLayout",
     "apply_rope", "attention_mask", "batch_inputs", "cached_attention_mask", "code_neighbours", "context_coords", "count_parameters", "draw",
-    "drop_conditions", "fetch_model", "generate", "generate_sjd", "known_cells", "load_config", "load_model", "load_scale_inputs", "load_vocab", "make_plan",
+    "drop_conditions", "fetch_model", "generate", "generate_masked", "generate_sjd", "known_cells", "load_config", "load_model", "load_scale_inputs", "load_vocab", "make_plan", "mask_for_training", "mask_ratio",
     "open_model", "pack_documents", "plan_for", "plan_for_modality", "plan_from_layout", "preset", "process_logits", "rope_angles", "rope_sections",
-    "sample_generator", "save_model", "segment_names", "segment_scores",
+    "sample_generator", "save_model", "segment_names", "segment_scores", "sequential_nll",
 ]

@@ -13,8 +13,8 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
-Paradigm = Literal["next_token", "next_scale", "next_block"]
-PARADIGMS: tuple[str, ...] = ("next_token", "next_scale", "next_block")
+Paradigm = Literal["next_token", "next_scale", "next_block", "masked"]
+PARADIGMS: tuple[str, ...] = ("next_token", "next_scale", "next_block", "masked")
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,8 @@ class ModelConfig:
     are split across them. ``mlp_hidden = 0`` derives the SwiGLU width as
     ``8/3 * n_embd`` rounded up to ``multiple_of`` (LLaMA's rule).
     ``block_size`` is the number of tokens predicted in parallel by
-    ``next_block``; ``cond_dropout`` is the probability that training replaces
+    ``next_block`` (``masked``, MaskGIT, predicts masked tokens of one bidirectional
+    group: see ``maskgit.py``); ``cond_dropout`` is the probability that training replaces
     a document's class token by the null token (classifier-free guidance).
     """
 

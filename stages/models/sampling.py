@@ -354,8 +354,13 @@ def generate(model: Transformer, plan: Plan, prompt: Prompt, options: SamplingOp
     """Sample ``plan.n_tokens`` tokens per prompt row, one forward pass per group.
 
     ``sample_indices`` name the rows' samples (default ``0..B-1``): the row of
-    sample ``i`` is the same whatever batch it is drawn in.
+    sample ``i`` is the same whatever batch it is drawn in. A ``masked`` plan is decoded by MaskGIT's
+    parallel decoding with its default steps (``maskgit.generate_masked`` takes them).
     """
+    if plan.paradigm == "masked":
+        from .maskgit import generate_masked
+
+        return generate_masked(model, plan, prompt, options, seed=seed, sample_indices=sample_indices)
     s = Session(model, plan, prompt, options)
     gens = s.generators(seed, sample_indices)
     bounds = plan.group_bounds

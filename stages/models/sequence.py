@@ -218,6 +218,11 @@ def make_plan(paradigm: str, *, grid: Sequence[int] | None = None,
     elif paradigm == "next_block":
         sizes = tuple(min(block_size, N - s) for s in range(0, N, block_size))
         source = torch.arange(N) - block_size
+    elif paradigm == "masked":
+        if block_size != 1:
+            raise ValueError("masked predicts every masked token of one group at once; use block_size=1")
+        sizes = (N,)
+        source = torch.arange(N)
     else:
         sizes = tuple(math.prod(s) for s in shapes)
         parts, offset = [torch.full((sizes[0],), -1)], 0

@@ -28,6 +28,9 @@ import torch
 
 PAD, BOS, EOS, NULL = 0, 1, 2, 3
 N_SPECIAL = 4
+#: MaskGIT's ``[MASK]`` input of the ``masked`` paradigm. It is ``BOS``'s id: a masked model never reads ``BOS``
+#: (every position's input is its own token or the mask), so the one embedding means "not known here" in both.
+MASK = BOS
 VOCAB_FORMAT = 1
 
 

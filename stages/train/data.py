@@ -153,9 +153,9 @@ class Documents:
         self.plans: list[Any] = []
         for name, s in zip(names, summaries):
             if s.variable_length:
-                if paradigm == "next_scale":
-                    raise UserError(f"paradigm next_scale needs a multi-scale token layout; store {s.uri} "
-                                    f"({s.modality}) has variable-length tokens", where=s.uri,
+                if paradigm in ("next_scale", "masked"):
+                    raise UserError(f"paradigm {paradigm} needs a fixed token layout (a grid or scales); store "
+                                    f"{s.uri} ({s.modality}) has variable-length tokens", where=s.uri,
                                     fix="use paradigm next_token or next_block for this store")
                 self.plans.append(None)
                 continue

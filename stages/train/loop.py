@@ -78,7 +78,7 @@ def train_loop(cfg: TrainLoopConfig) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from arpipe.stages.models import Transformer, drop_conditions, save_model
+    from arpipe.stages.models import Transformer, drop_conditions, mask_for_training, save_model
     from arpipe.stages.store import DistributedSampler
     from arpipe.stages.train.data import Documents, open_source
     from arpipe.stages.train.ema import Ema
@@ -145,6 +145,8 @@ def train_loop(cfg: TrainLoopConfig) -> None:
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + m * 101 + rank)
             batch.input_ids = drop_conditions(batch.input_ids, vocab, model_config.cond_dropout,
                                               doc_ids_BL=batch.doc_ids, generator=gen)
+            if model_config.paradigm == "masked":   # MaskGIT: a cosine-scheduled share of each document masked
+                batch = mask_for_training(batch, gen)
             batch = batch.to(engine.device)
             _logits, loss = engine(**batch.as_kwargs())
             engine.backward(loss)
@@ -225,8 +227,15 @@ def _heldout(cfg: TrainLoopConfig, vocab, model_config, rank: int, world: int):
         n_segments = PARTS
     else:
         n_segments = plan.n_groups if model_config.paradigm == "next_scale" else min(PARTS, plan.n_groups)
-    return HeldOut([docs.rows(ids[i:i + micro]) for i in range(0, len(ids), micro)], model_config.paradigm,
-                   n_segments)
+    batches = [docs.rows(ids[i:i + micro]) for i in range(0, len(ids), micro)]
+    if model_config.paradigm == "masked":   # the masked-token loss under one fixed draw of the training masks
+        import torch
+
+        from arpipe.stages.models import mask_for_training
+
+        masks = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
+        batches = [mask_for_training(batch, masks) for batch in batches]
+    return HeldOut(batches, model_config.paradigm, n_segments)
 
 
 class HeldOut:
