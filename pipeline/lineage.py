@@ -572,17 +572,19 @@ class RunLog:
         experiment = self.client.get_run(self.run_id).info.experiment_id
         return find_logged_model(self.client, [experiment], weights_digest)
 
-    def use_model(self, model_id: str | None, registered: str | None = None) -> None:
+    def use_model(self, model_id: str | None, registered: str | None = None, *, role: str = "model") -> None:
         """Record that this run read the logged model ``model_id`` (an MLflow model input, and tags naming
-        it and the registered version ``NAME/VERSION`` it was named by)."""
+        it and the registered version ``NAME/VERSION`` it was named by); a ``role`` other than ``model`` (a
+        sample stage's ``refiner``) prefixes the tags: ``arpipe.refiner_model_id``."""
         if not self.enabled or model_id is None:
             return
         from mlflow.entities import LoggedModelInput
 
+        prefix = "" if role == "model" else f"{role}_"
         self.client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
-        self.set_tag("arpipe.model_id", model_id)
+        self.set_tag(f"arpipe.{prefix}model_id", model_id)
         if registered:
-            self.set_tag("arpipe.registered_model", registered)
+            self.set_tag(f"arpipe.{prefix}registered_model", registered)
 
 
 class DeferredRunLog(RunLog):

@@ -54,8 +54,10 @@ class Planner:
         beside the pipeline a stage depends on (a python stage's module, a train stage's ds_config), and a
         missing or broken one is reported by `plan` and refused by `run` before Ray starts.
         """
-        for name, spec in self.loaded.spec.stages.items():
-            problem = stage_class(spec.kind).check(spec)
+        stages = self.loaded.spec.stages
+        for name, spec in stages.items():
+            cls = stage_class(spec.kind)
+            problem = cls.check(spec) or cls.check_across(spec, stages)
             if problem:
                 raise UserError(problem, where=self.loaded.where("stages", name), path=f"stages.{name}")
         for name in self.loaded.spec.stages:

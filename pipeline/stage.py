@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -138,6 +139,12 @@ class Stage(ABC):
 
         Returns a problem as one sentence with its fix (None when fine). Must stay cheap: no torch.
         """
+        return None
+
+    @classmethod
+    def check_across(cls, spec: StageBase, stages: Mapping[str, StageBase]) -> str | None:
+        """Checks that read other stages' configs (``stages``: the pipeline's, by name, their ``${stage.output}``
+        references unresolved), run where :meth:`check` runs and answered as it is."""
         return None
 
     @classmethod

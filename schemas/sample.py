@@ -66,6 +66,27 @@ class ControlsSpec(Strict):
         return self
 
 
+class RefinerSpec(Strict):
+    """Collaborative decoding (CoDe, Chen et al., CVPR 2025) of a next_scale model: the stage's `model` (the
+    large drafter) draws the first `handover` scales, a small model of the same tokens draws the rest, which
+    hold most of the tokens. The refiner runs its own KV cache and its own guidance."""
+
+    model: str = Field(description="The refiner: a model folder, usually `${train_small.model}`, or a registered "
+                                   "model (`models:/NAME@alias`, `models:/NAME/VERSION`, `models:/m-<id>`), trained "
+                                   "on the drafter's tokens (same tokenizer and vocabulary).")
+    handover: int = Field(ge=1, description="Scales the drafter draws before the refiner takes over, e.g. 4 of "
+                                            "scales [1, 2, 4, 8, 16]: the refiner draws 16 x 16 (75% of the "
+                                            "tokens); at most the number of scales minus one.")
+    cfg_scale: float | None = Field(None, ge=0, description="The refiner's classifier-free guidance scale "
+                                                            "(default: the stage's `cfg_scale`).")
+    cfg_schedule: Literal["constant", "linear"] | None = Field(
+        None, description="The refiner's guidance schedule (default: the stage's `cfg_schedule`); `linear` goes "
+                          "on with the drafter's ramp, its place counting every scale.")
+    weights: Literal["ema", "raw"] | None = Field(
+        None, description="Which of the refiner's weights draw, as the stage's `weights` (default: ema when the "
+                          "refiner has EMA weights, else raw).")
+
+
 class RelaxedSpec(Strict):
     """LANTERN's relaxed acceptance for `decoder: sjd` (Jang et al., ICLR 2025): a draft counts with the
     model's probability of its latent neighbourhood, for longer accepted runs at a bounded distance from plain
@@ -80,6 +101,21 @@ class RelaxedSpec(Strict):
                                                  "LANTERN uses 0.05-0.4.")
 
 
+class MaskedSpec(Strict):
+    """MaskGIT's parallel decoding of a `masked` model (Chang et al., CVPR 2022): every step predicts all masked
+    tokens, keeps the most confident and masks the rest again, fewer each step along the schedule."""
+
+    steps: int = Field(8, ge=1, description="Forward passes per sample (MaskGIT uses 8 for 256 tokens); the last "
+                                            "one fills every token still masked.")
+    schedule: Literal["cosine", "linear"] = Field(
+        "cosine", description="Share of the tokens still masked after step t of T: `cosine` cos(pi/2 (t+1)/T) "
+                              "(MaskGIT's, as in training), `linear` 1 - (t+1)/T (one token a step when steps "
+                              "equals the token count).")
+    choice_temperature: float = Field(4.5, ge=0, description="Gumbel noise on the confidences that choose which "
+                                                             "draws are kept, annealed linearly to 0 over the "
+                                                             "steps (MaskGIT's 4.5); 0 keeps the most likely.")
+
+
 class SampleStage(StageBase):
     """Draws samples from a trained model on a Ray actor pool; outputs ``samples`` (a token store) and ``media``."""
 
@@ -90,6 +126,9 @@ class SampleStage(StageBase):
     kind: Literal["sample"]
     model: str = Field(description="A model folder, usually `${train.model}`, or a registered model "
                                    "(`models:/NAME@alias`, `models:/NAME/VERSION`, `models:/m-<id>`).")
+    refiner: RefinerSpec | None = Field(
+        None, description="CoDe for a next_scale model: a small model of the same tokens draws the last scales, "
+                          "e.g. `{model: ${train_small.model}, handover: 4}`; `model` draws the first `handover`.")
     modalities: list[str] | None = Field(None, description="Vocabulary modalities to sample (default: all of the "
                                                            "model's), e.g. `[image]`.")
     num_samples: int = Field(64, ge=1, description="Samples per modality (when neither `classes` nor `prompts` "
@@ -129,7 +168,12 @@ class SampleStage(StageBase):
         None, description="With `decoder: sjd` on a model whose tokens come from a codebook (patch_vq, msvq, "
                           "vqvae): LANTERN's relaxed acceptance, e.g. `{k: 8, delta: 0.2}`; samples move "
                           "away from the model's distribution by a bounded total variation.")
-    use_cache: bool = Field(True, description="KV cache (same tokens as without, far fewer FLOPs).")
+    masked: MaskedSpec | None = Field(
+        None, description="How a `masked` (MaskGIT) model decodes, e.g. `{steps: 12, schedule: cosine, "
+                          "choice_temperature: 4.5}` (default: those of MaskedSpec, 8 steps); other paradigms "
+                          "refuse it.")
+    use_cache: bool = Field(True, description="KV cache (same tokens as without, far fewer FLOPs; a masked "
+                                              "model's bidirectional steps run without one).")
     seed: int = Field(0, description="Sample i draws from a generator seeded by (seed, i).")
     batch_size: int = Field(16, ge=1, description="Samples decoded together by one actor.")
     samples_per_shard: int = Field(32, ge=1, description="Samples per shard: the resumable unit.")
@@ -166,6 +210,9 @@ class SampleStage(StageBase):
                                          or self.prompts is not None):
             raise ValueError("inpaint takes each sample's class and caption from its store: give it without "
                              "prefix, classes or prompts")
+        if self.masked is not None and self.decoder != "plain":
+            raise ValueError("masked decoding takes its own parallel steps; speculative Jacobi decoding is for "
+                             "next_token models: remove decoder: sjd, or masked")
         if self.relaxed is not None and self.decoder != "sjd":
             raise ValueError("relaxed (LANTERN) relaxes speculative Jacobi decoding's acceptance: add "
                              "decoder: sjd, or remove relaxed")
@@ -174,6 +221,14 @@ class SampleStage(StageBase):
                 raise ValueError("give prompts or prefix, not both: a prefix sample brings its own caption")
             if isinstance(self.prompts, list) and not self.prompts:
                 raise ValueError("prompts is an empty list; give at least one prompt")
+        return self
+
+    @model_validator(mode="after")
+    def _refiner_decodes_plainly(self) -> SampleStage:
+        if self.refiner is not None and self.decoder != "plain":
+            raise ValueError("refiner (CoDe) hands a next_scale model's last scales to a second model, one pass "
+                             "per scale; speculative Jacobi decoding (decoder: sjd, with or without relaxed) is for "
+                             "next_token models: use decoder: plain, or remove refiner")
         return self
 
     def media_formats(self, modality: str) -> tuple[str, ...]:

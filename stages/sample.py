@@ -15,9 +15,15 @@ paradigm (one forward per token, block or scale), with a KV cache, CFG
 (constant or linear ramp) and, for next-token models, optional speculative
 Jacobi decoding (``decoder: sjd``), exact or with LANTERN's relaxed acceptance
 (``relaxed: {k, delta}``: each actor ranks the tokenizer's codebook once into
-a neighbour table, see ``stages.models.lantern``). The actors load the model's EMA weights
+a neighbour table, see ``stages.models.lantern``). A ``masked`` (MaskGIT) model
+decodes every sample in ``masked.steps`` bidirectional forwards, keeping the
+most confident draws each step (``stages.models.maskgit``). The actors load the model's EMA weights
 when a train stage with ``ema:`` saved them, else its raw weights
 (``weights: ema|raw`` chooses; the store's metadata says which were used).
+With ``refiner`` (CoDe, next_scale models) each actor loads a second, small
+model of the same tokens, which draws the scales after ``handover`` under its
+own guidance; the driver checks the pair (vocabulary, tokenizers, input) before
+any actor starts, and the store's metadata names the refiner and the handover.
 
 With ``prompts`` (a model trained on captions), each prompt is tokenized by the
 model's text tokenizer and fills the context's text positions; the prompt is
@@ -37,7 +43,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +53,7 @@ from arpipe.pipeline.progress import Progress
 from arpipe.pipeline.stage import Output, Stage
 from arpipe.pipeline.storage import CONTROL_DIR, join, normalize, storage_for
 from arpipe.schemas.base import REF_PATTERN
-from arpipe.schemas.sample import RelaxedSpec
+from arpipe.schemas.sample import MaskedSpec, RelaxedSpec
 from arpipe.schemas.sample import SampleStage as SampleSpec
 
 if TYPE_CHECKING:
@@ -76,6 +82,14 @@ class InpaintJob:
 
 
 @dataclass(frozen=True)
+class RefinerJob:
+    """CoDe: the actor's refiner draws scales ``handover`` on, under ``options`` (its own guidance)."""
+
+    handover: int
+    options: SamplingOptions
+
+
+@dataclass(frozen=True)
 class ShardJob:
     """One sample shard for an actor: ``indices`` (seed indices) drawn with ``labels``, one modality."""
 
@@ -101,6 +115,8 @@ class ShardJob:
     controls: tuple[tuple[int, ...], ...] = ()        # each sample's control-map tokens (empty: none)
     inpaint: InpaintJob | None = None
     relaxed: RelaxedSpec | None = None                # LANTERN's acceptance (decoder: sjd)
+    refiner: RefinerJob | None = None                 # CoDe: the actor's refiner draws the last scales
+    masked: MaskedSpec | None = None                  # MaskGIT's decoding of a masked model (None: its defaults)
 
 
 def read_prompts(prompts: list[str] | str, base_dir: Path) -> list[tuple[str, str]]:
@@ -145,6 +161,22 @@ def read_prompts(prompts: list[str] | str, base_dir: Path) -> list[tuple[str, st
     return found
 
 
+def _vocab_differences(ours, theirs) -> list[str]:
+    """What differs between two models' vocabularies (VocabLayout), in a few words each."""
+    differ = []
+    if ours.modalities != theirs.modalities:
+        differ.append("modalities " + " vs ".join(", ".join(f"{n} ({s} codes)" for n, s in v.modalities) or "none"
+                                                  for v in (ours, theirs)))
+    if ours.classes != theirs.classes:
+        differ.append("classes " + " vs ".join(f"{len(v.classes)} ({', '.join(v.classes[:4])}"
+                                               f"{', ...' if len(v.classes) > 4 else ''})" for v in (ours, theirs)))
+    if ours.prompts != theirs.prompts:
+        differ.append("prompt streams " + " vs ".join(", ".join(f"{n} ({s} tokens, {k} positions)"
+                                                                for n, s, k in v.prompts) or "none"
+                                                      for v in (ours, theirs)))
+    return differ
+
+
 def _control_metadata(info: dict[str, Any], vocab) -> dict[str, Any]:
     """The samples store's ``control`` metadata, as a tokenize stage's store has it, from the model's control
     tokenizer: what made and what decodes the samples' ``control_tokens`` (evaluate's control agreement)."""
@@ -155,7 +187,8 @@ def _control_metadata(info: dict[str, Any], vocab) -> dict[str, Any]:
 class SampleWorker:
     """One model replica in a Ray actor; decodes shards into the stage folder."""
 
-    def __init__(self, model_uri: str, env: dict[str, str], device: str, precision: str, weights: str = "raw"):
+    def __init__(self, model_uri: str, env: dict[str, str], device: str, precision: str, weights: str = "raw",
+                 refiner_uri: str | None = None, refiner_weights: str = "raw"):
         import torch
 
         from arpipe.stages.models.folder import open_model
@@ -167,6 +200,10 @@ class SampleWorker:
                             weights=weights)
         self.config, self.vocab, self.tokenizers = opened.config, opened.vocab, opened.tokenizers
         self.model, self.scale_inputs = opened.model, opened.scale_inputs
+        self.refiner = None   # CoDe's small model; the driver checked that it reads the model's tokens
+        if refiner_uri is not None:
+            self.refiner = open_model(refiner_uri, device=device, dtype=dtype, check_weights=False,
+                                      weights=refiner_weights).model
         self._loaded: dict[str, Any] = {}
         self._relaxations: dict[tuple[str, int, float], Relaxation] = {}
 
@@ -193,7 +230,7 @@ class SampleWorker:
         import numpy as np
 
         from arpipe.stages.modalities import TokenizerError, media
-        from arpipe.stages.models import Prompt, generate, generate_sjd
+        from arpipe.stages.models import MaskedDecoding, Prompt, generate, generate_masked, generate_sjd
         from arpipe.stages.models.folder import plan_for_modality
         from arpipe.stages.store import Reject, ShardWriter, TokenStore, UnitRecord
 
@@ -207,7 +244,7 @@ class SampleWorker:
         out_storage = storage_for(out_uri)
         media_files: dict[str, tuple[int, str]] = {}
         rejects: list[Reject] = []
-        passes = tokens = 0
+        passes = refiner_passes = tokens = 0
         writer = ShardWriter(job.units.store_uri, job.shard, vocab_size=job.store_vocab)
         n, B = len(job.indices), job.batch_size
         for a in range(0, n, B):
@@ -230,13 +267,21 @@ class SampleWorker:
                 originals = torch.stack([self.vocab.to_global(name, torch.from_numpy(
                     inpaint_store.tokens(int(s)).reshape(-1).astype(np.int64))) for s in job.inpaint.ids[a:a + B]])
                 prompt.known_BN = torch.where(known_N, originals, torch.full_like(originals, -1))
-            if job.decoder == "sjd":
+            if self.config.paradigm == "masked":
+                decoding = MaskedDecoding(**job.masked.model_dump()) if job.masked else MaskedDecoding()
+                gen = generate_masked(self.model, plan, prompt, job.options, decoding, seed=job.seed,
+                                      sample_indices=indices)
+            elif job.decoder == "sjd":
                 gen = generate_sjd(self.model, plan, prompt, job.options, seed=job.seed, sample_indices=indices,
                                    window=job.window,
                                    relaxation=self.relaxation(name, job.relaxed) if job.relaxed else None)
             else:
-                gen = generate(self.model, plan, prompt, job.options, seed=job.seed, sample_indices=indices)
+                code = job.refiner
+                gen = generate(self.model, plan, prompt, job.options, seed=job.seed, sample_indices=indices,
+                               refiner=self.refiner if code else None, handover=code.handover if code else None,
+                               refiner_options=code.options if code else None)
             passes += gen.forward_passes
+            refiner_passes += gen.refiner_passes
             local = self.vocab.to_local(name, gen.tokens.cpu()).numpy()
             for k, i in enumerate(indices):
                 key = f"{name}-{i:06d}"
@@ -271,7 +316,9 @@ class SampleWorker:
         writer.commit()
         record = UnitRecord(name=job.shard, fingerprint=job.units.fingerprint, shards=(job.shard,),
                             samples=writer.samples, tokens=tokens, rejects=tuple(rejects), files=media_files,
-                            seconds=time.time() - started, detail={"forward_passes": passes})
+                            seconds=time.time() - started,
+                            detail={"forward_passes": passes, **({"refiner_passes": refiner_passes}
+                                                                 if job.refiner else {})})
         job.units.write(record)
         return record
 
@@ -306,6 +353,25 @@ class SampleStage(Stage):
         return [None] * n
 
     @classmethod
+    def check_across(cls, spec: SampleSpec, stages) -> str | None:
+        """A refiner trained in this pipeline on other token stores than the model cannot read its tokens as the
+        model does (another vocabulary, or another tokenizer's codes): refused before anything runs."""
+        if spec.refiner is None:
+            return None
+        trains = []
+        for uri in (spec.model, spec.refiner.model):
+            ref = REF_PATTERN.fullmatch(uri.strip())
+            if ref is None or ref.group(1) not in stages or stages[ref.group(1)].kind != "train":
+                return None   # a model from elsewhere: checked when the stage runs
+            trains.append(ref.group(1))
+        stores = [sorted({d.store for d in stages[t].data}) for t in trains]
+        if stores[0] != stores[1]:
+            return (f"refiner.model: the refiner's train stage {trains[1]!r} trains on {', '.join(stores[1])} but "
+                    f"the model's {trains[0]!r} on {', '.join(stores[0])}; CoDe's two models read the same tokens: "
+                    f"train {trains[1]!r} on the data of {trains[0]!r}")
+        return None
+
+    @classmethod
     def source_digest(cls, spec: SampleSpec, pipeline_dir: Path) -> str | None:
         """A prompts file and a mask image are read from outside the pipeline: their listings key the cache."""
         from arpipe.pipeline.digest import listing_digest
@@ -314,11 +380,13 @@ class SampleStage(Stage):
         files = [f for f in (spec.prompts if isinstance(spec.prompts, str) else None,
                              spec.inpaint.mask if spec.inpaint else None) if f and not REF_PATTERN.search(f)]
         parts = [listing_digest(f, pipeline_dir) for f in files]
-        if is_model_uri(spec.model):   # the version an alias names now: moving the alias reruns the stage
-            parts.append(resolve_model(spec.model, where="model").key)
+        for uri, where in ((spec.model, "model"), (spec.refiner.model if spec.refiner else "", "refiner.model")):
+            if is_model_uri(uri):   # the version an alias names now: moving the alias reruns the stage
+                parts.append(resolve_model(uri, where=where).key)
         return digest_bytes("\n".join(parts).encode()) if parts else None
 
-    def _jobs(self, config, vocab, tokenizers: dict[str, dict[str, Any]], units: StoreUnits) -> list[ShardJob]:
+    def _jobs(self, config, vocab, tokenizers: dict[str, dict[str, Any]], units: StoreUnits,
+              refiner_config=None) -> list[ShardJob]:
         from arpipe.stages.models import SamplingOptions
         from arpipe.stages.models.folder import plan_for_modality
 
@@ -335,6 +403,14 @@ class SampleStage(Stage):
                                 where=spec.model, fix="sample a model written by a train stage")
         if spec.relaxed is not None:
             self._check_relaxed(config, vocab, tokenizers, names)
+        if spec.masked is not None and config.paradigm != "masked":
+            raise UserError(f"masked sets how a masked (MaskGIT) model decodes; this model is {config.paradigm}",
+                            where=f"{where}.masked", fix="remove masked, or sample a model trained with paradigm: "
+                                                         "masked")
+        if config.paradigm == "masked" and spec.inpaint is not None and spec.inpaint.lookahead > 1:
+            raise UserError("lookahead chooses among draws of a group before known tokens; a masked model draws "
+                            "every token at once, seeing the known ones", where=f"{where}.inpaint.lookahead",
+                            fix="remove lookahead (a masked model in-paints without it)")
         if spec.decoder == "sjd" and config.paradigm != "next_token":
             raise UserError(f"decoder sjd applies to next_token models; this model is {config.paradigm} "
                             "(already one forward per group)", where=f"{where}.decoder", fix="use decoder: plain")
@@ -344,6 +420,14 @@ class SampleStage(Stage):
         if options.guided and not vocab.classes and not vocab.prompts:
             raise UserError("cfg_scale needs a conditional model; this one has no classes and no prompts",
                             where=f"{where}.cfg_scale", fix="set cfg_scale: 1")
+        refiner = None
+        if spec.refiner is not None:
+            refiner = RefinerJob(handover=spec.refiner.handover, options=replace(
+                options, cfg_scale=spec.cfg_scale if spec.refiner.cfg_scale is None else spec.refiner.cfg_scale,
+                cfg_schedule=spec.refiner.cfg_schedule or spec.cfg_schedule))
+            if refiner.options.guided and not vocab.classes and not vocab.prompts:
+                raise UserError("cfg_scale needs a conditional model; this one has no classes and no prompts",
+                                where=f"{where}.refiner.cfg_scale", fix="set cfg_scale: 1")
         if spec.inpaint and spec.decoder == "sjd":
             raise UserError("in-painting keeps known tokens group by group; speculative Jacobi decoding drafts "
                             "past them", where=f"{where}.decoder", fix="use decoder: plain with inpaint")
@@ -371,6 +455,8 @@ class SampleStage(Stage):
             if vocab.context_len + plan.n_tokens > config.max_seq_len:
                 raise UserError(f"{plan.n_tokens} tokens per {name} sample exceed the model's max_seq_len "
                                 f"{config.max_seq_len}", where=f"{where}.length", fix="sample fewer tokens")
+            if refiner is not None:
+                self._check_handover(plan, name, vocab.context_len, refiner_config)
             if prefix_info is not None and prefix_info["name"] != name:
                 continue
             if inpaint is not None and inpaint["name"] != name:
@@ -380,7 +466,7 @@ class SampleStage(Stage):
                 n = spec.prefix.samples or spec.num_samples
                 ids = [i % prefix_info["size"] for i in range(n)]
                 labels = [prefix_info["labels"][i] if vocab.classes else None for i in ids]
-                if spec.prefix.tokens not in plan.group_bounds[1:]:
+                if config.paradigm != "masked" and spec.prefix.tokens not in plan.group_bounds[1:]:
                     raise UserError(f"prefix of {spec.prefix.tokens} tokens does not end a {config.paradigm} group "
                                     f"(groups end at {plan.group_bounds[1:8]}...)", where=f"{where}.prefix.tokens",
                                     fix="keep a whole number of scales/blocks")
@@ -410,13 +496,62 @@ class SampleStage(Stage):
                             if prefix_info else None),
                     formats=tuple(spec.media_formats(info["modality"])), store_vocab=store_vocab,
                     prompts=tuple(texts[lo:lo + S]), prompt_tokens=tuple(prompt_tokens[lo:lo + S]),
-                    controls=tuple(controls[lo:lo + S]), relaxed=spec.relaxed,
+                    controls=tuple(controls[lo:lo + S]), relaxed=spec.relaxed, masked=spec.masked,
                     inpaint=(InpaintJob(store=spec.inpaint.store, known=inpaint["known"],
-                                        ids=tuple(inpaint_ids[lo:lo + S])) if inpaint else None)))
+                                        ids=tuple(inpaint_ids[lo:lo + S])) if inpaint else None),
+                    refiner=refiner))
             offset += len(labels)
         if not jobs:
             raise UserError("nothing to sample", where=where, fix="check modalities, classes and prefix")
         return jobs
+
+    def _check_handover(self, plan, name: str, context_len: int, refiner_config) -> None:
+        """The refiner takes over after ``handover`` of the plan's scales, and its sequences fit it."""
+        handover, where = self.spec.refiner.handover, f"stages.{self.ctx.name}.refiner"
+        if handover >= plan.n_groups:
+            raise UserError(f"handover {handover} leaves the refiner nothing to draw: the {name} samples have "
+                            f"{plan.n_groups} scales", where=f"{where}.handover",
+                            fix=f"use handover 1..{plan.n_groups - 1} (the scales the model draws)")
+        if context_len + plan.n_tokens > refiner_config.max_seq_len:
+            raise UserError(f"{plan.n_tokens} tokens per {name} sample exceed the refiner's max_seq_len "
+                            f"{refiner_config.max_seq_len}", where=f"{where}.model",
+                            fix="train the refiner on the model's token stores")
+
+    def _load_refiner(self, config, vocab, tokenizers: dict[str, dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+        """The refiner's config and what the store's metadata says of it (where, which weights, the handover),
+        checked against the model: a next_scale model that reads the same tokens (vocabulary, tokenizers,
+        input) as the model does."""
+        from arpipe.pipeline.models import resolve_model, weights_digest
+        from arpipe.stages.models.folder import choose_weights, fetch_model, model_info
+
+        spec, ctx, where = self.spec.refiner, self.ctx, f"stages.{self.ctx.name}.refiner"
+        if config.paradigm != "next_scale":
+            raise UserError(f"a refiner (CoDe) draws the last scales of a next_scale model; this model is "
+                            f"{config.paradigm}", where=where, fix="remove refiner, or sample a next_scale model")
+        ref = resolve_model(spec.model, ctx.tracking_uri, where=f"{where}.model")
+        folder = fetch_model(ref.location)
+        theirs, their_vocab, their_tokenizers = model_info(folder, location=ref.location)
+        differ = [f"{k} {getattr(config, k)} vs {getattr(theirs, k)}" for k in ("paradigm", "feature_dim")
+                  if getattr(config, k) != getattr(theirs, k)]
+        differ += _vocab_differences(vocab, their_vocab)
+        for name, info in tokenizers.items():
+            digest = (their_tokenizers.get(name) or {}).get("tokenizer_digest")
+            if digest != info.get("tokenizer_digest"):
+                differ.append(f"{name} tokenizer {str(info.get('tokenizer_digest'))[:19]} vs {str(digest)[:19]}")
+        if differ:
+            drafter, refiner = self._shown(self.spec.model), self._shown(spec.model)
+            raise UserError(f"the model {drafter} and the refiner {refiner} do not read the same tokens "
+                            f"({'; '.join(differ)})", where=f"{where}.model",
+                            fix="train the refiner on the model's token stores")
+        weights = choose_weights(folder, spec.weights, where=f"{where}.weights")
+        model_id = ref.model_id or ctx.run_log.find_model(weights_digest(ref.location))
+        ctx.run_log.use_model(model_id, ref.registered, role="refiner")
+        return theirs, {"model": spec.model, "model_location": ref.location, "model_id": model_id,
+                        "registered_model": ref.registered, "weights": weights, "handover": spec.handover}
+
+    def _shown(self, uri: str) -> str:
+        """A model as the user named it: ``${stage.model}`` for an upstream stage's output, else its URI."""
+        return next((f"${{{key}}}" for key, value in self.ctx.inputs.items() if value == uri), uri)
 
     def _check_relaxed(self, config, vocab, tokenizers: dict[str, dict[str, Any]], names: list[str]) -> None:
         """``relaxed`` needs next-token decoding and, for each sampled modality, a codebook of at least k codes."""
@@ -587,20 +722,25 @@ class SampleStage(Stage):
         weights = choose_weights(folder, spec.weights, where=f"stages.{ctx.name}.weights")
         model_id = ref.model_id or ctx.run_log.find_model(weights_digest(ref.location))
         ctx.run_log.use_model(model_id, ref.registered)
+        refiner_config, refiner = self._load_refiner(config, vocab, tokenizers) if spec.refiner else (None, None)
         units = StoreUnits(out_uri=ctx.out_uri, store="samples", fingerprint=ctx.fingerprint)
-        jobs = self._jobs(config, vocab, tokenizers, units)
+        jobs = self._jobs(config, vocab, tokenizers, units, refiner_config)
         records = {j.shard: r for j in jobs if (r := units.reusable(j.shard)) is not None}
         todo = [j for j in jobs if j.shard not in records]
         total = sum(len(j.indices) for j in jobs)
         print(f"[{ctx.name}] {total} samples in {len(jobs)} shards ({len(records)} reused) from a {config.paradigm} "
-              f"model, decoder {spec.decoder}, {spec.actors} actor(s)", flush=True)
+              f"model, decoder {spec.decoder}, {spec.actors} actor(s)"
+              + (f"; the refiner {self._shown(spec.refiner.model)} draws from scale {spec.refiner.handover + 1} on"
+                 if refiner else ""), flush=True)
         started = time.time()
         if todo:
             device = "cuda" if spec.gpus_per_actor > 0 else "cpu"
             actor_cls = ray.remote(SampleWorker).options(num_cpus=spec.cpus_per_actor, num_gpus=spec.gpus_per_actor,
                                                          name=None, max_restarts=1, max_task_retries=1)
             env = {**ctx.forwarded_env(), "OMP_NUM_THREADS": str(max(1, int(spec.cpus_per_actor)))}
-            actors = [actor_cls.remote(ref.location, env, device, spec.precision, weights)
+            actors = [actor_cls.remote(ref.location, env, device, spec.precision, weights,
+                                       refiner["model_location"] if refiner else None,
+                                       refiner["weights"] if refiner else "raw")
                       for _ in range(min(spec.actors, len(todo)))]
             done = sum(r.samples + len(r.rejects) for r in records.values())
             progress = Progress(ctx.name, total, what="samples", start=done)
@@ -631,7 +771,7 @@ class SampleStage(Stage):
                       "tokenizer_layout": single["layout"] if single else None,
                       "tokenizers": {n: tokenizers[n] for n in names}, "model": spec.model,
                       "model_location": ref.location, "model_id": model_id, "registered_model": ref.registered,
-                      "weights": weights,
+                      "weights": weights, **({"refiner": refiner} if refiner else {}),
                       **({"control": _control_metadata(tokenizers["control"], vocab)} if spec.controls else {}),
                       "sampling": {k: v for k, v in spec.model_dump(mode="json").items()
                                    if k not in SampleSpec.runtime_fields}, "rejects": len(rejects)},
@@ -643,6 +783,7 @@ class SampleStage(Stage):
         ctx.log_metrics({"samples": samples, "rejects": len(rejects), "shards": len(jobs),
                          "shards_reused": len(jobs) - len(todo),
                          "forward_passes": sum(r.detail["forward_passes"] for r in ordered),
+                         **({"refiner_passes": sum(r.detail["refiner_passes"] for r in ordered)} if refiner else {}),
                          "samples_per_s": sum(r.samples for r in new) / max(seconds, 1e-9),
                          "tokens_per_s": sum(r.tokens for r in new) / max(seconds, 1e-9)})
         print(f"[{ctx.name}] {samples} samples in {store_uri}, {len(rejects)} rejected; media in "

@@ -30,11 +30,14 @@ def test_speculative_jacobi_sampling_matches_plain_in_fewer_passes(next_token_mo
           plain: {{kind: sample, model: {next_token_model}, num_samples: 64, batch_size: 32, media: {{}}}}
           sjd: {{kind: sample, model: {next_token_model}, num_samples: 64, batch_size: 32, media: {{}},
                 decoder: sjd, sjd_window: 16, seed: 1}}
+          lantern_k1: {{kind: sample, model: {next_token_model}, num_samples: 64, batch_size: 32, media: {{}},
+                       decoder: sjd, sjd_window: 16, seed: 1, relaxed: {{k: 1, delta: 0.3}}}}
         """})
     arpipe("run", "sjd.yaml", cwd=tmp_path, env={"RAY_ADDRESS": ray_cluster}, check=True)
     tokens = {s: np.stack([x.tokens.reshape(-1) for x in TokenStore.open(str(out(tmp_path, s) / "samples"))])
-              for s in ("plain", "sjd")}
+              for s in ("plain", "sjd", "lantern_k1")}
     assert tokens["plain"].shape == tokens["sjd"].shape == (64, 64)
+    assert np.array_equal(tokens["lantern_k1"], tokens["sjd"])   # LANTERN with k 1 is SJD, sample for sample
     table = np.stack([np.bincount(tokens[s].ravel(), minlength=4) for s in ("plain", "sjd")])
     assert chi2_contingency(table[:, table.sum(0) > 0]).pvalue > 0.01
     from mlflow.tracking import MlflowClient

@@ -14,6 +14,18 @@ exact in float64). Classifier-free guidance runs the conditional and the
 unconditional context as two halves of one batch and mixes
 ``u + s * (c - u)``; ``s`` is constant or ramps linearly from 1 at the first
 group to ``cfg_scale`` at the last (VAR's schedule).
+
+Collaborative decoding (CoDe, Chen et al., CVPR 2025) splits a next-scale
+pyramid between two models of one vocabulary and tokenizer: the ``model``
+(the large *drafter*) draws the first ``handover`` scales, where few tokens
+carry the image's content, and a ``refiner`` (a small model) draws the rest,
+which hold most of the tokens but mostly detail. The refiner has its own KV
+cache: its first pass reads the drafter's tokens as inputs (the prefix) and
+predicts its first scale, then it goes on scale by scale. Each model has its
+own :class:`SamplingOptions` (CFG scale and schedule); the schedule's
+position keeps counting over all scales, and each sample's generator runs on
+across the handover, so a refiner that is the drafter draws the drafter's
+own tokens.
 """
 
 from __future__ import annotations
@@ -116,8 +128,9 @@ class Generation:
 
     tokens: torch.Tensor    # (B, N) long
     logprobs: torch.Tensor  # (B, N) float64; 0 on prefix tokens
-    forward_passes: int     # passes over the whole batch
+    forward_passes: int     # passes over the whole batch (of both models with a refiner)
     sample_passes: torch.Tensor  # (B,) long: passes each sample took part in until it was complete
+    refiner_passes: int = 0      # of forward_passes, those of the refiner (CoDe)
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
@@ -350,35 +363,78 @@ def _look_ahead(s: Session, probs_BQV: torch.Tensor, gens: list[torch.Generator]
 
 @torch.no_grad()
 def generate(model: Transformer, plan: Plan, prompt: Prompt, options: SamplingOptions = SamplingOptions(), *,
-             seed: int = 0, sample_indices: Sequence[int] | None = None) -> Generation:
+             seed: int = 0, sample_indices: Sequence[int] | None = None, refiner: Transformer | None = None,
+             handover: int | None = None, refiner_options: SamplingOptions | None = None) -> Generation:
     """Sample ``plan.n_tokens`` tokens per prompt row, one forward pass per group.
+
+    With a ``refiner`` (CoDe, next_scale plans), ``model`` draws groups ``0..handover-1`` and ``refiner``
+    the rest, under ``refiner_options`` (default ``options``); in-painting's lookahead at the last drafted
+    group is judged by the drafter.
 
     ``sample_indices`` name the rows' samples (default ``0..B-1``): the row of
     sample ``i`` is the same whatever batch it is drawn in. A ``masked`` plan is decoded by MaskGIT's
     parallel decoding with its default steps (``maskgit.generate_masked`` takes them).
     """
+    handover = _check_refiner(model, plan, refiner, handover, refiner_options)
     if plan.paradigm == "masked":
         from .maskgit import generate_masked
 
         return generate_masked(model, plan, prompt, options, seed=seed, sample_indices=sample_indices)
     s = Session(model, plan, prompt, options)
     gens = s.generators(seed, sample_indices)
-    bounds = plan.group_bounds
+    first = plan.group_at(s.known)
+    _draw_groups(s, gens, range(first, max(first, handover)))
+    if refiner is None:
+        return s.result()
+    r = Session(refiner, plan, prompt, refiner_options or options)
+    r.tokens_BN.copy_(s.tokens_BN)     # the drafted scales: the refiner's prefix, read in its first pass
+    r.logprobs_BN.copy_(s.logprobs_BN)
+    _draw_groups(r, gens, range(max(first, handover), plan.n_groups))
+    return Generation(r.tokens_BN[:, :r.N].clone(), r.logprobs_BN, s.forward_passes + r.forward_passes,
+                      s.sample_passes_B + r.sample_passes_B.to(s.device), refiner_passes=r.forward_passes)
+
+
+def _draw_groups(s: Session, gens: list[torch.Generator], groups: range) -> None:
+    """Draw ``groups`` in order, one forward each. With the KV cache the first pass runs every position up to
+    the first group's end (the context and any tokens drawn before: none of them cached yet), the next ones
+    only their own group."""
+    bounds, last = s.plan.group_bounds, s.plan.n_groups - 1
     done = 0
-    for g in range(plan.group_at(s.known), plan.n_groups):
+    for g in groups:
         lo, hi = bounds[g], bounds[g + 1]
         s.refresh_inputs()
         end = s.P + hi
         begin = done if s.cache is not None else 0
         logits_RQV = s.run(begin, end - begin)[:, -(hi - lo):]
         s.sample_passes_B += 1
-        scale_BQ = torch.full((s.B, hi - lo), options.guidance(g, plan.n_groups - 1), dtype=torch.float64)
+        scale_BQ = torch.full((s.B, hi - lo), s.options.guidance(g, last), dtype=torch.float64)
         probs_BQV = s.probs(logits_RQV, scale_BQ)
         drawn = [_draw_group(s, probs_BQV[b], gen, b, lo, hi) for b, gen in enumerate(gens)]
-        if options.lookahead > 1 and _known_ahead(s, bounds, g):
+        if s.options.lookahead > 1 and _known_ahead(s, bounds, g):
             drawn = _look_ahead(s, probs_BQV, gens, bounds, g, drawn)
         for b, (tok_Q, logp_Q) in enumerate(drawn):
             s.tokens_BN[b, lo:hi] = tok_Q
             s.logprobs_BN[b, lo:hi] = logp_Q
         done = end
-    return s.result()
+
+
+def _check_refiner(model: Transformer, plan: Plan, refiner: Transformer | None, handover: int | None,
+                   refiner_options: SamplingOptions | None) -> int:
+    """The number of groups ``model`` draws: all of them without a refiner, else ``handover`` (checked)."""
+    if refiner is None:
+        if handover is not None or refiner_options is not None:
+            raise ValueError("handover and refiner_options apply to a refiner (CoDe); pass refiner= too")
+        return plan.n_groups
+    if plan.paradigm != "next_scale":
+        raise ValueError(f"a refiner (CoDe) draws the last scales of a next_scale plan; this plan is "
+                         f"{plan.paradigm}")
+    if handover is None or not 1 <= handover <= plan.n_groups - 1:
+        raise ValueError(f"handover {handover} is not a number of scales the drafter draws before the refiner; "
+                         f"give 1..{plan.n_groups - 1} for this plan of {plan.n_groups} scales")
+    ours, theirs = model.config, refiner.config
+    differ = [f"{k} {getattr(ours, k)} vs {getattr(theirs, k)}" for k in ("paradigm", "feature_dim", "vocab_size")
+              if getattr(ours, k) != getattr(theirs, k)]
+    if differ:
+        raise ValueError(f"the refiner does not read the drafter's tokens as the drafter does ({', '.join(differ)}); "
+                         "use two models trained on the same tokens")
+    return handover
