@@ -247,6 +247,21 @@ class OctreeConfig(TokenizerBase):
         return self.model_dump(exclude={"type", "input_shape"})
 
 
+class CodecConfig(TokenizerBase):
+    """JPEG-LM: an image's tokens are the bytes of its JPEG file, a video clip's the bytes of its H.264 stream,
+    then an end token (vocabulary 257); nothing is fitted (docs/tokenizers.md)."""
+
+    type: Literal["codec"]
+    quality: int = Field(25, ge=1, le=100, description="JPEG quality (Pillow, 1..100) of images; JPEG-LM uses 25.")
+    subsampling: Literal["4:4:4", "4:2:2", "4:2:0"] = Field(
+        "4:2:0", description="JPEG chroma subsampling of RGB images (gray images have no chroma).")
+    crf: int = Field(28, ge=0, le=51, description="H.264 constant rate factor of video (libx264, 0..51; lower is "
+                                                  "better quality and longer streams).")
+    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
+                    "veryslow"] = Field("medium", description="libx264 speed/compression preset of video.")
+    gop: int = Field(16, ge=1, description="Frames between H.264 keyframes (a clip's first frame is always one).")
+
+
 class TextConfig(Strict):
     """Captions to tokens: fitted on the source's captions with Hugging Face `tokenizers`, or a given file."""
 
@@ -263,7 +278,8 @@ class TextConfig(Strict):
         return self.model_dump(exclude={"type"})
 
 
-TokenizerConfig = Annotated[Union[PatchVQConfig, MSVQConfig, VQVAEConfig, OctreeConfig, TextConfig],  # noqa: UP007
+TokenizerConfig = Annotated[Union[PatchVQConfig, MSVQConfig, VQVAEConfig, OctreeConfig, CodecConfig,  # noqa: UP007
+                                  TextConfig],
                             Field(discriminator="type")]
 
 

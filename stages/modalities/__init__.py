@@ -8,7 +8,7 @@ one unit at a time in bounded memory::
         for sample in reader.read(unit): # Sample(key, data, source_uri, source_digest, label, meta)
             tokens = tokenizer.encode_arrays([sample.data])
 
-Tokenizers (patch_vq, msvq, vqvae, octree) ``fit``/``encode``/``decode`` and
+Tokenizers (patch_vq, msvq, vqvae, octree, codec) ``fit``/``encode``/``decode`` and
 save as a folder (``weights.safetensors`` + ``tokenizer.json``) whose digest
 feeds fingerprints; :func:`load_tokenizer` dispatches on the JSON's ``type``.
 Bad input raises :class:`SampleError` (a ``UserError``) for the stage to quarantine.
@@ -36,6 +36,7 @@ from .base import (
     tokenizer_class,
     tokenizer_types,
 )
+from .codec import CodecTokenizer
 from .image import ImageReader
 from .metrics import chamfer_distance, codebook_usage, psnr, ssim
 from .msvq import MultiScaleVQ
@@ -71,7 +72,7 @@ def open_reader(modality: str, uri: str, **options: Any) -> Reader:
 
 
 def make_tokenizer(type: str, **config: Any) -> Tokenizer:
-    """An unfitted tokenizer of ``type`` (patch_vq, msvq, vqvae, octree) from its config."""
+    """An unfitted tokenizer of ``type`` (patch_vq, msvq, vqvae, octree, codec) from its config."""
     cls = tokenizer_class(type)
     try:
         return cls(**config)
@@ -80,8 +81,8 @@ def make_tokenizer(type: str, **config: Any) -> Tokenizer:
 
 
 __all__ = [
-    "READERS", "TOKENIZER_TYPES", "FixedLengthTokenizer", "ImageReader", "MultiScaleVQ", "OctreeTokenizer",
-    "PatchVQ", "PointCloudReader", "Reader", "Sample", "SampleError", "Tokenizer", "TokenizerError", "Unit",
+    "READERS", "TOKENIZER_TYPES", "CodecTokenizer", "FixedLengthTokenizer", "ImageReader", "MultiScaleVQ",
+    "OctreeTokenizer", "PatchVQ", "PointCloudReader", "Reader", "Sample", "SampleError", "Tokenizer", "TokenizerError", "Unit",
     "VQVAE", "VideoReader", "VolumeReader", "chamfer_distance", "codebook_usage", "copy_artifact", "denormalize", "load_tokenizer",
     "make_tokenizer", "open_reader", "psnr", "read_artifact", "ssim", "tokenizer_class", "tokenizer_types",
 ]

@@ -183,6 +183,7 @@ TOKENIZER_TYPES: dict[str, str] = {
     "msvq": "arpipe.stages.modalities.msvq:MultiScaleVQ",
     "vqvae": "arpipe.stages.modalities.vqvae:VQVAE",
     "octree": "arpipe.stages.modalities.octree:OctreeTokenizer",
+    "codec": "arpipe.stages.modalities.codec:CodecTokenizer",
     "text": "arpipe.stages.modalities.text:TextTokenizer",
 }
 
@@ -227,7 +228,7 @@ class Tokenizer(ABC):
     @property
     @abstractmethod
     def tokens_per_sample(self) -> int | None:
-        """Token count of every sample, or None when it varies (octree)."""
+        """Token count of every sample, or None when it varies (octree, codec)."""
 
     @abstractmethod
     def config(self) -> dict[str, Any]:
