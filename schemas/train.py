@@ -31,6 +31,12 @@ class ModelSpec(Strict):
     cond_dropout: float = Field(0.1, ge=0, le=1, description="Condition dropout for classifier-free guidance.")
     activation_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: "
                                                               "less memory for more compute.")
+    attention: Literal["auto", "sdpa", "flex", "dense"] = Field(
+        "auto", description="Attention kernel; all give the dense mask's result. `dense` passes the full "
+                            "(L x L) mask; `sdpa` runs causal/unmasked SDPA calls where every row has the "
+                            "same groups and no packed documents (dense otherwise); `flex` a block-sparse "
+                            "flex_attention mask (CUDA; on CPU no backward, so dense); `auto` picks sdpa "
+                            "where exact, else flex on CUDA, else dense.")
 
 
 class DeepSpeedSpec(Strict):

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 Paradigm = Literal["next_token", "next_scale", "next_block", "masked"]
 PARADIGMS: tuple[str, ...] = ("next_token", "next_scale", "next_block", "masked")
+AttentionKernel = Literal["auto", "sdpa", "flex", "dense"]
+ATTENTION_KERNELS: tuple[str, ...] = ("auto", "sdpa", "flex", "dense")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class ModelConfig:
     ``next_block`` (``masked``, MaskGIT, predicts masked tokens of one bidirectional
     group: see ``maskgit.py``); ``cond_dropout`` is the probability that training replaces
     a document's class token by the null token (classifier-free guidance).
+    ``attention`` picks the attention kernel of whole-sequence forwards (``attention.py``);
+    every choice computes the same result as the dense mask.
     """
 
     vocab_size: int = 1024
@@ -48,6 +52,7 @@ class ModelConfig:
     cond_dropout: float = 0.1
     checkpointing: bool = False
     feature_dim: int = 0
+    attention: AttentionKernel = "auto"
 
     # ------------------------------------------------------------ derived
 
@@ -94,6 +99,8 @@ class ModelConfig:
         elif self.feature_dim and self.paradigm != "next_scale":
             problems.append(f"feature_dim {self.feature_dim} (VAR's accumulated input) applies to next_scale only; "
                             f"set it to 0 for {self.paradigm}")
+        if self.attention not in ATTENTION_KERNELS:
+            problems.append(f"attention {self.attention!r} is unknown; use one of {', '.join(ATTENTION_KERNELS)}")
         if self.mlp_hidden < 0:
             problems.append(f"mlp_hidden must be >= 0 (0 derives it), got {self.mlp_hidden}")
         if not 0.0 <= self.cond_dropout < 1.0:
@@ -120,6 +127,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> ModelConfig:
+        """Missing keys take their defaults, so configs saved before a field existed still load."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(args) - known)
         if unknown:

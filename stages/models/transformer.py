@@ -1,10 +1,11 @@
 """The AR transformer: pre-norm decoder blocks (RMSNorm, SDPA attention with multi-axis RoPE, SwiGLU).
 
 One ``forward`` serves training and decoding. Without a cache it lays out a
-whole sequence and builds the mask from group and document ids
-(``masks.attention_mask``); with a :class:`KVCache` it runs a chunk of new
-positions written at ``start`` and attends the cached past
-(``masks.cached_attention_mask``). Pure torch: the launcher (DeepSpeed, Ray)
+whole sequence and attends by group and document ids with the kernel that
+``config.attention`` picks (``attention.layout_for``: causal SDPA, segments,
+flex or the dense ``masks.attention_mask``); with a :class:`KVCache` it runs a
+chunk of new positions written at ``start`` and attends the cached past
+(``masks.cached_attention_mask``, dense). Pure torch: the launcher (DeepSpeed, Ray)
 wraps this module, it never imports them.
 """
 
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import Layout, layout_for
 from .config import ModelConfig
-from .masks import attention_mask, cached_attention_mask
+from .masks import cached_attention_mask
 from .rope import apply_rope, rope_angles
 from .sequence import IGNORE_INDEX
 
@@ -60,14 +62,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x_BLC: torch.Tensor, angle_BLP: torch.Tensor, mask_B1LK: torch.Tensor,
+    def forward(self, x_BLC: torch.Tensor, angle_BLP: torch.Tensor, layout: Layout,
                 cache: KVCache | None = None, layer: int = 0, start: int | torch.Tensor = 0) -> torch.Tensor:
         B, L, C = x_BLC.shape
         q_BHLD, k_BHLD, v_BHLD = self.qkv(x_BLC).view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q_BHLD, k_BHLD = apply_rope(q_BHLD, angle_BLP), apply_rope(k_BHLD, angle_BLP)
         if cache is not None:
-            k_BHLD, v_BHLD = cache.write(layer, k_BHLD, v_BHLD, start, mask_B1LK.shape[-1])
-        y_BHLD = F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLD, attn_mask=mask_B1LK)
+            k_BHLD, v_BHLD = cache.write(layer, k_BHLD, v_BHLD, start, layout.mask_B1LK.shape[-1])
+        y_BHLD = layout.attend(q_BHLD, k_BHLD, v_BHLD)
         return self.proj(y_BHLD.transpose(1, 2).reshape(B, L, C))
 
 
@@ -90,9 +92,9 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x_BLC: torch.Tensor, angle_BLP: torch.Tensor, mask_B1LK: torch.Tensor,
+    def forward(self, x_BLC: torch.Tensor, angle_BLP: torch.Tensor, layout: Layout,
                 cache: KVCache | None = None, layer: int = 0, start: int | torch.Tensor = 0) -> torch.Tensor:
-        x_BLC = x_BLC + self.attn(self.attn_norm(x_BLC), angle_BLP, mask_B1LK, cache, layer, start)
+        x_BLC = x_BLC + self.attn(self.attn_norm(x_BLC), angle_BLP, layout, cache, layer, start)
         return x_BLC + self.mlp(self.mlp_norm(x_BLC))
 
 
@@ -160,12 +162,12 @@ class Transformer(nn.Module):
         if group_ids_BL is None:
             group_ids_BL = torch.arange(L, device=dev).expand(B, L)
         if cache is None:
-            mask_B1LK = attention_mask(group_ids_BL, doc_ids_BL)
+            layout = layout_for(self.config.attention, group_ids_BL, doc_ids_BL)
         else:
             n_keys = int(start_B.max()) + L
             if n_keys > cache.max_len:
                 raise ValueError(f"the KV cache holds {cache.max_len} positions; this chunk needs {n_keys}")
-            mask_B1LK = cached_attention_mask(group_ids_BL, start_B, n_keys)
+            layout = Layout(mask_B1LK=cached_attention_mask(group_ids_BL, start_B, n_keys))
 
         x_BLC = self.tok_emb(input_ids_BL)
         if features_BLD is not None and feature_mask_BL is not None:
@@ -178,9 +180,9 @@ class Transformer(nn.Module):
         use_checkpoint = self.config.checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if use_checkpoint:
-                x_BLC = checkpoint(block, x_BLC, angle_BLP, mask_B1LK, use_reentrant=False)
+                x_BLC = checkpoint(block, x_BLC, angle_BLP, layout, use_reentrant=False)
             else:
-                x_BLC = block(x_BLC, angle_BLP, mask_B1LK, cache, i, start)
+                x_BLC = block(x_BLC, angle_BLP, layout, cache, i, start)
         logits_BLV = self.head(self.norm(x_BLC))
         if targets_BL is None:
             return logits_BLV, None

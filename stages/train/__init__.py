@@ -40,6 +40,7 @@ def model_overrides(spec: TrainSpec, vocab_size: int, seq_len: int) -> dict[str,
     args: dict[str, Any] = {"vocab_size": m.vocab_size or vocab_size, "paradigm": m.paradigm,
                             "block_size": m.block_size if m.paradigm == "next_block" else 1,
                             "cond_dropout": m.cond_dropout, "checkpointing": m.activation_checkpointing,
+                            "attention": m.attention,
                             "max_seq_len": seq_len}
     args.update({k: v for k, v in (("n_embd", m.n_embd), ("n_layer", m.n_layer), ("n_head", m.n_head)) if v})
     return args
