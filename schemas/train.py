@@ -32,8 +32,8 @@ class ModelSpec(Strict):
     activation_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: "
                                                               "less memory for more compute.")
     attention: Literal["auto", "sdpa", "flex", "dense"] = Field(
-        "auto", description="Attention kernel; all give the dense mask's result. `dense` passes the full "
-                            "(L x L) mask; `sdpa` runs causal/unmasked SDPA calls where every row has the "
+        "dense", description="Attention kernel; all give the dense mask's result up to float rounding. "
+                             "`dense` (the default, so models train as before) passes the full (L x L) mask; `sdpa` runs causal/unmasked SDPA calls where every row has the "
                             "same groups and no packed documents (dense otherwise); `flex` a block-sparse "
                             "flex_attention mask (CUDA; on CPU no backward, so dense); `auto` picks sdpa "
                             "where exact, else flex on CUDA, else dense.")

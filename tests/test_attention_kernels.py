@@ -145,11 +145,11 @@ def test_segments_equal_the_dense_mask_for_any_non_decreasing_groups(sizes, rows
     torch.testing.assert_close(got, want, atol=TOL, rtol=0)
 
 
-def test_a_saved_config_without_attention_loads_with_auto():
+def test_a_saved_config_without_attention_loads_with_dense():
     args = ModelConfig(paradigm="next_block", block_size=4).to_dict()
     del args["attention"]
     config = ModelConfig.from_dict(args)
-    assert config.attention == "auto"
+    assert config.attention == "dense"
     assert ModelConfig.from_json(config.to_json()) == config
     with pytest.raises(ValueError, match="attention 'fast' is unknown"):
         ModelConfig(attention="fast").validate()

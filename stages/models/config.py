@@ -52,7 +52,7 @@ class ModelConfig:
     cond_dropout: float = 0.1
     checkpointing: bool = False
     feature_dim: int = 0
-    attention: AttentionKernel = "auto"
+    attention: AttentionKernel = "dense"
 
     # ------------------------------------------------------------ derived
 
