@@ -114,7 +114,10 @@ def mlflow_run(root: Path, stage: str):
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("digits")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`arpipe.stage` = '{stage}'")
+    # the run that produced the stage's output: later pipelines of the project (CoDe's, the masked one) that
+    # reuse the stage log cache hits under the same name
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`arpipe.stage` = '{stage}' "
+                                                                 "and tags.`arpipe.cache` = 'miss'")
     return client, runs[0]
 
 
