@@ -37,7 +37,7 @@ schema: setup
 	$(PY) -m arpipe.schemas.export
 
 bench: setup
-	$(VENV)/bin/pip install -q -e '.[bench]'   # dvc, the no-op rerun's anchor
+	$(VENV)/bin/pip install -q -e '.[bench]' $(TORCH)   # dvc and litdata, the anchors; torch kept as set up
 	$(PY) benchmarks/run_all.py
 
 clean:

@@ -80,6 +80,14 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               "the same read from local disk"),
         Ratio(("index_manifest_bytes_per_million_samples",), "index + manifest per million samples",
               "absolute size", None, " MiB", 1 / 2**20),
+        Ratio(("ratios", "tokens(i) / litdata sequential"), "per-sample tokens(i), store order / LitData (#22)",
+              "LitData StreamingDataset[i], same 20,000 x 680 uint16", (">=", 2), "x"),
+        Ratio(("ratios", "tokens(i) shuffled / litdata shuffled"), "per-sample tokens(i), shuffled / LitData (#22)",
+              "LitData StreamingDataset[i] in the same random order", (">=", 50), "x"),
+        Ratio(("ratios", "store[i] / litdata sequential"), "per-sample store[i] (a Sample) / LitData (#22)",
+              "LitData StreamingDataset[i], store order", (">=", 1), "x"),
+        Ratio(("ratios", "TokenDataset DataLoader / litdata's, 2 workers"), "DataLoader(TokenDataset), 2 workers "
+              "/ LitData's (#22)", "LitData StreamingDataLoader, 2 workers"),
     ), ("--samples", "50000", "--wds-samples", "10000", "--npy-samples", "5000", "--repeats", "2")),
     Benchmark("tokenizers", "tokenizers.py", "tokenizers.json", 4, (
         Ratio(("ratios", "patch_vq_encode_vs_cdist_bound"), "patch_vq encode / search bound",

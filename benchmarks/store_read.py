@@ -9,12 +9,22 @@ Measures, in tokens per second (higher is better):
 - npy files:   one ``.npy`` per sample read with ``np.load`` in shuffled order (LlamaGen's layout)
 - s3 shuffled: the shuffled epoch from the same store on a local SeaweedFS S3 server
 
+Per sample (issue 22), on its own store of ``--item-samples`` x ``--item-tokens``
+(20,000 x 680 uint16 by default), what a user's own ``torch.utils.data.Dataset`` calls:
+
+- ``TokenStore.tokens(i)`` in store order and in a random permutation, ``store[i]`` (a whole ``Sample``)
+  in store order, against LitData's ``StreamingDataset[i]`` over the same arrays (written with its
+  ``BinaryWriter``, 64 MB chunks; shuffled on a prefix of the permutation: it is slow)
+- a ``DataLoader`` over ``TokenDataset`` (batch 256, random order) and over ``TokenSamples``,
+  with 0 and 2 workers (persistent, timed after a first epoch)
+
 Slow baselines (webdataset, npy files) run on a prefix of the same samples;
 each local measurement is the best of ``--repeats`` runs (the machine is shared).
 The ratio lines come last; everything is also written to
-``benchmarks/results/store_read.json``.
+``benchmarks/results/store_read.json`` (``--per-sample-only``: just the per-sample
+part, to ``store_read_per_sample.json``).
 
-    .venv/bin/python benchmarks/store_read.py [--samples 500000] [--tokens 256]
+    .venv/bin/python benchmarks/store_read.py [--samples 500000] [--tokens 256] [--per-sample-only]
 """
 
 from __future__ import annotations
@@ -34,7 +44,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 sys.path.insert(0, str(ROOT / "tests"))  # the S3 test server
 
-from arpipe.stages.store import DistributedSampler, ShardWriter, StoreWriter, TokenStore, write_manifest  # noqa: E402
+from arpipe.stages.store import (  # noqa: E402
+    DistributedSampler,
+    ShardWriter,
+    StoreWriter,
+    TokenDataset,
+    TokenSamples,
+    TokenStore,
+    write_manifest,
+)
 from arpipe.stages.store.export import export_webdataset  # noqa: E402
 
 BATCH = 256
@@ -78,6 +96,95 @@ def write_store_parallel_s3(uri: str, data: np.ndarray, vocab: int, per_shard: i
     write_manifest(uri, infos, vocab=vocab)
 
 
+def per_sample(work: Path, args) -> tuple[dict, dict]:
+    """Per-sample reads of arpipe and LitData on the same arrays, then DataLoaders over the adapters."""
+    import torch
+    from litdata import StreamingDataLoader, StreamingDataset
+    from litdata.streaming.writer import BinaryWriter
+
+    N, L = args.item_samples, args.item_tokens
+    data = np.random.default_rng(2).integers(0, args.vocab, size=(N, L), dtype=np.uint16)
+    progress(f"per-sample reads: writing {N} x {L} for arpipe and LitData")
+    uri = str(work / "items")
+    write_store(uri, data, args.vocab, args.per_shard)
+    store = TokenStore.open(uri)
+    lit_dir = work / "litdata"
+    lit_dir.mkdir()
+    writer = BinaryWriter(str(lit_dir), chunk_bytes="64MB")
+    for i, row in enumerate(data):
+        writer[i] = row
+    writer.done()
+    writer.merge()
+    lit = StreamingDataset(str(lit_dir))
+    assert len(lit) == len(store) == N
+    for i in (0, N // 2, N - 1):
+        assert np.array_equal(lit[i], data[i]) and np.array_equal(store.tokens(i), data[i])
+
+    seq = list(range(N))
+    perm = np.random.default_rng(3).permutation(N).tolist()
+    reads = {
+        "tokens(i) sequential": (store.tokens, seq),
+        "tokens(i) shuffled": (store.tokens, perm),
+        "store[i] sequential": (lambda i: store[i].tokens, seq),
+        "litdata sequential": (lit.__getitem__, seq),
+        "litdata shuffled": (lit.__getitem__, perm[: args.litdata_shuffled]),
+    }
+
+    def read(fn, order) -> float:
+        t = time.perf_counter()
+        n = 0
+        for i in order:
+            n += fn(i).size
+        return rate(n, time.perf_counter() - t)
+
+    for fn, order in reads.values():  # warm the page cache and every lazy structure once
+        read(fn, order[:2000])
+    runs: dict[str, list[float]] = {name: [] for name in reads}
+    for _ in range(args.repeats):  # interleaved, so that background load hits every measurement alike
+        for name, (fn, order) in reads.items():
+            runs[name].append(read(fn, order))
+    rates = {name: max(v) for name, v in runs.items()}
+
+    progress("per-sample reads: DataLoaders")
+    loaders = {  # made one at a time: persistent workers live as long as their loader
+        "TokenDataset": lambda w: torch.utils.data.DataLoader(
+            TokenDataset(store), batch_size=256, shuffle=True, num_workers=w, persistent_workers=w > 0,
+            generator=torch.Generator().manual_seed(0)),
+        "TokenSamples": lambda w: torch.utils.data.DataLoader(
+            TokenSamples(store), batch_size=256, num_workers=w, persistent_workers=w > 0),
+        "litdata": lambda w: StreamingDataLoader(
+            StreamingDataset(str(lit_dir), shuffle=True), batch_size=256, num_workers=w, persistent_workers=w > 0),
+    }
+    for workers in (0, 2):
+        for name, make in loaders.items():
+            loader, best_rate = make(workers), 0.0
+            for epoch in range(1 + args.repeats):  # the first epoch starts the workers: not timed
+                t = time.perf_counter()
+                n = sum((batch if name == "litdata" else batch["tokens"]).numel() for batch in loader)
+                assert n == N * L
+                if epoch:
+                    best_rate = max(best_rate, rate(n, time.perf_counter() - t))
+            rates[f"{name} DataLoader, {workers} workers"] = best_rate
+            del loader
+    ratios = {f"TokenDataset DataLoader / litdata's, {w} workers (report)":
+              rates[f"TokenDataset DataLoader, {w} workers"] / rates[f"litdata DataLoader, {w} workers"] for w in (0, 2)}
+    ratios.update({  # the issue's goals, printed last
+        "tokens(i) / litdata sequential (goal >= 2)": rates["tokens(i) sequential"] / rates["litdata sequential"],
+        "tokens(i) shuffled / litdata shuffled (goal >= 50)": rates["tokens(i) shuffled"] / rates["litdata shuffled"],
+        "store[i] / litdata sequential (goal >= 1)": rates["store[i] sequential"] / rates["litdata sequential"],
+    })
+    return {"samples": N, "tokens_per_sample": L, "tokens_per_s": rates, "tokens_per_s_runs": runs}, ratios
+
+
+def print_per_sample(items: dict, ratios: dict) -> None:
+    print(f"per sample: {items['samples']} samples x {items['tokens_per_sample']} tokens (uint16), warm page cache")
+    print(f"{'read':<40}{'Mtokens/s':>12}")
+    for name, value in items["tokens_per_s"].items():
+        print(f"{name:<40}{value / 1e6:>12.1f}")
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=500_000)
@@ -89,11 +196,26 @@ def main() -> None:
     ap.add_argument("--npy-samples", type=int, default=40_000, help="prefix written as one .npy per sample")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-s3", action="store_true")
+    ap.add_argument("--item-samples", type=int, default=20_000, help="samples of the per-sample comparison")
+    ap.add_argument("--item-tokens", type=int, default=680, help="tokens per sample of the per-sample comparison")
+    ap.add_argument("--litdata-shuffled", type=int, default=2_000,
+                    help="prefix of the permutation LitData reads shuffled (about 1 ms a sample)")
+    ap.add_argument("--per-sample-only", action="store_true", help="only the per-sample comparison (issue 22)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="store-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.per_sample_only:
+        items, ratios = per_sample(work, args)
+        (out / "store_read_per_sample.json").write_text(json.dumps(
+            {"config": vars(args), "per_sample": items, "ratios": ratios}, indent=2))
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        print_per_sample(items, ratios)
+        return
     results: dict = {"config": vars(args) | {"batch": BATCH}}
     N, L = args.samples, args.tokens
     data = np.random.default_rng(0).integers(0, args.vocab, size=(N, L), dtype=np.uint16)
@@ -168,6 +290,8 @@ def main() -> None:
     n = sum(np.load(npy_dir / f"{i}.npy").size for i in perm.tolist())
     local["npy_files"] = rate(n, time.perf_counter() - t)
 
+    items, item_ratios = per_sample(work, args)
+
     s3 = {}
     if not args.no_s3:
         from s3server import S3Server
@@ -192,7 +316,7 @@ def main() -> None:
     meta_bytes = store.manifest.totals.index_bytes + os.path.getsize(os.path.join(uri, "manifest.json"))
     results.update({
         "tokens": total, "samples": N, "shards": store.manifest.totals.shards,
-        "tokens_per_s": local, "tokens_per_s_runs": runs, "s3": s3,
+        "tokens_per_s": local, "tokens_per_s_runs": runs, "s3": s3, "per_sample": items,
         "index_manifest_bytes_per_million_samples": meta_bytes / N * 1e6,
         "elapsed_s": time.perf_counter() - t0,
     })
@@ -204,10 +328,9 @@ def main() -> None:
     }
     if s3:
         ratios["s3 shuffled / local shuffled (report)"] = s3["shuffled"] / local["shuffled"]
+    ratios.update(item_ratios)
     results["ratios"] = ratios
 
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     (out / "store_read.json").write_text(json.dumps(results, indent=2))
     if not args.workdir:
         progress("cleaning up")
@@ -226,6 +349,7 @@ def main() -> None:
         print(f"{name:<28}{value / 1e6:>12.1f}")
     print(f"index + manifest bytes per million samples: {results['index_manifest_bytes_per_million_samples'] / 2**20:.1f} MiB")
     print(f"elapsed: {results['elapsed_s']:.0f} s")
+    print_per_sample(items, {})
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
 

@@ -3,8 +3,10 @@
 Write with :class:`ShardWriter` (one per input partition, in parallel) plus
 :func:`write_manifest` (a stage does both in resumable units: :class:`StoreUnits`),
 or :class:`StoreWriter` in one process; read with :meth:`TokenStore.open`; order
-with :class:`DistributedSampler`; batch for training with :class:`TokenBatches`
-(imports torch). The layout is DESIGN.md's "Token store".
+with :class:`DistributedSampler`; batch for training with :class:`TokenBatches`;
+hand it to a training loop of your own as a PyTorch dataset with
+:class:`TokenDataset` (map-style) or :class:`TokenSamples` (iterable; these three
+import torch). The layout is DESIGN.md's "Token store".
 """
 
 from __future__ import annotations
@@ -24,22 +26,26 @@ from .units import StoreUnits, UnitRecord, fan_out
 from .writer import ShardWriter, StoreWriter, read_shard_info, write_manifest
 
 if TYPE_CHECKING:
+    from .dataset import TokenDataset, TokenSamples, collate_samples
     from .loader import TokenBatches
+
+_NEED_TORCH = {"TokenBatches": "loader", "TokenDataset": "dataset", "TokenSamples": "dataset",
+               "collate_samples": "dataset"}
 
 
 def __getattr__(name: str):
-    # TokenBatches needs torch; import it only when asked for
-    if name == "TokenBatches":
-        from .loader import TokenBatches
+    # these need torch; import them only when asked for
+    if name in _NEED_TORCH:
+        import importlib
 
-        return TokenBatches
+        return getattr(importlib.import_module(f".{_NEED_TORCH[name]}", __name__), name)
     raise AttributeError(name)
 
 
 __all__ = [
     "FORMAT_VERSION", "Batch", "DistributedSampler", "EpochPass", "EpochPlan", "MixtureOrder", "PackedBatch",
     "Reject", "Sample", "SequencePacker", "ShardInfo", "ShardWriter", "ShuffledOrder", "StoreError", "StoreManifest",
-    "StoreMixture", "StoreUnits", "StoreWriter", "TokenBatches", "TokenStore", "TokenizerRef", "UnitRecord",
-    "VocabLayout", "VocabRange", "dtype_for_vocab", "fan_out", "plan_sequences", "read_manifest", "read_shard_info",
-    "write_manifest", "write_rejects",
+    "StoreMixture", "StoreUnits", "StoreWriter", "TokenBatches", "TokenDataset", "TokenSamples", "TokenStore",
+    "TokenizerRef", "UnitRecord", "VocabLayout", "VocabRange", "collate_samples", "dtype_for_vocab", "fan_out",
+    "plan_sequences", "read_manifest", "read_shard_info", "write_manifest", "write_rejects",
 ]

@@ -140,6 +140,7 @@ class TokenStore:
         self._starts = np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)
         self._shards = [ShardReader(self, e, int(s)) for e, s in zip(manifest.shards, self._starts, strict=True)]
         self._ends = (self._starts + self.shard_sizes).tolist()
+        self._samples = manifest.totals.samples
         self._lock = threading.Lock()
         if self.local and check_sizes:
             for shard in self._shards:
@@ -213,9 +214,18 @@ class TokenStore:
         return np.where(idx < 0, idx + n, idx)
 
     def _locate(self, i: int) -> tuple[ShardReader, int]:
-        i = int(self._normalize([i])[0])
-        s = int(np.searchsorted(self._starts, i, side="right")) - 1
-        shard = self._shard(s)
+        """(shard, row) of sample ``i``: the per-sample hot path, plain Python on plain ints."""
+        n = self._samples
+        if type(i) is not int:  # numpy or torch integers: converted as gather converts them
+            i = int(self._normalize([i])[0])
+        elif not -n <= i < n:
+            raise IndexError(f"sample {i} out of range for {self.uri} ({n} samples)")
+        elif i < 0:
+            i += n
+        s = bisect.bisect_right(self._ends, i)
+        shard = self._shards[s]
+        if not shard.loaded:
+            shard = self._shard(s)
         return shard, i - shard.start
 
     def _groups(self, idx: np.ndarray) -> list[tuple[ShardReader, np.ndarray, np.ndarray]]:
@@ -238,7 +248,7 @@ class TokenStore:
     def tokens(self, i: int) -> np.ndarray:
         """Sample ``i``'s tokens in their shape: a view of the mapped file locally, a copy from S3."""
         shard, row = self._locate(i)
-        return shard.token_range(row).reshape(shard.shape(row))
+        return shard.sample_tokens(row)
 
     def torch(self, i: int):
         """Sample ``i``'s tokens as a tensor; zero-copy over the memory map for local stores."""
@@ -248,17 +258,18 @@ class TokenStore:
 
     def __getitem__(self, i: int) -> Sample:
         shard, row = self._locate(i)
-        meta = shard.table.slice(row, 1).to_pylist()[0]
-        shape = tuple(meta["shape"])
-        return Sample(
-            index=shard.start + row, key=meta["key"], modality=meta["modality"], shape=shape,
-            tokens=shard.token_range(row).reshape(shape),
-            condition=None if meta["condition"] is None else json.loads(meta["condition"]),
-            source_uri=meta["source_uri"], source_digest=meta["source_digest"], shard=shard.entry.name,
-            caption=meta.get("caption"),   # stores written before captions have no such columns
-            caption_tokens=None if meta.get("caption_tokens") is None else tuple(meta["caption_tokens"]),
-            control_tokens=None if meta.get("control_tokens") is None else tuple(meta["control_tokens"]),
-        )
+        c = shard.columns()
+        tokens = shard.sample_tokens(row)
+        # Filled in place: the frozen dataclass __init__ (one object.__setattr__ per field) would triple the cost
+        # of a sample. Every field is set; tests compare all of them with the index read through Arrow.
+        sample = object.__new__(Sample)
+        sample.__dict__.update({
+            "index": shard.start + row, "key": c.keys[row], "modality": c.modalities[row], "shape": tokens.shape,
+            "tokens": tokens, "condition": c.conditions[row], "source_uri": c.source_uris[row],
+            "source_digest": c.source_digests[row], "shard": shard.entry.name, "caption": c.captions[row],
+            "caption_tokens": c.caption_tokens[row], "control_tokens": c.control_tokens[row],
+        })
+        return sample
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):

@@ -8,7 +8,8 @@ tokens are copied out of cached blocks, vectorised per block.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,26 @@ def consecutive(a: np.ndarray) -> bool:
     return len(a) > 1 and int(a[-1]) - int(a[0]) == len(a) - 1 and bool((np.diff(a) == 1).all())
 
 
+@dataclass(frozen=True)
+class Columns:
+    """A shard's per-sample metadata as Python lists, decoded once: ``store[i]`` then reads no Arrow."""
+
+    keys: list[str]
+    modalities: list[str]
+    conditions: list[Any]
+    source_uris: list[str | None]
+    source_digests: list[str | None]
+    captions: list[str | None]
+    caption_tokens: list[tuple[int, ...] | None]
+    control_tokens: list[tuple[int, ...] | None]
+
+
+def _shared(values: list) -> list:
+    """``values`` with equal items as one object: a column of a few distinct names costs a pointer a row."""
+    seen: dict = {}
+    return [seen.setdefault(v, v) for v in values]
+
+
 class ShardReader:
     """One shard's index and token bytes, loaded on first touch."""
 
@@ -51,6 +72,9 @@ class ShardReader:
         self.index_uri = shard_uri(store.uri, index_name(entry.name))
         self.loaded = False
         self.rows: np.ndarray | None = None  # (samples, length) view of a local uniform-length shard
+        self._columns: Columns | None = None
+        self._shapes: list[tuple[int, ...]] | None = None
+        self._bounds: list[int] | None = None
 
     def load(self) -> None:
         storage, entry = self.store.storage, self.entry
@@ -85,6 +109,11 @@ class ShardReader:
                 mapped = np.memmap(self.bin_uri, dtype=dtype, mode="c", shape=(entry.tokens,))
                 self.array = mapped.view(np.ndarray)  # plain ndarray: indexing skips memmap's Python layer
             self.rows = self.array.reshape(-1, self.uniform_length) if self.uniform_length else None
+        if self.rows is not None and self.uniform_shape:  # (a 0-d shape would index to a scalar, not an array)
+            # every sample one view of a (samples, *shape) array: a single sample costs one index operation
+            self.sample_tokens = self.array.reshape(entry.samples, *self.uniform_shape).__getitem__
+        else:
+            self.sample_tokens = self._sample_tokens
         self.loaded = True
 
     @staticmethod
@@ -101,13 +130,40 @@ class ShardReader:
     def shape(self, row: int) -> tuple[int, ...]:
         if self.uniform_shape is not None:
             return self.uniform_shape
-        return tuple(self.table.column("shape")[row].as_py())
+        if self._shapes is None:
+            self._shapes = [tuple(s) for s in self.table.column("shape").to_pylist()]
+        return self._shapes[row]
 
     def conditions(self) -> list:
         if self._conditions is None:
             raw = self.table.column("condition").to_pylist()
             self._conditions = [None if c is None else json.loads(c) for c in raw]
         return self._conditions
+
+    def columns(self) -> Columns:
+        """The metadata of every sample, decoded on first use (stores before captions read None there)."""
+        if self._columns is None:
+            table, n = self.table, self.table.num_rows
+
+            def column(name: str) -> list:
+                return table.column(name).to_pylist() if name in table.column_names else [None] * n
+
+            def id_lists(name: str) -> list:
+                return [None if v is None else tuple(v) for v in column(name)]
+
+            self._columns = Columns(
+                keys=column("key"), modalities=_shared(column("modality")), conditions=self.conditions(),
+                source_uris=column("source_uri"), source_digests=column("source_digest"), captions=column("caption"),
+                caption_tokens=id_lists("caption_tokens"), control_tokens=id_lists("control_tokens"))
+        return self._columns
+
+    def _sample_tokens(self, row: int) -> np.ndarray:
+        """Row ``row``'s tokens in its shape, where samples differ in shape (or the shard is remote)."""
+        if not self.store.local:
+            return self.token_range(row).reshape(self.shape(row))
+        if self._bounds is None:
+            self._bounds = [*self.offsets.tolist(), self.entry.tokens]
+        return self.array[self._bounds[row]: self._bounds[row + 1]].reshape(self.shape(row))
 
     def token_range(self, row: int) -> np.ndarray:
         return self.token_span(row, row + 1)
