@@ -182,6 +182,12 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         Ratio(("ratios", "next_token_680_sdpa_speedup"), "attention sdpa / dense, next_token L 680, fwd+bwd",
               "the dense boolean mask, CPU", None, "x"),
     )),
+    Benchmark("s3_volume_read", "s3_volume_read.py", "s3_volume_read.json", 22, (
+        Ratio(("ratios", "ranged bytes / region stored bytes"), "S3 volume unit read: bytes transferred / region bytes",
+              "the compressed chunks the unit's region covers", ("<=", 2), "x"),
+        Ratio(("ratios", "download bytes / region stored bytes"), "S3 volume unit read before: whole-store download "
+              "/ region bytes", "the compressed chunks the unit's region covers", None, "x"),
+    )),
 )
 
 

@@ -123,6 +123,17 @@ class Storage(ABC):
     def list(self, prefix: str) -> Iterator[Entry]:
         """Every file below ``prefix`` (recursive), relative paths with '/'."""
 
+    def list_dir(self, prefix: str) -> tuple[list[Entry], list[str]]:
+        """(the files directly below ``prefix``, the names of the folders there): one level, in name order."""
+        files, folders = [], set()
+        for entry in self.list(prefix):
+            head, sep, _ = entry.relpath.partition("/")
+            if sep:
+                folders.add(head)
+            else:
+                files.append(entry)
+        return sorted(files, key=lambda e: e.relpath), sorted(folders)
+
     @abstractmethod
     def delete(self, uri: str) -> None:
         """Remove one file; no error when it is already gone."""
@@ -348,6 +359,18 @@ class S3Storage(Storage):
                 if obj["Key"].endswith("/"):
                     continue   # a "folder" marker (pyarrow's S3FileSystem, consoles): not a file
                 yield Entry(obj["Key"][len(key) :], int(obj["Size"]))
+
+    def list_dir(self, prefix: str) -> tuple[list[Entry], list[str]]:
+        # one level by the server's delimiter: a Zarr group's members without listing its chunks
+        bucket, key = _split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        files, folders = [], []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=key, Delimiter="/"):
+            files += [Entry(obj["Key"][len(key):], int(obj["Size"])) for obj in page.get("Contents", [])
+                      if not obj["Key"].endswith("/")]
+            folders += [p["Prefix"][len(key):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        return sorted(files, key=lambda e: e.relpath), sorted(folders)
 
     def delete(self, uri: str) -> None:
         bucket, key = _split_s3(uri)

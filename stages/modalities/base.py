@@ -77,6 +77,9 @@ class Unit:
     ``crops`` (the crops whose windows lie inside the region ``start``..``stop``
     of a volume) or ``clips`` (clips ``start[0]:stop[0]`` of a video, or all
     clips when ``stop`` is empty). ``size`` is a byte estimate for balancing.
+    ``digest`` is the source file's digest when the listing computed it (a
+    window of clips of a video on s3: the unit then reads only the bytes up to
+    its clips, not the whole file to name where they came from).
     """
 
     uri: str
@@ -86,14 +89,19 @@ class Unit:
     start: tuple[int, ...] = ()
     stop: tuple[int, ...] = ()
     size: int = 0
+    digest: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["digest"] is None:   # the records of units without one read as before the field existed
+            del d["digest"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Unit:
         return cls(uri=d["uri"], kind=d["kind"], key=d["key"], members=tuple(d.get("members", ())),
-                   start=tuple(d.get("start", ())), stop=tuple(d.get("stop", ())), size=int(d.get("size", 0)))
+                   start=tuple(d.get("start", ())), stop=tuple(d.get("stop", ())), size=int(d.get("size", 0)),
+                   digest=d.get("digest"))
 
 
 @dataclass(frozen=True)

@@ -548,7 +548,16 @@ class _CountingReader:
 
 
 def npy_header(uri: str) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, data offset) of an .npy file from its first bytes only (local or s3)."""
+    """(shape, dtype, data offset) of a C-ordered .npy file from its first bytes only (local or s3)."""
+    shape, dtype, offset, fortran = npy_layout(uri)
+    if fortran:
+        raise SampleError(uri, "the .npy array is Fortran-ordered or holds Python objects",
+                          fix="save a C-ordered numeric array (numpy.ascontiguousarray)")
+    return shape, dtype, offset
+
+
+def npy_layout(uri: str) -> tuple[tuple[int, ...], np.dtype, int, bool]:
+    """(shape, dtype, data offset, Fortran order) of an .npy file from its first bytes only (local or s3)."""
     head = storage_for(uri).read_range(uri, 0, 65536)
     f = io.BytesIO(head)
     try:
@@ -559,7 +568,7 @@ def npy_header(uri: str) -> tuple[tuple[int, ...], np.dtype, int]:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
     except Exception as err:
         raise SampleError(uri, f"not a readable .npy file ({err})", fix="re-create it with numpy.save") from None
-    if fortran or dtype.hasobject:
+    if dtype.hasobject:
         raise SampleError(uri, "the .npy array is Fortran-ordered or holds Python objects",
                           fix="save a C-ordered numeric array (numpy.ascontiguousarray)")
-    return tuple(shape), dtype, f.tell()
+    return tuple(shape), dtype, f.tell(), bool(fortran)

@@ -10,13 +10,17 @@ convolutions and tubelet tokenizers want them).
 A unit is one file, or with ``clips_per_unit`` a window of clips of one file
 (the frame count comes from container metadata; the last window of a file is
 open-ended, so a short count never drops clips). Windows decode from the
-file's start, so every unit sees the same frame timeline. Files of other
+file's start, so every unit sees the same frame timeline. On s3 a window's
+unit reads the file through a RangedFile from its start to its last clip
+(overshooting by at most one fetch; the listing digests each file once for
+the units to carry); a whole-file unit downloads the file: it needs every byte. Files of other
 formats and hidden files are listed in ``skipped`` with the reason. With
 ``captions`` set, every clip carries its video's caption (see captions.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import PurePosixPath
@@ -26,13 +30,16 @@ import numpy as np
 import torch
 
 from arpipe.pipeline.digest import digest_file
+from arpipe.pipeline.storage import is_s3
 
 from .base import Reader, Sample, SampleError, Unit
 from .captions import Captions
 from .image import RESIZE_MODES, as_size, fit_to_size
-from .sources import is_dir, local_file, scan_files
+from .sources import RangedFile, digest_source, is_dir, local_file, scan_files
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif", ".m4v")
+#: PyAV's read size; on s3 its reads go to a streaming RangedFile, which grows its GETs as PyAV reads on
+RANGED_READ_BYTES = 64 << 10
 
 
 class VideoReader(Reader):
@@ -78,10 +85,11 @@ class VideoReader(Reader):
             n = self.count_clips(f.uri)
             step = int(self.clips_per_unit)
             starts = list(range(0, max(n, 1), step))
+            digest = digest_source(f.uri) if is_s3(f.uri) else None
             for i, c in enumerate(starts):
                 stop = () if i == len(starts) - 1 else (c + step,)
                 out.append(Unit(f.uri, "clips", f.relpath, members=(f.relpath,), start=(c,), stop=stop,
-                                size=f.size // len(starts)))
+                                size=f.size // len(starts), digest=digest))
         return out
 
     def _caption_finder(self) -> Captions | None:
@@ -96,9 +104,9 @@ class VideoReader(Reader):
         """Clip count from container metadata (no decoding); an estimate the last unit absorbs."""
         import av
 
-        with local_file(uri) as path:
+        with _video_file(uri, ranged=True) as path:
             try:
-                with av.open(path) as container:
+                with av.open(path, buffer_size=RANGED_READ_BYTES) as container:
                     stream = container.streams.video[0]
                     rate = float(stream.average_rate or stream.base_rate or 0) or None
                     if stream.duration is not None and stream.time_base is not None:
@@ -123,8 +131,9 @@ class VideoReader(Reader):
             label = PurePosixPath(rel).parent.name
         captions = self._caption_finder()
         caption = None if captions is None else captions.of(unit.uri[len(captions.root.rstrip("/")) + 1:], unit.uri)
-        with local_file(unit.uri) as path:
-            digest = digest_file(path)
+        ranged = is_s3(unit.uri) and unit.digest is not None
+        with _video_file(unit.uri, ranged) as path:
+            digest = unit.digest if ranged else digest_file(path)
             window: deque[torch.Tensor] = deque(maxlen=self.clip_len)
             times: deque[float] = deque(maxlen=self.clip_len)
             info: dict[str, Any] = {}
@@ -149,13 +158,13 @@ class VideoReader(Reader):
                 raise SampleError(unit.uri, f"video has {seen} frames{' at ' + str(self.fps) + ' fps' if self.fps else ''}, "
                                   f"fewer than clip_len={self.clip_len}", fix="lower clip_len (or fps)")
 
-    def _frames(self, path: str, source: str, info: dict[str, Any]) -> Iterator[tuple[float, torch.Tensor]]:
+    def _frames(self, path: str | RangedFile, source: str, info: dict[str, Any]) -> Iterator[tuple[float, torch.Tensor]]:
         """(time, ``x_CHW``) at the output frame rate, resized; checks the container as it goes.
         Fills ``info`` with the output fps and the source frame size before the first frame."""
         import av
 
         try:
-            container = av.open(path)
+            container = av.open(path, buffer_size=RANGED_READ_BYTES)
         except av.FFmpegError as err:
             raise SampleError(source, f"cannot open video ({err})",
                               fix="the file is truncated or not a video: re-encode or re-upload it") from None
@@ -213,3 +222,10 @@ class VideoReader(Reader):
                         held = (held[0], convert(held[0]))
                     yield out * step, held[1]
                     out += 1
+
+
+def _video_file(uri: str, ranged: bool) -> contextlib.AbstractContextManager[str | RangedFile]:
+    """What PyAV opens: the path of a local file; on s3 a RangedFile when ``ranged``, else a downloaded copy."""
+    if ranged and is_s3(uri):
+        return RangedFile(uri, streaming=True)
+    return local_file(uri)

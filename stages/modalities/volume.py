@@ -5,8 +5,11 @@ crop origins form a grid (``crop`` sides, ``stride`` apart; with ``cover``
 one more crop flush with the far edge so no voxel is left out). A unit is a
 block of neighbouring crops whose bounding region fits ``max_unit_bytes``;
 reading a unit reads that region once, from the format's own random
-access (HDF5/Zarr chunks, memory-mapped MRC/.npy, TIFF page by page), and
-yields its crops. Samples are ``x_CDHW`` float32 (C = 1) with the voxel
+access (HDF5/Zarr chunks, memory-mapped MRC/.npy, the TIFF strips or tiles
+of the region's pages), and yields its crops. On s3:// the same holds: a unit
+reads its region by ranged GETs (sources.RangedFile for HDF5 and TIFF, a Zarr
+store over pipeline.storage, byte ranges of the z slices for MRC and .npy),
+never the whole volume. Samples are ``x_CDHW`` float32 (C = 1) with the voxel
 size (z, y, x) kept in ``meta``.
 
 Intensities: integer volumes are scaled by their dtype's range, floats are
@@ -29,10 +32,12 @@ from typing import Any
 import numpy as np
 
 from arpipe.pipeline.digest import digest_array
+from arpipe.pipeline.storage import is_s3, storage_for
 
 from .base import Reader, Sample, SampleError, Unit
 from .captions import Captions
-from .sources import is_dir, local_file, local_tree, scan_files
+from .image import npy_layout
+from .sources import RangedFile, is_dir, scan_files
 
 FORMATS = ("tiff", "tiff_folder", "hdf5", "zarr", "mrc", "npy")
 TIFF_SLICE_SUFFIXES = (".tif", ".tiff")
@@ -77,27 +82,98 @@ class _Volume(ABC):
 class _ArrayVolume(_Volume):
     """Anything indexable by slices: h5py/zarr arrays, memory maps."""
 
-    def __init__(self, array: Any, voxel_size: tuple[float, float, float] | None = None, closer: Any = None):
+    def __init__(self, array: Any, voxel_size: tuple[float, float, float] | None = None, *closers: Any):
         self.array, self.shape, self.dtype = array, tuple(array.shape), np.dtype(array.dtype)
-        self.voxel_size, self._closer = voxel_size, closer
+        self.voxel_size, self._closers = voxel_size, closers
 
     def read(self, z0, z1, y0, y1, x0, x1):
         return np.asarray(self.array[z0:z1, y0:y1, x0:x1])
 
     def close(self):
-        if self._closer is not None:
-            self._closer.close()
+        for closer in self._closers:
+            closer.close()
+
+
+class _RangedArray(_Volume):
+    """An array stored raw at ``offset`` of a remote file (.npy, MRC), read by byte ranges: one per slice
+    along the slowest axis (z; x when ``fortran``-ordered), or one for the whole slab when the region
+    spans whole slices. Nothing outside the region's rows is transferred."""
+
+    def __init__(self, file: RangedFile, shape: tuple[int, ...], dtype: np.dtype, offset: int,
+                 voxel_size: tuple[float, float, float] | None = None, fortran: bool = False):
+        self.file, self.shape, self.dtype, self.offset = file, tuple(shape), np.dtype(dtype), offset
+        self.voxel_size, self.fortran = voxel_size, fortran
+        need = offset + math.prod(self.shape) * self.dtype.itemsize
+        if file.size < need:
+            raise SampleError(file.uri, f"file is truncated: its header describes {need} bytes, the file has {file.size}",
+                              fix="re-create or re-upload the file")
+
+    def read(self, z0, z1, y0, y1, x0, x1):
+        box, shape = [(z0, z1), (y0, y1), (x0, x1)], self.shape
+        if self.fortran:   # stored as the C-ordered (x, y, z) array
+            box, shape = box[::-1], shape[::-1]
+        (a0, a1), (b0, b1), (c0, c1) = box
+        _, nb, nc = shape
+        item = self.dtype.itemsize
+        if b0 == 0 and b1 == nb:
+            raw = self.file.read_at(self.offset + a0 * nb * nc * item, (a1 - a0) * nb * nc * item)
+        else:
+            raw = b"".join(self.file.read_at(self.offset + (a * nb + b0) * nc * item, (b1 - b0) * nc * item)
+                           for a in range(a0, a1))
+        region = np.frombuffer(raw, self.dtype).reshape(a1 - a0, b1 - b0, nc)[:, :, c0:c1]
+        return region.transpose(2, 1, 0) if self.fortran else region
+
+    def close(self):
+        self.file.close()
+
+
+def _tiff(path: str) -> Any:
+    """A TiffFile on a local path, or on a :class:`RangedFile` for s3 (tifffile then reads only what is asked)."""
+    import tifffile
+
+    return tifffile.TiffFile(RangedFile(path) if is_s3(path) else path)
+
+
+def _page_region(page: Any, y0: int, y1: int, x0: int, x1: int, ranged: bool) -> np.ndarray:
+    """Rows y0:y1, columns x0:x1 of one single-sample TIFF page. Over s3 (``ranged``) only what covers them is
+    read: the rows themselves when the page is stored uncompressed in one run, else the strips or tiles they
+    cross. A local page is decoded whole, as tifffile does it."""
+    key = page.keyframe
+    if not ranged or key.samplesperpixel != 1 or key.imagedepth != 1 or key.tiledepth != 1 or key.fillorder != 1 or key.dtype is None:
+        return page.asarray()[y0:y1, x0:x1]
+    fh, height, width = key.parent.filehandle, key.imagelength, key.imagewidth
+    if key.is_contiguous and key.predictor == 1:   # whole bytes per sample (8 to 64 bits), stored as is
+        stored = np.dtype(key.parent.byteorder + key.dtype.char)
+        fh.seek(page.dataoffsets[0] + y0 * width * stored.itemsize)
+        raw = fh.read((y1 - y0) * width * stored.itemsize)
+        return np.frombuffer(raw, stored).reshape(y1 - y0, width)[:, x0:x1]
+    seg_h, seg_w = key.chunks
+    across = math.ceil(width / seg_w)
+    out = np.full((y1 - y0, x1 - x0), key.nodata, dtype=key.dtype)
+    for row in range(y0 // seg_h, (y1 - 1) // seg_h + 1):
+        for col in range(x0 // seg_w, (x1 - 1) // seg_w + 1):
+            i = row * across + col
+            data = None
+            if page.databytecounts[i]:
+                fh.seek(page.dataoffsets[i])
+                data = fh.read(page.databytecounts[i])
+            segment, (_, _, sy, sx, _), _ = key.decode(data, i, jpegtables=key.jpegtables)
+            if segment is None:
+                continue
+            ya, yb = max(y0, sy), min(y1, sy + segment.shape[1], height)
+            xa, xb = max(x0, sx), min(x1, sx + segment.shape[2], width)
+            out[ya - y0:yb - y0, xa - x0:xb - x0] = segment[0, ya - sy:yb - sy, xa - sx:xb - sx, 0]
+    return out
 
 
 class _TiffStack(_Volume):
-    """A multi-page TIFF (one page per z) read page by page, or a folder of single-page slices."""
+    """A multi-page TIFF (one page per z), or a folder of single-page slices; a region is read page by page,
+    only the rows, strips or tiles it covers (local paths or s3 URIs)."""
 
     def __init__(self, paths: list[str], source: str):
-        import tifffile
-
         self.paths, self.source = paths, source
         if len(paths) == 1:
-            self._tif = tifffile.TiffFile(paths[0])
+            self._tif = _tiff(paths[0])
             series = self._tif.series[0]
             self.shape, self.dtype = tuple(series.shape), np.dtype(series.dtype)
             self.voxel_size = _tiff_voxel_size(self._tif)
@@ -107,36 +183,41 @@ class _TiffStack(_Volume):
         else:
             self._tif = None
             try:
-                with tifffile.TiffFile(paths[0]) as first:
+                with _tiff(paths[0]) as first:
                     page_shape, self.dtype = tuple(first.series[0].shape), np.dtype(first.series[0].dtype)
+            except SampleError:
+                raise
             except Exception as err:
                 raise self._unreadable(paths[0], err) from None
             self.shape = (len(paths), *page_shape)  # slices say nothing of the z spacing: voxel_size unknown
 
     def _slice_uri(self, path: str) -> str:
-        """A slice named by its place in the source (not by a temporary copy of an s3 folder)."""
-        return f"{self.source.rstrip('/')}/{os.path.basename(path)}"
+        """A slice named by its place in the source."""
+        return f"{self.source.rstrip('/')}/{PurePosixPath(path).name}"
 
     def _unreadable(self, path: str, err: Exception) -> SampleError:
         return SampleError(self._slice_uri(path), f"cannot read TIFF slice ({type(err).__name__}: {err})",
                            fix="re-export the slice, or move it out of the folder (the crops through it are lost)")
 
     def read(self, z0, z1, y0, y1, x0, x1):
-        import tifffile
-
         out = np.empty((z1 - z0, y1 - y0, x1 - x0), dtype=self.dtype)
         for i, z in enumerate(range(z0, z1)):
             if self._tif is not None:
-                plane = self._tif.series[0].pages[z].asarray()
-            else:
-                try:
-                    plane = tifffile.imread(self.paths[z])
-                except Exception as err:
-                    raise self._unreadable(self.paths[z], err) from None
-                if plane.shape != self.shape[1:]:
-                    raise SampleError(self._slice_uri(self.paths[z]), f"slice has shape {plane.shape}, the first slice {self.shape[1:]}",
-                                      fix="all slices of a stack must have one shape")
-            out[i] = plane[y0:y1, x0:x1]
+                out[i] = _page_region(self._tif.series[0].pages[z], y0, y1, x0, x1, is_s3(self.paths[0]))
+                continue
+            try:
+                with _tiff(self.paths[z]) as tif:
+                    series = tif.series[0]
+                    shape = tuple(series.shape)
+                    if shape == self.shape[1:]:
+                        out[i] = _page_region(series.pages[0], y0, y1, x0, x1, is_s3(self.paths[z]))
+            except SampleError:
+                raise
+            except Exception as err:
+                raise self._unreadable(self.paths[z], err) from None
+            if shape != self.shape[1:]:
+                raise SampleError(self._slice_uri(self.paths[z]), f"slice has shape {shape}, the first slice {self.shape[1:]}",
+                                  fix="all slices of a stack must have one shape")
         return out
 
     def close(self):
@@ -219,54 +300,65 @@ class VolumeReader(Reader):
 
     @contextlib.contextmanager
     def open(self) -> Iterator[_Volume]:
-        """The volume, opened for region reads (a local copy first when the source is on s3)."""
+        """The volume, opened for region reads (on s3, reads of what a region needs: see the module docstring)."""
         fmt, uri = self.format, self.uri
-        tree = fmt in ("zarr", "tiff_folder")
-        with (local_tree(uri) if tree else local_file(uri)) as path:
-            try:
-                vol = self._open_local(path)
-            except SampleError:
-                raise
-            except Exception as err:
-                raise SampleError(uri, f"cannot open {fmt} volume ({type(err).__name__}: {err})",
-                                  fix="check the file and the format/dataset options") from None
-            try:
-                if len(vol.shape) != 3:
-                    raise SampleError(uri, f"expected a 3-D volume (z, y, x), got shape {vol.shape}",
-                                      fix="pass a single-channel 3-D array (pick it with dataset=, or split channels)")
-                if self.max_voxels is not None and math.prod(vol.shape) > self.max_voxels:
-                    raise SampleError(uri, f"volume has {math.prod(vol.shape)} voxels, over max_voxels={self.max_voxels}",
-                                      fix="raise max_voxels or crop the source")
-                if self.voxel_size is not None:
-                    vol.voxel_size = self.voxel_size  # type: ignore[assignment]
-                yield vol
-            finally:
-                vol.close()
+        try:
+            vol = self._open_volume()
+        except SampleError:
+            raise
+        except Exception as err:
+            raise SampleError(uri, f"cannot open {fmt} volume ({type(err).__name__}: {err})",
+                              fix="check the file and the format/dataset options") from None
+        try:
+            if len(vol.shape) != 3:
+                raise SampleError(uri, f"expected a 3-D volume (z, y, x), got shape {vol.shape}",
+                                  fix="pass a single-channel 3-D array (pick it with dataset=, or split channels)")
+            if self.max_voxels is not None and math.prod(vol.shape) > self.max_voxels:
+                raise SampleError(uri, f"volume has {math.prod(vol.shape)} voxels, over max_voxels={self.max_voxels}",
+                                  fix="raise max_voxels or crop the source")
+            if self.voxel_size is not None:
+                vol.voxel_size = self.voxel_size  # type: ignore[assignment]
+            yield vol
+        finally:
+            vol.close()
 
-    def _open_local(self, path: str) -> _Volume:
-        fmt = self.format
+    def _open_volume(self) -> _Volume:
+        fmt, path, remote = self.format, self.uri, is_s3(self.uri)
         if fmt == "npy":
+            if remote:
+                file = RangedFile(path)
+                shape, dtype, offset, fortran = npy_layout(path)
+                return _RangedArray(file, shape, dtype, offset, fortran=fortran)
             return _ArrayVolume(np.load(path, mmap_mode="r"))
         if fmt == "mrc":
+            if remote:
+                return _ranged_mrc(path)
             import mrcfile
 
             mrc = mrcfile.mmap(path, mode="r", permissive=False)
             vs = mrc.voxel_size
-            return _ArrayVolume(mrc.data, (float(vs.z), float(vs.y), float(vs.x)), closer=mrc)
+            return _ArrayVolume(mrc.data, (float(vs.z), float(vs.y), float(vs.x)), mrc)
         if fmt == "hdf5":
             import h5py
 
-            f = h5py.File(path, "r")
+            handle = RangedFile(path) if remote else None
+            f = h5py.File(handle or path, "r")
+            closers = (f, handle) if handle else (f,)
             name = self.dataset or _only_dataset(f, self.uri)
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 f.close()
                 raise SampleError(self.uri, f"HDF5 file has no dataset {name!r}", fix="set dataset to an existing path")
             ds = f[name]
-            return _ArrayVolume(ds, self.voxel_size or _attrs_voxel_size(ds.attrs), closer=f)
+            return _ArrayVolume(ds, self.voxel_size or _attrs_voxel_size(ds.attrs), *closers)
         if fmt == "zarr":
             import zarr
 
-            node = zarr.open(path, mode="r")
+            if remote:
+                from .zarr_store import StorageStore
+
+                node = zarr.open(StorageStore(path), mode="r")
+            else:
+                node = zarr.open(path, mode="r")
             if isinstance(node, zarr.Group):
                 arrays = sorted(k for k, _ in node.arrays())
                 name = self.dataset or (arrays[0] if len(arrays) == 1 else None)
@@ -278,11 +370,15 @@ class VolumeReader(Reader):
         if fmt == "tiff":
             return _TiffStack([path], self.uri)
         # the slices scan_files lists in units(): top-level regular .tif files, hidden ones left out
-        names = sorted((n for n in os.listdir(path) if n.lower().endswith(TIFF_SLICE_SUFFIXES)
-                        and not n.startswith(".") and os.path.isfile(os.path.join(path, n))), key=_natural_key)
+        if remote:
+            found = [e.relpath for e in storage_for(path).list_dir(path)[0]]
+        else:
+            found = [n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n))]
+        names = sorted((n for n in found if n.lower().endswith(TIFF_SLICE_SUFFIXES) and not n.startswith(".")),
+                       key=_natural_key)
         if not names:
             raise SampleError(self.uri, "folder holds no .tif slices", fix="point to a folder of TIFF slices")
-        return _TiffStack([os.path.join(path, n) for n in names], self.uri)
+        return _TiffStack([f"{path.rstrip('/')}/{n}" if remote else os.path.join(path, n) for n in names], self.uri)
 
     # ------------------------------------------------------------------ units
 
@@ -374,9 +470,23 @@ class VolumeReader(Reader):
 
 
 def _top_entries(uri: str) -> list[Any]:
-    from arpipe.pipeline.storage import storage_for
+    return storage_for(uri).list_dir(uri)[0]
 
-    return [e for e in storage_for(uri).list(uri) if "/" not in e.relpath]
+
+def _ranged_mrc(uri: str) -> _RangedArray:
+    """An MRC file on s3: mrcfile reads its header (and extended header) from a RangedFile, with the checks
+    it makes on a local file; the data block is then read by ranges (mrcfile's memory map needs a local file)."""
+    from mrcfile.mrcinterpreter import MrcInterpreter
+    from mrcfile.utils import data_dtype_from_header, data_shape_from_header
+
+    # mrcfile writes its header back when an interpreter is closed on an open stream: it gets one of its own,
+    # closed before the interpreter is dropped
+    with RangedFile(uri) as head:
+        mrc = MrcInterpreter(iostream=head, permissive=False, header_only=True)
+        header, vs = mrc.header, mrc.voxel_size
+    offset = header.nbytes + int(header.nsymbt)
+    return _RangedArray(RangedFile(uri, head.size), data_shape_from_header(header), data_dtype_from_header(header),
+                        offset, (float(vs.z), float(vs.y), float(vs.x)))
 
 
 def _only_dataset(f: Any, source: str) -> str:
