@@ -28,6 +28,13 @@ os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")   # no Prometheus metric
 # Ray runs its workers at niceness 15 by default; the suite's own instance runs them at 0, in front of the
 # background work (tests/faults/fixtures.py: the kill campaigns' instance, at 19)
 os.environ.setdefault("RAY_worker_niceness", "0")
+# The background instance (tests/faults/fixtures.py) runs at niceness 19, control plane included: while the suite
+# keeps both cores busy, its processes can wait minutes for a share. Ray's defaults then give up on them: a worker
+# must register with its raylet within 60 s, or Ray kills it and after 5 tries fails the task ("Failed to startup
+# worker"; seen: the digits project's judge stage), and a raylet (or worker) that cannot reach the GCS for 60 s
+# exits, taking the instance down (seen: a pipeline waiting on it for good). Starved is not dead here: wait longer
+os.environ.setdefault("RAY_worker_register_timeout_seconds", "900")
+os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "900")
 # the suite's Ray instances are started by drivers that run few tasks themselves (pytest; the background
 # instance's holder runs none): the two idle workers Ray prestarts for a first driver would poll for the whole
 # session (~0.8 CPU-s a minute each); the `arpipe run` drivers that connect get the workers they ask for
