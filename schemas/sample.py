@@ -185,6 +185,8 @@ class SampleStage(StageBase):
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs reserved per actor; above 0 the model runs on "
                                                          "CUDA.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Model dtype on GPU (CPU runs fp32).")
+    compile: bool = Field(False, description="torch.compile each transformer block of the actors' model "
+                          "(dynamic shapes for KV-cached decoding; eager with one warning where it cannot compile).")
     weights: Literal["ema", "raw"] | None = Field(
         None, description="Which of the model's weights draw: `ema` the moving average a train stage with `ema:` "
                           "kept, `raw` the trained weights themselves (default: ema when the model has EMA "

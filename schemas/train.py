@@ -93,6 +93,23 @@ class RegisterSpec(Strict):
 DEFAULT_EPOCHS = 20.0   # measured on 1500 digits: docs/training.md, sizing a budget
 
 
+class ObjectiveSpec(Strict):
+    """TokenUnify's mixture of objectives for a next_token model; the weights are normalized."""
+
+    random_token: float = Field(0.0, ge=0, description="Weight of random-token prediction: a cosine-scheduled "
+                                "share of a document's tokens hidden and predicted from all the others.")
+    next_token: float = Field(1.0, ge=0, description="Weight of next-token prediction (the plain objective).")
+    next_all: float = Field(0.0, ge=0, description="Weight of next-all-token prediction: every token after a "
+                            "random cut predicted at once from the tokens before it.")
+
+    @model_validator(mode="after")
+    def _positive(self) -> ObjectiveSpec:
+        if self.random_token + self.next_token + self.next_all <= 0:
+            raise ValueError("the objective weights sum to 0; give at least one of random_token, next_token, "
+                             "next_all a positive weight")
+        return self
+
+
 class TrainStage(StageBase):
     """Trains an AR generator with DeepSpeed ZeRO under Ray Train; output ``model``."""
 
@@ -148,6 +165,11 @@ class TrainStage(StageBase):
                                                     "(new rows start as a fresh model's).")
     freeze: list[str] = Field(default_factory=list, description="Parameter-name patterns (fnmatch, e.g. "
                                                                 "`blocks.0.*`, `tok_emb.*`) kept fixed in training.")
+    compile: bool = Field(False, description="torch.compile each transformer block (regional compilation; "
+                          "eager with one warning where it cannot compile, and under ZeRO-3).")
+    objective: ObjectiveSpec | None = Field(None, description=(
+        "TokenUnify's mixture of random-token, next-token and next-all-token prediction, by weight, each "
+        "document of a batch under one of them (next_token models; default: next-token prediction alone)."))
     # `register` in YAML; the attribute has another name because ABCMeta.register is a class attribute
     registration: RegisterSpec | None = Field(None, alias="register", description=(
         "Register the trained model in the MLflow Model Registry as a new version of `name`, with `alias`."))
@@ -159,6 +181,9 @@ class TrainStage(StageBase):
             raise ValueError(f"give one budget: steps, epochs or tokens (got {', '.join(given)})")
         if not given:   # 20 passes: where a tiny model's held-out loss flattens on small image data
             self.epochs = DEFAULT_EPOCHS
+        if self.objective is not None and self.model.paradigm != "next_token":
+            raise ValueError(f"objective mixes next-token objectives (TokenUnify); this model is "
+                             f"{self.model.paradigm}: remove objective, or use paradigm: next_token")
         micro = self.micro_batch or max(1, self.global_batch // self.workers)
         if self.global_batch % (self.workers * micro):
             raise ValueError(f"global_batch {self.global_batch} does not divide by workers x micro_batch "

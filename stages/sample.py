@@ -188,7 +188,7 @@ class SampleWorker:
     """One model replica in a Ray actor; decodes shards into the stage folder."""
 
     def __init__(self, model_uri: str, env: dict[str, str], device: str, precision: str, weights: str = "raw",
-                 refiner_uri: str | None = None, refiner_weights: str = "raw"):
+                 refiner_uri: str | None = None, refiner_weights: str = "raw", compile: bool = False):
         import torch
 
         from arpipe.stages.models.folder import open_model
@@ -204,6 +204,12 @@ class SampleWorker:
         if refiner_uri is not None:
             self.refiner = open_model(refiner_uri, device=device, dtype=dtype, check_weights=False,
                                       weights=refiner_weights).model
+        if compile:   # the driver checked that torch.compile runs here; chunks of any length share one graph
+            from arpipe.stages.models import compile_blocks
+
+            for model in (self.model, self.refiner):
+                if model is not None:
+                    compile_blocks(model, dynamic=True, device=device)
         self._loaded: dict[str, Any] = {}
         self._relaxations: dict[tuple[str, int, float], Relaxation] = {}
 
@@ -738,9 +744,17 @@ class SampleStage(Stage):
             actor_cls = ray.remote(SampleWorker).options(num_cpus=spec.cpus_per_actor, num_gpus=spec.gpus_per_actor,
                                                          name=None, max_restarts=1, max_task_retries=1)
             env = {**ctx.forwarded_env(), "OMP_NUM_THREADS": str(max(1, int(spec.cpus_per_actor)))}
+            compiled = spec.compile
+            if compiled:
+                from arpipe.stages.models import compile_unavailable
+
+                why = compile_unavailable(device)
+                if why is not None:
+                    print(f"[{ctx.name}] compile: {why}; sampling eagerly", flush=True)
+                    compiled = False
             actors = [actor_cls.remote(ref.location, env, device, spec.precision, weights,
                                        refiner["model_location"] if refiner else None,
-                                       refiner["weights"] if refiner else "raw")
+                                       refiner["weights"] if refiner else "raw", compiled)
                       for _ in range(min(spec.actors, len(todo)))]
             done = sum(r.samples + len(r.rejects) for r in records.values())
             progress = Progress(ctx.name, total, what="samples", start=done)

@@ -22,6 +22,7 @@ Sampling::
     out = generate_sjd(model, plan, prompt, seed=0, window=16, relaxation=lantern)
     # masked (MaskGIT): train on mask_for_training(batch, generator); decode in a few parallel steps
     out = generate_masked(model, plan, prompt, SamplingOptions(), MaskedDecoding(steps=8), seed=0)
+    # next_token trained on TokenUnify's mixture: batch = mix_objectives(batch, ObjectiveMix(0.2, 0.6, 0.2), gen)
 
 Save / load: ``save_model(dir, model, vocab=vocab)``, ``load_model(dir)``, ``load_vocab(dir)``; a train stage's
 whole folder (config, vocab, tokenizers, scale inputs, weights, local or s3://): ``open_model(uri)``.
@@ -36,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "Paradigm": "config",
     "count_parameters": "config",
     "preset": "config",
+    "compile_blocks": "compile",
+    "compile_unavailable": "compile",
     "ModelFolder": "folder",
     "fetch_model": "folder",
     "open_model": "folder",
@@ -78,6 +81,9 @@ _EXPORTS: dict[str, str] = {
     "mask_for_training": "maskgit",
     "mask_ratio": "maskgit",
     "sequential_nll": "maskgit",
+    "OBJECTIVES": "tokenunify",
+    "ObjectiveMix": "tokenunify",
+    "mix_objectives": "tokenunify",
     "KVCache": "transformer",
     "Transformer": "transformer",
     "BOS": "vocab",
@@ -102,10 +108,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BOS", "EOS", "IGNORE_INDEX", "MASK", "MaskedDecoding", "NULL", "PAD", "PARADIGMS", "PRESETS", "PRESET_SIZES", "Generation", "KVCache",
+    "BOS", "EOS", "IGNORE_INDEX", "MASK", "MaskedDecoding", "NULL", "OBJECTIVES", "ObjectiveMix", "PAD", "PARADIGMS", "PRESETS", "PRESET_SIZES", "Generation", "KVCache",
     "ModelConfig", "ModelFolder", "ModelInputs", "Paradigm", "Plan", "Prompt", "Relaxation", "SamplingOptions", "ScaleInput", "Transformer", "VocabLayout",
-    "apply_rope", "attention_mask", "batch_inputs", "cached_attention_mask", "code_neighbours", "context_coords", "count_parameters", "draw",
-    "drop_conditions", "fetch_model", "generate", "generate_masked", "generate_sjd", "known_cells", "load_config", "load_model", "load_scale_inputs", "load_vocab", "make_plan", "mask_for_training", "mask_ratio",
+    "apply_rope", "attention_mask", "batch_inputs", "cached_attention_mask", "code_neighbours", "compile_blocks", "compile_unavailable", "context_coords", "count_parameters", "draw",
+    "drop_conditions", "fetch_model", "generate", "generate_masked", "generate_sjd", "known_cells", "load_config", "load_model", "load_scale_inputs", "load_vocab", "make_plan", "mask_for_training", "mask_ratio", "mix_objectives",
     "open_model", "pack_documents", "plan_for", "plan_for_modality", "plan_from_layout", "preset", "process_logits", "rope_angles", "rope_sections",
     "sample_generator", "save_model", "segment_names", "segment_scores", "sequential_nll",
 ]

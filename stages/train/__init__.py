@@ -257,7 +257,7 @@ class TrainStage(Stage):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from arpipe.stages.models import ScaleInput, count_parameters, preset
+        from arpipe.stages.models import ObjectiveMix, ScaleInput, count_parameters, preset
         from arpipe.stages.train.checkpoints import damage
         from arpipe.stages.train.config import TrainLoopConfig
         from arpipe.stages.train.data import (
@@ -314,7 +314,8 @@ class TrainStage(Stage):
             checkpoint_every=spec.checkpoint_every, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id,
             n_params=count_parameters(config), scale_inputs=inputs,
             heldout=heldout, heldout_name=names[0], stage=ctx.name, init=init, freeze=tuple(spec.freeze),
-            ema=spec.ema)
+            ema=spec.ema, objective=ObjectiveMix(**spec.objective.model_dump()) if spec.objective else None,
+            compile=spec.compile)
         print(f"[{ctx.name}] {config.paradigm} model, {count_parameters(config) / 1e6:.2f}M parameters, vocab "
               f"{config.vocab_size}, seq_len {seq_len}; {steps} steps of {spec.global_batch} sequences on "
               f"{spec.workers} worker(s), ZeRO-{spec.deepspeed.zero_stage} {spec.deepspeed.precision}", flush=True)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:   # the loop imports these on the worker; the stage module stays free of torch
     from arpipe.schemas.train import EmaSpec
     from arpipe.stages.models import ModelConfig, ScaleInput, VocabLayout
+    from arpipe.stages.models.tokenunify import ObjectiveMix
     from arpipe.stages.train.data import StoreSummary
     from arpipe.stages.train.init import InitialWeights
 
@@ -65,6 +66,10 @@ class TrainLoopConfig:
     freeze: tuple[str, ...] = ()
     #: the EMA each rank keeps of its share of the weights (``ema``; None: none)
     ema: EmaSpec | None = None
+    #: TokenUnify's mixture of objectives (``objective``; None: next-token prediction alone)
+    objective: ObjectiveMix | None = None
+    #: torch.compile each transformer block (``compile``)
+    compile: bool = False
 
     @property
     def uris(self) -> list[str]:

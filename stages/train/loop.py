@@ -74,11 +74,19 @@ def skip_inference_comm_op() -> None:
 def train_loop(cfg: TrainLoopConfig) -> None:
     import deepspeed
     import ray.train
+    import ray.train.torch
     import torch
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from arpipe.stages.models import Transformer, drop_conditions, mask_for_training, save_model
+    from arpipe.stages.models import (
+        Transformer,
+        compile_blocks,
+        drop_conditions,
+        mask_for_training,
+        mix_objectives,
+        save_model,
+    )
     from arpipe.stages.store import DistributedSampler
     from arpipe.stages.train.data import Documents, open_source
     from arpipe.stages.train.ema import Ema
@@ -101,6 +109,12 @@ def train_loop(cfg: TrainLoopConfig) -> None:
     if cfg.init is not None:   # before anything copies the weights (a checkpoint, when there is one, wins)
         apply_initial_weights(model, cfg.init)
     freeze(model, cfg.freeze)
+    compiled = None   # why the blocks stay eager, when compile was asked for and cannot run
+    if cfg.compile:   # regional: each block compiled once for all of them
+        compiled = compile_blocks(model, zero_stage=cfg.ds_config["zero_optimization"]["stage"],
+                                  device=ray.train.torch.get_device())
+        if compiled is not None and rank == 0:
+            write_line(f"[{cfg.stage}] compile: {compiled}; training eagerly")
     skip_inference_comm_op()
     engine, _opt, _loader, _sched = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=cfg.ds_config)
@@ -116,6 +130,8 @@ def train_loop(cfg: TrainLoopConfig) -> None:
         sampler.load_state_dict(client["sampler"])
     # rank 0 logs to the stage's nested run, batched to keep the tracking store's writes few
     metrics = RunLog(cfg.tracking_uri, cfg.mlflow_run_id if rank == 0 else None)
+    if cfg.compile and rank == 0:
+        metrics.set_tag("arpipe.compile", "blocks" if compiled is None else f"eager: {compiled}")
     if restored.skipped:
         metrics.buffer_metrics({"checkpoints_skipped": len(restored.skipped)}, step)
         if rank == 0:
@@ -147,6 +163,8 @@ def train_loop(cfg: TrainLoopConfig) -> None:
                                               doc_ids_BL=batch.doc_ids, generator=gen)
             if model_config.paradigm == "masked":   # MaskGIT: a cosine-scheduled share of each document masked
                 batch = mask_for_training(batch, gen)
+            elif cfg.objective is not None:   # TokenUnify: each document under one of the mixed objectives
+                batch = mix_objectives(batch, cfg.objective, gen)
             batch = batch.to(engine.device)
             _logits, loss = engine(**batch.as_kwargs())
             engine.backward(loss)
