@@ -182,6 +182,14 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         Ratio(("ratios", "next_token_680_sdpa_speedup"), "attention sdpa / dense, next_token L 680, fwd+bwd",
               "the dense boolean mask, CPU", None, "x"),
     )),
+    Benchmark("tokenunify", "tokenunify.py", "tokenunify.json", 21, (
+        Ratio(("ratios", "mixed / next-token held-out NLL"), "TokenUnify's mixture: held-out next-token NLL",
+              "next-token training alone, equal steps (MNI152 crops)", None, "x"),
+    ), ("--steps", "60")),
+    Benchmark("compile", "compile.py", "compile.json", 22, (
+        Ratio(("ratios", "eager / compiled step time"), "compile: true, training step speed-up",
+              "eager blocks, tiny preset on CPU", None, "x"),
+    ), ("--steps", "5")),
     Benchmark("s3_volume_read", "s3_volume_read.py", "s3_volume_read.json", 22, (
         Ratio(("ratios", "ranged bytes / region stored bytes"), "S3 volume unit read: bytes transferred / region bytes",
               "the compressed chunks the unit's region covers", ("<=", 2), "x"),
