@@ -207,3 +207,11 @@ def test_collate_batches_samples_of_different_shapes_and_conditions(mixed_store)
     assert batch["modality"] == ["sketch", "image", "image", "sketch"] and batch["index"].tolist() == [0, 1, 2, 3]
     labels = collate_samples([TokenDataset(mixed_store)[i] for i in (2, 3, 6, 7)])["condition"]
     assert labels.dtype == torch.int64 and labels.shape == (4,)
+
+
+def test_a_sample_s_condition_is_its_own_a_caller_changing_it_changes_no_later_read(mixed_store):
+    first = mixed_store[1]
+    assert first.condition == {"text": f"a {first.caption.split()[-1]}"}
+    first.condition["text"] = "changed by the caller"
+    assert mixed_store[1].condition == {"text": f"a {first.caption.split()[-1]}"}
+    assert mixed_store[1].condition is not mixed_store[1].condition

@@ -265,7 +265,8 @@ class TokenStore:
         sample = object.__new__(Sample)
         sample.__dict__.update({
             "index": shard.start + row, "key": c.keys[row], "modality": c.modalities[row], "shape": tokens.shape,
-            "tokens": tokens, "condition": c.conditions[row], "source_uri": c.source_uris[row],
+            "tokens": tokens, "condition": None if (cond := c.conditions[row]) is None else json.loads(cond),
+            "source_uri": c.source_uris[row],
             "source_digest": c.source_digests[row], "shard": shard.entry.name, "caption": c.captions[row],
             "caption_tokens": c.caption_tokens[row], "control_tokens": c.control_tokens[row],
         })

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -49,7 +49,7 @@ class Columns:
 
     keys: list[str]
     modalities: list[str]
-    conditions: list[Any]
+    conditions: list[str | None]   # as stored (JSON): each read parses its own, so no two reads share an object
     source_uris: list[str | None]
     source_digests: list[str | None]
     captions: list[str | None]
@@ -152,7 +152,7 @@ class ShardReader:
                 return [None if v is None else tuple(v) for v in column(name)]
 
             self._columns = Columns(
-                keys=column("key"), modalities=_shared(column("modality")), conditions=self.conditions(),
+                keys=column("key"), modalities=_shared(column("modality")), conditions=column("condition"),
                 source_uris=column("source_uri"), source_digests=column("source_digest"), captions=column("caption"),
                 caption_tokens=id_lists("caption_tokens"), control_tokens=id_lists("control_tokens"))
         return self._columns
