@@ -551,7 +551,7 @@ def npy_header(uri: str) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, data offset) of a C-ordered .npy file from its first bytes only (local or s3)."""
     shape, dtype, offset, fortran = npy_layout(uri)
     if fortran:
-        raise SampleError(uri, "the .npy array is Fortran-ordered or holds Python objects",
+        raise SampleError(uri, "the .npy array is Fortran-ordered",
                           fix="save a C-ordered numeric array (numpy.ascontiguousarray)")
     return shape, dtype, offset
 
@@ -569,6 +569,5 @@ def npy_layout(uri: str) -> tuple[tuple[int, ...], np.dtype, int, bool]:
     except Exception as err:
         raise SampleError(uri, f"not a readable .npy file ({err})", fix="re-create it with numpy.save") from None
     if dtype.hasobject:
-        raise SampleError(uri, "the .npy array is Fortran-ordered or holds Python objects",
-                          fix="save a C-ordered numeric array (numpy.ascontiguousarray)")
+        raise SampleError(uri, "the .npy array holds Python objects", fix="save a numeric array (numpy.save)")
     return tuple(shape), dtype, f.tell(), bool(fortran)

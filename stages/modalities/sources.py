@@ -191,8 +191,8 @@ class RangedFile(io.RawIOBase):
     exactly the bytes asked for; with ``streaming`` (a decoder reading on through a file), a long read
     that continues the previous one fetches twice as much as that did, up to ``max_fetch``, so a long
     sequential read costs few requests and overshoots by at most its last fetch. The size comes from
-    one HEAD at open (or from a listing, ``size``); an object that changes while it is read is an
-    error, not garbage.
+    one HEAD at open (or from a listing, ``size``); an object that shrinks or vanishes while it is read
+    is an error, not garbage (a rewrite to the same length is not detected: there is no ETag check).
     """
 
     def __init__(self, uri: str, size: int | None = None, *, small_read: int = 4 << 10, read_ahead: int = 16 << 10,

@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 
 from .sampling import Generation, Prompt, SamplingOptions, Session, draw
-from .sequence import IGNORE_INDEX, ModelInputs, Plan, batch_inputs
+from .sequence import IGNORE_INDEX, ModelInputs, Plan, batch_inputs, target_documents
 from .transformer import Transformer
 from .vocab import MASK
 
@@ -83,17 +83,14 @@ def mask_for_training(inputs: ModelInputs, generator: torch.Generator) -> ModelI
     ``ceil(cos(pi r / 2) N)`` of its ``N`` targets (``r ~ U[0, 1)``, at least one) read ``MASK`` and are
     the only ones scored. One draw of ``r`` and one permutation per document, from ``generator`` (CPU)."""
     scored_BL = inputs.target_ids != IGNORE_INDEX
-    docs_BL = inputs.doc_ids if inputs.doc_ids is not None else torch.zeros_like(inputs.target_ids)
     input_ids, target_ids = inputs.input_ids.clone(), inputs.target_ids.clone()
     keep_BL = torch.zeros_like(scored_BL)
-    for b in range(scored_BL.shape[0]):
-        for d in torch.unique(docs_BL[b][scored_BL[b]]).tolist():
-            pos = torch.nonzero(scored_BL[b] & (docs_BL[b] == d)).squeeze(1)
-            n = len(pos)
-            r = float(torch.rand((), generator=generator, dtype=torch.float64))
-            k = min(n, max(1, math.ceil(mask_ratio(r) * n)))
-            chosen = pos[torch.randperm(n, generator=generator)[:k].to(pos.device)]
-            keep_BL[b, chosen] = True
+    for b, pos in target_documents(inputs):
+        n = len(pos)
+        r = float(torch.rand((), generator=generator, dtype=torch.float64))
+        k = min(n, max(1, math.ceil(mask_ratio(r) * n)))
+        chosen = pos[torch.randperm(n, generator=generator)[:k].to(pos.device)]
+        keep_BL[b, chosen] = True
     input_ids[keep_BL] = MASK
     target_ids[scored_BL & ~keep_BL] = IGNORE_INDEX
     return replace(inputs, input_ids=input_ids, target_ids=target_ids)

@@ -305,6 +305,18 @@ class ModelInputs:
                 "feature_mask_BL": self.feature_mask}
 
 
+def target_documents(inputs: ModelInputs) -> list[tuple[int, torch.Tensor]]:
+    """Each document's row and target positions (in order), row by row, documents in id order: what the
+    training transforms (MaskGIT's masks, TokenUnify's objectives) draw for, one document at a time."""
+    scored_BL = inputs.target_ids != IGNORE_INDEX
+    docs_BL = inputs.doc_ids if inputs.doc_ids is not None else torch.zeros_like(inputs.target_ids)
+    found = []
+    for b in range(scored_BL.shape[0]):
+        for d in torch.unique(docs_BL[b][scored_BL[b]]).tolist():
+            found.append((b, torch.nonzero(scored_BL[b] & (docs_BL[b] == d)).squeeze(1)))
+    return found
+
+
 def batch_inputs(plan: Plan, targets_BN: torch.Tensor, context_BP: torch.Tensor, *,
                  bos_id: int = BOS) -> ModelInputs:
     """Rows of one document each, same plan: ``(B, P + N)`` inputs (fixed-length samples, no packing)."""

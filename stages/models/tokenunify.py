@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .maskgit import mask_ratio
-from .sequence import IGNORE_INDEX, ModelInputs
+from .sequence import IGNORE_INDEX, ModelInputs, target_documents
 from .vocab import MASK
 
 #: in the order of the paper's hierarchy (local -> global)
@@ -77,24 +77,13 @@ class ObjectiveMix:
         return tuple(counts)
 
 
-def documents_of(inputs: ModelInputs) -> list[tuple[int, torch.Tensor]]:
-    """Each document's row and target positions (in order), row by row."""
-    scored_BL = inputs.target_ids != IGNORE_INDEX
-    docs_BL = inputs.doc_ids if inputs.doc_ids is not None else torch.zeros_like(inputs.target_ids)
-    found = []
-    for b in range(scored_BL.shape[0]):
-        for d in torch.unique(docs_BL[b][scored_BL[b]]).tolist():
-            found.append((b, torch.nonzero(scored_BL[b] & (docs_BL[b] == d)).squeeze(1)))
-    return found
-
-
 def mix_objectives(inputs: ModelInputs, mix: ObjectiveMix, generator: torch.Generator) -> ModelInputs:
     """The batch with each document under its objective (module docstring); ``generator`` on the CPU."""
     if mix.plain:
         return inputs
     input_ids, target_ids = inputs.input_ids.clone(), inputs.target_ids.clone()
     group_ids = inputs.group_ids.clone()
-    documents = documents_of(inputs)
+    documents = target_documents(inputs)
     kinds = [kind for kind, count in zip(OBJECTIVES, mix.counts(len(documents)), strict=True)
              for _ in range(count)]
     order = torch.randperm(len(documents), generator=generator).tolist()
