@@ -4,7 +4,9 @@
 #   1. what the machine is (nvidia-smi, torch's CUDA build, bf16 support);
 #   2. the attention kernels on CUDA: tests/test_attention_kernels.py runs its CUDA cases (flex, sdpa and dense
 #      logits and gradients within 1e-5 for every paradigm, packed or not) and tests/test_compile.py;
-#   3. a train stage of the `small` preset (~100M parameters) on 1 GPU: ZeRO-2, bf16, 100 steps of 16 packed
+#   3. tokenizing on the GPU (~1 minute): tests/test_tokenize_gpu.py runs its CUDA cases (patch_vq, msvq and vqvae
+#      encode on cuda as on the CPU, up to near-ties; a tokenize stage with resources.num_gpus on Ray GPU tasks);
+#   4. a train stage of the `small` preset (~100M parameters) on 1 GPU: ZeRO-2, bf16, 100 steps of 16 packed
 #      sequences of 2048 tokens (scikit-learn's digits, tokenized first), with NCCL through Ray Train;
 #      prints tokens/s and MFU (the train stage's own metrics, median over steps 20-100, from MLflow).
 # Usage: benchmarks/gpu_check.sh [WORK_DIR]   (from the checkout; the work folder is kept for a look afterwards)
@@ -27,7 +29,10 @@ EOF
 echo "== 2. attention kernels and compile on CUDA"
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention_kernels.py tests/test_compile.py -rs
 
-echo "== 3. small preset, 1 GPU, ZeRO-2, bf16, 100 steps"
+echo "== 3. tokenizers and a tokenize stage on CUDA"
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_tokenize_gpu.py -rs
+
+echo "== 4. small preset, 1 GPU, ZeRO-2, bf16, 100 steps"
 cp examples/s3_storage_steps.py "$WORK/"
 cat > "$WORK/gpu.yaml" <<'EOF'
 name: gpu-check

@@ -1,11 +1,15 @@
-"""Where stages run: joining Ray, and whether that place can see this run's storage and lineage.
+"""Where stages run: joining Ray, and whether that place can see this run's storage and lineage and has
+the GPUs a stage asks for.
 
 ``arpipe run --address`` joins an existing Ray cluster (or starts an embedded
 one). Stages run on whichever node Ray picks. A local ``storage:`` folder or a
 SQLite/file MLflow store lives on the submitting machine only, so on a
 multi-node cluster the workers would write outputs nobody else sees and the
 lineage would land in a file on some node. That is found here, in one line,
-instead of after an hour of training. The checks import neither ray nor mlflow.
+instead of after an hour of training. These checks import neither ray nor
+mlflow. A stage that asks for GPUs no node has and none will bring would wait
+for good (Ray keeps such a task pending for an autoscaler): :func:`require_gpus`,
+which asks the connected Ray, says so in one line instead.
 
 This is the orchestrator's side of a cluster; ``arpipe.cluster`` (``submit``,
 ``jobs``) builds on it and the orchestrator never imports ``arpipe.cluster``.
@@ -17,7 +21,8 @@ import contextlib
 import ipaddress
 import os
 import socket
-from collections.abc import Collection, Iterator
+import time
+from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -26,6 +31,12 @@ from arpipe.pipeline.storage import is_s3
 
 if TYPE_CHECKING:
     from arpipe.pipeline.config import LoadedPipeline
+
+#: seconds a stage waits for a node with the GPUs it asks for to join a cluster that may add one
+GPU_WAIT_ENV = "ARPIPE_GPU_WAIT_S"
+GPU_WAIT_S = 600.0
+#: whether this process started the Ray it is connected to (an embedded Ray never gains nodes)
+_embedded = False
 
 #: addresses that name "this machine" without looking anything up
 LOCAL_NAMES = {"", "local", "auto", "localhost", "localhost.localdomain"}
@@ -151,6 +162,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     """
     import ray
 
+    global _embedded
     if ray.is_initialized():
         return f"Ray at {ray.get_runtime_context().gcs_address}"
     address = address or os.environ.get("RAY_ADDRESS")
@@ -160,7 +172,61 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     with agent_on_free_port():
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
                  log_to_driver=True)
+    _embedded = True
     return f"local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+def require_gpus(per_task: float, *, where: str, say: Callable[[str], None]) -> None:
+    """Return once a node of the Ray cluster can hold a task of ``per_task`` GPUs; raise a one-line
+    :class:`UserError` when none can and none will join.
+
+    Ray keeps a task that no node can hold pending for good, in case an autoscaler adds a node, so a GPU
+    request on a cluster without GPUs would hang the stage. A live node with the GPUs passes at once.
+    Otherwise: where the autoscaler publishes its node groups (autoscaler v2, e.g. KubeRay; read as Ray
+    Train reads them before it places its workers) a group with the GPUs passes (Ray waits for the node)
+    and none fails; a Ray embedded in this process cannot grow and fails; any other cluster (the cluster
+    launcher's autoscaler, whose node types Ray does not publish) gets ``ARPIPE_GPU_WAIT_S`` seconds (600)
+    for such a node to join, ``say`` telling the user it waits. ``where`` names the config field.
+    """
+    import ray
+
+    def most_on_one_node() -> float:
+        return max((float(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+    if per_task <= 0 or most_on_one_node() >= per_task:
+        return
+    groups = _autoscaler_gpus()
+    if groups is not None and any(g >= per_task for g in groups):
+        return
+    wait = 0.0 if groups is not None or _embedded else float(os.environ.get(GPU_WAIT_ENV, GPU_WAIT_S))
+    if wait > 0:
+        say(f"no Ray node has {per_task:g} GPU(s) yet: waiting up to {wait:g} s for one to join (an autoscaler's "
+            f"GPU node; {GPU_WAIT_ENV} sets how long)")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+            if most_on_one_node() >= per_task:
+                return
+    most = most_on_one_node()
+    has = "a GPU" if most == 0 else f"more than {most:g}"
+    why = ("its autoscaler adds none" if groups is not None else "it is the Ray this run started, on this machine "
+           "alone" if _embedded else f"none joined within {wait:g} s")
+    raise UserError(f"asks for {per_task:g} GPU(s) per task, but no node of the Ray cluster has {has} ({why})",
+                    where=where, fix="set it to 0 to run on CPUs, or run on a Ray cluster with GPU nodes "
+                                     "(--address, docs/cluster.md)")
+
+
+def _autoscaler_gpus() -> list[float] | None:
+    """GPUs per node of each node group the cluster's autoscaler can still start (None: not published)."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except (ImportError, AttributeError):   # a Ray without it: as if not published
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return [float(group.resources.get("GPU", 0)) for group in config.node_group_configs if group.max_count != 0]
 
 
 @contextlib.contextmanager

@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from arpipe.pipeline.lineage import DeferredRunLog, RunLog, StageLog
-from arpipe.schemas.base import StageBase
+from arpipe.schemas.base import Resources, StageBase
+
+
+def ray_resources(resources: Resources) -> dict[str, Any]:
+    """A config's ``resources`` as Ray task options (``num_cpus``, ``num_gpus``, ``memory`` when set)."""
+    options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+    if resources.memory:
+        options["memory"] = resources.memory
+    return options
 
 
 @dataclass(frozen=True)
@@ -161,10 +169,7 @@ class Stage(ABC):
         resources = getattr(spec, "resources", None)
         if resources is None:
             return {"num_cpus": 1}
-        options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
-        if resources.memory:
-            options["memory"] = resources.memory
-        return options
+        return ray_resources(resources)
 
     @abstractmethod
     def run(self) -> dict[str, Output | Any]:

@@ -351,7 +351,12 @@ class TokenizeStage(StageBase):
                                                           "edges computed from it), tokenized, beside its tokens.")
     shards: ShardSpec = Field(default_factory=ShardSpec, description="How encoded samples are cut into "
                                                                      "store shards.")
-    workers: int = Field(2, ge=1, description="Concurrent Ray tasks (one CPU each).")
+    workers: int = Field(2, ge=1, description="Work units encoded at once: Ray tasks, or with resources.num_gpus "
+                                              "> 0 as many Ray actors (each with `resources`).")
+    resources: Resources = Field(
+        default_factory=Resources, description="Ray resources of each unit's task (default one CPU); num_gpus > 0 "
+        "encodes on `workers` actors that each hold that share of a GPU (patch_vq, msvq, vqvae; octree, codec "
+        "and text tokenizers encode on the CPU whatever it asks for). See docs/tokenizers.md.")
     max_reject_fraction: float = Field(0.01, ge=0, le=1,
                                        description="Fail when more than this share of samples is rejected.")
     progress: bool = Field(True, description="Print units done/total, samples encoded, samples/s, elapsed and "

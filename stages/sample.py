@@ -210,6 +210,7 @@ class SampleWorker:
             for model in (self.model, self.refiner):
                 if model is not None:
                     compile_blocks(model, dynamic=True, device=device)
+        self.device = device   # the tokenizers decode here too (a CPU actor's vqvae must not take a GPU)
         self._loaded: dict[str, Any] = {}
         self._relaxations: dict[tuple[str, int, float], Relaxation] = {}
 
@@ -217,7 +218,7 @@ class SampleWorker:
         if name not in self._loaded:
             from arpipe.stages.modalities import load_tokenizer
 
-            self._loaded[name] = load_tokenizer(self.tokenizers[name]["tokenizer_uri"])
+            self._loaded[name] = load_tokenizer(self.tokenizers[name]["tokenizer_uri"], device=self.device)
         return self._loaded[name]
 
     def relaxation(self, name: str, relaxed: RelaxedSpec) -> Relaxation:

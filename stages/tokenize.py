@@ -1,12 +1,20 @@
 """Stage kind ``tokenize``: apply a tokenizer to a source on Ray, into a token store.
 
 The source's reader lists partition units (files, tar shards, volume crop
-regions, clip windows); each unit is one Ray task (an :class:`EncodeJob`) that
-reads, encodes and commits its shard(s), then its record
-``.arpipe/units/u<n>.json`` (``stages.store.units``). A rerun reuses every unit
-whose record and shards are in place, so a crash costs at most the units in
-flight. At most ``workers`` tasks (one CPU each) are in flight (backpressure:
-memory stays bounded however large the source).
+regions, clip windows); each unit (an :class:`EncodeJob`) is read, encoded and
+committed by one Ray task, or on GPUs by one call of a :class:`GpuEncoder`
+actor: its shard(s), then its record ``.arpipe/units/u<n>.json``
+(``stages.store.units``). A rerun reuses every unit whose record and shards are
+in place, so a crash costs at most the units in flight. At most ``workers`` units (each with the stage's ``resources``, one CPU
+by default) are in flight (backpressure: memory stays bounded however large the
+source).
+
+With ``resources.num_gpus`` > 0 a pool of ``workers`` actors each holds that
+share of a GPU and its tokenizer encodes there, batch by batch, in full float32
+(patch_vq, msvq, vqvae: those with a ``device`` runtime option); a tokenizer
+without one (octree, codec) runs on the CPU and the stage says so in one line.
+A request no node of the cluster can meet fails in one line
+(``pipeline.remote.require_gpus``) instead of waiting for good.
 
 A sample that fails to read or encode is quarantined in ``rejects.arrow``
 (source, reason, stage, time); the stage fails only when rejects exceed
@@ -19,6 +27,7 @@ every file is stored, quarantined or skipped.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 from arpipe.pipeline.digest import listing_digest
 from arpipe.pipeline.errors import UserError
 from arpipe.pipeline.progress import Progress
-from arpipe.pipeline.stage import Output, Stage, StageContext
+from arpipe.pipeline.stage import Output, Stage, StageContext, ray_resources
 from arpipe.pipeline.storage import join, normalize
+from arpipe.schemas.base import Resources
 from arpipe.schemas.tokenize import ImageSource, Source
 from arpipe.schemas.tokenize import TokenizeStage as TokenizeSpec
 
@@ -42,17 +52,32 @@ ENCODE_BATCH = 64
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def _tokenizer(uri: str, digest: str):
-    """One loaded tokenizer per worker process and artifact (workers are reused across tasks).
+def _tokenizer(uri: str, digest: str, device: str = "cpu"):
+    """One loaded tokenizer per worker process, artifact and device (workers are reused across tasks).
 
-    The driver read the artifact's digest once; a worker verifies and loads it only on a miss.
+    The driver read the artifact's digest once; a worker verifies and loads it only on a miss. ``device``
+    reaches the tokenizers that take one (``runtime_options``); the others ignore it.
     """
-    key = f"{uri}@{digest}"
+    key = f"{uri}@{digest}@{device}"
     if key not in _TOKENIZERS:
         from arpipe.stages.modalities import load_tokenizer
 
-        _TOKENIZERS[key] = load_tokenizer(uri)
+        _TOKENIZERS[key] = load_tokenizer(uri, device=device)
     return _TOKENIZERS[key]
+
+
+def unit_device(resources: Resources) -> str:
+    """Where a unit's tokenizer runs: ``cuda`` (the GPU Ray gives the task) when the stage asks for GPUs,
+    else ``cpu``, also on a node with GPUs (Ray 2.60 leaves a task that asked for none every GPU visible:
+    it must not take one that another task holds)."""
+    return "cuda" if resources.num_gpus > 0 else "cpu"
+
+
+def unit_ray_options(resources: Resources) -> dict[str, Any]:
+    """Ray options of what encodes the units: the stage's ``resources``, and on CPUs a plain task retried
+    twice when cut off, on GPUs a :class:`GpuEncoder` actor restarted once (its unit then retried once)."""
+    retries = {"max_restarts": 1, "max_task_retries": 1} if resources.num_gpus > 0 else {"max_retries": 2}
+    return {**ray_resources(resources), **retries}
 
 
 def unit_name(index: int) -> str:
@@ -110,6 +135,7 @@ class EncodeJob:
     control: ControlMaps | None  # each image's control map and its tokenizer, if any
     samples_per_shard: int
     stage: str                  # named in the rejects
+    device: str = "cpu"         # where the tokenizers encode (``unit_device``)
 
     @property
     def name(self) -> str:
@@ -143,9 +169,10 @@ def encode_unit(job: EncodeJob) -> UnitRecord:
 
     source, unit, store_uri = job.source, job.unit, job.units.store_uri
     reader = open_reader(source.modality, source.uri, **source.reader_options())
-    tok = _tokenizer(job.tokenizer_uri, job.tokenizer_digest)
+    tok = _tokenizer(job.tokenizer_uri, job.tokenizer_digest, job.device)
     text_tok = _tokenizer(*job.text_tokenizer) if job.text_tokenizer else None
-    control_tok = _tokenizer(job.control.tokenizer_uri, job.control.tokenizer_digest) if job.control else None
+    control_tok = (_tokenizer(job.control.tokenizer_uri, job.control.tokenizer_digest, job.device)
+                   if job.control else None)
     layout = tok.layout()
     # single-grid tokenizers (patch_vq, vqvae) store tokens in their grid shape; scales/octree stay flat
     grid = tuple(layout["grid"]) if "grid" in layout and "scales" not in layout else None
@@ -222,6 +249,22 @@ def encode_unit(job: EncodeJob) -> UnitRecord:
     return record
 
 
+class GpuEncoder:
+    """A Ray actor that encodes units on the share of a GPU it holds for its life.
+
+    A plain task is the wrong vehicle for a GPU unit: Ray starts a new worker process for each GPU task
+    (torch, CUDA and the tokenizer loaded anew for every unit, seconds against the milliseconds a batch
+    takes), or, where a worker is reused, CUDA stays on the device of its first task whatever Ray assigns
+    next. An actor gets its GPU once and keeps its tokenizers (``_tokenizer``) loaded across units.
+    """
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+
+    def encode(self, job: EncodeJob) -> UnitRecord:
+        return StageContext.with_env(self.env, encode_unit, job)
+
+
 class TokenizeStage(Stage):
     kind = "tokenize"
     version = "1"
@@ -285,12 +328,31 @@ class TokenizeStage(Stage):
         return replace(control, source=maps.model_copy(update={"format": "folder"})), paired, [*reader.skipped,
                                                                                                 *skipped]
 
-    def run(self) -> dict[str, Output]:
+    def _encode(self, todo: list[EncodeJob]) -> Iterator[tuple[EncodeJob, UnitRecord]]:
+        """Each job with its record as it finishes, ``workers`` in flight, each with the stage's resources:
+        plain Ray tasks on CPUs, a pool of ``workers`` :class:`GpuEncoder` actors when GPUs are asked for."""
         import ray
 
-        from arpipe.stages.modalities import Unit, open_reader, read_artifact
+        from arpipe.stages.store import fan_out
+
+        spec, env, options = self.spec, self.ctx.forwarded_env(), unit_ray_options(self.spec.resources)
+        if not spec.resources.num_gpus:
+            task = ray.remote(StageContext.with_env).options(**options, name=f"arpipe:{self.ctx.name}:unit")
+            yield from fan_out(todo, lambda job, _slot: task.remote(env, encode_unit, job), spec.workers)
+            return
+        actors = [ray.remote(GpuEncoder).options(**options).remote(env) for _ in range(min(spec.workers, len(todo)))]
+        try:   # one unit per actor at a time, an actor is a slot once placed: those Ray cannot place wait unused
+            yield from fan_out(todo, lambda job, slot: actors[slot].encode.remote(job), len(actors),
+                               ready=[actor.__ray_ready__.remote() for actor in actors])
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+
+    def run(self) -> dict[str, Output]:
+        from arpipe.pipeline.remote import require_gpus
+        from arpipe.stages.modalities import Unit, open_reader, read_artifact, tokenizer_class
         from arpipe.stages.modalities.accounting import skip_metrics, skip_summary
-        from arpipe.stages.store import Reject, StoreUnits, TokenizerRef, fan_out
+        from arpipe.stages.store import Reject, StoreUnits, TokenizerRef
 
         spec, ctx = self.spec, self.ctx
         source = spec.source.model_copy(update={"uri": normalize(spec.source.uri, ctx.pipeline_dir)})
@@ -323,26 +385,32 @@ class TokenizeStage(Stage):
             source = source.model_copy(update={"format": reader.format})
         control, paired, unpaired = self._control_maps(source, listing, control_doc)
         skipped = [*skipped, *unpaired]
+        device = unit_device(spec.resources)
         jobs = [EncodeJob(units=units, index=i, unit=unit, source=source, tokenizer_uri=spec.tokenizer,
                           tokenizer_digest=tok_doc["digest"], samples_per_shard=spec.shards.samples_per_shard,
                           text_tokenizer=(spec.text_tokenizer, text_doc["digest"]) if text_doc else None,
                           control=control and replace(control, paired={rel: paired[rel] for rel in unit.members
                                                                        if rel in paired}),
-                          stage=ctx.name) for i, unit in enumerate(listing)]
+                          stage=ctx.name, device=device) for i, unit in enumerate(listing)]
         # a record is reused only for the very unit it read (a listing that changed shape re-reads it)
         records = {job.name: r for job in jobs if (r := units.reusable(job.name)) is not None
                    and isinstance(d := r.detail.get("unit"), dict) and Unit.from_json(d) == job.unit}
         reused = len(records)
         todo = [job for job in jobs if job.name not in records]
+        gpus = spec.resources.num_gpus
         print(f"[{ctx.name}] {len(jobs)} units from {source.uri}: {reused} reused, {len(todo)} to encode "
-              f"with {spec.workers} worker(s)", flush=True)
-        task = ray.remote(StageContext.with_env).options(num_cpus=1, max_retries=2, name=f"arpipe:{ctx.name}:unit")
-        env = ctx.forwarded_env()
+              f"with {spec.workers} worker(s)" + (f" on {device}, {gpus:g} GPU each" if gpus else ""), flush=True)
+        if todo and gpus:
+            if "device" not in tokenizer_class(tok_doc["type"]).runtime_options:
+                print(f"[{ctx.name}] the {tok_doc['type']} tokenizer has nothing to run on a GPU: it encodes on "
+                      f"the CPU, while each unit still holds the {gpus:g} GPU resources.num_gpus asks for (set it "
+                      "to 0 to leave them to other work)", flush=True)
+            require_gpus(gpus, where=f"stages.{ctx.name}.resources.num_gpus",
+                         say=lambda line: print(f"[{ctx.name}] {line}", flush=True))
         started = time.time()
         progress = Progress(ctx.name, len(jobs), what="units", start=reused)
         encoded_samples = encoded_tokens = 0
-        # one CPU each: `workers` run at once
-        for job, record in fan_out(todo, lambda job, _slot: task.remote(env, encode_unit, job), spec.workers):
+        for job, record in self._encode(todo):
             records[job.name] = record
             encoded_samples += record.samples
             encoded_tokens += record.tokens

@@ -12,6 +12,7 @@ records the sha256 of the weights) is what downstream fingerprints depend on.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 from abc import ABC, abstractmethod
@@ -375,6 +376,33 @@ def load_tokenizer(uri: str, device: str | None = None) -> Tokenizer:
     return tok
 
 
+def resolve_device(device: str) -> torch.device:
+    """A tokenizer's ``device`` option: ``auto`` -> CUDA when present, else CPU; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TokenizerError(f"device {device!r} requested but CUDA is not available",
+                             fix="use device: auto or cpu (a tokenize stage: resources.num_gpus: 0), or install a "
+                                 "CUDA build of torch on the GPU nodes")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def full_float32(device: torch.device) -> Iterator[None]:
+    """On CUDA, matmuls and convolutions in full float32 while the block runs (cuDNN uses TF32 for convolutions
+    by default, which rounds inputs to 10 bits of mantissa): a GPU then encodes as the CPU does, up to float
+    rounding, so a store's tokens do not depend on where its units ran. Elsewhere it changes nothing."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def as_batch(arrays: Sequence[np.ndarray] | np.ndarray | torch.Tensor) -> torch.Tensor:
     """Stack sample arrays into one float32 tensor (no copy for a tensor already batched)."""
     if isinstance(arrays, torch.Tensor):
@@ -395,12 +423,17 @@ def check_input_shape(x: torch.Tensor, expected: Sequence[int], tokenizer: str) 
 class FixedLengthTokenizer(Tokenizer):
     """A tokenizer whose samples all have one shape and one token count (patch_vq, msvq, vqvae).
 
-    Subclasses implement ``encode(x_B...) -> idx_BL`` and ``decode(idx_BL) -> x_B...``.
+    Subclasses implement ``encode(x_B...) -> idx_BL`` and ``decode(idx_BL) -> x_B...`` on ``device``:
+    :meth:`encode_arrays` and :meth:`decode_arrays` move each batch there and the results back to CPU
+    numpy. A subclass that can run on a GPU lists ``device`` in ``runtime_options`` and takes it in its
+    constructor; the others stay on the CPU.
     """
 
     #: samples per encode call in :meth:`encode_arrays` (bounds the memory of a stage task)
     batch_size: int = 256
     codebook_size: int
+    #: where encode and decode run (set by a subclass's ``device`` option)
+    device: torch.device = torch.device("cpu")
 
     @property
     def vocab_size(self) -> int:
@@ -414,16 +447,19 @@ class FixedLengthTokenizer(Tokenizer):
 
     def encode_arrays(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         out: list[np.ndarray] = []
-        for s in range(0, len(arrays), self.batch_size):
-            idx_BL = self.encode(as_batch(arrays[s:s + self.batch_size]))
-            out.extend(idx_BL.cpu().numpy())
+        with full_float32(self.device):
+            for s in range(0, len(arrays), self.batch_size):
+                idx_BL = self.encode(as_batch(arrays[s:s + self.batch_size]).to(self.device))
+                out.extend(idx_BL.cpu().numpy())
         return out
 
     def decode_arrays(self, tokens: Sequence[np.ndarray]) -> list[np.ndarray]:
         out: list[np.ndarray] = []
-        for s in range(0, len(tokens), self.batch_size):
-            idx_BL = torch.from_numpy(np.stack([np.asarray(t, dtype=np.int64) for t in tokens[s:s + self.batch_size]]))
-            out.extend(self.decode(idx_BL).cpu().numpy())
+        with full_float32(self.device):
+            for s in range(0, len(tokens), self.batch_size):
+                idx_BL = torch.from_numpy(np.stack([np.asarray(t, dtype=np.int64)
+                                                    for t in tokens[s:s + self.batch_size]]))
+                out.extend(self.decode(idx_BL.to(self.device)).cpu().numpy())
         return out
 
 

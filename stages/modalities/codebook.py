@@ -89,14 +89,15 @@ def kmeans(x_ND: torch.Tensor, k: int, *, iters: int = 50, batch_size: int = 409
     return codebook_KD
 
 
-
 class CodebookState:
-    """The learned state of a k-means VQ (patch_vq, msvq): codebook plus per-channel statistics."""
+    """The learned state of a k-means VQ (patch_vq, msvq): codebook plus per-channel statistics, kept on
+    ``device`` (where the tokenizer encodes; a fit runs on the CPU and ends with :meth:`place`)."""
 
     codebook_KD: torch.Tensor
     code_sq_K: torch.Tensor
     mean_C: torch.Tensor
     std_C: torch.Tensor
+    device: torch.device
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"codebook": self.codebook_KD, "mean": self.mean_C, "std": self.std_C}
@@ -109,3 +110,10 @@ class CodebookState:
         self.codebook_KD = tensors["codebook"].float()
         self.code_sq_K = self.codebook_KD.pow(2).sum(1)   # cached |c|^2 for nearest_code
         self.mean_C, self.std_C = tensors["mean"].float(), tensors["std"].float()
+        self.place()
+
+    def place(self) -> None:
+        """Move the state to ``device``. ``|c|^2`` is summed on the CPU first, so a GPU compares the very
+        numbers the CPU does (a GPU's reduction order would round them differently)."""
+        self.codebook_KD, self.code_sq_K, self.mean_C, self.std_C = (
+            t.to(self.device) for t in (self.codebook_KD, self.code_sq_K, self.mean_C, self.std_C))

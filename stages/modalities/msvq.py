@@ -21,7 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import FixedLengthTokenizer, TokenizerError, as_batch, check_input_shape, check_tokens
+from .base import (
+    FixedLengthTokenizer,
+    TokenizerError,
+    as_batch,
+    check_input_shape,
+    check_tokens,
+    resolve_device,
+)
 from .codebook import CodebookState, kmeans, nearest_code
 from .patches import axes_for, grid_of, patchify, unpatchify
 
@@ -44,14 +51,17 @@ class MultiScaleVQ(CodebookState, FixedLengthTokenizer):
     per axis); the last may be smaller than the patch grid, whose side is
     ``input side / patch``. ``fit_rounds`` alternates k-means with re-computing
     the residuals the current codebook leaves, so the codebook fits the
-    residuals it will actually see at encode time.
+    residuals it will actually see at encode time. ``device`` is where encode
+    and decode run (``cpu``, ``cuda`` or ``auto``); fits run on the CPU.
     """
 
     type = "msvq"
+    #: where it runs is not what it is: the device stays out of config() and so out of the digest
+    runtime_options = ("device",)
 
     def __init__(self, *, input_shape: Sequence[int], patch: Sequence[int], scales: Sequence[int | Sequence[int]],
                  codebook_size: int = 512, modality: str = "image", seed: int = 0, fit_vectors: int = 200_000,
-                 fit_iters: int = 100, fit_rounds: int = 3):
+                 fit_iters: int = 100, fit_rounds: int = 3, device: str = "cpu"):
         self.input_shape = tuple(int(s) for s in input_shape)
         self.patch = tuple(int(p) for p in patch)
         self.channels = self.input_shape[0]
@@ -74,8 +84,11 @@ class MultiScaleVQ(CodebookState, FixedLengthTokenizer):
         self.code_sq_K = torch.zeros(self.codebook_size)
         self.mean_C = torch.zeros(self.channels)
         self.std_C = torch.ones(self.channels)
+        self.device = resolve_device(device)
+        self.place()
         self.fit_info: dict[str, Any] = {}
-        self._mats: dict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._mats: dict[tuple[tuple[int, ...], torch.device],
+                         tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     # ------------------------------------------------------------ properties
 
@@ -118,10 +131,15 @@ class MultiScaleVQ(CodebookState, FixedLengthTokenizer):
     # dense matrix (the Kronecker product of the per-axis ones) applied as a single matmul, which
     # equals F.adaptive_avg_pool / F.interpolate (to float rounding) at a fraction of their cost.
 
-    def _resamplers(self, scale: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(down, up) maps between ``scale`` and the patch grid: one dense ``l x L`` / ``L x l``
-        matrix when small (<= 4M entries), else the per-axis matrices."""
-        cached = self._mats.get(scale)
+    def _resamplers(self, scale: tuple[int, ...], device: torch.device
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(down, up) maps between ``scale`` and the patch grid, on ``device``: one dense ``l x L`` /
+        ``L x l`` matrix when small (<= 4M entries), else the per-axis matrices. Built on the CPU and
+        copied to a GPU, so that both resample with the same numbers."""
+        cached = self._mats.get((scale, device))
+        if cached is None and device.type != "cpu":
+            down, up = self._resamplers(scale, torch.device("cpu"))
+            cached = self._mats[(scale, device)] = ([m.to(device) for m in down], [m.to(device) for m in up])
         if cached is None:
             down, up = [], []
             for s, g in zip(scale, self.grid, strict=True):
@@ -133,7 +151,7 @@ class MultiScaleVQ(CodebookState, FixedLengthTokenizer):
                 up.append(u.reshape(s, g).t().contiguous())
             if math.prod(scale) * math.prod(self.grid) <= 1 << 22:
                 down, up = [_kron(down)], [_kron(up)]
-            cached = self._mats[scale] = (down, up)
+            cached = self._mats[(scale, device)] = (down, up)
         return cached
 
     def _resample(self, t_BLD: torch.Tensor, src: tuple[int, ...], mats: list[torch.Tensor]) -> torch.Tensor:
@@ -145,17 +163,22 @@ class MultiScaleVQ(CodebookState, FixedLengthTokenizer):
 
     def _down(self, f_BLD: torch.Tensor, scale: tuple[int, ...]) -> torch.Tensor:
         """``r_BlD``: area average of the full-grid map onto ``scale``."""
-        return f_BLD if scale == self.grid else self._resample(f_BLD, self.grid, self._resamplers(scale)[0])
+        if scale == self.grid:
+            return f_BLD
+        return self._resample(f_BLD, self.grid, self._resamplers(scale, f_BLD.device)[0])
 
     def _up(self, q_BlD: torch.Tensor, scale: tuple[int, ...]) -> torch.Tensor:
         """``q_BLD``: ``scale`` codes interpolated back onto the full grid."""
-        return q_BlD if scale == self.grid else self._resample(q_BlD, scale, self._resamplers(scale)[1])
+        if scale == self.grid:
+            return q_BlD
+        return self._resample(q_BlD, scale, self._resamplers(scale, q_BlD.device)[1])
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """``f_BLD``: normalized patches, row-major over the patch grid."""
         check_input_shape(x, self.input_shape, self.type)
         view = [1, self.channels] + [1] * len(self.patch)
-        return patchify((x.float() - self.mean_C.view(view)) / self.std_C.view(view), self.patch)
+        x = x.float().to(self.mean_C.device)
+        return patchify((x - self.mean_C.view(view)) / self.std_C.view(view), self.patch)
 
     def _pixels(self, f_BLD: torch.Tensor) -> torch.Tensor:
         view = [1, self.channels] + [1] * len(self.patch)
@@ -184,7 +207,7 @@ class MultiScaleVQ(CodebookState, FixedLengthTokenizer):
     @torch.no_grad()
     def fit(self, samples: Sequence[np.ndarray] | torch.Tensor) -> MultiScaleVQ:
         """Channel statistics, then ``fit_rounds`` of k-means on the residuals of every scale."""
-        x = as_batch(samples)
+        x = as_batch(samples).cpu()
         check_input_shape(x, self.input_shape, self.type)
         dims = [0] + list(range(2, x.dim()))
         self.mean_C = x.mean(dims)
@@ -198,6 +221,7 @@ class MultiScaleVQ(CodebookState, FixedLengthTokenizer):
                 r_ND = r_ND[torch.randperm(r_ND.shape[0], generator=g)[: self.fit_vectors]]
             codebook = kmeans(r_ND, self.codebook_size, iters=self.fit_iters, seed=self.seed + r, init_KD=codebook)
             self.codebook_KD, self.code_sq_K = codebook, codebook.pow(2).sum(1)
+        self.place()
         self.fit_info = {"samples": int(x.shape[0]), "rounds": max(1, self.fit_rounds)}
         return self
 
@@ -240,8 +264,8 @@ class MultiScaleVQ(CodebookState, FixedLengthTokenizer):
     def decode(self, idx_BL: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         """``idx_BL`` -> ``x_BC<spatial>``; ``upto=k`` reconstructs from the first k scales only."""
         check_tokens(idx_BL, self.tokens_per_sample, self.codebook_size, self.type)
-        b = idx_BL.shape[0]
-        f_hat = torch.zeros(b, math.prod(self.grid), self.dim)
+        b, idx_BL = idx_BL.shape[0], idx_BL.to(self.device)
+        f_hat = torch.zeros(b, math.prod(self.grid), self.dim, device=self.device)
         bounds = self.boundaries
         for k, s in enumerate(self.scales[:upto]):
             f_hat = f_hat + self._up(self.codebook_KD[idx_BL[:, bounds[k]:bounds[k + 1]].long()], s)

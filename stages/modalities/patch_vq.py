@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import FixedLengthTokenizer, as_batch, check_input_shape, check_tokens
+from .base import FixedLengthTokenizer, as_batch, check_input_shape, check_tokens, resolve_device
 from .codebook import CodebookState, kmeans, nearest_code
 from .patches import axes_for, grid_of, grid_positions, patchify, unpatchify
 
@@ -26,13 +26,17 @@ class PatchVQ(CodebookState, FixedLengthTokenizer):
 
     ``input_shape`` is the sample shape without batch: ``(C, H, W)`` for images,
     ``(C, T, H, W)`` for video, ``(1, D, H, W)`` for volumes; ``patch`` has one
-    side per spatial axis.
+    side per spatial axis. ``device`` is where encode and decode run (``cpu``, ``cuda`` or ``auto``); fits run
+    on the CPU.
     """
 
     type = "patch_vq"
+    #: where it runs is not what it is: the device stays out of config() and so out of the digest
+    runtime_options = ("device",)
 
     def __init__(self, *, input_shape: Sequence[int], patch: Sequence[int], codebook_size: int = 512,
-                 modality: str = "image", seed: int = 0, fit_vectors: int = 200_000, fit_iters: int = 100):
+                 modality: str = "image", seed: int = 0, fit_vectors: int = 200_000, fit_iters: int = 100,
+                 device: str = "cpu"):
         self.input_shape = tuple(int(s) for s in input_shape)
         self.patch = tuple(int(p) for p in patch)
         self.channels = self.input_shape[0]
@@ -46,6 +50,8 @@ class PatchVQ(CodebookState, FixedLengthTokenizer):
         self.code_sq_K = torch.zeros(self.codebook_size)
         self.mean_C = torch.zeros(self.channels)
         self.std_C = torch.ones(self.channels)
+        self.device = resolve_device(device)
+        self.place()
         self.fit_info: dict[str, Any] = {}
 
     # ------------------------------------------------------------ properties
@@ -78,7 +84,7 @@ class PatchVQ(CodebookState, FixedLengthTokenizer):
 
     def fit(self, samples: Sequence[np.ndarray] | torch.Tensor) -> PatchVQ:
         """Channel statistics and the codebook, from at most ``fit_vectors`` patches of ``samples``."""
-        x = as_batch(samples)
+        x = as_batch(samples).cpu()
         check_input_shape(x, self.input_shape, self.type)
         dims = [0] + list(range(2, x.dim()))
         self.mean_C = x.mean(dims)
@@ -89,6 +95,7 @@ class PatchVQ(CodebookState, FixedLengthTokenizer):
             z_ND = z_ND[torch.randperm(z_ND.shape[0], generator=g)[: self.fit_vectors]]
         self.codebook_KD = kmeans(z_ND, self.codebook_size, iters=self.fit_iters, seed=self.seed)
         self.code_sq_K = self.codebook_KD.pow(2).sum(1)
+        self.place()
         self.fit_info = {"samples": int(x.shape[0]), "vectors": int(z_ND.shape[0])}
         return self
 
@@ -97,7 +104,7 @@ class PatchVQ(CodebookState, FixedLengthTokenizer):
     def patch_vectors(self, x: torch.Tensor) -> torch.Tensor:
         """``z_BLD``: the normalized patches a codebook lookup compares (split out for benchmarks)."""
         check_input_shape(x, self.input_shape, self.type)
-        return patchify(self._normalize(x.float()), self.patch)
+        return patchify(self._normalize(x.float().to(self.device)), self.patch)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,5 +117,5 @@ class PatchVQ(CodebookState, FixedLengthTokenizer):
     def decode(self, idx_BL: torch.Tensor) -> torch.Tensor:
         """``idx_BL`` -> ``x_BC<spatial>`` (the centroids, un-normalized)."""
         check_tokens(idx_BL, self.tokens_per_sample, self.codebook_size, self.type)
-        z_BLD = self.codebook_KD[idx_BL.long()]
+        z_BLD = self.codebook_KD[idx_BL.long().to(self.device)]
         return self._denormalize(unpatchify(z_BLD, self.grid, self.patch, self.channels))

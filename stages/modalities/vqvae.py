@@ -33,19 +33,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .base import FixedLengthTokenizer, TokenizerError, as_batch, check_input_shape, check_tokens
+from .base import (
+    FixedLengthTokenizer,
+    TokenizerError,
+    as_batch,
+    check_input_shape,
+    check_tokens,
+    resolve_device,
+)
 from .codebook import kmeans_pp_init, nearest_code
 from .patches import axes_for, from_grid, grid_of, grid_positions, to_grid
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; anything else as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TokenizerError(f"device {device!r} requested but CUDA is not available",
-                             fix="use device: auto or cpu")
-    return torch.device(device)
 
 
 def world() -> tuple[int, int]:

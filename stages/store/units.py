@@ -146,27 +146,38 @@ class StoreUnits:
         return manifest
 
 
-def fan_out(jobs: Iterable[Job], submit: Callable[[Job, int], Any], slots: int) -> Iterator[tuple[Job, Result]]:
+def fan_out(jobs: Iterable[Job], submit: Callable[[Job, int], Any], slots: int,
+            ready: Sequence[Any] | None = None) -> Iterator[tuple[Job, Result]]:
     """Run ``jobs`` on Ray with at most ``slots`` in flight; yield ``(job, result)`` as each finishes.
 
     ``submit(job, slot)`` starts one job and returns its ``ObjectRef``; ``slot`` (``0..slots-1``) is free
     for that job alone, so a pool of actors takes ``actors[slot].method.remote(job)`` and plain tasks
     ignore it. Bounded in flight means bounded memory and bounded loss: whatever the number of jobs, a
     crash costs at most ``slots`` units. A failed job raises here, after Ray's own retries.
+
+    ``ready`` (one ``ObjectRef`` per slot: each actor's ``__ray_ready__.remote()``) keeps a slot unused until
+    its ref resolves, so a pool larger than the cluster can place now (two actors of one GPU each on a
+    one-GPU node) works on the actors it has, where a job handed to an actor that never starts would wait
+    for good. An actor that fails to start raises here.
     """
     import ray
 
     pending = list(jobs)
     pending.reverse()   # pop() from the end takes jobs in their given order
-    free = list(range(max(1, slots)))
+    starting: dict[Any, int] = {} if ready is None else {ref: slot for slot, ref in enumerate(ready)}
+    free = list(range(max(1, slots))) if ready is None else []
     in_flight: dict[Any, tuple[Job, int]] = {}
     while pending or in_flight:
         while pending and free:
             slot = free.pop(0)
             job = pending.pop()
             in_flight[submit(job, slot)] = (job, slot)
-        done, _ = ray.wait(list(in_flight), num_returns=1)
+        done, _ = ray.wait([*in_flight, *starting], num_returns=1)
         for ref in done:
+            if ref in starting:
+                ray.get(ref)
+                free.append(starting.pop(ref))
+                continue
             job, slot = in_flight.pop(ref)
             free.append(slot)
             yield job, ray.get(ref)
