@@ -186,10 +186,24 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         Ratio(("ratios", "mixed / next-token held-out NLL"), "TokenUnify's mixture: held-out next-token NLL",
               "next-token training alone, equal steps (MNI152 crops)", None, "x"),
     ), ("--steps", "60")),
+    Benchmark("next_level", "next_level.py", "next_level.json", 21, (
+        Ratio(("ratios", "next_level / next_token held-out NLL"), "next_level (octree levels): held-out NLL",
+              "next_token on the same octree tokens, equal steps (brain clouds)", None, "x"),
+        Ratio(("ratios", "next_level / next_token 1-NNA's distance from 0.5 (CD)"),
+              "next_level: samples' 1-NNA (Chamfer) distance from the ideal 0.5", "next_token's samples", None, "x"),
+        Ratio(("ratios", "next_level / next_token forward passes"), "next_level: sampling forward passes",
+              "next_token's, same samples and batches", None, "x"),
+    ), ("--steps", "20", "--samples", "8")),
     Benchmark("compile", "compile.py", "compile.json", 22, (
         Ratio(("ratios", "eager / compiled step time"), "compile: true, training step speed-up",
               "eager blocks, tiny preset on CPU", None, "x"),
     ), ("--steps", "5")),
+    Benchmark("evaluate_sharded", "evaluate_sharded.py", "evaluate_sharded.json", 22, (
+        Ratio(("ratios", "2 actors / 1 speed-up"), "evaluate stage, 2 actors / 1 (4,000 digits per set)",
+              "1 actor, same machine and run", (">=", 1.6), "x"),
+        Ratio(("ratios", "driver peak RSS, all / a quarter of the samples"),
+              "evaluate driver peak RSS, 4,000 / 1,000 samples per set", "1,000 samples", ("<=", 1.2), "x"),
+    ), ("--samples", "1000", "--repeats", "1")),
     Benchmark("s3_volume_read", "s3_volume_read.py", "s3_volume_read.json", 22, (
         Ratio(("ratios", "ranged bytes / region stored bytes"), "S3 volume unit read: bytes transferred / region bytes",
               "the compressed chunks the unit's region covers", ("<=", 2), "x"),

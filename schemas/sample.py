@@ -306,7 +306,8 @@ class ReconstructionSpec(Strict):
 class EvaluateStage(StageBase):
     """Scores a model and its samples; output ``metrics`` (summary JSON, per-sample Parquet, plot)."""
 
-    runtime_fields: ClassVar[frozenset[str]] = StageBase.runtime_fields | {"batch_size"}
+    runtime_fields: ClassVar[frozenset[str]] = StageBase.runtime_fields | {"batch_size", "actors",
+                                                                           "samples_per_unit"}
     output_names: ClassVar[tuple[str, ...]] = ("metrics",)
 
     kind: Literal["evaluate"]
@@ -334,11 +335,24 @@ class EvaluateStage(StageBase):
         False, description="For samples drawn under control maps (`controls:`): the correlation of each "
                            "sample's edges (the model's control transform) with its control map, and with another "
                            "sample's as the baseline.")
-    max_samples: int = Field(256, ge=2, description="Samples per set used by every metric.")
+    max_samples: int = Field(256, ge=2, description="Samples per set and modality (and held-out samples per "
+                                                    "store) used by every metric; taken evenly over a larger "
+                                                    "store.")
+    pairwise_samples: int = Field(1000, ge=2, description="Samples per set kept, evenly over it, for the metrics "
+                                                          "that compare samples pairwise (KID, precision and "
+                                                          "recall, point-cloud MMD/COV/1-NNA); FID, FVD, CAS, "
+                                                          "intensities and NLL use every sample.")
     knn: int = Field(3, ge=1, description="k of the k-NN manifolds for precision and recall.")
     batch_size: int = Field(32, ge=1, description="Samples per model forward when scoring held-out NLL.")
     seed: int = Field(0, description="Seeds the point subsampling of point-cloud metrics and the KID subsets.")
-    resources: Resources = Field(default_factory=Resources, description="Ray resources of the evaluate task.")
+    actors: int = Field(1, ge=1, description="Ray actors that score units of samples in parallel (decode, "
+                                             "features, classifier, held-out NLL); the driver reduces them.")
+    samples_per_unit: int = Field(64, ge=1, description="Samples per resumable unit of work (a chunk of a set or "
+                                                        "of a held-out store): what a crash costs at most. The "
+                                                        "metrics do not depend on it.")
+    resources: Resources = Field(default_factory=Resources,
+                                 description="Ray resources of each scoring actor; num_cpus is also its torch "
+                                             "thread count, num_gpus > 0 runs its networks on CUDA.")
 
     @model_validator(mode="after")
     def _something_to_do(self) -> EvaluateStage:

@@ -26,11 +26,14 @@ Prompted and controlled samples are checked without weights too (:mod:`.conditio
 (:data:`MEASURES`) compared over :func:`matched_pairs` of prompts ("a thick seven", "a thin seven"), and the
 :func:`edge_agreement` of a sample's edges with its control map against another sample's
 (:func:`other_controls`).
+
+A sharded evaluation reduces each shard's features to :class:`Moments` (count, mean, centred scatter), which
+merge exactly: FID/FVD of any number of samples from bounded memory.
 """
 
 from __future__ import annotations
 
-from .classifier import Classifier, ClassifierError, classifier_features, confusion_counts
+from .classifier import Classifier, ClassifierError, check_classes, classifier_features, confusion_counts
 from .conditions import MEASURES, edge_agreement, matched_pairs, other_controls
 from .features import FeatureExtractor
 from .metrics import (
@@ -46,6 +49,7 @@ from .metrics import (
     pairwise_distances,
     precision_recall,
 )
+from .moments import Moments
 from .plots import confusion_matrix, score_distributions
 
 __all__ = [
@@ -53,6 +57,8 @@ __all__ = [
     "Classifier",
     "ClassifierError",
     "FeatureExtractor",
+    "Moments",
+    "check_classes",
     "classifier_features",
     "confusion_counts",
     "confusion_matrix",

@@ -226,15 +226,9 @@ class Classifier:
 
     def check_classes(self, labels: Sequence[str], whose: str) -> None:
         """Every label must be a class the judge outputs (TorchScript without ``classes``: any index)."""
-        known = set(self.classes)
         if self.format == "torchscript" and not self.classes:
             return   # checked against the logits' width in predict
-        unknown = sorted(set(labels) - known)
-        if unknown:
-            shown = ", ".join(repr(c) for c in self.classes[:12]) + (", ..." if len(self.classes) > 12 else "")
-            raise ClassifierError(f"class {unknown[0]!r} of the {whose} is not one the classifier knows ({shown})",
-                                  fix="fit the classifier on the labels the training data has (the tokenize "
-                                      "stage's class folder names)")
+        check_classes(labels, self.classes, whose)
 
     def predict(self, modality: str, arrays: Sequence[np.ndarray], *, image_size: int | None = None,
                 batch_size: int = 256) -> list[str]:
@@ -333,6 +327,17 @@ def _load_skops(data: bytes) -> Any:
         raise ClassifierError(f"skops could not load the file ({type(err).__name__}: {err})",
                               fix="save it again with this environment's scikit-learn and skops") from None
 
+
+
+def check_classes(labels: Sequence[str], classes: Sequence[str], whose: str) -> None:
+    """Every label must be one of a judge's ``classes`` (its :attr:`Classifier.classes`; empty: a TorchScript
+    judge that names none, which takes any index)."""
+    unknown = sorted(set(labels) - set(classes)) if classes else []
+    if unknown:
+        shown = ", ".join(repr(c) for c in classes[:12]) + (", ..." if len(classes) > 12 else "")
+        raise ClassifierError(f"class {unknown[0]!r} of the {whose} is not one the classifier knows ({shown})",
+                              fix="fit the classifier on the labels the training data has (the tokenize "
+                                  "stage's class folder names)")
 
 
 def confusion_counts(requested: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> np.ndarray:

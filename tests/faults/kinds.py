@@ -19,7 +19,6 @@ from pathlib import Path
 
 from helpers import BACKGROUND_NICE, arpipe
 
-from arpipe.stages.evaluate import UNIT_SAMPLES
 from faults.harness import PATIENCE, Kind
 
 SEED = int(os.environ.get("ARPIPE_FAULT_SEED", "9"))
@@ -286,14 +285,14 @@ SAMPLE = Kind(
 
 # -------------------------------------------------------------------------------- evaluate
 
-EVAL_SAMPLES = 96   # per set: NLL units of the held-out set, decode units of the samples and of the reference
+EVAL_SAMPLES, UNIT_SAMPLES = 96, 16   # per set: NLL units of the held-out set, score units of the samples and reference
 EVAL_UNITS = 3 * EVAL_SAMPLES // UNIT_SAMPLES
 
 
 def evaluate_cut_off(out: Path, before: dict, after: dict, since: float) -> int:
-    """Decode units whose arrays the killed attempt wrote and left without a unit record (evaluate does its units
-    one at a time in one task, so at most one is ever in flight)."""
-    begun = {p.with_suffix(".json").name for p in out.glob(".arpipe/units/decode-*.npz") if p.stat().st_mtime >= since}
+    """Score units whose arrays the killed attempt wrote and left without a unit record (the driver commits the
+    actors' units one at a time, so at most one is ever half written)."""
+    begun = {p.with_suffix(".json").name for p in out.glob(".arpipe/units/score-*.npz") if p.stat().st_mtime >= since}
     return len(begun - set(after))
 
 
@@ -305,8 +304,8 @@ def evaluate_final(out: Path) -> list[str]:
 
 
 EVALUATE = Kind(
-    kind="evaluate", stage="score", worker="ray::arpipe:score", needs_model=True,
-    unit=f"a decode or NLL chunk of {UNIT_SAMPLES} samples (arrays or values, then its record); {EVAL_UNITS} units",
+    kind="evaluate", stage="score", worker="ray::EvaluateWorker", needs_model=True,
+    unit=f"a score or NLL chunk of {UNIT_SAMPLES} samples (arrays or values, then its record); {EVAL_UNITS} units",
     block=f"""
   score:
     kind: evaluate
@@ -314,6 +313,7 @@ EVALUATE = Kind(
     reference: "{{store}}"
     model: "{{model}}"
     max_samples: {EVAL_SAMPLES}
+    samples_per_unit: {UNIT_SAMPLES}
     batch_size: 8
 """,
     units=unit_records, wait_units=(0, 1, 3, 6, 10), start_window=6.0, unit_window=0.2,
