@@ -157,6 +157,8 @@ class TrainedModel:
         prompt = Prompt.from_vocab(self.opened.vocab, name, list(labels), prompts=streams)
         gen = generate(self.opened.model, plan, prompt, options, seed=seed, sample_indices=indices)
         local = self.opened.vocab.to_local(name, gen.tokens.cpu()).numpy()
+        if gen.lengths is not None:   # next_level: each sample's own tree
+            local = [row[:int(n)] for row, n in zip(local, gen.lengths.tolist(), strict=True)]
         trim = getattr(self._tokenizer(name), "trim", None)
         rows = [trim(row) if trim else row for row in local]
         return rows if not decode else self.decode(name, rows)

@@ -16,12 +16,14 @@ class DataSource(Strict):
 
 class ModelSpec(Strict):
     preset: Literal["tiny", "small", "1b", "3b"] = Field("tiny", description="Model size preset.")
-    paradigm: Literal["next_token", "next_scale", "next_block", "masked"] = Field(
+    paradigm: Literal["next_token", "next_scale", "next_block", "masked", "next_level"] = Field(
         "next_token", description="What the model predicts at once: `next_token` the next token, `next_scale` "
                                   "the next whole scale (VAR; needs msvq stores), `next_block` the next "
                                   "block_size tokens (NBP), `masked` every masked token of a bidirectional "
                                   "sequence (MaskGIT: a cosine-scheduled share masked in training, decoded in a "
-                                  "few confidence-ordered parallel steps; needs a fixed token layout).")
+                                  "few confidence-ordered parallel steps; needs a fixed token layout), "
+                                  "`next_level` the next whole octree level (G3PT: each cell at its 3-D "
+                                  "coordinates, attending every coarser level; needs octree stores).")
     block_size: int = Field(16, ge=1, description="Tokens per block for next_block (NBP).")
     n_embd: int | None = Field(None, ge=8, description="Width; overrides the preset.")
     n_layer: int | None = Field(None, ge=1, description="Depth; overrides the preset.")

@@ -11,7 +11,7 @@ files are in place, so a crash costs at most the shards in flight.
 Sample ``i`` draws from a generator seeded by ``(seed, i)`` (see
 ``stages.models.sampling``), so its tokens do not depend on its shard, batch
 or actor, and any sample can be redrawn alone. Decoding follows the model's
-paradigm (one forward per token, block or scale), with a KV cache, CFG
+paradigm (one forward per token, block, scale or octree level), with a KV cache, CFG
 (constant or linear ramp) and, for next-token models, optional speculative
 Jacobi decoding (``decoder: sjd``), exact or with LANTERN's relaxed acceptance
 (``relaxed: {k, delta}``: each actor ranks the tokenizer's codebook once into
@@ -292,7 +292,7 @@ class SampleWorker:
             local = self.vocab.to_local(name, gen.tokens.cpu()).numpy()
             for k, i in enumerate(indices):
                 key = f"{name}-{i:06d}"
-                idx = local[k]
+                idx = local[k] if gen.lengths is None else local[k][:int(gen.lengths[k])]   # next_level: its tree
                 try:
                     if hasattr(tok, "trim"):
                         idx = tok.trim(idx)
@@ -418,6 +418,10 @@ class SampleStage(Stage):
             raise UserError("lookahead chooses among draws of a group before known tokens; a masked model draws "
                             "every token at once, seeing the known ones", where=f"{where}.inpaint.lookahead",
                             fix="remove lookahead (a masked model in-paints without it)")
+        if spec.prefix is not None and config.paradigm == "next_level":
+            raise UserError("prefix continues a fixed number of tokens; a next_level model draws whole octree "
+                            "levels, as many tokens as the level above marks", where=f"{where}.prefix",
+                            fix="remove prefix (next_level samples whole trees)")
         if spec.decoder == "sjd" and config.paradigm != "next_token":
             raise UserError(f"decoder sjd applies to next_token models; this model is {config.paradigm} "
                             "(already one forward per group)", where=f"{where}.decoder", fix="use decoder: plain")

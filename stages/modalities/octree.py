@@ -35,6 +35,14 @@ def morton_encode(q_N3: np.ndarray, bits: int) -> np.ndarray:
     return code
 
 
+def child_nodes(nodes_N: np.ndarray, masks_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One level down: the Morton codes of the children that ``masks_N`` mark occupied, in the order the masks
+    list them (the next level's order), and for each child the index of its parent in ``nodes_N``."""
+    occupied_N8 = ((np.asarray(masks_N, dtype=np.int64)[:, None] >> _CHILD_BITS) & 1).astype(bool)
+    children = ((np.asarray(nodes_N, dtype=np.int64)[:, None] << 3) | _CHILD_BITS)[occupied_N8]
+    return children, np.nonzero(occupied_N8)[0]
+
+
 def morton_decode(code_N: np.ndarray, bits: int) -> np.ndarray:
     """Inverse of :func:`morton_encode`: ``q_N3`` integer coordinates."""
     q = np.zeros((code_N.shape[0], 3), dtype=np.int64)
@@ -131,8 +139,7 @@ class OctreeTokenizer(Tokenizer):
                 raise TokenizerError(f"octree token sequence ends early ({idx.size} tokens)",
                                      fix="pass a complete token sequence")
             offset += nodes.size
-            occupied = ((masks[:, None] >> _CHILD_BITS) & 1).astype(bool)
-            nodes = ((nodes[:, None] << 3) | _CHILD_BITS)[occupied]
+            nodes, _parents = child_nodes(nodes, masks)
             levels.append(nodes)
         if offset != idx.size:
             raise TokenizerError(f"octree token sequence has {idx.size - offset} tokens past the leaves",

@@ -23,6 +23,10 @@ Sampling::
     # masked (MaskGIT): train on mask_for_training(batch, generator); decode in a few parallel steps
     out = generate_masked(model, plan, prompt, SamplingOptions(), MaskedDecoding(steps=8), seed=0)
     # next_token trained on TokenUnify's mixture: batch = mix_objectives(batch, ObjectiveMix(0.2, 0.6, 0.2), gen)
+    # next_level (octree point clouds, G3PT): a plan per tree, one level per forward
+    levels = OctreePlan(depth=4, n_tokens=300)            # = plan_for_modality(config, octree_layout, 300)
+    batch = pack_documents([[(levels.plan_of(masks_N), vocab.to_global("pointcloud", masks_N), context_P)]], 302)
+    out = generate(model, levels, prompt, seed=0)          # out.forward_passes == 4; out.lengths: each tree's
 
 Save / load: ``save_model(dir, model, vocab=vocab)``, ``load_model(dir)``, ``load_vocab(dir)``; a train stage's
 whole folder (config, vocab, tokenizers, scale inputs, weights, local or s3://): ``open_model(uri)``.
@@ -84,6 +88,10 @@ _EXPORTS: dict[str, str] = {
     "OBJECTIVES": "tokenunify",
     "ObjectiveMix": "tokenunify",
     "mix_objectives": "tokenunify",
+    "OctreePlan": "levels",
+    "generate_levels": "levels",
+    "level_inputs": "levels",
+    "octree_depth": "levels",
     "KVCache": "transformer",
     "Transformer": "transformer",
     "BOS": "vocab",
@@ -109,9 +117,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "BOS", "EOS", "IGNORE_INDEX", "MASK", "MaskedDecoding", "NULL", "OBJECTIVES", "ObjectiveMix", "PAD", "PARADIGMS", "PRESETS", "PRESET_SIZES", "Generation", "KVCache",
-    "ModelConfig", "ModelFolder", "ModelInputs", "Paradigm", "Plan", "Prompt", "Relaxation", "SamplingOptions", "ScaleInput", "Transformer", "VocabLayout",
+    "ModelConfig", "ModelFolder", "ModelInputs", "OctreePlan", "Paradigm", "Plan", "Prompt", "Relaxation", "SamplingOptions", "ScaleInput", "Transformer", "VocabLayout",
     "apply_rope", "attention_mask", "batch_inputs", "cached_attention_mask", "code_neighbours", "compile_blocks", "compile_unavailable", "context_coords", "count_parameters", "draw",
-    "drop_conditions", "fetch_model", "generate", "generate_masked", "generate_sjd", "known_cells", "load_config", "load_model", "load_scale_inputs", "load_vocab", "make_plan", "mask_for_training", "mask_ratio", "mix_objectives",
-    "open_model", "pack_documents", "plan_for", "plan_for_modality", "plan_from_layout", "preset", "process_logits", "rope_angles", "rope_sections",
+    "drop_conditions", "fetch_model", "generate", "generate_levels", "generate_masked", "generate_sjd", "known_cells", "level_inputs", "load_config", "load_model", "load_scale_inputs", "load_vocab", "make_plan", "mask_for_training", "mask_ratio", "mix_objectives",
+    "octree_depth", "open_model", "pack_documents", "plan_for", "plan_for_modality", "plan_from_layout", "preset", "process_logits", "rope_angles", "rope_sections",
     "sample_generator", "save_model", "segment_names", "segment_scores", "sequential_nll",
 ]

@@ -13,8 +13,8 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
-Paradigm = Literal["next_token", "next_scale", "next_block", "masked"]
-PARADIGMS: tuple[str, ...] = ("next_token", "next_scale", "next_block", "masked")
+Paradigm = Literal["next_token", "next_scale", "next_block", "masked", "next_level"]
+PARADIGMS: tuple[str, ...] = ("next_token", "next_scale", "next_block", "masked", "next_level")
 AttentionKernel = Literal["auto", "sdpa", "flex", "dense"]
 ATTENTION_KERNELS: tuple[str, ...] = ("auto", "sdpa", "flex", "dense")
 
@@ -29,7 +29,8 @@ class ModelConfig:
     ``8/3 * n_embd`` rounded up to ``multiple_of`` (LLaMA's rule).
     ``block_size`` is the number of tokens predicted in parallel by
     ``next_block`` (``masked``, MaskGIT, predicts masked tokens of one bidirectional
-    group: see ``maskgit.py``); ``cond_dropout`` is the probability that training replaces
+    group: see ``maskgit.py``; ``next_level`` one octree level: see ``levels.py``);
+    ``cond_dropout`` is the probability that training replaces
     a document's class token by the null token (classifier-free guidance).
     ``attention`` picks the attention kernel of whole-sequence forwards (``attention.py``);
     every choice computes the same result as the dense mask.

@@ -2,7 +2,8 @@
 
 A next-scale model that draws blotches usually has one scale that lags; the
 mean loss hides which. :func:`segment_scores` splits the loss of a batch by
-*segment*: the scale for ``next_scale`` (``scale_1`` is the coarsest), else
+*segment*: the scale for ``next_scale`` (``scale_1`` is the coarsest), the octree level for ``next_level``
+(``level_0`` is the root's mask), else
 one of ``parts`` equal shares of the target groups in order (``part_1`` holds
 the first blocks or tokens). Sums and counts come back so ranks and batches
 add up before the means are taken.
@@ -18,9 +19,13 @@ from .sequence import IGNORE_INDEX
 PARTS = 8
 
 
+#: the paradigms whose groups are the segments (one scale or level each)
+BY_GROUP = {"next_scale": ("scale", 1), "next_level": ("level", 0)}
+
+
 def segment_names(paradigm: str, n_segments: int) -> list[str]:
-    word = "scale" if paradigm == "next_scale" else "part"
-    return [f"{word}_{k + 1}" for k in range(n_segments)]
+    word, first = BY_GROUP.get(paradigm, ("part", 1))
+    return [f"{word}_{k + first}" for k in range(n_segments)]
 
 
 def segment_ids(group_ids_BL: torch.Tensor, paradigm: str, parts: int = PARTS) -> torch.Tensor:
@@ -29,7 +34,7 @@ def segment_ids(group_ids_BL: torch.Tensor, paradigm: str, parts: int = PARTS) -
     ``group_ids`` are 1 + the group index on target positions and 0 on the context (``Plan``).
     """
     g_BL = group_ids_BL.long() - 1
-    if paradigm == "next_scale":
+    if paradigm in BY_GROUP:
         return g_BL.clamp_min(-1)
     n_groups_B1 = g_BL.amax(dim=1, keepdim=True).clamp_min(0) + 1
     seg_BL = torch.div(g_BL.clamp_min(0) * min(parts, int(n_groups_B1.max())), n_groups_B1, rounding_mode="floor")

@@ -2,7 +2,8 @@
 
 :func:`generate` draws one *group* per forward pass, following the same
 :class:`~stages.models.sequence.Plan` as training: one forward per token
-(``next_token``), per block (``next_block``) or per scale (``next_scale``).
+(``next_token``), per block (``next_block``), per scale (``next_scale``) or per octree level
+(``next_level``, ``levels.py``).
 With ``use_cache`` each forward runs only the new group's positions against
 the KV cache; without it each forward reruns the whole prefix. Both give the
 same tokens for the same seed.
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -40,6 +41,9 @@ import torch
 from .sequence import Plan, context_coords
 from .transformer import KVCache, Transformer
 from .vocab import BOS, PAD, VocabLayout
+
+if TYPE_CHECKING:
+    from .levels import OctreePlan
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,7 @@ class Generation:
     forward_passes: int     # passes over the whole batch (of both models with a refiner)
     sample_passes: torch.Tensor  # (B,) long: passes each sample took part in until it was complete
     refiner_passes: int = 0      # of forward_passes, those of the refiner (CoDe)
+    lengths: torch.Tensor | None = None  # (B,) long: tokens each sample holds (next_level's trees); None: all N
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
@@ -162,6 +167,17 @@ def process_logits(logits_BQV: torch.Tensor, options: SamplingOptions,
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+def guided_probs(logits_RQV: torch.Tensor, batch: int, scale_BQ: torch.Tensor | None, options: SamplingOptions,
+                 allowed: tuple[int, int] | None) -> torch.Tensor:
+    """Distributions ``(B, Q, V)`` float64 of rows laid out conditional first, then (with CFG) unconditional:
+    ``u + s (c - u)`` at the scales ``scale_BQ``, then :func:`process_logits`."""
+    logits = logits_RQV.double()
+    if options.guided:
+        cond, uncond = logits[:batch], logits[batch:]
+        logits = uncond + scale_BQ[:, :, None].to(logits) * (cond - uncond)
+    return process_logits(logits, options, allowed)
 
 
 def inverse_cdf(probs_QV: torch.Tensor, u_Q: torch.Tensor) -> torch.Tensor:
@@ -302,11 +318,7 @@ class Session:
 
     def probs(self, logits_RQV: torch.Tensor, scale_BQ: torch.Tensor | None) -> torch.Tensor:
         """Guided, processed distributions ``(B, Q, V)`` float64."""
-        logits = logits_RQV.double()
-        if self.options.guided:
-            cond, uncond = logits[:self.B], logits[self.B:]
-            logits = uncond + scale_BQ[:, :, None].to(logits) * (cond - uncond)
-        return process_logits(logits, self.options, self.prompt.allowed)
+        return guided_probs(logits_RQV, self.B, scale_BQ, self.options, self.prompt.allowed)
 
     def scales(self, position_BQ: torch.Tensor, last: int) -> torch.Tensor:
         return torch.tensor([[self.options.guidance(float(p), last) for p in row] for row in position_BQ.tolist()],
@@ -362,7 +374,7 @@ def _look_ahead(s: Session, probs_BQV: torch.Tensor, gens: list[torch.Generator]
 
 
 @torch.no_grad()
-def generate(model: Transformer, plan: Plan, prompt: Prompt, options: SamplingOptions = SamplingOptions(), *,
+def generate(model: Transformer, plan: Plan | OctreePlan, prompt: Prompt, options: SamplingOptions = SamplingOptions(), *,
              seed: int = 0, sample_indices: Sequence[int] | None = None, refiner: Transformer | None = None,
              handover: int | None = None, refiner_options: SamplingOptions | None = None) -> Generation:
     """Sample ``plan.n_tokens`` tokens per prompt row, one forward pass per group.
@@ -373,13 +385,18 @@ def generate(model: Transformer, plan: Plan, prompt: Prompt, options: SamplingOp
 
     ``sample_indices`` name the rows' samples (default ``0..B-1``): the row of
     sample ``i`` is the same whatever batch it is drawn in. A ``masked`` plan is decoded by MaskGIT's
-    parallel decoding with its default steps (``maskgit.generate_masked`` takes them).
+    parallel decoding with its default steps (``maskgit.generate_masked`` takes them); a ``next_level`` plan
+    (``levels.OctreePlan``) one octree level per forward (``levels.generate_levels``).
     """
     handover = _check_refiner(model, plan, refiner, handover, refiner_options)
     if plan.paradigm == "masked":
         from .maskgit import generate_masked
 
         return generate_masked(model, plan, prompt, options, seed=seed, sample_indices=sample_indices)
+    if plan.paradigm == "next_level":
+        from .levels import generate_levels
+
+        return generate_levels(model, plan, prompt, options, seed=seed, sample_indices=sample_indices)
     s = Session(model, plan, prompt, options)
     gens = s.generators(seed, sample_indices)
     first = plan.group_at(s.known)

@@ -28,6 +28,8 @@ target position) and sampling draws group ``g`` from one forward over group
   vectors of the tokenizer's codebook that the model projects
   (``Transformer.feat_proj``); without one, the token of scale ``k - 1`` at
   the same place (``source``: nearest-neighbour upsampling of the coarser map).
+- ``next_level`` (G3PT): one group per octree level, each cell reading its parent's mask at its 3-D cell
+  coordinates; the groups follow each tree's own tokens, so ``levels.OctreePlan.plan_of`` builds its plans.
 """
 
 from __future__ import annotations
@@ -187,6 +189,9 @@ def make_plan(paradigm: str, *, grid: Sequence[int] | None = None,
         raise ValueError("give exactly one of grid=, scales= or n_tokens=")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if paradigm == "next_level":
+        raise ValueError("next_level plans follow each octree's own levels; build them from the tokens with "
+                         "levels.OctreePlan(depth, n_tokens).plan_of(tokens)")
     if scales is not None:
         shapes = [tuple([s, s] if isinstance(s, int) else s) for s in scales]
         if not shapes or len({len(s) for s in shapes}) != 1:

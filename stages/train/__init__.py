@@ -132,6 +132,20 @@ def check_freeze(spec: TrainSpec, config, stage: str) -> list[str]:
     return matched
 
 
+def _tokenizer_type(store: str, stages) -> str | None:
+    """The ``type`` of the tokenizer that makes ``store`` when it is ``${tokenize_stage.store}`` of this pipeline
+    and that stage's tokenizer is ``${tokenizer_stage.tokenizer}``; None when the configs do not say."""
+    from arpipe.schemas.base import REF_PATTERN
+
+    ref = REF_PATTERN.fullmatch(store.strip())
+    tokenize = stages.get(ref.group(1)) if ref else None
+    if tokenize is None or tokenize.kind != "tokenize":
+        return None
+    ref = REF_PATTERN.fullmatch(tokenize.tokenizer.strip())
+    fit = stages.get(ref.group(1)) if ref else None
+    return getattr(fit.tokenizer, "type", None) if fit is not None and fit.kind == "tokenizer" else None
+
+
 def total_steps(spec: TrainSpec, samples: int, seq_len: int) -> int:
     if spec.steps:
         return spec.steps
@@ -196,6 +210,21 @@ class TrainStage(Stage):
             preset(spec.model.preset, **overrides).validate(seq_len=spec.seq_len)
         except ValueError as err:
             return f"model: {err}"
+        return None
+
+    @classmethod
+    def check_across(cls, spec: TrainSpec, stages) -> str | None:
+        """next_level needs octree tokens: a store this pipeline tokenizes with another tokenizer type is refused
+        before anything runs (a store from elsewhere is checked when the stage reads its layout)."""
+        if spec.model.paradigm != "next_level":
+            return None
+        stores = [(f"data[{k}].store", d.store) for k, d in enumerate(spec.data)]
+        for field, uri in stores + ([("heldout", spec.heldout)] if spec.heldout else []):
+            kind = _tokenizer_type(uri, stages)
+            if kind is not None and kind != "octree":
+                return (f"{field}: paradigm next_level predicts octree tokens level by level, but {uri} holds "
+                        f"{kind} tokens; tokenize point clouds with `tokenizer: {{type: octree}}`, or use "
+                        "paradigm next_token")
         return None
 
     @staticmethod

@@ -145,13 +145,22 @@ class Documents:
 
     def __init__(self, source: Any, summaries: list[StoreSummary], names: list[str], vocab, *, paradigm: str,
                  block_size: int, n_axes: int, seq_len: int, scale_inputs: dict[str, Any] | None = None):
-        from arpipe.stages.models import make_plan, plan_from_layout
+        from arpipe.stages.models import OctreePlan, make_plan, octree_depth, plan_from_layout
 
         self.source, self.summaries, self.names, self.vocab = source, summaries, names, vocab
         self.paradigm, self.block_size, self.n_axes, self.seq_len = paradigm, block_size, n_axes, seq_len
         self._make_plan = make_plan
-        self.plans: list[Any] = []
+        self.plans: list[Any] = []   # per store: its Plan, an OctreePlan (next_level), None (by length)
         for name, s in zip(names, summaries):
+            if paradigm == "next_level":   # a plan per tree, from its own levels (models/levels.py)
+                depth = octree_depth(s.layout)
+                if depth is None:
+                    raise UserError(f"paradigm next_level predicts octree tokens level by level; store {s.uri} "
+                                    f"holds {s.modality} tokens laid out on axes {s.layout.get('axes')}",
+                                    where=s.uri, fix="tokenize point clouds with `tokenizer: {type: octree}`, or "
+                                                     "use paradigm next_token for this store")
+                self.plans.append(OctreePlan(depth=depth, n_tokens=s.max_tokens, n_axes=n_axes))
+                continue
             if s.variable_length:
                 if paradigm in ("next_scale", "masked"):
                     raise UserError(f"paradigm {paradigm} needs a fixed token layout (a grid or scales); store "
@@ -172,8 +181,11 @@ class Documents:
             return self.source.store_of(int(i))
         return 0, int(i)
 
-    def plan(self, store: int, n_tokens: int):
-        plan = self.plans[store]
+    def plan(self, store: int, tokens):
+        """The plan of one document of ``store`` (``tokens``: its local codes)."""
+        plan, n_tokens = self.plans[store], int(tokens.numel())
+        if self.paradigm == "next_level":
+            return plan.plan_of(tokens)
         if plan is None:
             if n_tokens not in self._variable:
                 self._variable[n_tokens] = self._make_plan(self.paradigm, n_tokens=n_tokens,
@@ -190,7 +202,7 @@ class Documents:
         tokens = torch.from_numpy(np.asarray(sample.tokens).reshape(-1).astype(np.int64))
         targets = self.vocab.to_global(self.names[k], tokens)
         context = torch.tensor(self.vocab.context_of(self.names[k], sample), dtype=torch.long)
-        return self.plan(k, int(tokens.numel())), targets, context
+        return self.plan(k, tokens), targets, context
 
     def lengths(self) -> np.ndarray:
         """Positions each sample occupies (context + tokens), for packing."""

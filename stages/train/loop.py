@@ -226,7 +226,7 @@ def _heldout(cfg: TrainLoopConfig, vocab, model_config, rank: int, world: int):
     """A fixed list of held-out micro-batches for this rank (the first samples of the held-out store)."""
     if cfg.heldout is None:
         return None
-    from arpipe.stages.models.diagnostics import PARTS
+    from arpipe.stages.models.diagnostics import BY_GROUP, PARTS
     from arpipe.stages.store import TokenStore
     from arpipe.stages.train.data import Documents
 
@@ -244,7 +244,7 @@ def _heldout(cfg: TrainLoopConfig, vocab, model_config, rank: int, world: int):
     if plan is None:
         n_segments = PARTS
     else:
-        n_segments = plan.n_groups if model_config.paradigm == "next_scale" else min(PARTS, plan.n_groups)
+        n_segments = plan.n_groups if model_config.paradigm in BY_GROUP else min(PARTS, plan.n_groups)
     batches = [docs.rows(ids[i:i + micro]) for i in range(0, len(ids), micro)]
     if model_config.paradigm == "masked":   # the masked-token loss under one fixed draw of the training masks
         import torch
