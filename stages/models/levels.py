@@ -36,7 +36,15 @@ import numpy as np
 import torch
 
 from ..modalities.octree import child_nodes, morton_decode
-from .sampling import Generation, Prompt, SamplingOptions, draw, guided_probs, sample_generator
+from .sampling import (
+    Generation,
+    Prompt,
+    SamplingOptions,
+    draw,
+    guided_context,
+    guided_probs,
+    sample_generator,
+)
 from .sequence import ModelInputs, Plan, _pad_axes, context_coords, pack_documents
 from .transformer import Transformer
 from .vocab import BOS, PAD
@@ -144,12 +152,7 @@ def generate_levels(model: Transformer, plan: OctreePlan, prompt: Prompt,
         raise ValueError("next_level reads drawn ids as child masks: give the octree's code range (Prompt.allowed)")
     code_start = prompt.allowed[0]
     B, cap, depth, A = prompt.batch, plan.n_tokens, plan.depth, plan.n_axes
-    context = prompt.context_BP.long()
-    if options.guided:
-        if prompt.uncond_BP is None:
-            raise ValueError("cfg_scale != 1 needs an unconditional context (Prompt.uncond_BP); "
-                             "Prompt.from_vocab builds it")
-        context = torch.cat([context, prompt.uncond_BP.long()])
+    context = guided_context(prompt, options)
     R, P = context.shape
     if P + cap > config.max_seq_len:
         raise ValueError(f"{P} context + {cap} target tokens exceed the model's max_seq_len {config.max_seq_len}")

@@ -180,6 +180,17 @@ def guided_probs(logits_RQV: torch.Tensor, batch: int, scale_BQ: torch.Tensor | 
     return process_logits(logits, options, allowed)
 
 
+def guided_context(prompt: Prompt, options: SamplingOptions) -> torch.Tensor:
+    """The rows a forward runs: the prompts' contexts, and under guidance their unconditional ones after them."""
+    context = prompt.context_BP.long()
+    if not options.guided:
+        return context
+    if prompt.uncond_BP is None:
+        raise ValueError("cfg_scale != 1 needs an unconditional context (Prompt.uncond_BP); "
+                         "Prompt.from_vocab builds it")
+    return torch.cat([context, prompt.uncond_BP.long()])
+
+
 def inverse_cdf(probs_QV: torch.Tensor, u_Q: torch.Tensor) -> torch.Tensor:
     """The token whose CDF interval holds ``u`` (uniform in [0, 1)), per row; never a zero-probability token."""
     cdf_QV = probs_QV.cumsum(-1)
@@ -225,12 +236,7 @@ class Session:
         dev = next(model.parameters()).device
         self.device = dev
         B, N = prompt.batch, plan.n_tokens
-        context = prompt.context_BP.long()
-        if options.guided:
-            if prompt.uncond_BP is None:
-                raise ValueError("cfg_scale != 1 needs an unconditional context (Prompt.uncond_BP); "
-                                 "Prompt.from_vocab builds it")
-            context = torch.cat([context, prompt.uncond_BP.long()])
+        context = guided_context(prompt, options)
         self.B, self.N, self.P, self.R = B, N, context.shape[1], context.shape[0]
         self.T = self.P + N + extra
         self.input_RT = torch.full((self.R, self.T), PAD, dtype=torch.long, device=dev)
