@@ -7,8 +7,8 @@ and no two are equal. A project built here (once, ``benchmarks/results/evaluate_
 both sets with an msvq (scales 1, 2, 4, 8, 16), fits a logistic-regression judge on the reference and
 trains a tiny next_scale model for 60 steps. Each measured evaluation is one driver process (the stage run
 in it, on a local Ray of 2 CPUs that the benchmark starts): held-out NLL of the reference under the model,
-then both sets decoded, through a small convolutional feature network at 32x32 (FID, KID, precision and
-recall) and the judge (CAS). Wall time is the stage's, actor start and model load included; the 1- and
+then both sets decoded, through a small convolutional feature network fed at Inception-v3's 299x299
+(FID, KID, precision and recall; about 0.1 GFLOP an image, 1/40 of Inception's) and the judge (CAS). Wall time is the stage's, actor start and model load included; the 1- and
 2-actor runs alternate, best of ``--repeats``. Peak RSS is the driver process's ``ru_maxrss``. Results go to
 ``benchmarks/results/evaluate_sharded.json``; the ratio lines come last.
 
@@ -138,7 +138,7 @@ def measure(address: str, outputs: dict[str, str], *, samples: int, actors: int)
     config = {"address": address, "folder": tempfile.mkdtemp(prefix="evalbench-"),
               "samples": outputs["samples"], "reference": outputs["reference"], "model": outputs["train"],
               "heldout": outputs["reference"], "max_samples": samples, "actors": actors,
-              "features": {"image": str(PROJECT / "features.pt"), "image_size": 32},
+              "features": {"image": str(PROJECT / "features.pt"), "image_size": 299},
               "classifier": {"image": outputs["judge"], "image_size": 16}}
     run = subprocess.run([sys.executable, __file__, "--drive", json.dumps(config)], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
