@@ -116,8 +116,7 @@ class Scores:
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(self.path, table.schema)
-        if self._rows or not self.path.stat().st_size:
-            self._writer.write_table(table)
+        self._writer.write_table(table)
         self._rows = []
 
     def close(self) -> None:
@@ -336,6 +335,7 @@ class Reduced:
     subset_clouds: list[Any] = field(default_factory=list)
     verdicts: Counter = field(default_factory=Counter)            # (requested, predicted) -> samples
     classes: list[str] = field(default_factory=list)              # the judge's, in its output order
+    refused: UserError | None = None                              # a class of the set the judge does not know
     unlabelled: int = 0                                           # samples with no class to check
     keys: list[str] = field(default_factory=list)                 # with prompt attributes only
     captions: list[str | None] = field(default_factory=list)
@@ -545,10 +545,9 @@ class EvaluateStage(Stage):
             for uri in spec.heldout or spec.reference:
                 store = TokenStore.open(uri)
                 name = vocab_name_of_store(tokenizers, store, uri)
-                n = min(len(store), spec.max_samples)
-                self._nll_jobs[uri] = [NllJob(f"nll-{_tag(uri)}-{lo:06d}", uri, name,
-                                              tuple(range(lo, min(n, lo + size))))
-                                       for lo in range(0, n, size)]
+                picked = spread_indices(len(store), spec.max_samples)
+                self._nll_jobs[uri] = [NllJob(f"nll-{_tag(uri)}-{lo:06d}", uri, name, tuple(picked[lo:lo + size]))
+                                       for lo in range(0, len(picked), size)]
                 jobs += self._nll_jobs[uri]
         if spec.samples and (spec.reference or spec.classifier.files() or spec.prompt_attributes):
             for role, uris in (("samples", [spec.samples]), ("reference", spec.reference)):
@@ -562,8 +561,6 @@ class EvaluateStage(Stage):
                                 ScoreJob(unit, uri, modality, tokenizer_uri, chunk))
                 jobs += [j for js in by_modality.values() for j in js]
         return jobs
-
-
 
     @classmethod
     def source_digest(cls, spec: EvaluateSpec, pipeline_dir: Path) -> str | None:
@@ -614,18 +611,22 @@ class EvaluateStage(Stage):
                 nll_sum += math.fsum(nll)
                 counts_sum += sum(counts)
                 samples += len(keys)
+            if not counts_sum:
+                scores.skipped[f"heldout/{uri}"] = "the held-out store has no samples"
+                continue
             per_token = nll_sum / counts_sum
             scores.summary[f"heldout/{name}/bits_per_token"] = per_token / math.log(2)
             nll_all, count_all = nll_all + nll_sum, count_all + counts_sum
             print(f"[{self.ctx.name}] held-out {name}: {per_token:.4f} nats/token = "
                   f"{per_token / math.log(2):.4f} bits/token over {samples} samples of {uri}", flush=True)
+        if not count_all:
+            raise UserError("the held-out stores have no samples to score", where=f"stages.{self.ctx.name}.heldout",
+                            fix="give a token store with samples (heldout, or reference)")
         per_token = nll_all / count_all
         scores.summary.update({"heldout/nll_per_token": per_token, "heldout/bits_per_token": per_token / math.log(2),
                                "heldout/tokens": float(count_all)})
 
     def reconstruction(self, scores: Scores) -> None:
-        import itertools
-
         import numpy as np
 
         from arpipe.pipeline.storage import normalize
@@ -781,7 +782,7 @@ class EvaluateStage(Stage):
                 if role == "samples" and spec.prompt_attributes and modality == "image":
                     r.keys += keys
                     r.captions += detail["captions"]
-                    for measure in {a.measure for a in spec.prompt_attributes}:
+                    for measure in dict.fromkeys(a.measure for a in spec.prompt_attributes):   # config order
                         r.measures.setdefault(measure, []).extend(arrays[f"measure_{measure}"].tolist())
                 r.count += len(keys)
         return out
@@ -801,8 +802,14 @@ class EvaluateStage(Stage):
         r.unlabelled += len(labels) - len(at)
         requested, predicted = [labels[k] for k in at], [detail["predicted"][k] for k in at]
         r.classes = detail["classes"]
-        with _as_user_error(self._classifier_path(modality)):
-            check_classes(requested, r.classes, "reference" if role == "reference" else "samples")
+        try:
+            with _as_user_error(self._classifier_path(modality)):
+                check_classes(requested, r.classes, "reference" if role == "reference" else "samples")
+        except UserError as err:
+            if role == "samples":
+                raise
+            r.refused = r.refused or err   # raised only if the samples have classes to score (classification)
+            return
         r.verdicts.update(zip(requested, predicted, strict=True))
         scores.add(role, [keys[k] for k in at], modality, "cas_correct",
                    [float(p == q) for p, q in zip(requested, predicted, strict=True)])
@@ -907,6 +914,8 @@ class EvaluateStage(Stage):
                 continue
             panels: dict[str, Counter] = {"samples": gen.verdicts}
             ref = reference.get(modality)
+            if ref is not None and ref.refused is not None:
+                raise ref.refused
             if ref is None or not ref.verdicts:
                 scores.skipped[f"{modality}/cas_reference"] = "the reference samples have no class labels"
             else:
@@ -1058,10 +1067,12 @@ class EvaluateStage(Stage):
             ("prompt attributes", lambda s: self.attributes(s, reduced("samples")), spec.prompt_attributes),
             ("control agreement", self.control_following, spec.control_agreement)] if wanted]
         progress = Progress(ctx.name, len(parts), what="parts")
-        for done, (name, part) in enumerate(parts, 1):
-            part(scores)
-            progress.update(done, finished=name)
-        scores.close()
+        try:
+            for done, (name, part) in enumerate(parts, 1):
+                part(scores)
+                progress.update(done, finished=name)
+        finally:
+            scores.close()
         score_distributions({k: np.asarray(v) for k, v in scores.values.items()}, folder / "scores.png",
                             title=f"{ctx.name}: per-sample scores")
         summary = {k: _finite(v) for k, v in sorted(scores.summary.items())}
