@@ -401,11 +401,11 @@ def test_tokenizer_report_and_evaluate_stage_give_the_same_round_trip(tmp_path, 
     out = tmp_path / "evaluate"
     ctx = StageContext(name="evaluate", kind="evaluate", fingerprint="0" * 64, out_uri=str(out), work_dir=out,
                        pipeline_dir=tmp_path)
-    scores = Scores()
+    scores = Scores(out / "metrics" / "scores.parquet")
     EvaluateStage(spec, ctx).reconstruction(scores)
 
     assert set(scores.summary) == {"reconstruction/psnr", "reconstruction/ssim"}
     assert scores.summary["reconstruction/psnr"] == report["psnr"]
     assert scores.summary["reconstruction/ssim"] == report["ssim"]
     assert 10 < report["psnr"] < 100 and 0 < report["ssim"] < 1   # lossy, not broken
-    assert sum(1 for row in scores.rows if row[3] == "ssim") == len(originals)   # one value per sample (clip)
+    assert len(scores.values[f"{modality} ssim (reconstruction)"]) == len(originals)   # one value per sample (clip)

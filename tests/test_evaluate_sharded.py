@@ -119,8 +119,8 @@ def test_the_drivers_memory_does_not_grow_with_the_number_of_samples(project, ra
     def peak(n: int) -> int:
         tracemalloc.start()
         try:
-            evaluate(project, tmp_path / f"n{n}", max_samples=n, pairwise_samples=40, samples_per_unit=100,
-                     actors=2)
+            evaluate(project, tmp_path / f"n{n}", max_samples=n, pairwise_samples=40, samples_per_unit=200,
+                     actors=1)
             return tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
