@@ -68,7 +68,7 @@ import re
 import time
 from array import array as doubles_array
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -350,7 +350,6 @@ class EvaluateStage(Stage):
 
     def __init__(self, spec: EvaluateSpec, ctx: StageContext) -> None:
         super().__init__(spec, ctx)
-        self._decoded_stores: dict[tuple[str, int, bool], dict[str, Decoded]] = {}
         self._unit_counts = {"done": 0, "reused": 0}
         self._model: tuple[str, Any] | None = None   # (location, tokenizers) of the model scored
         self._sets: dict[str, dict[str, list[ScoreJob]]] = {}   # "samples"/"reference" -> modality -> units
@@ -360,29 +359,19 @@ class EvaluateStage(Stage):
 
     def _unit(self, name: str, work: dict[str, Any],
               make: Callable[[], tuple[dict[str, Any], bytes | None]]) -> tuple[dict[str, Any], bytes | None]:
-        """Reuse the committed unit ``name`` when it did this ``work`` (a store and its sample indices), else do
-        it: ``make()`` returns what to keep in the record (JSON values) and an optional side file (bytes)."""
+        """A unit done here, in the driver (control agreement's decodes): reuse the committed unit ``name`` when
+        it did this ``work``, else do it: ``make()`` returns what to keep in the record and an optional side file."""
         from arpipe.pipeline.storage import join, storage_for
-        from arpipe.stages.store import StoreUnits, UnitRecord
 
-        ctx = self.ctx
-        units = StoreUnits(out_uri=ctx.out_uri, store="", fingerprint=ctx.fingerprint)
-        storage = storage_for(ctx.out_uri)
-        side = units.side_file(name, ".npz")
-        record = units.reusable(name)
-        if record is not None and record.detail.get("work") == work:
+        record = self._committed(name, work)
+        if record is not None:
             self._unit_counts["reused"] += 1
             kept = {k: v for k, v in record.detail.items() if k != "work"}
-            return kept, storage.read_bytes(join(ctx.out_uri, side)) if side in record.files else None
+            side = next(iter(record.files), None)
+            return kept, storage_for(self.ctx.out_uri).read_bytes(join(self.ctx.out_uri, side)) if side else None
         started = time.time()
         kept, payload = make()
-        files = {}
-        if payload is not None:
-            storage.write_bytes(join(ctx.out_uri, side), payload)
-            files[side] = (len(payload), digest_bytes(payload))
-        units.write(UnitRecord(name=name, fingerprint=ctx.fingerprint, shards=(), samples=len(work["indices"]),
-                               tokens=0, files=files, seconds=time.time() - started,
-                               detail={"work": work, **kept}))
+        self._commit(name, work, UnitResult(kept, payload, time.time() - started))
         self._unit_counts["done"] += 1
         return kept, payload
 
@@ -395,23 +384,24 @@ class EvaluateStage(Stage):
     def _work(job: ScoreJob | NllJob) -> dict[str, Any]:
         return {"store": job.store, "indices": list(job.indices)}
 
-    def _committed(self, job: ScoreJob | NllJob):
-        """The unit's record when this fingerprint committed it for this work, else None."""
-        record = self._units().reusable(job.unit)
-        return record if record is not None and record.detail.get("work") == self._work(job) else None
+    def _committed(self, name: str, work: dict[str, Any]):
+        """The unit's record when this fingerprint committed it for this ``work`` (a store and its sample
+        indices), else None."""
+        record = self._units().reusable(name)
+        return record if record is not None and record.detail.get("work") == work else None
 
-    def _commit(self, job: ScoreJob | NllJob, result: UnitResult) -> None:
+    def _commit(self, name: str, work: dict[str, Any], result: UnitResult) -> None:
+        """Commit a unit: its side file, then its record."""
         from arpipe.pipeline.storage import join, storage_for
         from arpipe.stages.store import UnitRecord
 
         units, files = self._units(), {}
         if result.payload is not None:
-            side = units.side_file(job.unit, ".npz")
+            side = units.side_file(name, ".npz")
             storage_for(self.ctx.out_uri).write_bytes(join(self.ctx.out_uri, side), result.payload)
             files[side] = (len(result.payload), digest_bytes(result.payload))
-        units.write(UnitRecord(name=job.unit, fingerprint=self.ctx.fingerprint, shards=(), samples=len(job.indices),
-                               tokens=0, files=files, seconds=result.seconds,
-                               detail={"work": self._work(job), **result.kept}))
+        units.write(UnitRecord(name=name, fingerprint=self.ctx.fingerprint, shards=(), samples=len(work["indices"]),
+                               tokens=0, files=files, seconds=result.seconds, detail={"work": work, **result.kept}))
 
     def _load(self, job: ScoreJob | NllJob) -> tuple[dict[str, Any], dict[str, Any]]:
         """A committed unit's record detail and side arrays."""
@@ -419,7 +409,7 @@ class EvaluateStage(Stage):
 
         from arpipe.pipeline.storage import join, storage_for
 
-        record = self._committed(job)
+        record = self._committed(job.unit, self._work(job))
         if record is None:
             raise RuntimeError(f"unit {job.unit} of {self.ctx.name} was not committed")   # the map commits all
         arrays: dict[str, Any] = {}
@@ -450,7 +440,7 @@ class EvaluateStage(Stage):
 
         spec, ctx = self.spec, self.ctx
         unique = list({j.unit: j for j in jobs}.values())   # samples and reference may share a store
-        todo = [j for j in unique if self._committed(j) is None]
+        todo = [j for j in unique if self._committed(j.unit, self._work(j)) is None]
         self._unit_counts = {"done": len(todo), "reused": len(unique) - len(todo)}
         print(f"[{ctx.name}] {len(unique)} units of up to {spec.samples_per_unit} samples ({len(unique) - len(todo)} "
               f"reused) on {min(spec.actors, max(len(todo), 1))} actor(s)", flush=True)
@@ -478,7 +468,7 @@ class EvaluateStage(Stage):
             for done, (job, result) in enumerate(
                     fan_out(todo, lambda job, slot: actors[slot].run.remote(job), len(actors),
                             ready=[actor.__ray_ready__.remote() for actor in actors]), 1):
-                self._commit(job, result)
+                self._commit(job.unit, self._work(job), result)
                 progress.update(done, unit=job.unit, units_per_s=done / max(time.time() - started, 1e-9))
         finally:
             for actor in actors:
@@ -655,9 +645,9 @@ class EvaluateStage(Stage):
 
     # ------------------------------------------------------------------ samples
 
-    def _decoded(self, uri: str, limit: int, *, spread: bool = False) -> dict[str, Decoded]:
-        """The first ``limit`` samples of each modality of a store, decoded; ``spread``: spaced evenly over
-        the store instead (stores written from class folders hold one class after another)."""
+    def _decoded(self, uri: str, limit: int) -> dict[str, Decoded]:
+        """The first ``limit`` samples of each modality of a store, decoded in the driver (control agreement,
+        which pairs samples across units)."""
         import numpy as np
 
         from arpipe.stages.store import TokenStore
@@ -672,15 +662,7 @@ class EvaluateStage(Stage):
         captions: dict[str, list[str | None]] = {}
         controls: dict[str, list[tuple[int, ...] | None]] = {}
         wanted = {t.get("modality") for t in tokenizers.values()}
-        spread = spread and len(store) > limit
-        if (uri, limit, spread) in self._decoded_stores:   # the parts read the same sets: decode them once
-            return self._decoded_stores[uri, limit, spread]
-        order: Iterable[int] = range(len(store))
-        if spread:   # `limit` indices evenly over the store first, then the rest (other modalities' room)
-            first = sorted({k * len(store) // limit for k in range(limit)})
-            taken = set(first)
-            order = itertools.chain(first, (i for i in range(len(store)) if i not in taken))
-        for i in order:
+        for i in range(len(store)):
             if len(tokens) == len(wanted) and all(len(k) >= limit for k, _ in tokens.values()):
                 break   # every modality has its samples: do not read the rest of a large store
             sample = store[i]
@@ -705,7 +687,6 @@ class EvaluateStage(Stage):
             if modality != "pointcloud":   # what the media files show: intensities in [0, 1]
                 arrays = [np.clip(a, 0.0, 1.0) for a in arrays]
             out[modality] = Decoded(keys, arrays, conditions[modality], captions[modality], controls[modality], at)
-        self._decoded_stores[uri, limit, spread] = out
         return out
 
     def _decode_units(self, uri: str, picked: dict[int, tuple[str, Any]],
