@@ -246,6 +246,9 @@ class Kind:
     files: dict[str, str] = field(default_factory=dict)
     total_units: int | None = None
     needs_model: bool = False                     # its block names {model} / {samples}: a trained model
+    # the final run starts it over: its workers live only while units are left (an actor pool), and the few
+    # an interrupted run leaves can all finish between two looks for a worker to kill
+    final_from_scratch: bool = False
 
 
 CAMPAIGN_SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAKILLCAMPAIGN0042",
@@ -493,9 +496,10 @@ class Campaign:
             reference.join()
             for kind in self.kinds:
                 out = self.out_dir(kind)
-                if out is not None and committed(out) is None:
-                    # it finished in a later attempt, once it had its kills: the final run must still
-                    # find it at work to kill one of its Ray workers, so it starts over
+                if out is not None and (committed(out) is None or kind.final_from_scratch):
+                    # it finished in a later attempt, once it had its kills (or its workers outlive only
+                    # the units left): the final run must still find it at work to kill one of its Ray
+                    # workers, so it starts over
                     shutil.rmtree(out)
             if not self.result.problems:
                 self.final()

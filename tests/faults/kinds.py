@@ -319,7 +319,7 @@ EVALUATE = Kind(
     units=unit_records, wait_units=(0, 1, 3, 6, 10), start_window=6.0, unit_window=0.2,
     # the line comes at the end: in the final run, after its killed worker's retry
     resumed=reused_all(r"\] \d+ units \((\d+) reused\)", at_least=True),
-    cut_off=evaluate_cut_off, final_check=evaluate_final, total_units=EVAL_UNITS)
+    cut_off=evaluate_cut_off, final_check=evaluate_final, total_units=EVAL_UNITS, final_from_scratch=True)
 
 KINDS = [PYTHON, TOKENIZER, TOKENIZE, TRAIN, SAMPLE, EVALUATE]
 #: kinds whose stages run side by side in one pipeline (one `arpipe run` per attempt serves them all)
