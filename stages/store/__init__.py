@@ -17,7 +17,7 @@ from arpipe.schemas.store import ShardInfo, StoreManifest, TokenizerRef, VocabLa
 
 from .format import FORMAT_VERSION, StoreError, dtype_for_vocab
 from .mixture import StoreMixture
-from .order import MixtureOrder, ShuffledOrder
+from .order import LengthGroupedOrder, MixtureOrder, ShuffledOrder, megabatch_size
 from .packing import PackedBatch, SequencePacker, plan_sequences
 from .quarantine import Reject, write_rejects
 from .reader import Batch, Sample, TokenStore, read_manifest
@@ -43,9 +43,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "FORMAT_VERSION", "Batch", "DistributedSampler", "EpochPass", "EpochPlan", "MixtureOrder", "PackedBatch",
-    "Reject", "Sample", "SequencePacker", "ShardInfo", "ShardWriter", "ShuffledOrder", "StoreError", "StoreManifest",
-    "StoreMixture", "StoreUnits", "StoreWriter", "TokenBatches", "TokenDataset", "TokenSamples", "TokenStore",
-    "TokenizerRef", "UnitRecord", "VocabLayout", "VocabRange", "collate_samples", "dtype_for_vocab", "fan_out",
-    "plan_sequences", "read_manifest", "read_shard_info", "write_manifest", "write_rejects",
+    "FORMAT_VERSION", "Batch", "DistributedSampler", "EpochPass", "EpochPlan", "LengthGroupedOrder", "MixtureOrder",
+    "PackedBatch", "Reject", "Sample", "SequencePacker", "ShardInfo", "ShardWriter", "ShuffledOrder", "StoreError",
+    "StoreManifest", "StoreMixture", "StoreUnits", "StoreWriter", "TokenBatches", "TokenDataset", "TokenSamples",
+    "TokenStore", "TokenizerRef", "UnitRecord", "VocabLayout", "VocabRange", "collate_samples", "dtype_for_vocab",
+    "fan_out", "megabatch_size", "plan_sequences", "read_manifest", "read_shard_info", "write_manifest",
+    "write_rejects",
 ]

@@ -10,6 +10,9 @@ window alone, so resuming at position ``p`` costs one window, not ``p`` steps.
 on integer weights: over every period of ``sum(weights)`` positions each
 component appears exactly ``weight`` times, so proportions are exact at any
 resume point and the interleave state is a function of the position alone.
+
+:class:`LengthGroupedOrder` sorts each megabatch of either by sample length
+(``group_by_length``), so batches hold documents of similar length.
 """
 
 from __future__ import annotations
@@ -205,6 +208,78 @@ class MixtureOrder:
                      for e in range(lo // n, (hi - 1) // n + 1)]
             out[mask] = self.offsets[c] + np.concatenate(parts)
         return out
+
+    def epoch(self, epoch: int) -> np.ndarray:
+        return self.slice(epoch, 0, self.size)
+
+
+#: global batches per megabatch: Hugging Face's ``megabatch_mult`` (``trainer_pt_utils.get_length_grouped_indices``)
+MEGABATCH_BATCHES = 50
+
+
+def megabatch_size(samples: int, global_batch: int) -> int:
+    """Hugging Face's megabatch: 50 global batches, fewer on small data so an epoch keeps at least 4 of them.
+
+    A megabatch as large as the epoch would sort the whole epoch by length, and
+    every epoch would then run from its longest documents to its shortest.
+    """
+    return global_batch * max(1, min(MEGABATCH_BATCHES, samples // (4 * global_batch)))
+
+
+class LengthGroupedOrder:
+    """A base order with each megabatch sorted by length, longest first (Hugging Face's ``group_by_length``).
+
+    Epoch ``e`` is ``base.epoch(e)`` cut into consecutive runs of ``megabatch``
+    positions, each sorted by ``lengths`` descending; the sort is stable, so
+    equal lengths keep the base order. The sampler deals consecutive positions
+    to a step, so a micro-batch holds documents of similar length and pads only
+    to its longest. It stays a pure function of (seed, epoch, digest, lengths):
+    a position's sample needs only its own megabatch, so a sampler resumes at
+    ``{epoch, samples_consumed}`` exactly. Hugging Face also moves the longest
+    document of the epoch to its first batch (to run out of memory early); that
+    would tie the first megabatch to every other one, and a row is never longer
+    than ``seq_len`` anyway, so it is left out.
+    """
+
+    def __init__(self, base: ShuffledOrder | MixtureOrder, lengths: np.ndarray | list[int], megabatch: int):
+        if megabatch <= 0:
+            raise StoreError(f"megabatch must be positive, got {megabatch}", fix="use e.g. megabatch_size(...)")
+        self.base, self.megabatch = base, int(megabatch)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.size = len(base)
+        self._digest = digest_json({"base": base.digest, "megabatch": self.megabatch,
+                                    "lengths": hashlib.sha256(self.lengths.tobytes()).hexdigest()})
+        self._megabatches: dict[tuple[int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def digest(self) -> str:
+        """The base order's identity, the megabatch size and the lengths: what decides the sequence."""
+        return self._digest
+
+    def _sorted(self, epoch: int, m: int) -> np.ndarray:
+        ids = self._megabatches.get((epoch, m))
+        if ids is None:
+            if len(self._megabatches) >= 4:
+                self._megabatches.pop(next(iter(self._megabatches)))
+            ids = self.base.slice(epoch, m * self.megabatch, (m + 1) * self.megabatch)
+            ids = ids[np.argsort(-self.lengths[ids], kind="stable")]
+            ids.setflags(write=False)
+            self._megabatches[(epoch, m)] = ids
+        return ids
+
+    def slice(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """Sample ids at positions ``[start, stop)`` of ``epoch``'s order; sorts only the megabatches touched."""
+        start, stop = max(0, start), min(self.size, stop)
+        if stop <= start:
+            return np.empty(0, np.int64)
+        parts = []
+        for m in range(start // self.megabatch, (stop - 1) // self.megabatch + 1):
+            base = m * self.megabatch
+            parts.append(self._sorted(epoch, m)[max(start - base, 0): stop - base])
+        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
 
     def epoch(self, epoch: int) -> np.ndarray:
         return self.slice(epoch, 0, self.size)

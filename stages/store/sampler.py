@@ -27,11 +27,11 @@ import numpy as np
 
 from .format import StoreError
 from .mixture import StoreMixture
-from .order import MixtureOrder, ShuffledOrder
+from .order import LengthGroupedOrder, MixtureOrder, ShuffledOrder
 from .packing import plan_sequences
 
 TailPolicy = Literal["drop", "pad", "wrap"]
-Order = ShuffledOrder | MixtureOrder
+Order = ShuffledOrder | MixtureOrder | LengthGroupedOrder
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class EpochPlan:
 
 def order_for(source: Any, *, seed: int = 0, window: int = 65536, shuffle: bool = True) -> Order:
     """The epoch order of a store, a :class:`StoreMixture`, or an order passed through as is."""
-    if isinstance(source, (ShuffledOrder, MixtureOrder)):
+    if isinstance(source, (ShuffledOrder, MixtureOrder, LengthGroupedOrder)):
         return source
     if isinstance(source, StoreMixture):
         return source.order(seed=seed, window=window, shuffle=shuffle)

@@ -338,6 +338,7 @@ class TrainStage(Stage):
         cfg = TrainLoopConfig(
             env=ctx.forwarded_env(), seed=spec.seed, vocab=vocab, model=config, summaries=tuple(summaries),
             names=tuple(names), weights=tuple(d.weight for d in spec.data), seq_len=seq_len, packing=spec.packing,
+            group_by_length=spec.group_by_length,
             ds_config=build_ds_config(spec, steps, ds_file), total_steps=steps, grad_accum=spec.grad_accum,
             micro_batch=spec.micro, log_every=spec.log_every, print_every=spec.print_every, eval_every=spec.eval_every,
             checkpoint_every=spec.checkpoint_every, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id,

@@ -70,6 +70,8 @@ class TrainLoopConfig:
     objective: ObjectiveMix | None = None
     #: torch.compile each transformer block (``compile``)
     compile: bool = False
+    #: megabatches sorted by length and micro-batches padded to their longest document (``group_by_length``)
+    group_by_length: bool = False
 
     @property
     def uris(self) -> list[str]:

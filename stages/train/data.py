@@ -144,11 +144,13 @@ class Documents:
     """Turns sample ids of a store (or mixture) into model inputs for one paradigm."""
 
     def __init__(self, source: Any, summaries: list[StoreSummary], names: list[str], vocab, *, paradigm: str,
-                 block_size: int, n_axes: int, seq_len: int, scale_inputs: dict[str, Any] | None = None):
+                 block_size: int, n_axes: int, seq_len: int, scale_inputs: dict[str, Any] | None = None,
+                 group_by_length: bool = False):
         from arpipe.stages.models import OctreePlan, make_plan, octree_depth, plan_from_layout
 
         self.source, self.summaries, self.names, self.vocab = source, summaries, names, vocab
         self.paradigm, self.block_size, self.n_axes, self.seq_len = paradigm, block_size, n_axes, seq_len
+        self.group_by_length = group_by_length
         self._make_plan = make_plan
         self.plans: list[Any] = []   # per store: its Plan, an OctreePlan (next_level), None (by length)
         for name, s in zip(names, summaries):
@@ -209,11 +211,18 @@ class Documents:
         return np.asarray(self.source.lengths(), dtype=np.int64) + self.vocab.context_len
 
     def rows(self, units: list) -> Any:
-        """Model inputs for a micro-batch of units (a sample id, or a list of ids with packing)."""
+        """Model inputs for a micro-batch of units (a sample id, or a list of ids with packing).
+
+        With ``group_by_length`` the rows are as long as the micro-batch's longest one, not ``seq_len``:
+        the positions cut off are padding, which no document attends to and no loss counts.
+        """
         from arpipe.stages.models import pack_documents
 
         rows = [[self.document(i) for i in (u if isinstance(u, list) else [u])] for u in units]
-        return pack_documents(rows, self.seq_len)
+        if not self.group_by_length:
+            return pack_documents(rows, self.seq_len)
+        longest = max(sum(context.numel() + targets.numel() for _plan, targets, context in docs) for docs in rows)
+        return pack_documents(rows, min(longest, self.seq_len))   # a document over seq_len is still refused
 
 
 def open_source(uris: list[str], weights: list[float]):

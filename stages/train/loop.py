@@ -87,7 +87,8 @@ def train_loop(cfg: TrainLoopConfig) -> None:
         mix_objectives,
         save_model,
     )
-    from arpipe.stages.store import DistributedSampler
+    from arpipe.stages.store import DistributedSampler, LengthGroupedOrder, megabatch_size
+    from arpipe.stages.store.sampler import order_for
     from arpipe.stages.train.data import Documents, open_source
     from arpipe.stages.train.ema import Ema
     from arpipe.stages.train.init import apply_initial_weights, freeze
@@ -99,10 +100,15 @@ def train_loop(cfg: TrainLoopConfig) -> None:
     torch.manual_seed(cfg.seed)
     vocab, model_config = cfg.vocab, cfg.model
     source = open_source(cfg.uris, list(cfg.weights))
+    grouped = cfg.group_by_length and not cfg.packing
     docs = Documents(source, list(cfg.summaries), list(cfg.names), vocab, paradigm=model_config.paradigm,
                      block_size=model_config.block_size, n_axes=model_config.rope_axes, seq_len=cfg.seq_len,
-                     scale_inputs=cfg.scale_inputs)
-    sampler = DistributedSampler(source, rank=rank, world_size=world, seed=cfg.seed, tail="wrap",
+                     scale_inputs=cfg.scale_inputs, group_by_length=grouped)
+    order = order_for(source, seed=cfg.seed)
+    if grouped:   # Hugging Face's megabatches of 50 global batches, each sorted by length
+        global_batch = cfg.micro_batch * cfg.grad_accum * world
+        order = LengthGroupedOrder(order, docs.lengths(), megabatch_size(len(order), global_batch))
+    sampler = DistributedSampler(order, rank=rank, world_size=world, seed=cfg.seed, tail="wrap",
                                  seq_len=cfg.seq_len if cfg.packing else None,
                                  lengths=docs.lengths() if cfg.packing else None)
     model = Transformer(model_config)
