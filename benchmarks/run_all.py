@@ -210,6 +210,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         Ratio(("ratios", "download bytes / region stored bytes"), "S3 volume unit read before: whole-store download "
               "/ region bytes", "the compressed chunks the unit's region covers", None, "x"),
     )),
+    Benchmark("group_by_length", "group_by_length.py", "group_by_length.json", 22, (
+        Ratio(("ratios", "group_by_length / padded samples/s"), "group_by_length: true, training samples/s "
+              "(digits of 30 and 130 tokens)", "rows padded to seq_len: same store, model, seed and steps",
+              None, "x"),
+    ), ("--steps", "20", "--repeats", "1")),
 )
 
 

@@ -151,6 +151,10 @@ class SampleStage(StageBase):
                                                           "or out-painting): known tokens are kept exactly.")
     length: int | None = Field(None, ge=1, description="Tokens per sample for variable-length tokenizers "
                                                        "(octree; default: the longest sample the model saw).")
+    size: int | list[int] | None = Field(None, description="Image size to draw at (side, or [h, w]) for a model "
+                                                           "whose tokenizer takes several (flexvq): one of its "
+                                                           "`sizes`, seen in training or not; the scales stop at "
+                                                           "that size's grid. Default: the largest.")
     temperature: float = Field(1.0, ge=0, description="0 is greedy.")
     top_k: int = Field(0, ge=0, description="0 is off (as in VAR's sampler; VAR's demo uses 900 of 4096 "
                                             "codes).")

@@ -211,6 +211,26 @@ class VQVAEFit(Strict):
                                                                "clock (default: no limit).")
 
 
+class FlexVQConfig(TokenizerBase):
+    """FlexVAR's scales: each scale is the image itself at that resolution, quantized (no residual), so one
+    store holds images of several sizes and a next_scale model samples at any of them (docs/paradigms.md)."""
+
+    type: Literal["flexvq"]
+    sizes: list[Size] | None = Field(None, min_length=1, description="Image sizes it takes (side, or [h, w]); a "
+                                                                     "size's tokens are the scales up to its "
+                                                                     "grid, size / patch. Default: the fit "
+                                                                     "samples' size.")
+    scales: list[Size] = Field(min_length=1, description="Token grid per scale, coarse to fine; holds every "
+                                                         "size's grid and ends at the largest's.")
+    patch: list[int] = Field(min_length=2, max_length=2, description="Pixels per token, [p, p], at every scale.")
+    codebook_size: int = Field(512, ge=2, description="Codes in the one codebook all scales share: the "
+                                                      "tokenizer's vocabulary size.")
+    seed: int = Field(0, description="Seeds the subsampling of fit vectors and the k-means initialization.")
+    fit_vectors: int = Field(200_000, ge=1, description="Most patch vectors (of every scale) k-means fits on (a "
+                                                        "random subset when there are more).")
+    fit_iters: int = Field(100, ge=1, description="Mini-batch k-means iterations (4096 vectors each).")
+
+
 class VQVAEConfig(TokenizerBase):
     type: Literal["vqvae"]
     downsample: Size = Field(4, description="Input cells per token: a power of two for every axis, or one per "
@@ -278,7 +298,7 @@ class TextConfig(Strict):
         return self.model_dump(exclude={"type"})
 
 
-TokenizerConfig = Annotated[Union[PatchVQConfig, MSVQConfig, VQVAEConfig, OctreeConfig, CodecConfig,  # noqa: UP007
+TokenizerConfig = Annotated[Union[PatchVQConfig, MSVQConfig, FlexVQConfig, VQVAEConfig, OctreeConfig, CodecConfig,  # noqa: UP007
                                   TextConfig],
                             Field(discriminator="type")]
 

@@ -462,6 +462,8 @@ class SampleStage(Stage):
             layout = dict(info.get("layout") or {})
             length = spec.length or (None if layout.get("scales") or layout.get("grid") else
                                      self._longest(info.get("store"), name))
+            if spec.size is not None or layout.get("sizes"):
+                length = self._length_of_size(layout, name)
             plan = plan_for_modality(config, layout, length)
             if vocab.context_len + plan.n_tokens > config.max_seq_len:
                 raise UserError(f"{plan.n_tokens} tokens per {name} sample exceed the model's max_seq_len "
@@ -515,6 +517,29 @@ class SampleStage(Stage):
         if not jobs:
             raise UserError("nothing to sample", where=where, fix="check modalities, classes and prefix")
         return jobs
+
+    def _length_of_size(self, layout: dict[str, Any], name: str) -> int:
+        """Tokens of a sample at ``size`` (flexvq: the scales up to its grid); the largest size by default."""
+        from arpipe.stages.modalities.flexvq import length_of_size
+
+        size, where = self.spec.size, f"stages.{self.ctx.name}.size"
+        sizes = [tuple(s) for s in layout.get("sizes") or []]
+        if not sizes:
+            raise UserError(f"size applies to a model whose tokenizer takes several image sizes (flexvq); this "
+                            f"model's {name!r} tokens have one layout", where=where,
+                            fix="remove size, or sample a model trained on flexvq tokens")
+        if size is None:
+            return int(layout["lengths"][-1])
+        if isinstance(size, list) and len(size) != 2:
+            raise UserError(f"size {size} is not an image size", where=where, fix="give a side, or [h, w]")
+        length = length_of_size(layout, size)
+        if length is None:
+            shown = "x".join(str(n) for n in ([size, size] if isinstance(size, int) else size))
+            raise UserError(f"size {shown} is not one the model's {name!r} tokenizer takes "
+                            f"({', '.join(f'{h}x{w}' for h, w in sizes)})", where=where,
+                            fix="pick one of them, or fit a flexvq tokenizer with that size in its sizes "
+                                "(its grid among the scales) and train on its tokens")
+        return length
 
     def _check_handover(self, plan, name: str, context_len: int, refiner_config) -> None:
         """The refiner takes over after ``handover`` of the plan's scales, and its sequences fit it."""

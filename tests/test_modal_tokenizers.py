@@ -186,7 +186,7 @@ def test_tampered_or_incomplete_artifacts_are_refused(tmp_path, faces):
     (tmp_path / "partial" / "weights.safetensors").unlink()
     with pytest.raises(TokenizerError, match="artifact incomplete"):
         load_tokenizer(str(tmp_path / "partial"))
-    with pytest.raises(TokenizerError, match="unknown tokenizer type 'bpe'; use one of codec, msvq, octree, patch_vq, text, vqvae"):
+    with pytest.raises(TokenizerError, match="unknown tokenizer type 'bpe'; use one of codec, flexvq, msvq, octree, patch_vq, text, vqvae"):
         make_tokenizer("bpe")
 
 

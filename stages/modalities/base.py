@@ -190,6 +190,7 @@ class Reader(ABC):
 TOKENIZER_TYPES: dict[str, str] = {
     "patch_vq": "arpipe.stages.modalities.patch_vq:PatchVQ",
     "msvq": "arpipe.stages.modalities.msvq:MultiScaleVQ",
+    "flexvq": "arpipe.stages.modalities.flexvq:FlexScaleVQ",
     "vqvae": "arpipe.stages.modalities.vqvae:VQVAE",
     "octree": "arpipe.stages.modalities.octree:OctreeTokenizer",
     "codec": "arpipe.stages.modalities.codec:CodecTokenizer",

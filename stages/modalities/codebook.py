@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .base import resolve_device
+
 #: distance-matrix budget per chunk, in float32 elements (64 MiB)
 CHUNK_ELEMENTS = 16 * 1024 * 1024
 
@@ -93,11 +95,24 @@ class CodebookState:
     """The learned state of a k-means VQ (patch_vq, msvq): codebook plus per-channel statistics, kept on
     ``device`` (where the tokenizer encodes; a fit runs on the CPU and ends with :meth:`place`)."""
 
+    codebook_size: int
+    channels: int
     codebook_KD: torch.Tensor
     code_sq_K: torch.Tensor
     mean_C: torch.Tensor
     std_C: torch.Tensor
     device: torch.device
+
+    def init_state(self, dim: int, device: str) -> None:
+        """An unfitted state: ``codebook_size`` zero codes of ``dim`` values, identity channel statistics
+        (``channels`` of them), on ``device`` (``cpu``, ``cuda`` or ``auto``)."""
+        self.codebook_KD = torch.zeros(self.codebook_size, dim)
+        self.code_sq_K = torch.zeros(self.codebook_size)
+        self.mean_C = torch.zeros(self.channels)
+        self.std_C = torch.ones(self.channels)
+        self.device = resolve_device(device)
+        self.place()
+        self.fit_info = {}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"codebook": self.codebook_KD, "mean": self.mean_C, "std": self.std_C}

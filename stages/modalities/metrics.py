@@ -93,6 +93,17 @@ def round_trip(modality: str, originals: Sequence[np.ndarray], reconstructions: 
         return {}
     if modality == "pointcloud":
         return {"chamfer": [chamfer_distance(a, b) for a, b in zip(originals, reconstructions)]}
+    shapes = {np.shape(a) for a in originals}
+    if len(shapes) > 1:   # samples of several sizes (flexvq): each size scored as its own batch
+        scores: dict[str, list[float]] = {}
+        for shape in sorted(shapes):
+            at = [i for i, a in enumerate(originals) if np.shape(a) == shape]
+            part = round_trip(modality, [originals[i] for i in at], [reconstructions[i] for i in at])
+            for name, values in part.items():
+                slots = scores.setdefault(name, [math.nan] * len(originals))
+                for i, v in zip(at, values):
+                    slots[i] = v
+        return scores
     x = torch.from_numpy(np.stack([np.asarray(a, dtype=np.float32) for a in originals]))
     y = torch.from_numpy(np.stack([np.asarray(b, dtype=np.float32) for b in reconstructions])).clamp(0, 1)
     scores = {"psnr": psnr(x, y).clamp(max=PSNR_CAP_DB).tolist()}

@@ -27,7 +27,6 @@ from .base import (
     as_batch,
     check_input_shape,
     check_tokens,
-    resolve_device,
 )
 from .codebook import CodebookState, kmeans, nearest_code
 from .patches import axes_for, grid_of, patchify, unpatchify
@@ -80,13 +79,7 @@ class MultiScaleVQ(CodebookState, FixedLengthTokenizer):
         self.seed, self.fit_vectors = int(seed), int(fit_vectors)
         self.fit_iters, self.fit_rounds = int(fit_iters), int(fit_rounds)
         self.dim = self.channels * math.prod(self.patch)
-        self.codebook_KD = torch.zeros(self.codebook_size, self.dim)
-        self.code_sq_K = torch.zeros(self.codebook_size)
-        self.mean_C = torch.zeros(self.channels)
-        self.std_C = torch.ones(self.channels)
-        self.device = resolve_device(device)
-        self.place()
-        self.fit_info: dict[str, Any] = {}
+        self.init_state(self.dim, device)
         self._mats: dict[tuple[tuple[int, ...], torch.device],
                          tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 

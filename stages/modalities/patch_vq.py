@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import FixedLengthTokenizer, as_batch, check_input_shape, check_tokens, resolve_device
+from .base import FixedLengthTokenizer, as_batch, check_input_shape, check_tokens
 from .codebook import CodebookState, kmeans, nearest_code
 from .patches import axes_for, grid_of, grid_positions, patchify, unpatchify
 
@@ -45,14 +45,7 @@ class PatchVQ(CodebookState, FixedLengthTokenizer):
         self.axes = axes_for(modality, len(self.patch))
         self.codebook_size = int(codebook_size)
         self.seed, self.fit_vectors, self.fit_iters = int(seed), int(fit_vectors), int(fit_iters)
-        dim = self.channels * math.prod(self.patch)
-        self.codebook_KD = torch.zeros(self.codebook_size, dim)
-        self.code_sq_K = torch.zeros(self.codebook_size)
-        self.mean_C = torch.zeros(self.channels)
-        self.std_C = torch.ones(self.channels)
-        self.device = resolve_device(device)
-        self.place()
-        self.fit_info: dict[str, Any] = {}
+        self.init_state(self.channels * math.prod(self.patch), device)
 
     # ------------------------------------------------------------ properties
 

@@ -135,7 +135,8 @@ def vocab_name_of_store(tokenizers: dict[str, dict[str, Any]], store, uri: str) 
 def plan_for_modality(config, layout: dict[str, Any], length: int | None, scale_input=None):
     """The decoding plan of one modality, as the trainer laid its documents out (with the model's
     ``ScaleInput`` for that modality when it was trained on VAR's accumulated input); for ``next_level`` the
-    octree's :class:`~.levels.OctreePlan` (a plan per tree, at most ``length`` tokens)."""
+    octree's :class:`~.levels.OctreePlan` (a plan per tree, at most ``length`` tokens); for a layout of
+    several sizes (flexvq), the plan of ``length`` tokens (one size's), else of the largest."""
     from .sequence import make_plan, plan_from_layout
 
     if config.paradigm == "next_level":
@@ -144,7 +145,9 @@ def plan_for_modality(config, layout: dict[str, Any], length: int | None, scale_
         return OctreePlan.for_layout(layout, int(length), n_axes=config.rope_axes)
     if layout.get("scales") or layout.get("grid"):
         plan = plan_from_layout(config.paradigm, layout, block_size=config.block_size, n_axes=config.rope_axes)
-        return plan.with_scale_input(scale_input)
+        plan = plan.with_scale_input(scale_input)
+        # flexvq: a size's tokens are the first scales (``length``: that size's)
+        return plan.prefix(int(length)) if layout.get("sizes") and length else plan
     return make_plan(config.paradigm, n_tokens=int(length),
                      block_size=config.block_size if config.paradigm == "next_block" else 1,
                      n_axes=config.rope_axes)

@@ -105,6 +105,26 @@ class Plan:
                              f"plan of {self.n_tokens} tokens; it applies to next_scale plans of its tokenizer")
         return Plan(self.paradigm, self.group_sizes, self.source_N, self.coords_NA, scale_input)
 
+    def prefix(self, n_tokens: int) -> Plan:
+        """The plan of a document that holds only the first ``n_tokens`` of this one's: FlexVAR's smaller
+        sizes, whose scales are this plan's first ones (``flexvq``). Positions, inputs and coordinates are
+        this plan's, so a scale means the same at every size; a scale input keeps the leading block of its
+        mix (no scale reads a finer one). A next_scale prefix ends on a scale."""
+        if n_tokens == self.n_tokens:
+            return self
+        bounds = self.group_bounds
+        if not 0 < n_tokens < self.n_tokens:
+            raise ValueError(f"a prefix of {n_tokens} tokens does not fit a plan of {self.n_tokens}")
+        if self.paradigm == "next_scale" and n_tokens not in bounds:
+            raise ValueError(f"{n_tokens} tokens end inside a scale; a size's tokens end at one of {bounds[1:]}")
+        whole = [n for n, end in zip(self.group_sizes, bounds[1:]) if end <= n_tokens]
+        sizes = (*whole, n_tokens - sum(whole)) if sum(whole) < n_tokens else tuple(whole)
+        scale_input = None
+        if self.scale_input is not None:
+            scale_input = ScaleInput(self.scale_input.codebook_KD, self.scale_input.mix_NN[:n_tokens, :n_tokens],
+                                     self.scale_input.code_start)
+        return Plan(self.paradigm, sizes, self.source_N[:n_tokens], self.coords_NA[:n_tokens], scale_input)
+
     @property
     def feature_mask_N(self) -> torch.Tensor:
         """Positions whose input is a feature vector (every scale but the first) under a scale input."""
