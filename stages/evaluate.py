@@ -209,6 +209,25 @@ class UnitResult:
     seconds: float
 
 
+def features_by_shape(extractor, arrays: list) -> Any:
+    """The extractor's features of ``arrays`` in their order; samples of several sizes (a flexvq store) are
+    batched one size at a time (the extractor resizes each batch to its input)."""
+    import numpy as np
+
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault(np.shape(a), []).append(i)
+    if len(groups) == 1:
+        return extractor.features(np.stack(arrays).astype(np.float32))
+    out = None
+    for at in groups.values():
+        part = extractor.features(np.stack([arrays[i] for i in at]).astype(np.float32))
+        if out is None:
+            out = np.empty((len(arrays), *part.shape[1:]), dtype=part.dtype)
+        out[at] = part
+    return out
+
+
 class EvaluateWorker:
     """One scoring replica in a Ray actor: decodes and scores units of samples, and held-out NLL units."""
 
@@ -262,7 +281,7 @@ class EvaluateWorker:
             if kind == job.modality:
                 extractor = self._cached(f"features:{path}", lambda path=path, kind=kind, size=size: (
                     FeatureExtractor.load(path, kind=kind, input_size=size, device=self.device)))
-                side["features"] = extractor.features(np.stack(arrays).astype(np.float32))
+                side["features"] = features_by_shape(extractor, arrays)
         if job.modality == "image":
             for measure in s.measures:
                 side[f"measure_{measure}"] = np.asarray([MEASURES[measure](x) for x in arrays], dtype=np.float64)

@@ -463,6 +463,9 @@ class SampleStage(Stage):
             length = spec.length or (None if layout.get("scales") or layout.get("grid") else
                                      self._longest(info.get("store"), name))
             if spec.size is not None or layout.get("sizes"):
+                if spec.length is not None and layout.get("sizes"):
+                    raise UserError("length is a size's token count for this model (its tokenizer takes several "
+                                    "image sizes)", where=f"{where}.length", fix="set size instead of length")
                 length = self._length_of_size(layout, name)
             plan = plan_for_modality(config, layout, length)
             if vocab.context_len + plan.n_tokens > config.max_seq_len:
@@ -688,6 +691,15 @@ class SampleStage(Stage):
                             fix="in-paint an image model (msvq, patch_vq or vqvae tokens)")
         shapes = [[s, s] if isinstance(s, int) else s for s in shapes]
         height, width = (int(n) for n in tok.input_shape[-2:])
+        if layout.get("sizes"):   # flexvq: the samples are drawn at one size, the scales up to its grid
+            length = self._length_of_size(layout, name)
+            height, width = tok.size_of(length)
+            shapes = shapes[:len([b for b in layout["boundaries"][1:] if b <= length])]
+            other = np.flatnonzero(store.lengths() != length)
+            if len(other):
+                raise UserError(f"sample {int(other[0])} of the store is not {height}x{width}, the size drawn "
+                                "(in-painting completes samples of that size)", where=spec.store,
+                                fix=f"in-paint a store of {height}x{width} images, or set size to theirs")
         if spec.box is not None:
             top, left, bottom, right = spec.box
             if not (0 <= top < bottom <= height and 0 <= left < right <= width):
@@ -733,6 +745,14 @@ class SampleStage(Stage):
         from arpipe.stages.store import TokenStore
 
         store = TokenStore.open(self.spec.prefix.store)
+        n = min(self.spec.prefix.samples or self.spec.num_samples, len(store))
+        short = np.flatnonzero(store.lengths()[:n] < self.spec.prefix.tokens)
+        if len(short):   # a store of several sizes (flexvq): a smaller image has fewer tokens than the prefix
+            raise UserError(f"sample {int(short[0])} of the prefix store holds {int(store.lengths()[short[0]])} "
+                            f"tokens, fewer than prefix.tokens {self.spec.prefix.tokens}",
+                            where=self.spec.prefix.store,
+                            fix="continue a store whose samples all hold the prefix (one image size), or a "
+                                "shorter prefix")
         return {"name": vocab_name_of_store(tokenizers, store, self.spec.prefix.store), "size": len(store),
                 "labels": [None if c is None else str(c) for c in store.conditions(np.arange(len(store)))]}
 

@@ -29,6 +29,7 @@ from arpipe.stages.models import (
     ScaleInput,
     Transformer,
     VocabLayout,
+    batch_inputs,
     generate,
     make_plan,
 )
@@ -103,7 +104,7 @@ def test_each_size_is_the_scales_up_to_its_grid_and_decodes_from_its_last_scale(
     assert np.array_equal(np.stack(tok.decode_arrays(list(changed))), np.stack(tok.decode_arrays(list(t16))))
     # and it is the digit: the judge recognises the round trip at every size, mixed sizes in one call
     for n in SIZES:
-        back = tok.decode_arrays(list(x[n][:200]) and tok.encode_arrays(list(x[n][:200])))
+        back = tok.decode_arrays(tok.encode_arrays(list(x[n][:200])))
         assert back[0].shape == (1, n, n)
         assert cas(judge, np.stack(back), labels[:200]) >= 0.9, n
     mixed = tok.decode_arrays(tok.encode_arrays([x[32][5], x[16][6], x[24][7]]))
@@ -146,6 +147,9 @@ def test_a_size_the_tokenizer_does_not_take_is_one_line(digits):
         make_tokenizer("flexvq", patch=[4, 4], scales=SCALES, sizes=[16, 20], channels=1)
     with pytest.raises(TokenizerError, match="decodes whole scales"):
         tok.decode_arrays([np.zeros(31, dtype=np.int64)])
+    for bad in ([16, 16, 1], [16], "16"):
+        with pytest.raises(TokenizerError, match="a side or \\[h, w\\]"):
+            make_tokenizer("flexvq", patch=[4, 4], scales=SCALES, sizes=[bad], channels=1)
 
 
 # ---------------------------------------------------------------- a model at three sizes
@@ -252,13 +256,73 @@ def test_one_store_holds_both_sizes_and_the_model_samples_a_size_it_never_saw(ex
     assert "image/cas" in metrics.read_text()
 
 
-def test_a_sample_size_the_tokenizer_does_not_take_is_one_line(example, ray_cluster):
-    """The model is trained (the stages before are cached); drawing at 20x20 fails in one line, exit 2."""
-    run = arpipe("run", "flexible_digits.yaml", *TINY, "-s", "stages.sample_24.size=20", "--until", "sample_24",
+def test_the_trainer_lays_each_size_out_as_the_first_scales_of_the_full_plan(example):
+    """Documents of 30 and 130 tokens from the example's store, as the train stage builds its rows: each one
+    is the full next-scale plan cut to its scales (positions, inputs, FlexVAR's input features), as laid out
+    alone by ``batch_inputs``; and the model's sequence length fits the tokenizer's largest size."""
+    from arpipe.stages.store import TokenStore
+    from arpipe.stages.train.data import (
+        Documents,
+        build_vocab,
+        default_seq_len,
+        scale_inputs,
+        summarize_store,
+    )
+
+    [uri] = [str(p) for p in example.glob("arpipe-runs/digits/*/store")]
+    store, summaries = TokenStore.open(uri), [summarize_store(uri)]
+    vocab, names = build_vocab(summaries)
+    inputs = scale_inputs(summaries, names, vocab)
+    assert default_seq_len(summaries, vocab) == vocab.context_len + 130
+    docs = Documents(store, summaries, names, vocab, paradigm="next_scale", block_size=1, n_axes=3,
+                     seq_len=vocab.context_len + 130, scale_inputs=inputs)
+    full = make_plan("next_scale", scales=SCALES, n_axes=3).with_scale_input(inputs["image"])
+    lengths = store.lengths()
+    for i in (int(np.flatnonzero(lengths == 30)[0]), int(np.flatnonzero(lengths == 130)[0])):
+        plan, targets, context = docs.document(i)
+        alone = batch_inputs(full.prefix(len(targets)), targets[None], context[None])
+        row = docs.rows([i])
+        width = alone.input_ids.shape[1]
+        assert plan.n_tokens == lengths[i] and width == vocab.context_len + lengths[i]
+        for name in ("input_ids", "target_ids", "coords", "group_ids", "features", "feature_mask"):
+            assert torch.equal(getattr(row, name)[:, :width], getattr(alone, name)), name
+    # a wrong layout would not match: the 16x16 digit laid out as the 130-token plan's last 30 positions
+    assert not torch.equal(full.coords_NA[100:], full.prefix(30).coords_NA)
+
+
+def test_the_first_scales_of_a_stored_digit_continue_to_a_larger_size(example, ray_cluster):
+    """``prefix`` with ``size``: the first 4 scales (30 tokens: a whole 16x16 digit, or a 32x32 one's coarse
+    scales) of the store's digits, continued by the model to 24x24. Each sample starts with its digit's 30
+    tokens and is a 24x24 picture."""
+    from PIL import Image
+
+    from arpipe.stages.store import TokenStore
+
+    stage = ('stages.continued={kind: sample, model: "${train.model}", size: 24, '
+             'prefix: {store: "${digits.store}", tokens: 30, samples: 6}}')
+    run = arpipe("run", "flexible_digits.yaml", *TINY, "-s", stage, "--until", "continued", cwd=example,
+                 env={"RAY_ADDRESS": ray_cluster}, timeout=BUILD_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout + run.stderr
+    [drawn] = [TokenStore.open(str(p)) for p in example.glob("arpipe-runs/continued/*/samples")]
+    [store] = [TokenStore.open(str(p)) for p in example.glob("arpipe-runs/digits/*/store")]
+    assert len(drawn) == 6 and set(drawn.lengths().tolist()) == {66}
+    for i in range(6):
+        assert np.array_equal(drawn.tokens(i)[:30], store.tokens(i)[:30]), i
+    pictures = sorted(example.glob("arpipe-runs/continued/*/media/image/*.png"))
+    assert len(pictures) == 6 and {Image.open(p).size for p in pictures} == {(24, 24)}
+
+
+@pytest.mark.parametrize("override, says", [
+    ("stages.sample_24.size=20", ["size 20x20", "16x16, 24x24, 32x32"]),
+    ('stages.sample_24.inpaint={store: "${digits.store}", box: [0, 0, 12, 24]}', ["is not 24x24", "in-paint"]),
+], ids=["size outside the set", "in-painting a store of other sizes"])
+def test_a_sample_stage_asking_for_a_size_the_model_cannot_draw_is_one_line(example, ray_cluster, override, says):
+    """The model is trained (the stages before are cached); the sample stage fails in one line, exit 2."""
+    run = arpipe("run", "flexible_digits.yaml", *TINY, "-s", override, "--until", "sample_24",
                  cwd=example, env={"RAY_ADDRESS": ray_cluster}, timeout=BUILD_TIMEOUT_S)
     assert run.returncode == 2, run.stdout + run.stderr
-    lines = [line for line in run.stderr.splitlines() if "size 20x20" in line]
-    assert len(lines) == 1 and "16x16, 24x24, 32x32" in lines[0] and "Traceback" not in run.stderr, run.stderr
+    lines = [line for line in run.stderr.splitlines() if all(s in line for s in says)]
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
 
 
 if __name__ == "__main__":   # the background build: python test_flexible_scales.py OUT.npz

@@ -34,10 +34,13 @@ from .patches import patchify, unpatchify
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """``16`` or ``[16, 24]`` as ``(h, w)``; anything else is one line."""
     if isinstance(size, int):
         return (int(size), int(size))
-    h, w = (int(n) for n in size)
-    return (h, w)
+    if not isinstance(size, Sequence) or len(size) != 2 or not all(isinstance(n, int) for n in size):
+        raise TokenizerError(f"flexvq sizes and scales are a side or [h, w], got {size!r}",
+                             fix="write e.g. 16 or [16, 24]")
+    return (int(size[0]), int(size[1]))
 
 
 def _shown(hw: Sequence[int]) -> str:
@@ -189,8 +192,10 @@ class FlexScaleVQ(CodebookState, Tokenizer):
     def _features(self, x_BCHW: torch.Tensor, scale: tuple[int, int]) -> torch.Tensor:
         """``f_BlD``: the images resized to ``scale`` x patch pixels, normalized and cut into patches."""
         size = (scale[0] * self.patch[0], scale[1] * self.patch[1])
+        x_BCHW = x_BCHW.float().cpu()   # resized on the CPU: a GPU rounds its own way, and tokens must not differ
         if tuple(x_BCHW.shape[-2:]) != size:
             x_BCHW = F.interpolate(x_BCHW, size=size, mode="bilinear", antialias=True, align_corners=False)
+        x_BCHW = x_BCHW.to(self.mean_C.device)
         view = (1, self.channels, 1, 1)
         return patchify((x_BCHW - self.mean_C.view(view)) / self.std_C.view(view), self.patch)
 
@@ -237,7 +242,7 @@ class FlexScaleVQ(CodebookState, Tokenizer):
     def encode(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         """``x_BCHW`` (one size) -> ``idx_BL``: the token map of every scale up to its grid, coarse to fine."""
         self.check_size(tuple(x_BCHW.shape[1:]), "the batch")
-        x = x_BCHW.float().to(self.device)
+        x = x_BCHW.float()
         tokens = []
         for s in self._scales_of(x.shape[-2:]):
             f_BlD = self._features(x, s)
@@ -266,7 +271,7 @@ class FlexScaleVQ(CodebookState, Tokenizer):
                 for s in range(0, len(idx), self.batch_size):
                     part = idx[s:s + self.batch_size]
                     x = torch.from_numpy(np.stack([np.asarray(arrays[i], dtype=np.float32) for i in part]))
-                    for i, tokens in zip(part, self.encode(x.to(self.device)).cpu().numpy()):
+                    for i, tokens in zip(part, self.encode(x).cpu().numpy()):
                         out[i] = tokens
         return out
 

@@ -103,7 +103,8 @@ def round_trip(modality: str, originals: Sequence[np.ndarray], reconstructions: 
                 slots = scores.setdefault(name, [math.nan] * len(originals))
                 for i, v in zip(at, values):
                     slots[i] = v
-        return scores
+        # a measure some size has no value for (SSIM under SSIM_MIN_SIDE) is left out, as for one size
+        return {name: values for name, values in scores.items() if not any(math.isnan(v) for v in values)}
     x = torch.from_numpy(np.stack([np.asarray(a, dtype=np.float32) for a in originals]))
     y = torch.from_numpy(np.stack([np.asarray(b, dtype=np.float32) for b in reconstructions])).clamp(0, 1)
     scores = {"psnr": psnr(x, y).clamp(max=PSNR_CAP_DB).tolist()}

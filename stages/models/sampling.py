@@ -220,8 +220,8 @@ class Session:
                  extra: int = 0):
         self.model, self.plan, self.prompt, self.options = model, plan, prompt, options
         config = model.config
-        if plan.paradigm != config.paradigm or (plan.paradigm == "next_block"
-                                                and max(plan.group_sizes) != config.block_size):
+        if plan.paradigm != config.paradigm or (plan.paradigm == "next_block"   # a short one: one smaller block
+                                                and max(plan.group_sizes) > config.block_size):
             raise ValueError(f"the model was trained as {config.paradigm} (block_size {config.block_size}) but the "
                              f"plan is {plan.paradigm} with groups of {max(plan.group_sizes)}; build the plan with "
                              "plan_for(model.config, ...)")

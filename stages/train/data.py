@@ -18,6 +18,10 @@ import numpy as np
 
 from arpipe.pipeline.errors import UserError
 
+#: ``group_by_length`` rows are padded to a multiple of this (Hugging Face's ``pad_to_multiple_of``): a few
+#: row widths, not one per length, so a compiled attention kernel (flex_attention on CUDA) is built a few times
+PAD_TO_MULTIPLE_OF = 8
+
 
 @dataclass
 class StoreSummary:
@@ -137,7 +141,9 @@ def scale_inputs(summaries: list[StoreSummary], names: list[str], vocab) -> dict
 
 
 def default_seq_len(summaries: list[StoreSummary], vocab) -> int:
-    return vocab.context_len + max(s.max_tokens for s in summaries)
+    """The longest document; for a store of several image sizes (flexvq), that of its tokenizer's largest size,
+    so the model can draw sizes larger than the store's."""
+    return vocab.context_len + max(max([s.max_tokens, *s.layout.get("lengths", [])]) for s in summaries)
 
 
 class Documents:
@@ -224,8 +230,9 @@ class Documents:
     def rows(self, units: list) -> Any:
         """Model inputs for a micro-batch of units (a sample id, or a list of ids with packing).
 
-        With ``group_by_length`` the rows are as long as the micro-batch's longest one, not ``seq_len``:
-        the positions cut off are padding, which no document attends to and no loss counts.
+        With ``group_by_length`` the rows are as long as the micro-batch's longest one (rounded up to a
+        multiple of ``PAD_TO_MULTIPLE_OF``), not ``seq_len``: the positions cut off are padding, which no
+        document attends to and no loss counts.
         """
         from arpipe.stages.models import pack_documents
 
@@ -233,7 +240,8 @@ class Documents:
         if not self.group_by_length:
             return pack_documents(rows, self.seq_len)
         longest = max(sum(context.numel() + targets.numel() for _plan, targets, context in docs) for docs in rows)
-        return pack_documents(rows, min(longest, self.seq_len))   # a document over seq_len is still refused
+        width = -(-longest // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
+        return pack_documents(rows, min(width, self.seq_len))   # a document over seq_len is still refused
 
 
 def open_source(uris: list[str], weights: list[float]):
