@@ -214,13 +214,13 @@ def features_by_shape(extractor, arrays: list) -> Any:
     batched one size at a time (the extractor resizes each batch to its input)."""
     import numpy as np
 
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, a in enumerate(arrays):
-        groups.setdefault(np.shape(a), []).append(i)
+    from arpipe.stages.modalities.base import by_shape
+
+    groups = by_shape(arrays)
     if len(groups) == 1:
         return extractor.features(np.stack(arrays).astype(np.float32))
     out = None
-    for at in groups.values():
+    for _shape, at in groups:
         part = extractor.features(np.stack([arrays[i] for i in at]).astype(np.float32))
         if out is None:
             out = np.empty((len(arrays), *part.shape[1:]), dtype=part.dtype)

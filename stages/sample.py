@@ -694,7 +694,7 @@ class SampleStage(Stage):
         if layout.get("sizes"):   # flexvq: the samples are drawn at one size, the scales up to its grid
             length = self._length_of_size(layout, name)
             height, width = tok.size_of(length)
-            shapes = shapes[:len([b for b in layout["boundaries"][1:] if b <= length])]
+            shapes = shapes[:layout["boundaries"].index(length)]
             other = np.flatnonzero(store.lengths() != length)
             if len(other):
                 raise UserError(f"sample {int(other[0])} of the store is not {height}x{width}, the size drawn "

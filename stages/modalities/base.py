@@ -404,6 +404,15 @@ def full_float32(device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def by_shape(arrays: Sequence[Any]) -> list[tuple[tuple[int, ...], list[int]]]:
+    """Indices of ``arrays`` grouped by shape, groups in order of first appearance: samples of several sizes
+    (a flexvq store) are batched one size at a time."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault(tuple(np.shape(a)), []).append(i)
+    return list(groups.items())
+
+
 def as_batch(arrays: Sequence[np.ndarray] | np.ndarray | torch.Tensor) -> torch.Tensor:
     """Stack sample arrays into one float32 tensor (no copy for a tensor already batched)."""
     if isinstance(arrays, torch.Tensor):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import Tokenizer, TokenizerError, full_float32
+from .base import Tokenizer, TokenizerError, by_shape, full_float32
 from .codebook import CodebookState, kmeans, nearest_code
 from .patches import patchify, unpatchify
 
@@ -221,7 +221,8 @@ class FlexScaleVQ(CodebookState, Tokenizer):
         self.mean_C = torch.from_numpy(pixels.mean(1))
         self.std_C = torch.from_numpy(pixels.std(1, ddof=1)).clamp_min(1e-6)
         vectors = []   # on the CPU, with the CPU statistics; place() moves the result to the device
-        for shape, idx in _by_shape(arrays):
+        groups = by_shape(arrays)
+        for shape, idx in groups:
             x = torch.from_numpy(np.stack([arrays[i] for i in idx]))
             for s in self._scales_of(shape[1:]):
                 vectors.append(self._features(x, s).reshape(-1, self.dim))
@@ -233,7 +234,7 @@ class FlexScaleVQ(CodebookState, Tokenizer):
         self.code_sq_K = self.codebook_KD.pow(2).sum(1)
         self.place()
         self.fit_info = {"samples": len(arrays), "vectors": int(v_ND.shape[0]),
-                         "sizes": sorted({_shown(shape[1:]) for shape, _ in _by_shape(arrays)})}
+                         "sizes": sorted(_shown(shape[1:]) for shape, _ in groups)}
         return self
 
     # ------------------------------------------------------------ encode / decode
@@ -267,7 +268,7 @@ class FlexScaleVQ(CodebookState, Tokenizer):
         for i, a in enumerate(arrays):
             self.check_size(tuple(np.shape(a)), f"sample {i} of the batch")
         with full_float32(self.device):
-            for _shape, idx in _by_shape(arrays):
+            for _shape, idx in by_shape(arrays):
                 for s in range(0, len(idx), self.batch_size):
                     part = idx[s:s + self.batch_size]
                     x = torch.from_numpy(np.stack([np.asarray(arrays[i], dtype=np.float32) for i in part]))
@@ -279,7 +280,7 @@ class FlexScaleVQ(CodebookState, Tokenizer):
         out: list[np.ndarray | None] = [None] * len(tokens)
         flat = [np.asarray(t, dtype=np.int64).reshape(-1) for t in tokens]
         with full_float32(self.device):
-            for _shape, idx in _by_shape(flat):
+            for _shape, idx in by_shape(flat):
                 for s in range(0, len(idx), self.batch_size):
                     part = idx[s:s + self.batch_size]
                     idx_BL = torch.from_numpy(np.stack([flat[i] for i in part]))
@@ -303,13 +304,6 @@ class FlexScaleVQ(CodebookState, Tokenizer):
             mix_NN[bounds[k]:bounds[k + 1], bounds[k - 1]:bounds[k]] = up
         return mix_NN
 
-
-def _by_shape(arrays: Sequence[np.ndarray]) -> list[tuple[tuple[int, ...], list[int]]]:
-    """Indices of ``arrays`` grouped by shape, groups in order of first appearance."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, a in enumerate(arrays):
-        groups.setdefault(tuple(np.shape(a)), []).append(i)
-    return list(groups.items())
 
 
 def length_of_size(layout: dict[str, Any], size: Sequence[int]) -> int | None:

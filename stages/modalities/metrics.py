@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .base import by_shape
+
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Peak signal-to-noise ratio per sample, in dB (``inf`` for identical samples)."""
@@ -93,11 +95,10 @@ def round_trip(modality: str, originals: Sequence[np.ndarray], reconstructions: 
         return {}
     if modality == "pointcloud":
         return {"chamfer": [chamfer_distance(a, b) for a, b in zip(originals, reconstructions)]}
-    shapes = {np.shape(a) for a in originals}
-    if len(shapes) > 1:   # samples of several sizes (flexvq): each size scored as its own batch
+    groups = by_shape(originals)
+    if len(groups) > 1:   # samples of several sizes (flexvq): each size scored as its own batch
         scores: dict[str, list[float]] = {}
-        for shape in sorted(shapes):
-            at = [i for i, a in enumerate(originals) if np.shape(a) == shape]
+        for _shape, at in groups:
             part = round_trip(modality, [originals[i] for i in at], [reconstructions[i] for i in at])
             for name, values in part.items():
                 slots = scores.setdefault(name, [math.nan] * len(originals))

@@ -18,6 +18,7 @@ resume point and the interleave state is a function of the position alone.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from fractions import Fraction
 
 import numpy as np
@@ -32,6 +33,19 @@ _MASK64 = (1 << 64) - 1
 def _digest_words(digest: str) -> list[int]:
     h = hashlib.sha256(digest.encode()).digest()
     return [int.from_bytes(h[i: i + 8], "little") for i in range(0, 32, 8)]
+
+
+def block_slice(block: Callable[[int], np.ndarray], width: int, size: int, start: int, stop: int) -> np.ndarray:
+    """Positions ``[start, stop)`` of an order of ``size`` positions made in blocks of ``width`` (``block(b)``:
+    block ``b``'s ids): only the blocks the range touches are computed."""
+    start, stop = max(0, start), min(size, stop)
+    if stop <= start:
+        return np.empty(0, np.int64)
+    parts = []
+    for b in range(start // width, (stop - 1) // width + 1):
+        base = b * width
+        parts.append(block(b)[max(start - base, 0): stop - base])
+    return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
 
 
 class ShuffledOrder:
@@ -99,15 +113,7 @@ class ShuffledOrder:
 
     def slice(self, epoch: int, start: int, stop: int) -> np.ndarray:
         """Sample ids at positions ``[start, stop)`` of ``epoch``'s order."""
-        start, stop = max(0, start), min(self.size, stop)
-        if stop <= start:
-            return np.empty(0, np.int64)
-        parts = []
-        for w in range(start // self.window, (stop - 1) // self.window + 1):
-            ids = self._window(epoch, w)
-            base = w * self.window
-            parts.append(ids[max(start - base, 0): stop - base])
-        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+        return block_slice(lambda w: self._window(epoch, w), self.window, self.size, start, stop)
 
     def epoch(self, epoch: int) -> np.ndarray:
         return self.slice(epoch, 0, self.size)
@@ -272,14 +278,7 @@ class LengthGroupedOrder:
 
     def slice(self, epoch: int, start: int, stop: int) -> np.ndarray:
         """Sample ids at positions ``[start, stop)`` of ``epoch``'s order; sorts only the megabatches touched."""
-        start, stop = max(0, start), min(self.size, stop)
-        if stop <= start:
-            return np.empty(0, np.int64)
-        parts = []
-        for m in range(start // self.megabatch, (stop - 1) // self.megabatch + 1):
-            base = m * self.megabatch
-            parts.append(self._sorted(epoch, m)[max(start - base, 0): stop - base])
-        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+        return block_slice(lambda m: self._sorted(epoch, m), self.megabatch, self.size, start, stop)
 
     def epoch(self, epoch: int) -> np.ndarray:
         return self.slice(epoch, 0, self.size)

@@ -183,7 +183,7 @@ class Documents:
                 raise UserError(f"cannot lay out {s.modality} tokens for {paradigm}: {err}", where=s.uri,
                                 fix="pick a paradigm that fits the tokenizer (next_scale needs msvq)") from None
         self._variable: dict[int, Any] = {}
-        self._prefixes: dict[int, dict[int, Any]] = {}   # store -> n_tokens -> the prefix of its plan
+        self._prefixes: dict[tuple[int, int], Any] = {}   # (store, n_tokens) -> the prefix of its plan
 
     def _where(self, i: int) -> tuple[int, int]:
         if hasattr(self.source, "store_of"):
@@ -197,14 +197,14 @@ class Documents:
             return plan.plan_of(tokens)
         if plan is not None and plan.n_tokens != n_tokens and self.summaries[store].layout.get("sizes"):
             # flexvq: a smaller size's tokens are the first scales
-            if n_tokens not in self._prefixes.setdefault(store, {}):
+            if (store, n_tokens) not in self._prefixes:
                 try:
-                    self._prefixes[store][n_tokens] = plan.prefix(n_tokens)
+                    self._prefixes[store, n_tokens] = plan.prefix(n_tokens)
                 except ValueError as err:
                     raise UserError(f"a sample of {n_tokens} tokens does not fit the store's layout: {err}",
                                     where=self.summaries[store].uri,
                                     fix="tokenize the store again with its tokenizer") from None
-            return self._prefixes[store][n_tokens]
+            return self._prefixes[store, n_tokens]
         if plan is None:
             if n_tokens not in self._variable:
                 self._variable[n_tokens] = self._make_plan(self.paradigm, n_tokens=n_tokens,
